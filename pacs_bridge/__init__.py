@@ -1,0 +1,3 @@
+"""pacs-bridge: DICOM C-STORE in, one debounced FHIR ImagingStudy per study out."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,80 @@
+"""The exceptions pacs-bridge raises, each telling the operator what went wrong and what to do.
+
+Library exceptions (SQLAlchemy, httpx, pydicom) are wrapped where they enter our code, with the
+original kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class PacsBridgeError(Exception):
+    """pacs-bridge failed; the message says why."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(PacsBridgeError):
+    """The configuration file is invalid; fix every problem listed and run ``pacs-bridge check-config``."""
+
+    def __init__(self, path: str, problems: Sequence[str]) -> None:
+        self.path = path
+        self.problems = tuple(problems)
+        lines = "\n".join(f"{path}: {problem}" for problem in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in configuration file {path}:\n{lines}")
+
+
+class InvalidInstanceError(PacsBridgeError):
+    """A received DICOM dataset cannot be indexed; the sender must correct it and send it again.
+
+    ``keyword`` and ``tag`` name the attribute at fault (empty when the dataset as a whole is unreadable),
+    ``detail`` says what is wrong with it, quoting the bad value.
+    """
+
+    def __init__(self, keyword: str, tag: str, detail: str) -> None:
+        self.keyword = keyword
+        self.tag = tag
+        self.detail = detail
+        where = f"{keyword} {tag}: " if keyword else ""
+        super().__init__(f"{where}{detail}")
+
+
+class ConflictingInstanceError(InvalidInstanceError):
+    """The instance contradicts what the index already holds (a UID reused under another study or series).
+
+    Policy: the first arrival is kept, the conflicting instance is refused, and neither study changes. The
+    sender (or the PACS administrator) must resolve the UID clash.
+    """
+
+
+class IndexUnavailableError(PacsBridgeError):
+    """The index database cannot be written (down, locked or full); check `database.url` and the server.
+
+    The sender is told to retry later (DIMSE status 0xA700), so nothing is lost.
+    """
+
+
+class PublishError(PacsBridgeError):
+    """The FHIR server did not accept a resource.
+
+    ``retryable`` is true for failures that may pass by themselves (network errors, 408, 429, 5xx); the
+    study then stays pending and is sent again later. Otherwise the study is marked failed with ``detail``
+    (the server's OperationOutcome text) until it changes or the operator retries it.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retryable: bool,
+        http_status: int | None = None,
+        retry_after_seconds: float | None = None,
+    ) -> None:
+        self.detail = detail
+        self.retryable = retryable
+        self.http_status = http_status
+        self.retry_after_seconds = retry_after_seconds
+        status = f"HTTP {http_status}: " if http_status is not None else ""
+        super().__init__(f"{status}{detail}")
