@@ -1,0 +1,182 @@
+"""Pure extraction: a received pydicom ``Dataset`` -> the ``InstanceRecord`` the index keeps.
+
+No I/O here. pydicom decodes element values lazily, so a value that cannot be decoded only fails when it is
+read: every read goes through ``_read_value`` which turns such a failure into ``InvalidInstanceError`` naming
+the attribute. ASCII-only value representations (UI, CS, DA, TM, IS) are parsed from the raw bytes when the
+dataset was read from the wire, so malformed numbers never depend on pydicom's validation mode.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+
+from pacs_bridge.errors import InvalidInstanceError
+from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
+
+# Every attribute extract_instance reads. The DICOM listener reads only these from the wire (and stops
+# before the pixel data), so adding an attribute here is all it takes to make it available.
+HEADER_KEYWORDS: tuple[str, ...] = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "SeriesDate",
+    "StudyTime",
+    "SeriesTime",
+    "AccessionNumber",
+    "Modality",
+    "TimezoneOffsetFromUTC",
+    "StudyDescription",
+    "SeriesDescription",
+    "PatientID",
+    "IssuerOfPatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "InstanceNumber",
+)
+
+
+def _tag_of(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:  # a typo in HEADER_KEYWORDS: a programming error, caught by the unit tests
+        raise KeyError(keyword)
+    return int(tag)
+
+
+HEADER_TAGS: tuple[int, ...] = tuple(sorted(_tag_of(keyword) for keyword in HEADER_KEYWORDS))
+
+MAX_UID_LENGTH = 64
+# PS3.5 9.1: components of digits separated by dots. Leading zeros inside a component are a violation that
+# real archives tolerate, so they are accepted; letters, spaces, empty components and over-long values are not.
+_UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+_MODALITY_PATTERN = re.compile(r"[A-Z0-9_ ]{1,16}")
+# Modality is Type 1 in the General Series module, yet some secondary-capture objects leave it out;
+# FHIR series.modality is 1..1, and DICOM's own code for "other" is OT.
+MODALITY_WHEN_ABSENT = "OT"
+
+
+def _tag_text(keyword: str) -> str:
+    tag = Tag(_tag_of(keyword))
+    return f"({tag.group:04X},{tag.element:04X})"
+
+
+def _read_value(ds: Dataset, keyword: str) -> Any:
+    """The element's value: raw ``bytes`` when not yet decoded, else pydicom's value; ``None`` when absent."""
+    tag = _tag_of(keyword)
+    try:
+        element = ds.get_item(tag)
+        return None if element is None else element.value
+    except Exception as exc:  # pydicom raises assorted types for undecodable bytes
+        raise InvalidInstanceError(keyword, _tag_text(keyword), f"cannot be decoded ({exc})") from exc
+
+
+def _read_ascii(ds: Dataset, keyword: str) -> str:
+    """An ASCII-only value (UI, CS, DA, TM, IS) without its padding; the first value of a multi-valued one."""
+    value = _read_value(ds, keyword)
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            text = value.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise InvalidInstanceError(keyword, _tag_text(keyword), f"holds non-ASCII bytes {value[:32]!r}") from exc
+        text = text.split("\\", 1)[0]
+    elif isinstance(value, MultiValue | list):
+        text = str(value[0]) if len(value) else ""
+    else:
+        text = str(value)
+    return text.strip(" \x00")
+
+
+def _read_text(ds: Dataset, keyword: str) -> str:
+    """A text value (LO, SH) decoded with the dataset's Specific Character Set, without its padding."""
+    tag = _tag_of(keyword)
+    if tag not in ds:
+        return ""
+    try:
+        value = ds[tag].value
+    except Exception as exc:  # undecodable bytes in the dataset's character set
+        raise InvalidInstanceError(keyword, _tag_text(keyword), f"cannot be decoded ({exc})") from exc
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list):
+        value = value[0] if len(value) else ""
+    return str(value).strip(" \x00")
+
+
+def _required_uid(ds: Dataset, keyword: str) -> str:
+    uid = _read_ascii(ds, keyword)
+    if not uid:
+        raise InvalidInstanceError(keyword, _tag_text(keyword), "is missing or empty; it is required")
+    if len(uid) > MAX_UID_LENGTH:
+        raise InvalidInstanceError(
+            keyword, _tag_text(keyword), f"is {len(uid)} characters long, over the limit of 64: {uid[:40]}..."
+        )
+    if not _UID_PATTERN.fullmatch(uid):
+        raise InvalidInstanceError(keyword, _tag_text(keyword), f"is not a valid UID: {uid!r}")
+    return uid
+
+
+def _optional_integer(ds: Dataset, keyword: str) -> int | None:
+    """An IS value as int; ``None`` when absent or not an integer (these numbers are optional in FHIR)."""
+    try:
+        text = _read_ascii(ds, keyword)
+    except InvalidInstanceError:
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        return None
+    # FHIR unsignedInt: 0 .. 2^31-1
+    return number if 0 <= number < 2**31 else None
+
+
+def _modality(ds: Dataset) -> str:
+    modality = _read_ascii(ds, "Modality").upper()
+    if not modality:
+        return MODALITY_WHEN_ABSENT
+    if not _MODALITY_PATTERN.fullmatch(modality):
+        raise InvalidInstanceError("Modality", _tag_text("Modality"), f"is not a valid code string: {modality!r}")
+    return modality
+
+
+def extract_instance(ds: Dataset) -> InstanceRecord:
+    """Map one received dataset to its ``InstanceRecord``.
+
+    Raises ``InvalidInstanceError`` naming the attribute when a UID the index is keyed on is missing or
+    malformed, or when a value cannot be decoded.
+    """
+    study_uid = _required_uid(ds, "StudyInstanceUID")
+    series_uid = _required_uid(ds, "SeriesInstanceUID")
+    sop_instance_uid = _required_uid(ds, "SOPInstanceUID")
+    sop_class_uid = _required_uid(ds, "SOPClassUID")
+    return InstanceRecord(
+        study=StudyAttributes(
+            study_uid=study_uid,
+            patient_id=_read_text(ds, "PatientID"),
+            issuer_of_patient_id=_read_text(ds, "IssuerOfPatientID"),
+            accession_number=_read_text(ds, "AccessionNumber"),
+            study_date=_read_ascii(ds, "StudyDate"),
+            study_time=_read_ascii(ds, "StudyTime"),
+            timezone_offset=_read_ascii(ds, "TimezoneOffsetFromUTC"),
+            study_description=_read_text(ds, "StudyDescription"),
+        ),
+        series=SeriesAttributes(
+            series_uid=series_uid,
+            modality=_modality(ds),
+            series_number=_optional_integer(ds, "SeriesNumber"),
+            series_description=_read_text(ds, "SeriesDescription"),
+            series_date=_read_ascii(ds, "SeriesDate"),
+            series_time=_read_ascii(ds, "SeriesTime"),
+        ),
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid=sop_class_uid,
+        instance_number=_optional_integer(ds, "InstanceNumber"),
+    )

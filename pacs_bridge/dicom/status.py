@@ -1,0 +1,58 @@
+"""The C-STORE statuses pacs-bridge answers, and which error gets which.
+
+PS3.4 GG.4.2 / PS3.7 C: 0xA7xx tells the sender we are out of resources (try again later); 0xC0xx that we
+cannot understand the dataset (sending it again unchanged will not help). pynetdicom reserves 0xC210-0xC212
+for failures of its own; we answer before it has to.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pydicom.dataset import Dataset
+
+from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, InvalidInstanceError
+
+MAX_ERROR_COMMENT_CHARS = 64  # ErrorComment (0000,0902) is LO
+
+
+class StoreStatus(enum.IntEnum):
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700  # the index cannot be written now; the sender should retry
+    CANNOT_UNDERSTAND = 0xC000  # a required attribute is missing, malformed or undecodable
+    CONFLICTS_WITH_INDEX = 0xC001  # a UID reused under another study or series; first arrival kept
+    PROCESSING_FAILURE = 0x0110  # a failure of ours that no table entry covers; logged with traceback
+
+
+# Most specific first: the first entry the error is an instance of decides.
+_STATUS_BY_ERROR: tuple[tuple[type[BaseException], StoreStatus], ...] = (
+    (ConflictingInstanceError, StoreStatus.CONFLICTS_WITH_INDEX),
+    (InvalidInstanceError, StoreStatus.CANNOT_UNDERSTAND),
+    (IndexUnavailableError, StoreStatus.OUT_OF_RESOURCES),
+)
+
+
+def status_for_error(error: BaseException) -> StoreStatus:
+    """The status to answer for an exception raised while storing an instance."""
+    for error_type, status in _STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return status
+    return StoreStatus.PROCESSING_FAILURE
+
+
+def error_comment(text: str) -> str:
+    """``text`` fitted into an ErrorComment: ASCII, no backslash, at most 64 characters."""
+    cleaned = text.encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    cleaned = " ".join(cleaned.split())
+    if len(cleaned) > MAX_ERROR_COMMENT_CHARS:
+        cleaned = cleaned[: MAX_ERROR_COMMENT_CHARS - 3] + "..."
+    return cleaned
+
+
+def status_dataset(status: StoreStatus, comment: str = "") -> Dataset:
+    """The status as a C-STORE response dataset, with an ErrorComment for failures."""
+    ds = Dataset()
+    ds.Status = int(status)
+    if comment and status != StoreStatus.SUCCESS:
+        ds.ErrorComment = error_comment(comment)
+    return ds
