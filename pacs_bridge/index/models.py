@@ -1,0 +1,110 @@
+"""The index schema: studies, series, instances, with each study's publish state on its own row.
+
+The database is the single source of truth for what is pending, published or failed: the debounce due time,
+the publish lease, attempts and the hash of the last published resource all live on ``studies``, so a
+restart (or another bridge sharing the PostgreSQL database) picks up exactly where the last one left off.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import DateTime, Dialect, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive; we restore the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given to the index; pass an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class PublishState(enum.StrEnum):
+    PENDING = "pending"  # has unpublished changes; due_at says when
+    PUBLISHED = "published"  # the FHIR server holds what the index holds
+    FAILED = "failed"  # the FHIR server refused it; last_error says why; retried on change or by the operator
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str] = mapped_column(Text, default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(Text, default="")
+    accession_number: Mapped[str] = mapped_column(Text, default="")
+    study_date: Mapped[str] = mapped_column(String(16), default="")
+    study_time: Mapped[str] = mapped_column(String(32), default="")
+    timezone_offset: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(Text, default="")
+
+    # Debounce and publish state.
+    change_seq: Mapped[int] = mapped_column(Integer, default=0)  # +1 for every indexed change
+    first_change_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # first unpublished change
+    last_change_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    due_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # NULL: nothing to publish
+    publish_state: Mapped[str] = mapped_column(String(16), default=PublishState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed attempts since the last success
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # backoff after a failure
+    last_error: Mapped[str | None] = mapped_column(Text)
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime)  # publish lease
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    published_hash: Mapped[str | None] = mapped_column(String(64))
+    published_seq: Mapped[int | None] = mapped_column(Integer)
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index("ix_studies_due_at", "due_at"),)
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str] = mapped_column(Text, default="")
+    series_date: Mapped[str] = mapped_column(String(16), default="")
+    series_time: Mapped[str] = mapped_column(String(32), default="")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class EndpointPublication(Base):
+    """The content hash of each Endpoint resource last PUT, so it is sent once, and again only when changed."""
+
+    __tablename__ = "endpoint_publications"
+
+    endpoint_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    published_at: Mapped[datetime] = mapped_column(UtcDateTime)

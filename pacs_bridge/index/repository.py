@@ -1,0 +1,368 @@
+"""The index: durable studies / series / instances and each study's publish state, over SQLAlchemy.
+
+Each public method is one transaction. SQLAlchemy errors are wrapped in ``IndexUnavailableError`` where they
+enter our code, so the DICOM listener answers "out of resources" (retry later) rather than success.
+Snapshots are read with plain column queries and assembled and sorted in Python: no per-instance ORM
+objects, and the same order (hence the same content hash) on SQLite and PostgreSQL whatever their collation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
+from pacs_bridge.index.engine import READ_ONLY_OPTION
+from pacs_bridge.index.models import EndpointPublication, Instance, PublishState, Series, Study
+from pacs_bridge.publish.debounce import DebounceSettings, due_at
+from pacs_bridge.records import (
+    InstanceRecord,
+    InstanceSnapshot,
+    RecordOutcome,
+    SeriesAttributes,
+    SeriesSnapshot,
+    StudyAttributes,
+    StudySnapshot,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimedStudy:
+    study_uid: str
+    attempts: int  # failed attempts since the last success, for the backoff
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateCounts:
+    pending: int
+    published: int
+    failed: int
+
+
+_STUDY_FIELDS = tuple(f.name for f in fields(StudyAttributes) if f.name != "study_uid")
+_SERIES_FIELDS = tuple(f.name for f in fields(SeriesAttributes) if f.name != "series_uid")
+
+
+def _differs(row: object, attributes: object, names: Sequence[str]) -> dict[str, Any]:
+    """The attributes whose value differs from the row's, as ``{column: new value}``."""
+    return {name: getattr(attributes, name) for name in names if getattr(row, name) != getattr(attributes, name)}
+
+
+class Index:
+    """Durable index of received instances and the publish state of their studies."""
+
+    def __init__(self, engine: Engine, debounce: DebounceSettings) -> None:
+        self._engine = engine
+        self._debounce = debounce
+        self._write_sessions = sessionmaker(engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
+        self._dialect = engine.dialect.name
+
+    @contextmanager
+    def _unit_of_work(self, *, read_only: bool = False) -> Iterator[Session]:
+        factory = self._read_sessions if read_only else self._write_sessions
+        try:
+            with factory.begin() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise IndexUnavailableError(
+                f"the index database failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                "check that the database in `database.url` is running, writable and not full"
+            ) from exc
+
+    def _insert_ignoring_conflict(self, session: Session, model: type[Any], values: dict[str, Any]) -> bool:
+        """INSERT that does nothing when the unique key exists (a concurrent association won the race).
+
+        Returns whether the row was inserted.
+        """
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        result = session.execute(insert(model).values(**values).on_conflict_do_nothing())
+        return bool(getattr(result, "rowcount", 0))
+
+    # ---- ingest -------------------------------------------------------------------------------------------
+
+    def record_instance(self, record: InstanceRecord, *, received_at: datetime) -> RecordOutcome:
+        """Index one received instance, durably (committed when this returns).
+
+        Sets the study's due time when anything it holds changed; a re-send of an identical instance
+        changes nothing. Raises ``ConflictingInstanceError`` when the instance's UIDs contradict the index,
+        ``IndexUnavailableError`` when the database cannot be written.
+        """
+        with self._unit_of_work() as session:
+            study = self._lock_or_create_study(session, record.study)
+            study_changes = _differs(study, record.study, _STUDY_FIELDS)
+
+            series = session.scalars(select(Series).where(Series.series_uid == record.series.series_uid)).one_or_none()
+            series_changed = False
+            if series is None:
+                series_values = {name: getattr(record.series, name) for name in _SERIES_FIELDS}
+                self._insert_ignoring_conflict(
+                    session,
+                    Series,
+                    {"study_id": study.id, "series_uid": record.series.series_uid, **series_values},
+                )
+                series = session.scalars(select(Series).where(Series.series_uid == record.series.series_uid)).one()
+            if series.study_id != study.id:
+                other = session.scalar(select(Study.study_uid).where(Study.id == series.study_id))
+                raise ConflictingInstanceError(
+                    "SeriesInstanceUID",
+                    "(0020,000E)",
+                    f"series {record.series.series_uid} already belongs to study {other}",
+                )
+            series_changes = _differs(series, record.series, _SERIES_FIELDS)
+            if series_changes:
+                series_changed = True
+                for name, value in series_changes.items():
+                    setattr(series, name, value)
+
+            outcome = self._record_instance_row(session, record, series, received_at)
+            if study_changes:
+                for name, value in study_changes.items():
+                    setattr(study, name, value)
+            if outcome is RecordOutcome.UNCHANGED and (study_changes or series_changed):
+                outcome = RecordOutcome.UPDATED
+            if outcome is not RecordOutcome.UNCHANGED:
+                self._note_change(study, received_at)
+            return outcome
+
+    def _lock_or_create_study(self, session: Session, attributes: StudyAttributes) -> Study:
+        query = select(Study).where(Study.study_uid == attributes.study_uid).with_for_update()
+        study = session.scalars(query).one_or_none()
+        if study is None:
+            self._insert_ignoring_conflict(session, Study, {"study_uid": attributes.study_uid})
+            study = session.scalars(query).one()
+        return study
+
+    def _record_instance_row(
+        self, session: Session, record: InstanceRecord, series: Series, received_at: datetime
+    ) -> RecordOutcome:
+        instance = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
+        ).one_or_none()
+        if instance is None:
+            inserted = self._insert_ignoring_conflict(
+                session,
+                Instance,
+                {
+                    "series_id": series.id,
+                    "sop_instance_uid": record.sop_instance_uid,
+                    "sop_class_uid": record.sop_class_uid,
+                    "instance_number": record.instance_number,
+                    "received_at": received_at,
+                },
+            )
+            instance = session.scalars(
+                select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
+            ).one()
+            if inserted:
+                return RecordOutcome.NEW
+        if instance.series_id != series.id:
+            owner = session.execute(
+                select(Series.series_uid, Study.study_uid)
+                .join(Study, Study.id == Series.study_id)
+                .where(Series.id == instance.series_id)
+            ).one()
+            raise ConflictingInstanceError(
+                "SOPInstanceUID",
+                "(0008,0018)",
+                f"instance {record.sop_instance_uid} already indexed in series {owner.series_uid} "
+                f"of study {owner.study_uid}",
+            )
+        if (instance.sop_class_uid, instance.instance_number) == (
+            record.sop_class_uid,
+            record.instance_number,
+        ):
+            return RecordOutcome.UNCHANGED
+        instance.sop_class_uid = record.sop_class_uid
+        instance.instance_number = record.instance_number
+        return RecordOutcome.UPDATED
+
+    def _note_change(self, study: Study, changed_at: datetime) -> None:
+        study.change_seq += 1
+        if study.publish_state != PublishState.PENDING.value or study.first_change_at is None:
+            study.first_change_at = changed_at
+        if study.publish_state == PublishState.FAILED.value:
+            # A refused study gets a fresh chance when it changes.
+            study.attempts = 0
+            study.next_attempt_at = None
+        study.publish_state = PublishState.PENDING.value
+        study.last_change_at = changed_at
+        study.due_at = due_at(first_change_at=study.first_change_at, last_change_at=changed_at, settings=self._debounce)
+
+    # ---- publishing -----------------------------------------------------------------------------------------
+
+    def claim_due_studies(self, now: datetime, *, limit: int, lease: timedelta, claimer: str) -> list[ClaimedStudy]:
+        """Lease up to ``limit`` due studies for publishing, most overdue first.
+
+        On PostgreSQL the rows are selected ``FOR UPDATE SKIP LOCKED``, so bridges sharing the database never
+        claim the same study; the lease (``claimed_until``) keeps it theirs while they publish outside the
+        transaction, and expires if that bridge dies.
+        """
+        with self._unit_of_work() as session:
+            rows = session.execute(
+                select(Study.id, Study.study_uid, Study.attempts)
+                .where(Study.due_at <= now)
+                .where(or_(Study.next_attempt_at.is_(None), Study.next_attempt_at <= now))
+                .where(or_(Study.claimed_until.is_(None), Study.claimed_until < now))
+                .order_by(Study.due_at, Study.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if rows:
+                session.execute(
+                    update(Study)
+                    .where(Study.id.in_([row.id for row in rows]))
+                    .values(claimed_until=now + lease, claimed_by=claimer)
+                )
+            return [ClaimedStudy(study_uid=row.study_uid, attempts=row.attempts) for row in rows]
+
+    def load_snapshot(self, study_uid: str) -> StudySnapshot:
+        """Everything indexed for one study, series ordered by number then UID, instances likewise."""
+        with self._unit_of_work(read_only=True) as session:
+            study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+            attributes = StudyAttributes(
+                study_uid=study.study_uid, **{name: getattr(study, name) for name in _STUDY_FIELDS}
+            )
+            series_rows = session.execute(
+                select(Series.id, Series.series_uid, *(getattr(Series, name) for name in _SERIES_FIELDS)).where(
+                    Series.study_id == study.id
+                )
+            ).all()
+            instances_by_series: dict[int, list[InstanceSnapshot]] = defaultdict(list)
+            instance_rows = session.execute(
+                select(
+                    Instance.series_id,
+                    Instance.sop_instance_uid,
+                    Instance.sop_class_uid,
+                    Instance.instance_number,
+                )
+                .join(Series, Series.id == Instance.series_id)
+                .where(Series.study_id == study.id)
+            )
+            for series_id, sop_instance_uid, sop_class_uid, instance_number in instance_rows:
+                instances_by_series[series_id].append(
+                    InstanceSnapshot(
+                        sop_instance_uid=sop_instance_uid,
+                        sop_class_uid=sop_class_uid,
+                        instance_number=instance_number,
+                    )
+                )
+            series_snapshots = [
+                SeriesSnapshot(
+                    attributes=SeriesAttributes(
+                        series_uid=row.series_uid, **{name: getattr(row, name) for name in _SERIES_FIELDS}
+                    ),
+                    instances=tuple(sorted(instances_by_series[row.id], key=_instance_order)),
+                )
+                for row in series_rows
+            ]
+            series_snapshots.sort(key=_series_order)
+            return StudySnapshot(
+                attributes=attributes,
+                series=tuple(series_snapshots),
+                change_seq=study.change_seq,
+                published_hash=study.published_hash,
+            )
+
+    def mark_published(self, study_uid: str, *, change_seq: int, content_hash: str, now: datetime, sent: bool) -> None:
+        """Record that the snapshot at ``change_seq`` is on the FHIR server (``sent``: we PUT it just now).
+
+        If the study changed while it was being published, it stays pending: its newer due time stands.
+        """
+        with self._unit_of_work() as session:
+            study = self._locked_study(session, study_uid)
+            study.published_hash = content_hash
+            study.published_seq = change_seq
+            if sent:
+                study.published_at = now
+            study.attempts = 0
+            study.next_attempt_at = None
+            study.last_error = None
+            self._release(study)
+            if study.change_seq == change_seq:
+                study.publish_state = PublishState.PUBLISHED.value
+                study.due_at = None
+                study.first_change_at = None
+
+    def mark_retry(self, study_uid: str, *, error: str, next_attempt_at: datetime) -> int:
+        """Record a failed attempt that may pass by itself; the study stays pending. Returns the attempt count."""
+        with self._unit_of_work() as session:
+            study = self._locked_study(session, study_uid)
+            study.attempts += 1
+            study.last_error = error
+            study.next_attempt_at = next_attempt_at
+            self._release(study)
+            return study.attempts
+
+    def mark_failed(self, study_uid: str, *, change_seq: int, error: str) -> None:
+        """Record a refusal that will not pass by itself. A change newer than ``change_seq`` keeps it pending."""
+        with self._unit_of_work() as session:
+            study = self._locked_study(session, study_uid)
+            study.attempts += 1
+            study.last_error = error
+            study.next_attempt_at = None
+            self._release(study)
+            if study.change_seq == change_seq:
+                study.publish_state = PublishState.FAILED.value
+                study.due_at = None
+
+    def release_claim(self, study_uid: str) -> None:
+        """Give a claimed study back without recording anything (e.g. on shutdown)."""
+        with self._unit_of_work() as session:
+            self._release(self._locked_study(session, study_uid))
+
+    @staticmethod
+    def _release(study: Study) -> None:
+        study.claimed_until = None
+        study.claimed_by = None
+
+    @staticmethod
+    def _locked_study(session: Session, study_uid: str) -> Study:
+        return session.scalars(select(Study).where(Study.study_uid == study_uid).with_for_update()).one()
+
+    # ---- endpoints and overview ------------------------------------------------------------------------
+
+    def endpoint_hashes(self) -> dict[str, str]:
+        """Content hash of every Endpoint last PUT, by endpoint id."""
+        with self._unit_of_work(read_only=True) as session:
+            rows = session.execute(select(EndpointPublication.endpoint_id, EndpointPublication.content_hash))
+            return {endpoint_id: digest for endpoint_id, digest in rows}
+
+    def mark_endpoint_published(self, endpoint_id: str, *, content_hash: str, now: datetime) -> None:
+        with self._unit_of_work() as session:
+            row = session.get(EndpointPublication, endpoint_id)
+            if row is None:
+                session.add(EndpointPublication(endpoint_id=endpoint_id, content_hash=content_hash, published_at=now))
+            else:
+                row.content_hash = content_hash
+                row.published_at = now
+
+    def count_by_state(self) -> StateCounts:
+        with self._unit_of_work(read_only=True) as session:
+            counts = dict(
+                session.execute(select(Study.publish_state, func.count()).group_by(Study.publish_state)).tuples()
+            )
+        return StateCounts(
+            pending=counts.get(PublishState.PENDING.value, 0),
+            published=counts.get(PublishState.PUBLISHED.value, 0),
+            failed=counts.get(PublishState.FAILED.value, 0),
+        )
+
+
+def _series_order(series: SeriesSnapshot) -> tuple[bool, int, str]:
+    number = series.attributes.series_number
+    return (number is None, number or 0, series.attributes.series_uid)
+
+
+def _instance_order(instance: InstanceSnapshot) -> tuple[bool, int, str]:
+    number = instance.instance_number
+    return (number is None, number or 0, instance.sop_instance_uid)
