@@ -1,0 +1,104 @@
+"""The FHIR REST adapter: PUT resources over an injected ``httpx.Client`` and classify what went wrong.
+
+Retryable (the study stays pending and is sent again with backoff): transport errors and timeouts, 408, 429
+and 5xx, with the server's ``Retry-After`` passed on. Any other 4xx is a refusal that will not pass by
+itself; its OperationOutcome text becomes the error the operator sees.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from pacs_bridge.errors import PublishError
+from pacs_bridge.fhir.resource import FhirResource
+
+FHIR_JSON = "application/fhir+json"
+RETRYABLE_STATUSES = frozenset({408, 429})
+MAX_DETAIL_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutResult:
+    http_status: int
+    version_id: str | None
+
+
+def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); ``None`` if absent or bad."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - now).total_seconds(), 0.0)
+
+
+def operation_outcome_text(response: httpx.Response) -> str:
+    """The human-readable text of an OperationOutcome body, else the start of the body."""
+    try:
+        body: Any = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        parts = []
+        for issue in body.get("issue") or []:
+            if not isinstance(issue, dict):
+                continue
+            text = (issue.get("details") or {}).get("text") or issue.get("diagnostics") or issue.get("code", "")
+            where = ", ".join(issue.get("expression") or issue.get("location") or [])
+            parts.append(f"{text} (at {where})" if where else str(text))
+        if parts:
+            return "; ".join(parts)[:MAX_DETAIL_CHARS]
+    return response.text[:MAX_DETAIL_CHARS] or response.reason_phrase
+
+
+class FhirClient:
+    """PUTs resources to one FHIR server base URL."""
+
+    def __init__(self, http: httpx.Client, *, base_url: str) -> None:
+        self._http = http
+        self._base_url = base_url.rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    def put(self, resource: FhirResource) -> PutResult:
+        """Create or update ``resource`` at ``{base}/{type}/{id}``; raises ``PublishError`` on failure."""
+        url = f"{self._base_url}/{resource['resourceType']}/{resource['id']}"
+        body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        try:
+            response = self._http.put(url, content=body, headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON})
+        except httpx.TimeoutException as exc:
+            raise PublishError(f"no answer from {url} in time ({type(exc).__name__})", retryable=True) from exc
+        except httpx.TransportError as exc:
+            raise PublishError(f"cannot reach {url}: {type(exc).__name__}: {exc}", retryable=True) from exc
+        if response.is_success:
+            return PutResult(http_status=response.status_code, version_id=_version_id(response))
+        status = response.status_code
+        retryable = status in RETRYABLE_STATUSES or status >= 500
+        raise PublishError(
+            operation_outcome_text(response),
+            retryable=retryable,
+            http_status=status,
+            retry_after_seconds=parse_retry_after(response.headers.get("Retry-After"), now=datetime.now(UTC)),
+        )
+
+
+def _version_id(response: httpx.Response) -> str | None:
+    etag = str(response.headers.get("ETag", ""))
+    if etag.startswith('W/"') and etag.endswith('"'):
+        return etag[3:-1]
+    return etag.strip('"') or None

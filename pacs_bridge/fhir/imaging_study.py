@@ -1,0 +1,125 @@
+"""Pure mapping: the index's ``StudySnapshot`` -> one FHIR R4 ImagingStudy (a JSON-ready dict).
+
+Deterministic: no clock, no I/O, no randomness, so the same snapshot always gives the same resource and the
+same content hash, which is what lets the publisher send nothing when nothing changed. The mapping follows
+the FHIR ImagingStudy <-> DICOM notes: UIDs as ``urn:oid:`` under the ``urn:dicom:uid`` system, the
+accession number as a ServiceRequest identifier of type ACSN, SOP classes as ``urn:oid:`` codes under
+``urn:ietf:rfc:3986``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import tzinfo
+
+from pacs_bridge.fhir.dicom_time import to_fhir_datetime
+from pacs_bridge.fhir.endpoint import EndpointSettings
+from pacs_bridge.fhir.resource import FhirResource, fhir_id_for_uid
+from pacs_bridge.records import SeriesSnapshot, StudyAttributes, StudySnapshot
+
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+DICOM_MODALITY_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
+IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
+MISSING_PATIENT_ID_DISPLAY = "Patient ID absent from the DICOM study"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappingSettings:
+    """What the mapping needs from the configuration."""
+
+    endpoints: tuple[EndpointSettings, ...] = ()
+    patient_identifier_system: str = ""
+    accession_identifier_system: str = ""
+    # None: the host's local time zone rules, for DICOM times that carry no TimezoneOffsetFromUTC.
+    site_zone: tzinfo | None = None
+
+
+def _oid(uid: str) -> str:
+    return f"urn:oid:{uid}"
+
+
+def _modality_coding(code: str) -> dict[str, str]:
+    return {"system": DICOM_MODALITY_SYSTEM, "code": code}
+
+
+def _subject(study: StudyAttributes, settings: MappingSettings) -> FhirResource:
+    if not study.patient_id:
+        return {"type": "Patient", "display": MISSING_PATIENT_ID_DISPLAY}
+    identifier: dict[str, str] = {"value": study.patient_id}
+    if settings.patient_identifier_system:
+        identifier = {"system": settings.patient_identifier_system, **identifier}
+    return {"type": "Patient", "identifier": identifier}
+
+
+def _based_on(study: StudyAttributes, settings: MappingSettings) -> list[FhirResource]:
+    if not study.accession_number:
+        return []
+    identifier: FhirResource = {"type": {"coding": [{"system": IDENTIFIER_TYPE_SYSTEM, "code": "ACSN"}]}}
+    if settings.accession_identifier_system:
+        identifier["system"] = settings.accession_identifier_system
+    identifier["value"] = study.accession_number
+    return [{"type": "ServiceRequest", "identifier": identifier}]
+
+
+def _build_series(series: SeriesSnapshot, site_zone: tzinfo | None, timezone_offset: str) -> FhirResource:
+    attributes = series.attributes
+    element: FhirResource = {"uid": attributes.series_uid}
+    if attributes.series_number is not None:
+        element["number"] = attributes.series_number
+    element["modality"] = _modality_coding(attributes.modality)
+    if attributes.series_description:
+        element["description"] = attributes.series_description
+    element["numberOfInstances"] = len(series.instances)
+    started = to_fhir_datetime(attributes.series_date, attributes.series_time, timezone_offset, site_zone)
+    if started:
+        element["started"] = started
+    instances: list[FhirResource] = []
+    for instance in series.instances:
+        entry: FhirResource = {
+            "uid": instance.sop_instance_uid,
+            "sopClass": {"system": SOP_CLASS_SYSTEM, "code": _oid(instance.sop_class_uid)},
+        }
+        if instance.instance_number is not None:
+            entry["number"] = instance.instance_number
+        instances.append(entry)
+    if instances:
+        element["instance"] = instances
+    return element
+
+
+def imaging_study_id(study_uid: str) -> str:
+    """The ImagingStudy's logical id, derived from the Study Instance UID alone (so every PUT is idempotent)."""
+    return fhir_id_for_uid(study_uid)
+
+
+def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> FhirResource:
+    """The complete R4 ImagingStudy for everything the index holds of one study."""
+    study = snapshot.attributes
+    resource: FhirResource = {
+        "resourceType": "ImagingStudy",
+        "id": imaging_study_id(study.study_uid),
+        "identifier": [{"use": "official", "system": DICOM_UID_SYSTEM, "value": _oid(study.study_uid)}],
+        "status": "available",
+    }
+    modalities = list(dict.fromkeys(series.attributes.modality for series in snapshot.series))
+    if modalities:
+        resource["modality"] = [_modality_coding(code) for code in modalities]
+    resource["subject"] = _subject(study, settings)
+    started = to_fhir_datetime(study.study_date, study.study_time, study.timezone_offset, settings.site_zone)
+    if started:
+        resource["started"] = started
+    based_on = _based_on(study, settings)
+    if based_on:
+        resource["basedOn"] = based_on
+    if settings.endpoints:
+        resource["endpoint"] = [{"reference": f"Endpoint/{endpoint.id}"} for endpoint in settings.endpoints]
+    resource["numberOfSeries"] = len(snapshot.series)
+    resource["numberOfInstances"] = snapshot.number_of_instances
+    if study.study_description:
+        resource["description"] = study.study_description
+    if snapshot.series:
+        resource["series"] = [
+            _build_series(series, settings.site_zone, study.timezone_offset) for series in snapshot.series
+        ]
+    return resource
