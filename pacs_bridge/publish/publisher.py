@@ -1,0 +1,157 @@
+"""One publishing pass: claim due studies, build each ImagingStudy, send it only if it changed, record it.
+
+The index, the FHIR client and the mapping settings come in through the constructor; this module owns only
+the sequence. One study's failure never stops the pass, and ``run_once`` itself never raises.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import structlog
+
+from pacs_bridge.errors import IndexUnavailableError, PublishError
+from pacs_bridge.fhir.client import FhirClient
+from pacs_bridge.fhir.endpoint import build_endpoint
+from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
+from pacs_bridge.fhir.resource import content_hash
+from pacs_bridge.index.repository import ClaimedStudy, Index
+from pacs_bridge.publish.debounce import RetrySettings, retry_delay
+
+Clock = Callable[[], datetime]
+
+log = structlog.get_logger("pacs_bridge.publish")
+
+
+class PublishOutcome(enum.Enum):
+    PUBLISHED = "published"  # PUT done
+    UNCHANGED = "unchanged"  # the resource equals the one last published: nothing sent
+    RETRY_SCHEDULED = "retry_scheduled"  # a failure that may pass; pending with backoff
+    FAILED = "failed"  # refused by the server; needs a change or the operator
+    ERROR = "error"  # our own failure (e.g. the database); the lease runs out and it is tried again
+
+
+class Publisher:
+    def __init__(
+        self,
+        *,
+        index: Index,
+        fhir: FhirClient,
+        mapping: MappingSettings,
+        retry: RetrySettings,
+        clock: Clock,
+        claimer: str,
+        batch_size: int = 16,
+        lease: timedelta = timedelta(minutes=5),
+        random_fraction: Callable[[], float] = random.random,
+    ) -> None:
+        self._index = index
+        self._fhir = fhir
+        self._mapping = mapping
+        self._retry = retry
+        self._clock = clock
+        self._claimer = claimer
+        self._batch_size = batch_size
+        self._lease = lease
+        self._random_fraction = random_fraction
+        self._endpoints = {settings.id: build_endpoint(settings) for settings in mapping.endpoints}
+        self._endpoints_confirmed: dict[str, str] = {}
+
+    def run_once(self) -> dict[str, PublishOutcome]:
+        """Publish every study due now (in batches); returns each claimed study's outcome. Never raises."""
+        outcomes: dict[str, PublishOutcome] = {}
+        while True:
+            try:
+                claimed = self._index.claim_due_studies(
+                    self._clock(), limit=self._batch_size, lease=self._lease, claimer=self._claimer
+                )
+            except IndexUnavailableError as exc:
+                log.error("claim_failed", error=str(exc))
+                return outcomes
+            fresh = [study for study in claimed if study.study_uid not in outcomes]
+            for study in fresh:
+                outcomes[study.study_uid] = self._publish_claimed(study)
+            # A study released after an error may be claimed again at once: never loop on it within a pass.
+            if len(claimed) < self._batch_size or len(fresh) < len(claimed):
+                return outcomes
+
+    def _publish_claimed(self, claimed: ClaimedStudy) -> PublishOutcome:
+        log_ = log.bind(study_uid=claimed.study_uid)
+        try:
+            return self.publish(claimed)
+        except Exception:  # the pass goes on with the next study; the lease expiry brings this one back
+            log_.exception("publish_crashed")
+            try:
+                self._index.release_claim(claimed.study_uid)
+            except IndexUnavailableError as exc:
+                log_.error("release_failed", error=str(exc))
+            return PublishOutcome.ERROR
+
+    def publish(self, claimed: ClaimedStudy) -> PublishOutcome:
+        """Publish one claimed study; the index records the outcome."""
+        study_uid = claimed.study_uid
+        snapshot = self._index.load_snapshot(study_uid)
+        resource = build_imaging_study(snapshot, self._mapping)
+        digest = content_hash(resource)
+        if digest == snapshot.published_hash:
+            self._index.mark_published(
+                study_uid, change_seq=snapshot.change_seq, content_hash=digest, now=self._clock(), sent=False
+            )
+            log.info("study_unchanged", study_uid=study_uid, change_seq=snapshot.change_seq)
+            return PublishOutcome.UNCHANGED
+        try:
+            self._ensure_endpoints()
+            result = self._fhir.put(resource)
+        except PublishError as exc:
+            return self._record_failure(claimed, snapshot.change_seq, exc)
+        self._index.mark_published(
+            study_uid, change_seq=snapshot.change_seq, content_hash=digest, now=self._clock(), sent=True
+        )
+        log.info(
+            "study_published",
+            study_uid=study_uid,
+            http_status=result.http_status,
+            version_id=result.version_id,
+            series=len(snapshot.series),
+            instances=snapshot.number_of_instances,
+            attempt=claimed.attempts + 1,
+        )
+        return PublishOutcome.PUBLISHED
+
+    def _ensure_endpoints(self) -> None:
+        """PUT each configured Endpoint whose content the server has not yet received from us."""
+        if len(self._endpoints_confirmed) < len(self._endpoints):
+            self._endpoints_confirmed.update(self._index.endpoint_hashes())
+        for endpoint_id, resource in self._endpoints.items():
+            digest = content_hash(resource)
+            if self._endpoints_confirmed.get(endpoint_id) == digest:
+                continue
+            result = self._fhir.put(resource)
+            self._index.mark_endpoint_published(endpoint_id, content_hash=digest, now=self._clock())
+            self._endpoints_confirmed[endpoint_id] = digest
+            log.info("endpoint_published", endpoint_id=endpoint_id, http_status=result.http_status)
+
+    def _record_failure(self, claimed: ClaimedStudy, change_seq: int, error: PublishError) -> PublishOutcome:
+        study_uid = claimed.study_uid
+        if error.retryable:
+            attempt = claimed.attempts + 1
+            retry_after = (
+                timedelta(seconds=error.retry_after_seconds) if error.retry_after_seconds is not None else None
+            )
+            delay = retry_delay(attempt, self._retry, retry_after=retry_after, random_fraction=self._random_fraction())
+            self._index.mark_retry(study_uid, error=str(error), next_attempt_at=self._clock() + delay)
+            log.warning(
+                "publish_retry_scheduled",
+                study_uid=study_uid,
+                attempt=attempt,
+                http_status=error.http_status,
+                retry_in_seconds=round(delay.total_seconds(), 1),
+                error=error.detail,
+            )
+            return PublishOutcome.RETRY_SCHEDULED
+        self._index.mark_failed(study_uid, change_seq=change_seq, error=str(error))
+        log.error("publish_failed", study_uid=study_uid, http_status=error.http_status, error=error.detail)
+        return PublishOutcome.FAILED
