@@ -1,0 +1,214 @@
+"""The DICOM listener (pynetdicom): Verification and Storage SCP, and the never-crash boundary.
+
+Each C-STORE is read from the wire header-only (the elements ``extract`` needs, stopping before the pixel
+data, which is never decoded), turned into an ``InstanceRecord`` and handed to the ``InstanceSink`` (the
+index). Success is answered only after the sink has committed; every failure becomes a status from
+``dicom/status.py`` and the association goes on.
+"""
+
+from __future__ import annotations
+
+import socketserver
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from io import BytesIO
+from typing import Any, Protocol
+
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
+from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
+from pacs_bridge.errors import InvalidInstanceError
+from pacs_bridge.records import InstanceRecord, RecordOutcome
+
+log = structlog.get_logger("pacs_bridge.dicom")
+
+_LAST_HEADER_TAG = max(HEADER_TAGS)
+
+
+class InstanceSink(Protocol):
+    def record_instance(self, record: InstanceRecord, *, received_at: datetime) -> RecordOutcome: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerSettings:
+    ae_title: str
+    bind: str
+    port: int
+    max_associations: int = 16
+    network_timeout_seconds: float = 60.0
+    acse_timeout_seconds: float = 30.0
+    dimse_timeout_seconds: float = 60.0
+    max_pdu_size: int = 0  # 0: unlimited
+
+
+def read_header(encoded: BytesIO, transfer_syntax: UID) -> Dataset:
+    """Decode only the header elements ``extract`` reads, stopping before anything after them (pixel data)."""
+    stream: BytesIO = encoded
+    stream.seek(0)
+    if transfer_syntax.is_deflated:
+        stream = BytesIO(zlib.decompress(encoded.getvalue(), -zlib.MAX_WBITS))
+    try:
+        return read_dataset(
+            stream,
+            transfer_syntax.is_implicit_VR,
+            transfer_syntax.is_little_endian,
+            stop_when=lambda tag, _vr, _length: tag > _LAST_HEADER_TAG,
+            specific_tags=list(HEADER_TAGS),
+        )
+    except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
+        raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+class _AssociationStats:
+    """Per-association counters for the closing log event."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stored: dict[int, int] = {}
+        self._refused: dict[int, int] = {}
+
+    def count(self, assoc: Any, *, stored: bool) -> None:
+        table = self._stored if stored else self._refused
+        with self._lock:
+            table[id(assoc)] = table.get(id(assoc), 0) + 1
+
+    def pop(self, assoc: Any) -> tuple[int, int]:
+        with self._lock:
+            return self._stored.pop(id(assoc), 0), self._refused.pop(id(assoc), 0)
+
+
+def _peer(event: Any) -> dict[str, Any]:
+    requestor = event.assoc.requestor
+    return {"calling_ae": str(requestor.ae_title).strip(), "peer": f"{requestor.address}:{requestor.port}"}
+
+
+class DicomListener:
+    """Accepts associations and stores instances into an ``InstanceSink``."""
+
+    def __init__(self, settings: ListenerSettings, sink: InstanceSink, *, clock: Callable[[], datetime]) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._clock = clock
+        self._stats = _AssociationStats()
+        self._server: Any = None
+        self._ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        settings = self._settings
+        ae = AE(ae_title=settings.ae_title)
+        ae.require_called_aet = True
+        ae.maximum_associations = settings.max_associations
+        ae.network_timeout = settings.network_timeout_seconds
+        ae.acse_timeout = settings.acse_timeout_seconds
+        ae.dimse_timeout = settings.dimse_timeout_seconds
+        ae.maximum_pdu_size = settings.max_pdu_size
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        if self._server is None:
+            return self._settings.port
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_ESTABLISHED, self._handle_established),
+            (evt.EVT_RELEASED, self._handle_closed),
+            (evt.EVT_ABORTED, self._handle_closed),
+            (evt.EVT_REJECTED, self._handle_rejected),
+        ]
+        self._server = self._ae.start_server(
+            (self._settings.bind, self._settings.port), block=False, evt_handlers=handlers
+        )
+        log.info("listener_started", ae_title=self._settings.ae_title, bind=self._settings.bind, port=self.port)
+
+    def stop(self, *, drain_timeout_seconds: float = 30.0) -> None:
+        """Stop accepting associations, let in-flight ones finish (up to the timeout), then abort the rest."""
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        # socketserver's own shutdown (not pynetdicom's, which also aborts associations): leave the accept
+        # loop, then close the listening socket so new associations are refused while the open ones finish.
+        socketserver.BaseServer.shutdown(server)
+        server.socket.close()
+        deadline = time.monotonic() + drain_timeout_seconds
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = server.active_associations
+        for assoc in remaining:
+            assoc.abort()
+        server.shutdown()
+        log.info("listener_stopped", aborted_associations=len(remaining))
+
+    # ---- handlers: each one catches everything, so nothing a peer sends can stop the listener ----
+
+    def handle_store(self, event: Any) -> Dataset:
+        """C-STORE: index the instance, then answer. Success only after the commit."""
+        sop_instance_uid = ""
+        try:
+            sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
+            dataset = read_header(event.request.DataSet, event.context.transfer_syntax)
+            record = extract_instance(dataset)
+            outcome = self._sink.record_instance(record, received_at=self._clock())
+        except Exception as exc:
+            status = status_for_error(exc)
+            self._stats.count(event.assoc, stored=False)
+            fields = {**_peer(event), "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}"}
+            if status is StoreStatus.PROCESSING_FAILURE:
+                log.exception("instance_rejected", **fields, error=str(exc))
+            else:
+                log.warning("instance_rejected", **fields, error=str(exc))
+            return status_dataset(status, str(exc))
+        self._stats.count(event.assoc, stored=True)
+        log.debug(
+            "instance_stored",
+            study_uid=record.study.study_uid,
+            sop_instance_uid=record.sop_instance_uid,
+            outcome=outcome.value,
+            calling_ae=_peer(event)["calling_ae"],
+        )
+        return status_dataset(StoreStatus.SUCCESS)
+
+    @staticmethod
+    def _handle_echo(event: Any) -> int:
+        return int(StoreStatus.SUCCESS)
+
+    @staticmethod
+    def _handle_established(event: Any) -> None:
+        try:
+            log.info("association_established", **_peer(event))
+        except Exception:  # logging must never take a handler down
+            log.exception("association_log_failed")
+
+    def _handle_closed(self, event: Any) -> None:
+        try:
+            stored, refused = self._stats.pop(event.assoc)
+            name = "association_released" if event.event is evt.EVT_RELEASED else "association_aborted"
+            log.info(name, **_peer(event), stored=stored, refused=refused)
+        except Exception:
+            log.exception("association_log_failed")
+
+    @staticmethod
+    def _handle_rejected(event: Any) -> None:
+        try:
+            log.warning("association_rejected", **_peer(event))
+        except Exception:
+            log.exception("association_log_failed")
