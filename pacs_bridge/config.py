@@ -1,0 +1,245 @@
+"""The YAML configuration file -> validated, typed settings.
+
+Every problem is collected and reported with its key path (``fhir.base_url: …``); unknown keys get a
+did-you-mean hint. Only ``service`` (and the CLI) read ``Config``; everything else receives plain values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pacs_bridge.errors import ConfigError
+from pacs_bridge.fhir.endpoint import CONNECTION_TYPES
+
+_AE_TITLE = re.compile(r"[\x20-\x5B\x5D-\x7E]{1,16}")  # PS3.5 AE VR: no backslash, no control characters
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DicomConfig(_Section):
+    ae_title: str = "PACS_BRIDGE"
+    bind: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        if not _AE_TITLE.fullmatch(value) or not value.strip():
+            raise ValueError(f"expected 1 to 16 printable characters without backslash, got {value!r}")
+        return value.strip()
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:///pacs-bridge.db"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not re.match(r"(sqlite|postgresql|postgres)(\+\w+)?://", value):
+            raise ValueError(f"expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB, got {value!r}")
+        return value
+
+
+class FhirConfig(_Section):
+    base_url: str
+    version: Literal["R4"] = "R4"
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        return _http_url(value).rstrip("/")
+
+
+class DebounceConfig(_Section):
+    quiet_seconds: float = Field(default=30.0, ge=0)
+    max_delay_seconds: float = Field(default=300.0, ge=0)
+    tick_seconds: float = Field(default=1.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _max_not_below_quiet(self) -> DebounceConfig:
+        if self.max_delay_seconds < self.quiet_seconds:
+            raise ValueError(
+                f"max_delay_seconds ({self.max_delay_seconds:g}) must not be below quiet_seconds "
+                f"({self.quiet_seconds:g})"
+            )
+        return self
+
+
+class EndpointConfig(_Section):
+    id: str
+    connection_type: str
+    address: str
+    name: str = ""
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not _FHIR_ID.fullmatch(value):
+            raise ValueError(f"expected a FHIR id (letters, digits, '-', '.', at most 64), got {value!r}")
+        return value
+
+    @field_validator("connection_type")
+    @classmethod
+    def _check_connection_type(cls, value: str) -> str:
+        if value not in CONNECTION_TYPES:
+            raise ValueError(f"expected one of {', '.join(sorted(CONNECTION_TYPES))}, got {value!r}")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        _http_url(value)
+        if "?" in value:
+            raise ValueError(f"the service base URL must not carry a query, got {value!r}")
+        return value
+
+
+class PatientConfig(_Section):
+    identifier_system: str = ""
+
+
+class AccessionConfig(_Section):
+    identifier_system: str = ""
+
+
+class SiteConfig(_Section):
+    timezone: str = ""  # IANA name; empty: the host's time zone
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        if value:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"expected an IANA time zone such as Europe/Paris, got {value!r}") from exc
+        return value
+
+
+class PublishConfig(_Section):
+    batch_size: int = Field(default=16, ge=1, le=1000)
+    retry_base_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section):
+    dicom: DicomConfig = DicomConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    fhir: FhirConfig
+    debounce: DebounceConfig = DebounceConfig()
+    endpoints: list[EndpointConfig] = []
+    patient: PatientConfig = PatientConfig()
+    accession: AccessionConfig = AccessionConfig()
+    site: SiteConfig = SiteConfig()
+    publish: PublishConfig = PublishConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _unique_endpoint_ids(self) -> Config:
+        ids = [endpoint.id for endpoint in self.endpoints]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"endpoint ids must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    @property
+    def quiet_period(self) -> timedelta:
+        return timedelta(seconds=self.debounce.quiet_seconds)
+
+    @property
+    def max_delay(self) -> timedelta:
+        return timedelta(seconds=self.debounce.max_delay_seconds)
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that owns the key at ``loc`` (list indexes skipped)."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        model = inner[0] if inner and getattr(annotation, "__origin__", None) is list else annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        known = sorted(owner.model_fields) if owner else []
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys here: {', '.join(known)}"
+        return f"at '{_key_path(loc)}': unknown key{suggestion}"
+    if kind == "missing":
+        return f"at '{_key_path(loc)}': required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = _key_path(loc)
+    value = error.get("input")
+    if kind not in ("value_error",) and not isinstance(value, dict | list):
+        message += f", got {value!r}"
+    return f"at '{where}': {message}"
+
+
+def parse_config(data: Any, *, path: str) -> Config:
+    """Validate an already-parsed YAML document; raises ``ConfigError`` listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, [f"expected a mapping of sections at the top level, got {type(data).__name__}"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, [_describe(error) for error in exc.errors()]) from exc
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the YAML file at ``path``."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(name, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(name, [f"not valid YAML: {exc}"]) from exc
+    return parse_config(data, path=name)
