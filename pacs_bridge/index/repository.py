@@ -116,7 +116,7 @@ class Index:
                 raise ConflictingInstanceError(
                     "SeriesInstanceUID",
                     "(0020,000E)",
-                    f"series {record.series.series_uid} already belongs to study {other}",
+                    f"already indexed in another study: {record.series.series_uid} belongs to study {other}",
                 )
             series_changes = _differs(series, record.series, _SERIES_FIELDS)
             if series_changes:
@@ -174,8 +174,8 @@ class Index:
             raise ConflictingInstanceError(
                 "SOPInstanceUID",
                 "(0008,0018)",
-                f"instance {record.sop_instance_uid} already indexed in series {owner.series_uid} "
-                f"of study {owner.study_uid}",
+                f"already indexed in another series: {record.sop_instance_uid} is in series "
+                f"{owner.series_uid} of study {owner.study_uid}",
             )
         if (instance.sop_class_uid, instance.instance_number) == (
             record.sop_class_uid,
@@ -348,9 +348,8 @@ class Index:
 
     def count_by_state(self) -> StateCounts:
         with self._unit_of_work(read_only=True) as session:
-            counts = dict(
-                session.execute(select(Study.publish_state, func.count()).group_by(Study.publish_state)).tuples()
-            )
+            rows = session.execute(select(Study.publish_state, func.count()).group_by(Study.publish_state))
+            counts: dict[str, int] = {state: count for state, count in rows}
         return StateCounts(
             pending=counts.get(PublishState.PENDING.value, 0),
             published=counts.get(PublishState.PUBLISHED.value, 0),

@@ -1,0 +1,97 @@
+"""Fixtures shared by every test layer: databases (SQLite and PostgreSQL), a settable clock, the FHIR server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from pacs_bridge.index.engine import create_schema, make_engine
+from pacs_bridge.index.repository import Index
+from pacs_bridge.publish.debounce import DebounceSettings
+from tests.support.fhir_server import FhirTestServer
+
+POSTGRES_URL = os.environ.get("PACS_BRIDGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+QUIET = timedelta(seconds=30)
+MAX_DELAY = timedelta(seconds=300)
+
+
+class FakeClock:
+    """A settable UTC clock: tests move time explicitly instead of sleeping."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2024, 3, 15, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> datetime:
+        self.now += delta
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def postgres_schema_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    schema = f"pb_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as connection:
+            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:
+        admin.dispose()
+        pytest.fail(
+            f"PostgreSQL at {POSTGRES_URL} is not usable ({exc.__class__.__name__}); start it with "
+            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` or set "
+            "PACS_BRIDGE_TEST_POSTGRES_URL"
+        )
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
+    with admin.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The index database URL, once for SQLite and once for PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.db'}"
+    return str(request.getfixturevalue("postgres_schema_url"))
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def index(engine: Engine) -> Index:
+    return Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+
+
+@pytest.fixture(scope="session")
+def fhir_server() -> Iterator[FhirTestServer]:
+    """One real FHIR R4 server (Medplum engine, R4 validation) on 127.0.0.1 for the whole session."""
+    with FhirTestServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_fhir_server(fhir_server: FhirTestServer) -> FhirTestServer:
+    """The session's FHIR server, emptied and with its request counters at zero."""
+    fhir_server.reset()
+    return fhir_server

@@ -1,0 +1,254 @@
+"""The index on real databases: every test runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine, select
+
+from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
+from pacs_bridge.index.engine import create_schema, make_engine
+from pacs_bridge.index.models import PublishState, Study
+from pacs_bridge.index.repository import Index
+from pacs_bridge.publish.debounce import DebounceSettings
+from pacs_bridge.records import InstanceRecord, RecordOutcome, SeriesAttributes, StudyAttributes
+from tests.conftest import MAX_DELAY, QUIET, FakeClock
+from tests.support.studies import uid
+
+LEASE = timedelta(minutes=2)
+
+
+def record(
+    study: str = "1", series: str = "1.1", instance: str = "1.1.1", *, number: int | None = 1, **study_fields: str
+) -> InstanceRecord:
+    return InstanceRecord(
+        study=StudyAttributes(study_uid=uid(study), patient_id="PAT-1", **study_fields),
+        series=SeriesAttributes(series_uid=uid(series), modality="CT", series_number=int(series.split(".")[-1])),
+        sop_instance_uid=uid(instance),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        instance_number=number,
+    )
+
+
+def study_row(engine: Engine, study: str = "1") -> Study:
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as session:
+        return session.scalars(select(Study).where(Study.study_uid == uid(study))).one()
+
+
+def test_new_instance_makes_its_study_due_after_the_quiet_period(index: Index, engine: Engine, clock: FakeClock):
+    """A first instance creates the study, pending, due one quiet period after it arrived."""
+    assert index.record_instance(record(), received_at=clock()) is RecordOutcome.NEW
+    row = study_row(engine)
+    assert row.publish_state == PublishState.PENDING
+    assert row.due_at == clock() + QUIET
+    assert row.change_seq == 1
+
+
+def test_identical_resend_changes_nothing(index: Index, engine: Engine, clock: FakeClock):
+    """Re-sending an indexed instance leaves the study's due time and change counter alone."""
+    index.record_instance(record(), received_at=clock())
+    clock.advance(timedelta(seconds=20))
+    assert index.record_instance(record(), received_at=clock()) is RecordOutcome.UNCHANGED
+    row = study_row(engine)
+    assert (row.change_seq, row.due_at) == (1, clock() - timedelta(seconds=20) + QUIET)
+
+
+def test_changed_attribute_of_a_known_instance_counts_as_a_change(index: Index, engine: Engine, clock: FakeClock):
+    """A re-send whose indexed attributes differ updates the index and moves the due time."""
+    index.record_instance(record(), received_at=clock())
+    clock.advance(timedelta(seconds=10))
+    changed = record(study_description="CT chest with contrast")
+    assert index.record_instance(changed, received_at=clock()) is RecordOutcome.UPDATED
+    row = study_row(engine)
+    assert (row.change_seq, row.due_at, row.study_description) == (2, clock() + QUIET, "CT chest with contrast")
+
+
+def test_a_study_that_keeps_changing_is_due_no_later_than_max_delay(index: Index, engine: Engine, clock: FakeClock):
+    """Instances every 10 s never let the study go quiet; it is due max_delay after the first one."""
+    first = clock()
+    for n in range(1, 60):
+        index.record_instance(record(instance=f"1.1.{n}", number=n), received_at=clock())
+        clock.advance(timedelta(seconds=10))
+    assert study_row(engine).due_at == first + MAX_DELAY
+
+
+def test_instance_uid_reused_under_another_study_is_refused_and_changes_neither(
+    index: Index, engine: Engine, clock: FakeClock
+):
+    """First arrival kept: the conflicting instance raises and the other study is not created."""
+    index.record_instance(record(), received_at=clock())
+    with pytest.raises(ConflictingInstanceError) as refused:
+        index.record_instance(record(study="2", series="2.1", instance="1.1.1"), received_at=clock())
+    assert refused.value.keyword == "SOPInstanceUID"
+    assert study_row(engine).change_seq == 1
+    assert index.count_by_state().pending == 1
+
+
+def test_series_uid_reused_under_another_study_is_refused(index: Index, clock: FakeClock):
+    """The same Series Instance UID under a second study is a conflict, not a move."""
+    index.record_instance(record(), received_at=clock())
+    with pytest.raises(ConflictingInstanceError) as refused:
+        index.record_instance(record(study="2", series="1.1", instance="2.1.1"), received_at=clock())
+    assert refused.value.keyword == "SeriesInstanceUID"
+
+
+def test_snapshot_orders_series_and_instances_by_number_then_uid(index: Index, clock: FakeClock):
+    """Arrival order does not matter: the snapshot (and so the resource and its hash) is stable."""
+    for series, instance, number in [
+        ("1.2", "1.2.2", 2),
+        ("1.1", "1.1.3", None),
+        ("1.2", "1.2.1", 1),
+        ("1.1", "1.1.1", 1),
+    ]:
+        index.record_instance(record(series=series, instance=instance, number=number), received_at=clock())
+    snapshot = index.load_snapshot(uid("1"))
+    assert [s.attributes.series_uid for s in snapshot.series] == [uid("1.1"), uid("1.2")]
+    assert [[i.sop_instance_uid for i in s.instances] for s in snapshot.series] == [
+        [uid("1.1.1"), uid("1.1.3")],
+        [uid("1.2.1"), uid("1.2.2")],
+    ]
+    assert snapshot.number_of_instances == 4
+
+
+def test_claim_returns_only_due_studies_and_leases_them(index: Index, clock: FakeClock):
+    """Not due: nothing. Due: claimed once; leased, it is not claimed again until the lease runs out."""
+    index.record_instance(record(), received_at=clock())
+    assert index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="a") == []
+    clock.advance(QUIET)
+    assert [c.study_uid for c in index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="a")] == [uid("1")]
+    assert index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="b") == []
+    clock.advance(LEASE + timedelta(seconds=1))
+    assert [c.study_uid for c in index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="b")] == [uid("1")]
+
+
+def test_published_study_is_no_longer_due(index: Index, engine: Engine, clock: FakeClock):
+    """mark_published at the current change_seq ends the pending state."""
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="a")
+    index.mark_published(uid("1"), change_seq=1, content_hash="h1", now=clock(), sent=True)
+    row = study_row(engine)
+    assert (row.publish_state, row.due_at, row.published_hash, row.claimed_until) == ("published", None, "h1", None)
+    clock.advance(MAX_DELAY)
+    assert index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="a") == []
+
+
+def test_change_during_publish_keeps_the_study_pending(index: Index, engine: Engine, clock: FakeClock):
+    """No lost update: an instance indexed while the older snapshot was being sent is published next."""
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="a")
+    snapshot = index.load_snapshot(uid("1"))
+    index.record_instance(record(instance="1.1.2", number=2), received_at=clock())
+    index.mark_published(uid("1"), change_seq=snapshot.change_seq, content_hash="h1", now=clock(), sent=True)
+    row = study_row(engine)
+    assert (row.publish_state, row.due_at) == ("pending", clock() + QUIET)
+    clock.advance(QUIET)
+    assert [c.study_uid for c in index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="a")] == [uid("1")]
+
+
+def test_retry_waits_for_next_attempt_at(index: Index, clock: FakeClock):
+    """After a retryable failure the study is claimed again only once its backoff has passed."""
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="a")
+    assert index.mark_retry(uid("1"), error="HTTP 503", next_attempt_at=clock() + timedelta(seconds=40)) == 1
+    assert index.claim_due_studies(clock() + timedelta(seconds=39), limit=10, lease=LEASE, claimer="a") == []
+    claimed = index.claim_due_studies(clock() + timedelta(seconds=40), limit=10, lease=LEASE, claimer="a")
+    assert [(c.study_uid, c.attempts) for c in claimed] == [(uid("1"), 1)]
+
+
+def test_failed_study_waits_for_a_change_then_is_due_again(index: Index, engine: Engine, clock: FakeClock):
+    """A refused study keeps its reason and is not retried until it changes."""
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="a")
+    index.mark_failed(uid("1"), change_seq=1, error="HTTP 400: subject missing")
+    row = study_row(engine)
+    assert (row.publish_state, row.last_error, row.due_at) == ("failed", "HTTP 400: subject missing", None)
+    assert index.count_by_state().failed == 1
+    index.record_instance(record(instance="1.1.2", number=2), received_at=clock())
+    row = study_row(engine)
+    assert (row.publish_state, row.attempts, row.due_at) == ("pending", 0, clock() + QUIET)
+
+
+def test_concurrent_associations_storing_one_new_study_lose_nothing(index: Index, clock: FakeClock):
+    """Four threads store 25 instances each of the same new study at once: all 100 are indexed."""
+    errors: list[BaseException] = []
+
+    def send(thread: int) -> None:
+        try:
+            for n in range(25):
+                index.record_instance(
+                    record(series=f"1.{thread}", instance=f"1.{thread}.{n + 1}", number=n + 1), received_at=clock()
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    snapshot = index.load_snapshot(uid("1"))
+    assert (len(snapshot.series), snapshot.number_of_instances, snapshot.change_seq) == (4, 100, 100)
+
+
+def test_two_bridges_never_claim_the_same_study(database_url: str, index: Index, clock: FakeClock):
+    """Two Index objects on their own engines (as two bridge processes) split the due studies between them."""
+    for n in range(1, 21):
+        index.record_instance(record(study=str(n), series=f"{n}.1", instance=f"{n}.1.1"), received_at=clock())
+    clock.advance(QUIET)
+    other_engine = make_engine(database_url)
+    other = Index(other_engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+    claims: dict[str, list[str]] = {}
+
+    def claim(name: str, which: Index) -> None:
+        found: list[str] = []
+        while batch := which.claim_due_studies(clock(), limit=3, lease=LEASE, claimer=name):
+            found += [c.study_uid for c in batch]
+        claims[name] = found
+
+    threads = [threading.Thread(target=claim, args=("a", index)), threading.Thread(target=claim, args=("b", other))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    other_engine.dispose()
+    assert sorted(claims["a"] + claims["b"]) == sorted(uid(str(n)) for n in range(1, 21))
+
+
+def test_unreachable_database_raises_index_unavailable(database_url: str, tmp_path, clock: FakeClock):
+    """A database that cannot be opened surfaces as IndexUnavailableError (the listener answers 0xA700)."""
+    if database_url.startswith("sqlite"):
+        broken_url = f"sqlite:///{tmp_path / 'missing-dir' / 'index.db'}"
+    else:
+        broken_url = "postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2"
+    broken = make_engine(broken_url)
+    with pytest.raises(IndexUnavailableError, match="database"):
+        create_schema(broken)
+    with pytest.raises(IndexUnavailableError, match=r"database\.url"):
+        Index(broken, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY)).record_instance(
+            record(), received_at=clock()
+        )
+    broken.dispose()
+
+
+def test_endpoint_hashes_are_remembered(index: Index, clock: FakeClock):
+    """The hash of each Endpoint PUT is stored, and replaced when the Endpoint changes."""
+    index.mark_endpoint_published("pacs-wado-rs", content_hash="a", now=clock())
+    index.mark_endpoint_published("pacs-wado-rs", content_hash="b", now=clock())
+    assert index.endpoint_hashes() == {"pacs-wado-rs": "b"}
+
+
+def test_snapshot_reflects_latest_study_attributes(index: Index, clock: FakeClock):
+    """Study-level attributes come from the latest instance that stated them."""
+    index.record_instance(record(accession_number="A1"), received_at=clock())
+    index.record_instance(replace(record(instance="1.1.2", number=2, accession_number="A2")), received_at=clock())
+    assert index.load_snapshot(uid("1")).attributes.accession_number == "A2"

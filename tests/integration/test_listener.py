@@ -1,0 +1,175 @@
+"""The DICOM listener with a real index behind it, fed by pynetdicom's SCU and by DCMTK's storescu."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE, build_context
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.index.engine import make_engine
+from pacs_bridge.index.repository import Index
+from pacs_bridge.publish.debounce import DebounceSettings
+from tests.conftest import MAX_DELAY, QUIET
+from tests.support.dcmtk import echoscu, storescu
+from tests.support.studies import SeriesSpec, make_dataset, uid, write_file, write_study
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def listener(index: Index) -> Iterator[DicomListener]:
+    running = DicomListener(ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=utc_now)
+    running.start()
+    yield running
+    running.stop(drain_timeout_seconds=5)
+
+
+def encoded_as(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
+    """``ds`` with the file meta pynetdicom reads to pick the presentation context."""
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    return ds
+
+
+def associate(port: int, *transfer_syntaxes: str) -> Any:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.requested_contexts.append(build_context(CTImageStorage, list(transfer_syntaxes) or [ExplicitVRLittleEndian]))
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE")
+    assert assoc.is_established
+    return assoc
+
+
+def test_stored_instance_is_indexed_before_success_is_answered(listener: DicomListener, index: Index):
+    """C-STORE success means the instance is already in the index."""
+    assoc = associate(listener.port)
+    status = assoc.send_c_store(encoded_as(make_dataset()))
+    assoc.release()
+    assert status.Status == 0x0000
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+def test_dataset_without_study_uid_is_refused_and_the_association_goes_on(listener: DicomListener, index: Index):
+    """0xC000 with an ErrorComment naming the attribute; the next instance and a C-ECHO still succeed."""
+    assoc = associate(listener.port)
+    refused = assoc.send_c_store(encoded_as(make_dataset(StudyInstanceUID=None)))
+    stored = assoc.send_c_store(encoded_as(make_dataset(SOPInstanceUID=uid("3.1.2"))))
+    echo = assoc.send_c_echo()
+    assoc.release()
+    assert refused.Status == 0xC000
+    assert "StudyInstanceUID" in refused.ErrorComment
+    assert len(refused.ErrorComment) <= 64
+    assert (stored.Status, echo.Status) == (0x0000, 0x0000)
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+def test_conflicting_instance_gets_a_failure_naming_the_conflict(listener: DicomListener, index: Index):
+    """The same SOP Instance UID under another study is refused with 0xC001."""
+    assoc = associate(listener.port)
+    first = assoc.send_c_store(encoded_as(make_dataset()))
+    conflicting = assoc.send_c_store(encoded_as(make_dataset(StudyInstanceUID=uid("9"), SeriesInstanceUID=uid("9.1"))))
+    assoc.release()
+    assert (first.Status, conflicting.Status) == (0x0000, 0xC001)
+    assert "already indexed" in conflicting.ErrorComment
+
+
+def test_compressed_transfer_syntax_is_accepted_without_decoding_pixels(listener: DicomListener, index: Index):
+    """A JPEG Baseline instance whose pixel data is not even valid JPEG is indexed: pixels are never decoded."""
+    ds = encoded_as(make_dataset(), JPEGBaseline8Bit)
+    ds.PixelData = encapsulate([b"\xff\xd8 not a real JPEG stream \xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    assoc = associate(listener.port, JPEGBaseline8Bit)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0x0000
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+def test_database_down_answers_out_of_resources(tmp_path: Path):
+    """When the index cannot be written the sender gets 0xA700 (retry later), never success."""
+    broken = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
+    running = DicomListener(
+        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0),
+        Index(broken, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY)),
+        clock=utc_now,
+    )
+    running.start()
+    try:
+        assoc = associate(running.port, ImplicitVRLittleEndian)
+        status = assoc.send_c_store(encoded_as(make_dataset(), ImplicitVRLittleEndian))
+        assoc.release()
+    finally:
+        running.stop(drain_timeout_seconds=5)
+        broken.dispose()
+    assert status.Status == 0xA700
+
+
+def test_bytes_that_are_not_dicom_do_not_stop_the_listener(listener: DicomListener):
+    """Garbage on the socket is dropped; the listener answers C-ECHO afterwards."""
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 8)
+        raw.settimeout(5)
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            raw.recv(1024)
+    assert echoscu(listener.port).returncode == 0
+
+
+def test_dcmtk_storescu_sends_a_multi_series_study(listener: DicomListener, index: Index, tmp_path: Path):
+    """DCMTK's storescu, the modality no one here wrote, stores every instance successfully."""
+    write_study(tmp_path / "study", uid("7"), [SeriesSpec("CT", 6), SeriesSpec("CT", 4), SeriesSpec("SR", 1)])
+    result = storescu(listener.port, tmp_path / "study")
+    assert result.returncode == 0, result.stderr
+    snapshot = index.load_snapshot(uid("7"))
+    assert [len(s.instances) for s in snapshot.series] == [6, 4, 1]
+
+
+def test_dcmtk_storescu_gets_a_failure_status_for_a_file_without_study_uid(
+    listener: DicomListener, index: Index, tmp_path: Path
+):
+    """storescu reports the 0xC000 failure for the bad file; the good file of the same run is stored."""
+    bad = make_dataset(StudyInstanceUID=None, SOPInstanceUID=uid("3.9.9"))
+    bad_path = write_file(bad, tmp_path / "bad.dcm")
+    good_path = write_file(make_dataset(), tmp_path / "good.dcm")
+    result = storescu(listener.port, [bad_path, good_path], extra_args=("--no-halt",))
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stdout + result.stderr
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
+    assert echoscu(listener.port).returncode == 0
+
+
+def test_stop_lets_an_open_association_finish(index: Index):
+    """Stopping while an association is open: new associations are refused, the open one completes."""
+    running = DicomListener(ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=utc_now)
+    running.start()
+    port = running.port
+    assoc = associate(port)
+    stopper = threading.Thread(target=running.stop, kwargs={"drain_timeout_seconds": 10})
+    stopper.start()
+    refused = False
+    for _ in range(200):  # the listening socket closes within the accept loop's poll interval
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+        except ConnectionRefusedError:
+            refused = True
+            break
+        stopper.join(timeout=0.05)
+    assert refused, "new connections were still accepted while stopping"
+    status = assoc.send_c_store(encoded_as(make_dataset()))
+    assoc.release()
+    stopper.join(timeout=15)
+    assert status.Status == 0x0000
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
