@@ -1,0 +1,167 @@
+"""The publisher against the real FHIR test server, with the index on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pacs_bridge.fhir.client import FhirClient
+from pacs_bridge.fhir.endpoint import EndpointSettings
+from pacs_bridge.fhir.imaging_study import MappingSettings
+from pacs_bridge.index.models import Study
+from pacs_bridge.index.repository import Index
+from pacs_bridge.publish.debounce import RetrySettings
+from pacs_bridge.publish.publisher import Publisher, PublishOutcome
+from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
+from tests.conftest import QUIET, FakeClock
+from tests.support.fhir_server import FhirTestServer
+from tests.support.studies import uid
+
+pytestmark = pytest.mark.fhir_server
+
+WADO = EndpointSettings(id="pacs-wado-rs", connection_type="dicom-wado-rs", address="https://pacs.example.org/wado/")
+MAPPING = MappingSettings(endpoints=(WADO,), patient_identifier_system="urn:oid:1.2.3.4")
+RETRY = RetrySettings(base=timedelta(seconds=10), cap=timedelta(minutes=5), jitter_fraction=0.0)
+
+
+def record(study: str = "1", series: int = 1, instance: int = 1) -> InstanceRecord:
+    return InstanceRecord(
+        study=StudyAttributes(study_uid=uid(study), patient_id="PAT-1", study_date="20240315", study_time="1015"),
+        series=SeriesAttributes(series_uid=uid(f"{study}.{series}"), modality="CT", series_number=series),
+        sop_instance_uid=uid(f"{study}.{series}.{instance}"),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        instance_number=instance,
+    )
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10) as client:
+        yield client
+
+
+def make_publisher(index: Index, http: httpx.Client, base_url: str, clock: FakeClock, **kwargs) -> Publisher:
+    options = {"mapping": MAPPING, "retry": RETRY, **kwargs}
+    return Publisher(
+        index=index,
+        fhir=FhirClient(http, base_url=base_url),
+        clock=clock,
+        claimer="test",
+        random_fraction=lambda: 0.5,
+        **options,
+    )
+
+
+def test_due_study_is_published_once_with_its_endpoint(
+    index: Index, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """One PUT of the Endpoint, one of the ImagingStudy, holding every instance; nothing before it is due."""
+    publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock)
+    for instance in (1, 2, 3):
+        index.record_instance(record(instance=instance), received_at=clock())
+    assert publisher.run_once() == {}
+    clock.advance(QUIET)
+    assert publisher.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
+    study = fresh_fhir_server.read("ImagingStudy", uid("1"))
+    assert study is not None
+    assert (study["numberOfInstances"], study["meta"]["versionId"]) == (3, "1")
+    endpoint = fresh_fhir_server.read("Endpoint", "pacs-wado-rs")
+    assert endpoint is not None and endpoint["address"] == "https://pacs.example.org/wado"
+    assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 1}
+
+
+def test_published_study_is_not_sent_again_until_it_changes(
+    index: Index, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """Re-sent instances send nothing; a new series sends exactly one more version."""
+    publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock)
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    publisher.run_once()
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET * 20)
+    assert publisher.run_once() == {}
+    index.record_instance(record(series=2), received_at=clock())
+    clock.advance(QUIET)
+    assert publisher.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
+    assert fresh_fhir_server.versions("ImagingStudy", uid("1")) == 2
+    assert fresh_fhir_server.request_counts()["PUT ImagingStudy"] == 2
+
+
+def test_unchanged_resource_is_not_sent(
+    index: Index, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """A change that leaves the resource identical (an attribute we do not map) is recorded, not sent."""
+    publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock)
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    publisher.run_once()
+    changed = record()
+    changed = InstanceRecord(
+        study=StudyAttributes(**{**_fields(changed.study), "issuer_of_patient_id": "HOSP-A"}),
+        series=changed.series,
+        sop_instance_uid=changed.sop_instance_uid,
+        sop_class_uid=changed.sop_class_uid,
+        instance_number=changed.instance_number,
+    )
+    index.record_instance(changed, received_at=clock())
+    clock.advance(QUIET)
+    assert publisher.run_once() == {uid("1"): PublishOutcome.UNCHANGED}
+    assert fresh_fhir_server.request_counts()["PUT ImagingStudy"] == 1
+    assert index.count_by_state().published == 1
+
+
+def _fields(attributes: StudyAttributes) -> dict[str, str]:
+    return {name: getattr(attributes, name) for name in attributes.__dataclass_fields__}
+
+
+def test_server_down_keeps_the_study_pending_and_it_publishes_when_back(
+    index: Index, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """Connection refused is retried after the backoff; nothing is lost, and one resource results."""
+    down = make_publisher(index, http, "http://127.0.0.1:9/fhir", clock)
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    assert down.run_once() == {uid("1"): PublishOutcome.RETRY_SCHEDULED}
+    assert index.count_by_state().pending == 1
+    up = make_publisher(index, http, fresh_fhir_server.base_url, clock)
+    assert up.run_once() == {}, "retried before its backoff of 10 s"
+    clock.advance(timedelta(seconds=10))
+    assert up.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
+    assert fresh_fhir_server.versions("ImagingStudy", uid("1")) == 1
+
+
+def test_resource_refused_by_the_server_marks_the_study_failed_with_its_reason(
+    index: Index, engine, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """A 400 is not retried; the OperationOutcome text is recorded on the study for the operator."""
+    bad_mapping = MappingSettings(endpoints=(WADO,), patient_identifier_system="not a uri")
+    publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock, mapping=bad_mapping)
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    assert publisher.run_once() == {uid("1"): PublishOutcome.FAILED}
+    with Session(engine) as session:
+        row = session.scalars(select(Study)).one()
+    assert row.publish_state == "failed"
+    assert row.last_error.startswith("HTTP 400")
+    assert "subject" in row.last_error
+    clock.advance(QUIET * 20)
+    assert publisher.run_once() == {}
+
+
+def test_endpoint_is_put_once_for_many_studies(
+    index: Index, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """Five studies share one Endpoint resource, PUT once."""
+    publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock, batch_size=2)
+    for study in range(1, 6):
+        index.record_instance(record(study=str(study)), received_at=clock())
+    clock.advance(QUIET)
+    outcomes = publisher.run_once()
+    assert list(outcomes.values()) == [PublishOutcome.PUBLISHED] * 5
+    assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 5}
