@@ -1,0 +1,313 @@
+"""Unit tests for ``pacs_bridge.dicom.extract``: a pydicom Dataset -> the InstanceRecord the index keeps.
+
+Datasets come from two sources, because the listener sees the second and the other tests build the first:
+"in code" (pydicom element values set by keyword) and "from the wire" (bytes written in Explicit VR Little
+Endian and read back with ``read_dataset``, so the values stay raw until extract reads them). Malformed
+values are only possible on the wire without pydicom's own validation warnings, so most of them are built
+as raw bytes here.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any, BinaryIO, cast
+
+import pytest
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
+from pydicom.uid import CTImageStorage
+
+from pacs_bridge.dicom.extract import HEADER_KEYWORDS, HEADER_TAGS, MODALITY_WHEN_ABSENT, extract_instance
+from pacs_bridge.errors import InvalidInstanceError
+from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
+from tests.support.studies import make_dataset, uid
+
+
+def encode(ds: Dataset) -> bytes:
+    """``ds`` as Explicit VR Little Endian dataset bytes (no file meta), as a C-STORE carries it."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def raw_element(keyword: str, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element with exactly ``value`` as its bytes (no padding, no checks)."""
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    vr = dictionary_VR(tag)
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), len(value)) + value
+
+
+def decode(data: bytes, **kwargs: Any) -> Dataset:
+    """Read dataset bytes the way the listener does: values stay raw until an element is read."""
+    stream = cast(BinaryIO, DicomBytesIO(data))
+    return read_dataset(stream, is_implicit_VR=False, is_little_endian=True, **kwargs)
+
+
+def from_wire(ds: Dataset, **raw_values: bytes) -> Dataset:
+    """``ds`` written and read back, with the elements named in ``raw_values`` replaced by those exact bytes."""
+    for keyword in raw_values:
+        if keyword in ds:
+            delattr(ds, keyword)
+    data = encode(ds) + b"".join(raw_element(keyword, value) for keyword, value in raw_values.items())
+    return decode(data)
+
+
+@pytest.fixture
+def lenient_pydicom() -> Iterator[None]:
+    """Let invalid values be set in code without pydicom's validation warning (pytest turns it into an error)."""
+    settings = pydicom_config.settings
+    previous = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom_config.IGNORE
+    yield
+    settings.reading_validation_mode = previous
+
+
+EXPECTED_DEFAULT_RECORD = InstanceRecord(
+    study=StudyAttributes(
+        study_uid=uid("1"),
+        patient_id="PAT-0001",
+        issuer_of_patient_id="",
+        accession_number="ACC-0001",
+        study_date="20240315",
+        study_time="101530",
+        timezone_offset="",
+        study_description="CT chest",
+    ),
+    series=SeriesAttributes(
+        series_uid=uid("2.1"),
+        modality="CT",
+        series_number=1,
+        series_description="Axial 5mm",
+        series_date="20240315",
+        series_time="101600",
+    ),
+    sop_instance_uid=uid("3.1.1"),
+    sop_class_uid=CTImageStorage,
+    instance_number=1,
+)
+
+
+def test_extract_instance_maps_every_indexed_attribute_of_a_minimal_ct_dataset() -> None:
+    """The default test dataset gives the complete record, field by field."""
+    assert extract_instance(make_dataset()) == EXPECTED_DEFAULT_RECORD
+
+
+def test_extract_instance_keeps_issuer_and_timezone_offset_when_present() -> None:
+    """IssuerOfPatientID and TimezoneOffsetFromUTC reach the study attributes."""
+    record = extract_instance(make_dataset(IssuerOfPatientID="HOSP-A", TimezoneOffsetFromUTC="+0530"))
+
+    assert (record.study.issuer_of_patient_id, record.study.timezone_offset) == ("HOSP-A", "+0530")
+
+
+REQUIRED_UIDS = [
+    ("StudyInstanceUID", "(0020,000D)"),  # keys the study
+    ("SeriesInstanceUID", "(0020,000E)"),  # keys the series
+    ("SOPInstanceUID", "(0008,0018)"),  # keys the instance
+    ("SOPClassUID", "(0008,0016)"),  # becomes series.instance.sopClass, 1..1 in FHIR
+]
+
+UID_DEFECTS = [
+    pytest.param(None, id="missing"),  # element absent
+    pytest.param("", id="empty"),  # element present with no value
+    pytest.param("1.2." + "3" * 61, id="65-chars"),  # one character over the UI limit of 64
+    pytest.param("1.2.840.abc", id="letters"),  # UIDs are digits and dots only
+    pytest.param("1.2..3", id="empty-component"),  # a component cannot be empty
+]
+
+
+@pytest.mark.usefixtures("lenient_pydicom")
+@pytest.mark.parametrize(("keyword", "tag"), REQUIRED_UIDS)
+@pytest.mark.parametrize("bad_value", UID_DEFECTS)
+def test_bad_required_uid_set_in_code_raises_invalid_instance_error_naming_it(
+    keyword: str, tag: str, bad_value: str | None
+) -> None:
+    """A missing, empty, over-long or malformed required UID is refused, naming its keyword and tag."""
+    ds = make_dataset(**{keyword: bad_value})
+
+    with pytest.raises(InvalidInstanceError) as caught:
+        extract_instance(ds)
+
+    assert (caught.value.keyword, caught.value.tag) == (keyword, tag)
+    assert keyword in str(caught.value)
+
+
+@pytest.mark.parametrize(("keyword", "tag"), REQUIRED_UIDS)
+@pytest.mark.parametrize(
+    "raw_value",
+    [
+        b"",  # element present with length 0
+        b"\x00\x00",  # only padding
+        b"1.2." + b"3" * 61 + b"\x00",  # 65 characters, padded to an even length
+        b"1.2.840.abc\x00",  # letters
+        b"1.2.840.\xe9",  # a non-ASCII byte
+    ],
+)
+def test_bad_required_uid_from_the_wire_raises_invalid_instance_error_naming_it(
+    keyword: str, tag: str, raw_value: bytes
+) -> None:
+    """The same refusal holds for raw bytes received over the network."""
+    ds = from_wire(make_dataset(), **{keyword: raw_value})
+
+    with pytest.raises(InvalidInstanceError) as caught:
+        extract_instance(ds)
+
+    assert (caught.value.keyword, caught.value.tag) == (keyword, tag)
+
+
+def test_invalid_uid_error_detail_quotes_the_bad_value() -> None:
+    """The operator sees the offending value in the error, not only the attribute name."""
+    ds = from_wire(make_dataset(), StudyInstanceUID=b"1.2.840.abc\x00")
+
+    with pytest.raises(InvalidInstanceError, match=r"1\.2\.840\.abc"):
+        extract_instance(ds)
+
+
+def test_uid_of_exactly_64_characters_is_accepted() -> None:
+    """64 characters is the UI maximum itself, not over it."""
+    long_uid = "1.2." + "3" * 60
+
+    record = extract_instance(make_dataset(SOPInstanceUID=long_uid))
+
+    assert record.sop_instance_uid == long_uid
+
+
+@pytest.mark.parametrize(
+    "modality",
+    [
+        None,  # Modality absent (seen in some secondary-capture objects)
+        "",  # Modality present but empty
+    ],
+)
+def test_missing_or_empty_modality_gives_ot(modality: str | None) -> None:
+    """A series without a modality is indexed as OT, DICOM's code for "other"."""
+    ds = make_dataset(Modality=modality)
+
+    assert extract_instance(ds).series.modality == MODALITY_WHEN_ABSENT == "OT"
+
+
+def test_lowercase_modality_from_the_wire_is_upper_cased() -> None:
+    """A sender writing 'ct' still indexes as the defined term CT."""
+    ds = from_wire(make_dataset(), Modality=b"ct")
+
+    assert extract_instance(ds).series.modality == "CT"
+
+
+def test_modality_with_invalid_characters_raises_naming_modality() -> None:
+    """A Modality that is not a code string is refused, naming Modality (0008,0060)."""
+    ds = from_wire(make_dataset(), Modality=b"C-T!")
+
+    with pytest.raises(InvalidInstanceError) as caught:
+        extract_instance(ds)
+
+    assert (caught.value.keyword, caught.value.tag) == ("Modality", "(0008,0060)")
+
+
+@pytest.mark.parametrize("keyword", ["InstanceNumber", "SeriesNumber"])
+@pytest.mark.parametrize(
+    "raw_value",
+    [
+        b"1a",  # trailing letter
+        b"abc ",  # no digits at all
+        b"1.5 ",  # a decimal, not an integer string
+        b"-1",  # negative: FHIR number is unsignedInt
+        b"2147483648",  # 2**31: over FHIR unsignedInt
+        b"\xff\xfe",  # not ASCII
+        b"",  # present but empty
+    ],
+)
+def test_malformed_instance_or_series_number_gives_none(keyword: str, raw_value: bytes) -> None:
+    """An IS number that is not a non-negative 32-bit integer is dropped, not a reason to refuse the instance."""
+    record = extract_instance(from_wire(make_dataset(), **{keyword: raw_value}))
+
+    numbers = {"InstanceNumber": record.instance_number, "SeriesNumber": record.series.series_number}
+    assert numbers[keyword] is None
+
+
+def test_missing_instance_and_series_numbers_give_none() -> None:
+    """Absent InstanceNumber and SeriesNumber (Type 2/3 in practice) give None."""
+    record = extract_instance(make_dataset(InstanceNumber=None, SeriesNumber=None))
+
+    assert (record.instance_number, record.series.series_number) == (None, None)
+
+
+def test_trailing_padding_is_stripped_from_every_value_read_from_the_wire() -> None:
+    """Space and NUL padding (and leading IS spaces) never reach the record."""
+    ds = from_wire(
+        make_dataset(),
+        StudyInstanceUID=uid("1").encode() + b"\x00",  # UI pads with NUL
+        Modality=b"CT  ",  # CS pads with spaces
+        AccessionNumber=b"ACC-0001  ",  # SH
+        PatientID=b"PAT-0001  ",  # LO
+        StudyDescription=b"CT chest  ",  # LO
+        StudyDate=b"20240315  ",  # DA
+        StudyTime=b"101530  ",  # TM
+        InstanceNumber=b"  1 ",  # IS may carry leading and trailing spaces
+    )
+
+    assert extract_instance(ds) == EXPECTED_DEFAULT_RECORD
+
+
+def test_multi_valued_ascii_value_from_the_wire_keeps_its_first_value() -> None:
+    """A backslash-separated value (VM > 1 where 1 is expected) yields its first value."""
+    ds = from_wire(make_dataset(), Modality=b"CT\\PT ")
+
+    assert extract_instance(ds).series.modality == "CT"
+
+
+@pytest.mark.parametrize(
+    ("character_set", "description"),
+    [
+        ("ISO_IR 100", "Tête-à-tête thoracique"),  # Latin-1: é/ê/à are single bytes
+        ("ISO_IR 192", "Thorax Übersicht 東京"),  # UTF-8, the test dataset's default
+    ],
+)
+def test_dataset_read_back_from_bytes_gives_the_same_record(character_set: str, description: str) -> None:
+    """Written to bytes and read back, a dataset extracts exactly as it did in memory, text decoded right."""
+    in_memory = make_dataset(SpecificCharacterSet=character_set, StudyDescription=description)
+
+    from_bytes = decode(encode(in_memory))
+
+    record = extract_instance(from_bytes)
+    assert record == extract_instance(in_memory)
+    assert record.study.study_description == description
+
+
+def test_latin1_study_description_is_encoded_as_single_bytes_on_the_wire() -> None:
+    """The Latin-1 round trip really goes through ISO 8859-1 bytes, not UTF-8."""
+    data = encode(make_dataset(SpecificCharacterSet="ISO_IR 100", StudyDescription="Tête"))
+
+    assert b"T\xeate" in data
+    assert "Tête".encode() not in data
+
+
+def test_reading_only_the_header_tags_gives_the_same_record() -> None:
+    """HEADER_TAGS is every element extract needs: the listener's header-only read loses nothing."""
+    data = encode(make_dataset(IssuerOfPatientID="HOSP-A", TimezoneOffsetFromUTC="-0800"))
+
+    header_only = decode(data, specific_tags=list(HEADER_TAGS))
+
+    assert extract_instance(header_only) == extract_instance(decode(data))
+
+
+@pytest.mark.parametrize("keyword", HEADER_KEYWORDS)
+def test_every_header_keyword_is_a_real_dicom_keyword(keyword: str) -> None:
+    """Each keyword extract reads is in pydicom's data dictionary (a typo would silently read nothing)."""
+    tag = tag_for_keyword(keyword)
+
+    assert tag is not None
+    assert keyword_for_tag(tag) == keyword
+
+
+def test_header_tags_are_the_header_keywords_sorted_without_duplicates() -> None:
+    """HEADER_TAGS lists one tag per keyword, in ascending order for the stop-before-pixels read."""
+    assert list(HEADER_TAGS) == sorted({int(Tag(keyword)) for keyword in HEADER_KEYWORDS})
+    assert len(HEADER_TAGS) == len(HEADER_KEYWORDS)
