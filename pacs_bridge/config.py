@@ -161,14 +161,6 @@ class Config(_Section):
     publish: PublishConfig = PublishConfig()
     logging: LoggingConfig = LoggingConfig()
 
-    @model_validator(mode="after")
-    def _unique_endpoint_ids(self) -> Config:
-        ids = [endpoint.id for endpoint in self.endpoints]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicates:
-            raise ValueError(f"endpoint ids must be unique; repeated: {', '.join(duplicates)}")
-        return self
-
     @property
     def quiet_period(self) -> timedelta:
         return timedelta(seconds=self.debounce.quiet_seconds)
@@ -225,10 +217,30 @@ def parse_config(data: Any, *, path: str) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, [f"expected a mapping of sections at the top level, got {type(data).__name__}"])
+    problems = _duplicate_endpoint_ids(data.get("endpoints"))
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(path, [_describe(error) for error in exc.errors()]) from exc
+        raise ConfigError(path, [_describe(error) for error in exc.errors()] + problems) from exc
+    if problems:
+        raise ConfigError(path, problems)
+    return config
+
+
+def _duplicate_endpoint_ids(endpoints: Any) -> list[str]:
+    """Two endpoints with one id would overwrite each other's Endpoint resource: name each repeat."""
+    if not isinstance(endpoints, list):
+        return []
+    seen: set[str] = set()
+    problems = []
+    for position, endpoint in enumerate(endpoints):
+        endpoint_id = endpoint.get("id") if isinstance(endpoint, dict) else None
+        if not isinstance(endpoint_id, str):
+            continue
+        if endpoint_id in seen:
+            problems.append(f"at 'endpoints[{position}].id': endpoint ids must be unique; repeated: {endpoint_id}")
+        seen.add(endpoint_id)
+    return problems
 
 
 def load_config(path: str | Path) -> Config:
@@ -238,6 +250,8 @@ def load_config(path: str | Path) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(name, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, [f"not UTF-8 text (byte {exc.start}); save the file as UTF-8"]) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

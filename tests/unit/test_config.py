@@ -225,11 +225,6 @@ def test_duplicate_endpoint_ids_are_reported() -> None:
     assert "endpoint ids must be unique; repeated: pacs" in problem
 
 
-@pytest.mark.xfail(
-    reason="the duplicate-id check is a Config model_validator(mode='after'), so its problem carries the "
-    "location '(top level)' instead of naming the endpoints key",
-    strict=True,
-)
 def test_duplicate_endpoint_ids_are_reported_at_the_endpoints_key() -> None:
     """Like every other problem, the duplicate id names its key path."""
     endpoint = {"id": "pacs", "connection_type": "dicom-wado-rs", "address": "https://p.example.org"}
@@ -239,11 +234,6 @@ def test_duplicate_endpoint_ids_are_reported_at_the_endpoints_key() -> None:
     assert problem.startswith("at 'endpoints")
 
 
-@pytest.mark.xfail(
-    reason="the duplicate-id check is a Config model_validator(mode='after'), which pydantic skips as soon "
-    "as any field fails, so duplicates are only reported once every other problem is fixed",
-    strict=True,
-)
 def test_duplicate_endpoint_ids_are_reported_together_with_other_problems() -> None:
     """'Every problem at once' includes the duplicate ids when another key is also wrong."""
     endpoint = {"id": "pacs", "connection_type": "dicom-wado-rs", "address": "https://p.example.org"}
@@ -308,11 +298,6 @@ def test_invalid_yaml_gives_a_config_error_naming_the_file(tmp_path: Path, text:
     assert "line " in problem
 
 
-@pytest.mark.xfail(
-    reason="load_config catches only OSError around read_text(encoding='utf-8'); a UnicodeDecodeError "
-    "(a Latin-1 file) escapes as a traceback instead of a ConfigError",
-    strict=True,
-)
 def test_file_that_is_not_utf8_gives_a_config_error_naming_the_file(tmp_path: Path) -> None:
     """A file saved in Latin-1 by an editor is reported like any unreadable file."""
     path = tmp_path / "latin1.yaml"
