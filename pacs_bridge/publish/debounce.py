@@ -45,9 +45,9 @@ def retry_delay(
     exponent = max(attempt, 1) - 1
     # Cap the exponent before multiplying so huge attempt counts cannot overflow timedelta.
     uncapped = settings.base * (2 ** min(exponent, 30))
-    delay = min(uncapped, settings.cap)
     jitter = 1.0 + settings.jitter_fraction * (2.0 * random_fraction - 1.0)
-    delay = timedelta(seconds=delay.total_seconds() * jitter)
+    # Jitter first, then the cap: the cap is the longest we ever wait of our own accord.
+    delay = min(timedelta(seconds=uncapped.total_seconds() * jitter), settings.cap)
     if retry_after is not None and retry_after > delay:
         delay = retry_after
     return delay
