@@ -21,6 +21,8 @@ from pacs_bridge.fhir.resource import FhirResource
 FHIR_JSON = "application/fhir+json"
 RETRYABLE_STATUSES = frozenset({408, 429})
 MAX_DETAIL_CHARS = 2000
+# A Retry-After beyond a day is a server error, not a plan: wait a day at most.
+MAX_RETRY_AFTER_SECONDS = 86_400.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,15 +36,15 @@ def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
-        return float(text)
+    if text.isascii() and text.isdigit():
+        return min(float(text), MAX_RETRY_AFTER_SECONDS)
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max((when - now).total_seconds(), 0.0)
+    return min(max((when - now).total_seconds(), 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def operation_outcome_text(response: httpx.Response) -> str:

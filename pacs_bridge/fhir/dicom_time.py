@@ -36,9 +36,9 @@ def parse_utc_offset(value: str) -> timezone | None:
     if not match:
         return None
     hours, minutes = int(match[2]), int(match[3])
-    if hours > 14 or minutes > 59:
-        return None
     delta = timedelta(hours=hours, minutes=minutes)
+    if minutes > 59 or delta > timedelta(hours=14):  # FHIR dateTime offsets stop at +-14:00
+        return None
     return timezone(-delta if match[1] == "-" else delta)
 
 

@@ -168,11 +168,6 @@ def test_retryable_status_without_retry_after_has_none() -> None:
     assert put_failure(answer(503)).retry_after_seconds is None
 
 
-@pytest.mark.xfail(
-    reason="parse_retry_after tests str.isdigit(), which is true for '²', then float('²') raises "
-    "ValueError, so put() leaks ValueError instead of PublishError",
-    strict=True,
-)
 def test_503_with_an_undecodable_retry_after_is_still_a_retryable_publish_error() -> None:
     """A garbled Retry-After (here UTF-8 '²') is ignored; put still raises PublishError."""
 
