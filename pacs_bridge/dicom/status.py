@@ -44,6 +44,7 @@ def error_comment(text: str) -> str:
     """``text`` fitted into an ErrorComment: ASCII, no backslash, at most 64 characters."""
     cleaned = text.encode("ascii", "replace").decode("ascii").replace("\\", "/")
     cleaned = " ".join(cleaned.split())
+    cleaned = "".join(char if char.isprintable() else "?" for char in cleaned)  # LO allows no control chars
     if len(cleaned) > MAX_ERROR_COMMENT_CHARS:
         cleaned = cleaned[: MAX_ERROR_COMMENT_CHARS - 3] + "..."
     return cleaned

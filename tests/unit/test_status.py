@@ -90,11 +90,6 @@ def test_error_comment_replaces_backslashes_and_non_ascii() -> None:
     assert error_comment("b'\\xe9'  Étude\n") == "b'/xe9' ?tude"
 
 
-@pytest.mark.xfail(
-    reason="error_comment only collapses whitespace; other control characters (NUL, ESC, BEL...) pass "
-    "through, although LO (PS3.5 6.2) allows no control character but ESC",
-    strict=True,
-)
 def test_error_comment_removes_control_characters() -> None:
     """NUL and other non-whitespace control characters from decoded values never reach the LO element."""
     comment = error_comment("PatientID: bad value 'A\x00B\x07'")
