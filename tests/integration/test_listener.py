@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,20 +157,25 @@ def test_stop_lets_an_open_association_finish(index: Index):
     running.start()
     port = running.port
     assoc = associate(port)
-    stopper = threading.Thread(target=running.stop, kwargs={"drain_timeout_seconds": 10})
+    # A generous drain timeout: this test is about the order of events, not about how long draining may take.
+    stopper = threading.Thread(target=running.stop, kwargs={"drain_timeout_seconds": 120})
     stopper.start()
     refused = False
-    for _ in range(200):  # the listening socket closes within the accept loop's poll interval
+    deadline = time.monotonic() + 30
+    while not refused and time.monotonic() < deadline:  # the socket closes within the accept loop's poll
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 pass
         except ConnectionRefusedError:
             refused = True
-            break
-        stopper.join(timeout=0.05)
+        except TimeoutError:  # the unaccepted backlog is full until the socket closes
+            pass
+        else:
+            time.sleep(0.05)
     assert refused, "new connections were still accepted while stopping"
     status = assoc.send_c_store(encoded_as(make_dataset()))
     assoc.release()
-    stopper.join(timeout=15)
+    stopper.join(timeout=30)
+    assert not stopper.is_alive()
     assert status.Status == 0x0000
     assert index.load_snapshot(uid("1")).number_of_instances == 1
