@@ -1,10 +1,18 @@
-"""Command line: ``pacs-bridge run | check-config``. The only module that calls ``sys.exit``."""
+"""Command line: ``pacs-bridge run | check-config | status | retry | republish``.
+
+The only module that calls ``sys.exit``. Exit status: 0 success, 1 runtime failure (database, port), 2 invalid
+configuration or arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, date, datetime, time
+from typing import Any
 
 from pacs_bridge import __version__
 from pacs_bridge.config import Config, load_config
@@ -15,14 +23,41 @@ EXIT_RUNTIME_ERROR = 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pacs-bridge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pacs-bridge", description="DICOM C-STORE in, FHIR ImagingStudy out.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the DICOM listener and FHIR publisher in the foreground")
-    run.add_argument("--config", required=True, help="path of the YAML configuration file")
-    check = commands.add_parser("check-config", help="validate the configuration file and exit")
-    check.add_argument("--config", required=True, help="path of the YAML configuration file")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", required=True, help="path of the YAML configuration file")
+        return sub
+
+    command("run", "run the DICOM listener and FHIR publisher in the foreground")
+    command("check-config", "validate the configuration file and exit")
+    status = command("status", "show how many studies are pending, published and failed, and why failed ones failed")
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.add_argument("--limit", type=int, default=50, help="failed studies listed at most (default 50)")
+    retry = command("retry", "make failed studies due again")
+    retry_target = retry.add_mutually_exclusive_group(required=True)
+    retry_target.add_argument("study_uid", nargs="?", help="the Study Instance UID of one failed study")
+    retry_target.add_argument("--failed", action="store_true", help="every failed study")
+    republish = command("republish", "rebuild and send studies even if unchanged")
+    republish_target = republish.add_mutually_exclusive_group(required=True)
+    republish_target.add_argument("study_uid", nargs="?", help="the Study Instance UID of one study")
+    republish_target.add_argument(
+        "--since", type=_parse_since, metavar="DATE", help="every study changed on or after DATE (YYYY-MM-DD, UTC)"
+    )
     return parser
+
+
+def _parse_since(text: str) -> datetime:
+    try:
+        if "T" in text or " " in text:
+            moment = datetime.fromisoformat(text)
+            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return datetime.combine(date.fromisoformat(text), time(0), tzinfo=UTC)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a date such as 2024-03-15, got {text!r}") from exc
 
 
 def _load(path: str) -> Config:
@@ -33,20 +68,86 @@ def _load(path: str) -> Config:
         sys.exit(EXIT_CONFIG_ERROR)
 
 
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _status(config: Config, *, as_json: bool, limit: int) -> None:
+    from pacs_bridge.index.models import PublishState
+    from pacs_bridge.service import open_index
+
+    engine, index = open_index(config)
+    try:
+        counts = index.count_by_state()
+        oldest = index.studies_in_state(PublishState.PENDING, limit=1)
+        failed = index.studies_in_state(PublishState.FAILED, limit=limit)
+    finally:
+        engine.dispose()
+    if as_json:
+        document = {
+            "counts": asdict(counts),
+            "oldest_pending": {k: _jsonable(v) for k, v in asdict(oldest[0]).items()} if oldest else None,
+            "failed": [{k: _jsonable(v) for k, v in asdict(study).items()} for study in failed],
+        }
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+        return
+    print(f"studies: {counts.pending} pending, {counts.published} published, {counts.failed} failed")
+    if oldest:
+        study = oldest[0]
+        since = study.first_change_at.isoformat() if study.first_change_at else "?"
+        due = study.due_at.isoformat() if study.due_at else "?"
+        print(f"oldest pending: {study.study_uid} (waiting since {since}, due {due}, attempts {study.attempts})")
+        if study.last_error:
+            print(f"  last error: {study.last_error}")
+    if failed:
+        print("failed:")
+        for study in failed:
+            print(f"  {study.study_uid}  attempts={study.attempts}  {study.last_error}")
+        if counts.failed > len(failed):
+            print(f"  ... and {counts.failed - len(failed)} more (use --limit)")
+
+
+def _request(config: Config, args: argparse.Namespace) -> None:
+    from pacs_bridge.service import open_index, utc_now
+
+    engine, index = open_index(config)
+    try:
+        if args.command == "retry":
+            uids = index.retry_failed(utc_now(), study_uid=args.study_uid)
+            what = "failed study" if args.study_uid is None else f"failed study {args.study_uid}"
+        else:
+            uids = index.republish(utc_now(), study_uid=args.study_uid, changed_since=args.since)
+            what = "study" if args.study_uid is None else f"study {args.study_uid}"
+    finally:
+        engine.dispose()
+    if args.study_uid is not None and not uids:
+        print(f"pacs-bridge: no {what} in the index", file=sys.stderr)
+        sys.exit(EXIT_RUNTIME_ERROR)
+    verb = "retried" if args.command == "retry" else "republished"
+    print(f"{len(uids)} {what if args.study_uid else what + '(s)'} will be {verb} at the next tick")
+    for uid in uids:
+        print(f"  {uid}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     config = _load(args.config)
     if args.command == "check-config":
         print(f"{args.config}: configuration is valid")
         return
-    # Imported here so that check-config stays fast and works without the runtime stack initialised.
-    from pacs_bridge.logs import configure_logging
-    from pacs_bridge.service import BridgeService
-
-    configure_logging(config.logging.level, config.logging.format)
     try:
-        service = BridgeService(config)
-        service.run_until_stopped()
+        if args.command == "status":
+            _status(config, as_json=args.json, limit=args.limit)
+            return
+        if args.command in ("retry", "republish"):
+            _request(config, args)
+            return
+        # Imported here so that the other commands stay fast and never start the runtime stack.
+        from pacs_bridge.logs import configure_logging
+        from pacs_bridge.service import BridgeService
+
+        configure_logging(config.logging.level, config.logging.format)
+        BridgeService(config).run_until_stopped()
     except PacsBridgeError as exc:
         print(f"pacs-bridge: {exc}", file=sys.stderr)
         sys.exit(EXIT_RUNTIME_ERROR)

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import structlog
+from sqlalchemy import Engine
 
 from pacs_bridge import __version__
 from pacs_bridge.config import Config
@@ -55,15 +56,24 @@ def mapping_settings(config: Config) -> MappingSettings:
     )
 
 
+def open_index(config: Config) -> tuple[Engine, Index]:
+    """The engine and index for ``database.url``; the schema is created on first use."""
+    engine = make_engine(config.database.url)
+    try:
+        create_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine, Index(engine, DebounceSettings(quiet_period=config.quiet_period, max_delay=config.max_delay))
+
+
 class BridgeService:
     """One running bridge: listener + publisher over one database."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
         self._stop_requested = threading.Event()
-        self.engine = make_engine(config.database.url)
-        create_schema(self.engine)
-        self.index = Index(self.engine, DebounceSettings(quiet_period=config.quiet_period, max_delay=config.max_delay))
+        self.engine, self.index = open_index(config)
         self._http = httpx.Client(
             timeout=config.fhir.timeout_seconds, headers={"User-Agent": f"pacs-bridge/{__version__}"}
         )

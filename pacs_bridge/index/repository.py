@@ -356,6 +356,94 @@ class Index:
             failed=counts.get(PublishState.FAILED.value, 0),
         )
 
+    # ---- operator requests ------------------------------------------------------------------------------
+
+    def studies_in_state(self, state: PublishState, *, limit: int = 100) -> list[StudyStatus]:
+        """Studies in ``state``, the longest-waiting first (by their first unpublished change)."""
+        with self._unit_of_work(read_only=True) as session:
+            rows = session.scalars(
+                select(Study)
+                .where(Study.publish_state == state.value)
+                .order_by(Study.first_change_at, Study.last_change_at, Study.id)
+                .limit(limit)
+            ).all()
+            return [_study_status(row) for row in rows]
+
+    def study_status(self, study_uid: str) -> StudyStatus | None:
+        with self._unit_of_work(read_only=True) as session:
+            row = session.scalars(select(Study).where(Study.study_uid == study_uid)).one_or_none()
+            return None if row is None else _study_status(row)
+
+    def retry_failed(self, now: datetime, *, study_uid: str | None = None) -> list[str]:
+        """Make failed studies (all, or the one named) due now, with a fresh attempt count."""
+        with self._unit_of_work() as session:
+            query = select(Study).where(Study.publish_state == PublishState.FAILED.value).with_for_update()
+            if study_uid is not None:
+                query = query.where(Study.study_uid == study_uid)
+            studies = session.scalars(query).all()
+            for study in studies:
+                self._make_due_now(study, now)
+            return [study.study_uid for study in studies]
+
+    def republish(
+        self, now: datetime, *, study_uid: str | None = None, changed_since: datetime | None = None
+    ) -> list[str]:
+        """Make studies due now and forget their published hash, so they are rebuilt and sent even if unchanged.
+
+        Names one study, or every study whose last change is at or after ``changed_since``.
+        """
+        if (study_uid is None) == (changed_since is None):
+            raise ValueError("republish takes exactly one of study_uid and changed_since")
+        with self._unit_of_work() as session:
+            query = select(Study).with_for_update()
+            if study_uid is not None:
+                query = query.where(Study.study_uid == study_uid)
+            else:
+                query = query.where(Study.last_change_at >= changed_since)
+            studies = session.scalars(query).all()
+            for study in studies:
+                study.published_hash = None
+                self._make_due_now(study, now)
+            return [study.study_uid for study in studies]
+
+    @staticmethod
+    def _make_due_now(study: Study, now: datetime) -> None:
+        study.publish_state = PublishState.PENDING.value
+        study.due_at = now
+        if study.first_change_at is None:
+            study.first_change_at = now
+        study.attempts = 0
+        study.next_attempt_at = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StudyStatus:
+    """One study's publish state, as the operator sees it."""
+
+    study_uid: str
+    publish_state: str
+    first_change_at: datetime | None
+    last_change_at: datetime | None
+    due_at: datetime | None
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    published_at: datetime | None
+
+
+def _study_status(study: Study) -> StudyStatus:
+    return StudyStatus(
+        study_uid=study.study_uid,
+        publish_state=study.publish_state,
+        first_change_at=study.first_change_at,
+        last_change_at=study.last_change_at,
+        due_at=study.due_at,
+        attempts=study.attempts,
+        next_attempt_at=study.next_attempt_at,
+        last_error=study.last_error,
+        published_at=study.published_at,
+    )
+
 
 def _series_order(series: SeriesSnapshot) -> tuple[bool, int, str]:
     number = series.attributes.series_number
