@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,6 +39,7 @@ from pacs_bridge.records import (
 class ClaimedStudy:
     study_uid: str
     attempts: int  # failed attempts since the last success, for the backoff
+    last_change_at: datetime | None = None  # for the publish latency metric
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,7 +210,7 @@ class Index:
         """
         with self._unit_of_work() as session:
             rows = session.execute(
-                select(Study.id, Study.study_uid, Study.attempts)
+                select(Study.id, Study.study_uid, Study.attempts, Study.last_change_at)
                 .where(Study.due_at <= now)
                 .where(or_(Study.next_attempt_at.is_(None), Study.next_attempt_at <= now))
                 .where(or_(Study.claimed_until.is_(None), Study.claimed_until < now))
@@ -223,7 +224,10 @@ class Index:
                     .where(Study.id.in_([row.id for row in rows]))
                     .values(claimed_until=now + lease, claimed_by=claimer)
                 )
-            return [ClaimedStudy(study_uid=row.study_uid, attempts=row.attempts) for row in rows]
+            return [
+                ClaimedStudy(study_uid=row.study_uid, attempts=row.attempts, last_change_at=row.last_change_at)
+                for row in rows
+            ]
 
     def load_snapshot(self, study_uid: str) -> StudySnapshot:
         """Everything indexed for one study, series ordered by number then UID, instances likewise."""
@@ -355,6 +359,20 @@ class Index:
             published=counts.get(PublishState.PUBLISHED.value, 0),
             failed=counts.get(PublishState.FAILED.value, 0),
         )
+
+    def check_writable(self) -> str | None:
+        """None when a write transaction can be opened now, else why not (for /readyz)."""
+        try:
+            with self._unit_of_work() as session:
+                if (
+                    self._dialect == "postgresql"
+                    and session.execute(text("SHOW transaction_read_only")).scalar() == "on"
+                ):
+                    return "the PostgreSQL database is read-only (a standby?)"
+                session.execute(text("SELECT 1"))
+        except IndexUnavailableError as exc:
+            return str(exc)
+        return None
 
     # ---- operator requests ------------------------------------------------------------------------------
 

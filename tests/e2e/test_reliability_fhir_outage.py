@@ -1,0 +1,174 @@
+"""FHIR outages, end to end: the bridge as a subprocess, DCMTK storescu, the real FHIR test server behind a
+fault-injecting proxy (tests/support/fault_proxy.py).
+
+The figures printed here (seconds to publish after the outage ends) are quoted in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.bridge_process import BridgeProcess, wait_for
+from tests.support.dcmtk import storescu
+from tests.support.fault_proxy import HttpFaultProxy, Pass, Reset, Respond, Slow
+from tests.support.fhir_server import FhirTestServer
+from tests.support.studies import SeriesSpec, new_study_uid, write_study
+
+pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
+
+RETRY_BASE = 0.2
+RETRY_MAX = 2.0
+FHIR_TIMEOUT = 1.0
+
+
+@pytest.fixture
+def proxy(fresh_fhir_server: FhirTestServer) -> Iterator[HttpFaultProxy]:
+    with HttpFaultProxy(upstream_port=fresh_fhir_server.port) as running:
+        yield running
+
+
+def make_bridge(tmp_path: Path, database_url: str, proxy: HttpFaultProxy) -> BridgeProcess:
+    return BridgeProcess(
+        tmp_path,
+        database_url=database_url,
+        fhir_base_url=f"{proxy.root_url}/fhir",
+        fhir_timeout_seconds=FHIR_TIMEOUT,
+        retry_base_seconds=RETRY_BASE,
+        retry_max_seconds=RETRY_MAX,
+    )
+
+
+def imaging_studies(server: FhirTestServer, study_uid: str) -> list[dict[str, Any]]:
+    return server.search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
+
+
+def log_events(log: str, event: str) -> list[dict[str, Any]]:
+    return [entry for line in log.splitlines() if (entry := _json(line)) and entry.get("event") == event]
+
+
+def _json(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None  # e.g. a traceback line
+    return value if isinstance(value, dict) else None
+
+
+def test_each_fhir_fault_is_retried_with_backoff_honouring_retry_after_and_writes_one_version(
+    tmp_path: Path, proxy: HttpFaultProxy, fresh_fhir_server: FhirTestServer
+):
+    """503 and 429 with Retry-After, a reset after the server applied the PUT, an answer slower than the
+    client timeout and a 500: each is retried, never sooner than Retry-After or the backoff, and the study
+    ends as one ImagingStudy with one version."""
+    # Request by request: PUT Endpoint gets 503 (Retry-After 2), then 429 (Retry-After 1), then passes; the
+    # PUT ImagingStudy is applied upstream but its answer is cut, then held beyond the 1 s timeout, then 500.
+    proxy.program(Respond(503, retry_after="2"), Respond(429, retry_after="1"), Pass(), Reset(), Slow(3), Respond(500))
+    bridge = make_bridge(tmp_path, f"sqlite:///{tmp_path / 'bridge.db'}", proxy)
+    study_uid = new_study_uid()
+    write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 3)])
+    try:
+        bridge.start()
+        assert storescu(bridge.port, tmp_path / "study").returncode == 0
+        wait_for(
+            lambda: (bridge.study_row(study_uid) or {}).get("publish_state") == "published",
+            timeout=60,
+            what="the study to be published through the faults",
+        )
+        # The slow request reaches the server after the client gave up: wait for it before counting.
+        wait_for(
+            lambda: fresh_fhir_server.request_counts().get("PUT ImagingStudy") == 3,
+            timeout=10,
+            what="the held request to reach the server",
+        )
+        requests = proxy.requests
+        faults = [request.fault for request in requests]
+        assert faults == ["503 Retry-After: 2", "429 Retry-After: 1", "passed", "reset", "slow 3 s", "500", "passed"]
+        assert [request.path.split("/")[2] for request in requests] == ["Endpoint"] * 3 + ["ImagingStudy"] * 4
+        gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(requests)]
+        # Retry-After is a floor; otherwise base * 2**(attempt-1), -20 % jitter at most, capped at RETRY_MAX.
+        assert gaps[0] >= 2.0, f"came back {gaps[0]:.2f} s after a 503 with Retry-After: 2"
+        assert gaps[1] >= 1.0, f"came back {gaps[1]:.2f} s after a 429 with Retry-After: 1"
+        assert gaps[3] >= RETRY_BASE * 4 * 0.8, "third failed attempt: backoff 0.8 s"
+        assert gaps[4] >= FHIR_TIMEOUT + RETRY_BASE * 8 * 0.8, "the client timeout, then a backoff of 1.6 s"
+        assert gaps[5] >= RETRY_MAX, "fifth failed attempt: backoff capped at 2 s"
+        print(f"gaps between attempts: {', '.join(f'{gap:.2f}' for gap in gaps)} s")
+
+        published = imaging_studies(fresh_fhir_server, study_uid)
+        assert len(published) == 1 and published[0]["numberOfInstances"] == 3
+        assert fresh_fhir_server.versions("ImagingStudy", study_uid) == 1, "identical re-sends made a new version"
+        assert fresh_fhir_server.versions("Endpoint", "pacs-wado-rs") == 1
+        row = bridge.study_row(study_uid)
+        assert row is not None and (row["attempts"], row["last_error"]) == (0, None)
+        retries = log_events(bridge.log(), "publish_retry_scheduled")
+        assert [(entry["attempt"], entry["http_status"]) for entry in retries] == [
+            (1, 503),
+            (2, 429),
+            (3, None),
+            (4, None),
+            (5, 500),
+        ]
+    finally:
+        bridge.close()
+
+
+def test_pending_studies_survive_an_outage_and_a_restart_and_publish_once_when_it_ends(
+    tmp_path: Path, database_url: str, proxy: HttpFaultProxy, fresh_fhir_server: FhirTestServer
+):
+    """Three studies arrive while the server answers 503; the bridge restarts while it refuses connections;
+    when it comes back, all three publish without operator action: one resource and one version each."""
+    proxy.outage(Respond(503))
+    bridge = make_bridge(tmp_path, database_url, proxy)
+    study_uids = [new_study_uid() for _ in range(3)]
+    for study_uid in study_uids:
+        write_study(tmp_path / "studies" / study_uid, study_uid, [SeriesSpec("MR", 2), SeriesSpec("MR", 1)])
+
+    def rows() -> list[dict[str, Any]]:
+        return [row for study_uid in study_uids if (row := bridge.study_row(study_uid)) is not None]
+
+    try:
+        bridge.start()
+        assert storescu(bridge.port, tmp_path / "studies").returncode == 0
+        wait_for(
+            lambda: len(rows()) == 3 and all(row["attempts"] >= 2 for row in rows()),
+            timeout=30,
+            what="two failed attempts per study",
+        )
+        assert bridge.stop() == 0
+        assert all(row["publish_state"] == "pending" and row["last_error"].startswith("HTTP 503") for row in rows())
+
+        proxy.refuse()
+        attempts_before = {row["study_uid"]: row["attempts"] for row in rows()}
+        bridge.start()
+        wait_for(
+            lambda: all(row["attempts"] > attempts_before[row["study_uid"]] for row in rows()),
+            timeout=30,
+            what="a failed attempt per study after the restart",
+        )
+        assert all(row["publish_state"] == "pending" and "cannot reach" in row["last_error"] for row in rows())
+        assert fresh_fhir_server.request_counts() == {}, "nothing may reach the server during the outage"
+
+        outage_ended = time.monotonic()
+        proxy.restore()
+        wait_for(
+            lambda: all(row["publish_state"] == "published" for row in rows()),
+            timeout=30,
+            what="every study to be published after the outage",
+        )
+        seconds = time.monotonic() - outage_ended
+        print(f"all 3 pending studies published {seconds:.2f} s after the outage ended (retry cap {RETRY_MAX} s)")
+        assert seconds < RETRY_MAX * 1.2 + 2.0, "longer than the retry cap (+jitter) and a few ticks"
+
+        for study_uid in study_uids:
+            published = imaging_studies(fresh_fhir_server, study_uid)
+            assert len(published) == 1 and published[0]["numberOfInstances"] == 3
+            assert fresh_fhir_server.versions("ImagingStudy", study_uid) == 1
+        assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 3}
+    finally:
+        bridge.close()

@@ -1,0 +1,180 @@
+"""Run `python -m pacs_bridge run` as a subprocess on a temporary config, and read its index from outside.
+
+    bridge = BridgeProcess(tmp_path, database_url=..., fhir_base_url=proxy.root_url + "/fhir")
+    bridge.start()            # returns once the bridge answers C-ECHO
+    bridge.kill()             # SIGKILL: a power cut, as far as the index is concerned
+    bridge.start()            # same config, same database, same port
+    bridge.study_row(uid)     # the studies row, read with SQLAlchemy (SQLite or PostgreSQL)
+    bridge.stop()             # SIGTERM and wait
+
+Waiting is done by polling a condition with a timeout (``wait_for``), never by sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from sqlalchemy import Engine, create_engine, func, select
+
+from pacs_bridge.index.engine import normalized_database_url
+from pacs_bridge.index.models import Instance, Series, Study
+from tests.support.dcmtk import echoscu
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class BridgeProcess:
+    """One bridge configuration; start/stop/kill it as often as a test needs, always on the same database."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        database_url: str,
+        fhir_base_url: str,
+        fhir_timeout_seconds: float = 10,
+        quiet_seconds: float = 1.0,
+        max_delay_seconds: float = 60,
+        retry_base_seconds: float = 0.2,
+        retry_max_seconds: float = 2.0,
+        extra: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.database_url = database_url
+        config: dict[str, Any] = {
+            "dicom": {"ae_title": "PACS_BRIDGE", "bind": "127.0.0.1", "port": self.port},
+            "database": {"url": database_url},
+            "fhir": {"base_url": fhir_base_url, "timeout_seconds": fhir_timeout_seconds},
+            "debounce": {"quiet_seconds": quiet_seconds, "max_delay_seconds": max_delay_seconds, "tick_seconds": 0.2},
+            "endpoints": [
+                {
+                    "id": "pacs-wado-rs",
+                    "connection_type": "dicom-wado-rs",
+                    "address": "https://pacs.example.org/dicom-web",
+                }
+            ],
+            "patient": {"identifier_system": "urn:oid:1.2.36.146.595.217.0.1"},
+            "site": {"timezone": "Europe/Paris"},
+            "publish": {"retry_base_seconds": retry_base_seconds, "retry_max_seconds": retry_max_seconds},
+            "logging": {"level": "info", "format": "json"},
+        }
+        for section, values in (extra or {}).items():
+            config[section] = {**config.get(section, {}), **values}
+        self.config_path = directory / "pacs-bridge.yaml"
+        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+        self._engine: Engine | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.directory / f"bridge-{self.runs}.log"
+
+    def start(self, *, timeout: float = 30) -> BridgeProcess:
+        """Start the bridge and wait until it answers C-ECHO."""
+        self.runs += 1
+        with self.log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pacs_bridge", "run", "--config", str(self.config_path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        self.process = process
+        wait_for(
+            lambda: process.poll() is not None or echoscu(self.port).returncode == 0,
+            timeout=timeout,
+            what="the bridge to answer C-ECHO",
+            interval=0.1,
+        )
+        if process.poll() is not None:
+            pytest.fail(f"the bridge exited with {process.returncode}:\n{self.log()}")
+        return self
+
+    def stop(self, *, timeout: float = 60) -> int:
+        """SIGTERM, then wait for the exit code."""
+        process = self._running()
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: nothing after this point runs in the bridge."""
+        process = self._running()
+        process.kill()
+        process.wait(timeout=30)
+
+    def close(self) -> None:
+        """For a finally: stop the bridge if it still runs, and drop the test's own database connections."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self.process is None or self.process.poll() is not None:
+            pytest.fail(f"the bridge is not running:\n{self.log()}")
+        return self.process
+
+    def log(self, run: int | None = None) -> str:
+        path = self.directory / f"bridge-{run or self.runs}.log"
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
+    # ---- the index, from outside ---------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = create_engine(normalized_database_url(self.database_url))
+        return self._engine
+
+    def study_row(self, study_uid: str) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(Study.__table__).where(Study.study_uid == study_uid)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def instance_uids(self, study_uid: str) -> set[str]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(Instance.sop_instance_uid)
+                .join(Series, Series.id == Instance.series_id)
+                .join(Study, Study.id == Series.study_id)
+                .where(Study.study_uid == study_uid)
+            )
+            return {uid for (uid,) in rows}
+
+    def instance_count(self) -> int:
+        """Instances indexed, all studies (the bridge creates the schema before it answers C-ECHO)."""
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(Instance)).scalar_one())
