@@ -144,6 +144,13 @@ class PublishConfig(_Section):
     retry_max_seconds: float = Field(default=600.0, gt=0)
 
 
+class HttpConfig(_Section):
+    """Health and metrics endpoints; the section is off when absent."""
+
+    bind: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -160,6 +167,7 @@ class Config(_Section):
     site: SiteConfig = SiteConfig()
     publish: PublishConfig = PublishConfig()
     logging: LoggingConfig = LoggingConfig()
+    http: HttpConfig | None = None
 
     @property
     def quiet_period(self) -> timedelta:

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from zoneinfo import ZoneInfo
@@ -26,11 +27,14 @@ from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
+from pacs_bridge.http import HealthServer
 from pacs_bridge.index.engine import create_schema, make_engine
 from pacs_bridge.index.repository import Index
+from pacs_bridge.metrics import BridgeMetrics
 from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher
 from pacs_bridge.publish.scheduler import PublishScheduler
+from pacs_bridge.systemd import notify
 
 log = structlog.get_logger("pacs_bridge.service")
 
@@ -67,6 +71,36 @@ def open_index(config: Config) -> tuple[Engine, Index]:
     return engine, Index(engine, DebounceSettings(quiet_period=config.quiet_period, max_delay=config.max_delay))
 
 
+class PassHeartbeat:
+    """When publishing passes start and end, to tell a ticking scheduler from a stopped or stuck one."""
+
+    def __init__(self, *, stale_after: float, lease: float) -> None:
+        self._stale_after = stale_after
+        self._lease = lease
+        self._lock = threading.Lock()
+        self._started: float | None = None
+        self._ended = time.monotonic()  # a fresh bridge counts as ticking until proven otherwise
+
+    def pass_started(self) -> None:
+        with self._lock:
+            self._started = time.monotonic()
+
+    def pass_ended(self) -> None:
+        with self._lock:
+            self._started = None
+            self._ended = time.monotonic()
+
+    def problem(self) -> str | None:
+        """None while passes end regularly (or one is running within its lease), else the reason."""
+        now = time.monotonic()
+        with self._lock:
+            if self._started is not None:
+                running = now - self._started
+                return None if running < self._lease else f"a publishing pass has been running for {running:.0f} s"
+            idle = now - self._ended
+        return None if idle < self._stale_after else f"no publishing pass for {idle:.0f} s"
+
+
 class BridgeService:
     """One running bridge: listener + publisher over one database."""
 
@@ -74,6 +108,7 @@ class BridgeService:
         self._config = config
         self._stop_requested = threading.Event()
         self.engine, self.index = open_index(config)
+        self.metrics = BridgeMetrics(self.index.count_by_state)
         self._http = httpx.Client(
             timeout=config.fhir.timeout_seconds, headers={"User-Agent": f"pacs-bridge/{__version__}"}
         )
@@ -88,12 +123,12 @@ class BridgeService:
             clock=utc_now,
             claimer=f"{socket.gethostname()}:{os.getpid()}",
             batch_size=config.publish.batch_size,
-            # Long enough for one study's PUTs (Endpoint + ImagingStudy) to time out; a dead bridge's claims
-            # come back after it.
-            lease=timedelta(seconds=2 * config.fhir.timeout_seconds + 30),
+            observer=self.metrics,
+            lease=timedelta(seconds=self._publish_lease(config)),
         )
-        self._scheduler = PublishScheduler(
-            self.publisher.run_once, interval=timedelta(seconds=config.debounce.tick_seconds)
+        self._scheduler = PublishScheduler(self._tick, interval=timedelta(seconds=config.debounce.tick_seconds))
+        self._heartbeat = PassHeartbeat(
+            stale_after=max(60.0, 5 * config.debounce.tick_seconds), lease=self._publish_lease(config)
         )
         dicom = config.dicom
         self.listener = DicomListener(
@@ -106,11 +141,51 @@ class BridgeService:
             ),
             self.index,
             clock=utc_now,
+            observer=self.metrics,
         )
+        self._health: HealthServer | None = None
+        if config.http is not None:
+            self._health = HealthServer(
+                bind=config.http.bind,
+                port=config.http.port,
+                readiness_checks={
+                    "database": self.index.check_writable,
+                    "scheduler": self._heartbeat.problem,
+                    "listener": lambda: None if self.listener.is_accepting else "the DICOM listener is not accepting",
+                },
+                render_metrics=self.metrics.render,
+            )
+        self._watchdog_stop = threading.Event()
+
+    @staticmethod
+    def _publish_lease(config: Config) -> float:
+        # Long enough for one study's PUTs (Endpoint + ImagingStudy) to time out; a dead bridge's claims
+        # come back after it.
+        return 2 * config.fhir.timeout_seconds + 30
+
+    def _tick(self) -> None:
+        self._heartbeat.pass_started()
+        try:
+            self.publisher.run_once()
+        finally:
+            self._heartbeat.pass_ended()
+
+    def _watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog while the scheduler is healthy; a stuck bridge gets restarted."""
+        while not self._watchdog_stop.wait(interval):
+            if self._heartbeat.problem() is None:
+                notify("WATCHDOG=1")
 
     def start(self) -> None:
         self.listener.start()
         self._scheduler.start()
+        if self._health is not None:
+            self._health.start()
+        watchdog_usec = os.environ.get("WATCHDOG_USEC")
+        if watchdog_usec and watchdog_usec.isdigit():
+            interval = int(watchdog_usec) / 1_000_000 / 3
+            threading.Thread(target=self._watchdog, args=(interval,), name="pacs-bridge-watchdog", daemon=True).start()
+        notify("READY=1")
         log.info(
             "bridge_started",
             version=__version__,
@@ -121,8 +196,12 @@ class BridgeService:
 
     def stop(self) -> None:
         log.info("bridge_stopping")
+        notify("STOPPING=1")
+        self._watchdog_stop.set()
         self.listener.stop()
         self._scheduler.stop()
+        if self._health is not None:
+            self._health.stop()
         self._http.close()
         self.engine.dispose()
         log.info("bridge_stopped")

@@ -28,6 +28,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
 from pacs_bridge.errors import InvalidInstanceError
+from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 
 log = structlog.get_logger("pacs_bridge.dicom")
@@ -95,10 +96,18 @@ def _peer(event: Any) -> dict[str, Any]:
 class DicomListener:
     """Accepts associations and stores instances into an ``InstanceSink``."""
 
-    def __init__(self, settings: ListenerSettings, sink: InstanceSink, *, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        sink: InstanceSink,
+        *,
+        clock: Callable[[], datetime],
+        observer: BridgeObserver | None = None,
+    ) -> None:
         self._settings = settings
         self._sink = sink
         self._clock = clock
+        self._observer: BridgeObserver = observer or NullObserver()
         self._stats = _AssociationStats()
         self._server: Any = None
         self._ae = self._make_ae()
@@ -117,6 +126,12 @@ class DicomListener:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
+
+    @property
+    def is_accepting(self) -> bool:
+        """Whether the listening socket is open and its accept loop alive."""
+        server = self._server
+        return server is not None and server.socket.fileno() != -1
 
     @property
     def port(self) -> int:
@@ -171,6 +186,7 @@ class DicomListener:
         except Exception as exc:
             status = status_for_error(exc)
             self._stats.count(event.assoc, stored=False)
+            self._observe_instance(event, status)
             fields = {**_peer(event), "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}"}
             if status is StoreStatus.PROCESSING_FAILURE:
                 log.exception("instance_rejected", **fields, error=str(exc))
@@ -178,6 +194,7 @@ class DicomListener:
                 log.warning("instance_rejected", **fields, error=str(exc))
             return status_dataset(status, str(exc))
         self._stats.count(event.assoc, stored=True)
+        self._observe_instance(event, StoreStatus.SUCCESS)
         log.debug(
             "instance_stored",
             study_uid=record.study.study_uid,
@@ -187,19 +204,30 @@ class DicomListener:
         )
         return status_dataset(StoreStatus.SUCCESS)
 
+    def _observe_instance(self, event: Any, status: StoreStatus) -> None:
+        try:
+            size = event.request.DataSet.getbuffer().nbytes
+        except (AttributeError, TypeError, ValueError):
+            size = 0
+        try:
+            self._observer.instance_received(status=int(status), calling_ae=_peer(event)["calling_ae"], size_bytes=size)
+        except Exception:  # metrics must never change the answer a sender gets
+            log.exception("metrics_failed")
+
     @staticmethod
     def _handle_echo(event: Any) -> int:
         return int(StoreStatus.SUCCESS)
 
-    @staticmethod
-    def _handle_established(event: Any) -> None:
+    def _handle_established(self, event: Any) -> None:
         try:
+            self._observer.association_opened()
             log.info("association_established", **_peer(event))
         except Exception:  # logging must never take a handler down
             log.exception("association_log_failed")
 
     def _handle_closed(self, event: Any) -> None:
         try:
+            self._observer.association_closed()
             stored, refused = self._stats.pop(event.assoc)
             name = "association_released" if event.event is evt.EVT_RELEASED else "association_aborted"
             log.info(name, **_peer(event), stored=stored, refused=refused)

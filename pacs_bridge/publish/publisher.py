@@ -19,6 +19,7 @@ from pacs_bridge.fhir.endpoint import build_endpoint
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
 from pacs_bridge.fhir.resource import content_hash
 from pacs_bridge.index.repository import ClaimedStudy, Index
+from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.debounce import RetrySettings, retry_delay
 
 Clock = Callable[[], datetime]
@@ -47,6 +48,7 @@ class Publisher:
         batch_size: int = 16,
         lease: timedelta = timedelta(minutes=5),
         random_fraction: Callable[[], float] = random.random,
+        observer: BridgeObserver | None = None,
     ) -> None:
         self._index = index
         self._fhir = fhir
@@ -57,11 +59,18 @@ class Publisher:
         self._batch_size = batch_size
         self._lease = lease
         self._random_fraction = random_fraction
+        self._observer: BridgeObserver = observer or NullObserver()
         self._endpoints = {settings.id: build_endpoint(settings) for settings in mapping.endpoints}
         self._endpoints_confirmed: dict[str, str] = {}
 
     def run_once(self) -> dict[str, PublishOutcome]:
         """Publish every study due now (in batches); returns each claimed study's outcome. Never raises."""
+        try:
+            return self._run_batches()
+        finally:
+            self._observer.publish_pass_completed()
+
+    def _run_batches(self) -> dict[str, PublishOutcome]:
         outcomes: dict[str, PublishOutcome] = {}
         while True:
             try:
@@ -106,10 +115,16 @@ class Publisher:
             self._ensure_endpoints()
             result = self._fhir.put(resource)
         except PublishError as exc:
-            return self._record_failure(claimed, snapshot.change_seq, exc)
+            outcome = self._record_failure(claimed, snapshot.change_seq, exc)
+            self._observer.publish_attempted(http_status=exc.http_status, outcome=outcome.value)
+            return outcome
         self._index.mark_published(
             study_uid, change_seq=snapshot.change_seq, content_hash=digest, now=self._clock(), sent=True
         )
+        self._observer.publish_attempted(http_status=result.http_status, outcome=PublishOutcome.PUBLISHED.value)
+        if claimed.last_change_at is not None:
+            waited = (self._clock() - claimed.last_change_at).total_seconds()
+            self._observer.study_published(seconds_since_last_change=waited)
         log.info(
             "study_published",
             study_uid=study_uid,

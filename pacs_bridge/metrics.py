@@ -1,0 +1,109 @@
+"""Prometheus metrics (``pacs_bridge_*``), fed by the listener and the publisher through ``BridgeObserver``.
+
+Study counts by state are read from the index at scrape time, so they are right even with several bridges
+sharing one database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pacs_bridge.index.repository import StateCounts
+
+# Seconds from a study's last indexed change to its successful publish: the quiet period plus the tick,
+# the PUT, and any retries. Buckets span a short test quiet period to hours of FHIR outage.
+PUBLISH_LATENCY_BUCKETS = (1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800, 3600, 14400)
+
+
+class _StudyStateCollector(Collector):
+    def __init__(self, count_by_state: Callable[[], StateCounts]) -> None:
+        self._count_by_state = count_by_state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("pacs_bridge_studies", "Studies in the index by publish state", labels=["state"])
+        try:
+            counts = self._count_by_state()
+        except Exception:  # a scrape must not fail because the database is down; /readyz says why
+            return
+        for state in ("pending", "published", "failed"):
+            family.add_metric([state], getattr(counts, state))
+        yield family
+
+
+class BridgeMetrics:
+    """The bridge's Prometheus registry; implements ``observe.BridgeObserver``."""
+
+    def __init__(self, count_by_state: Callable[[], StateCounts]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._store_results = Counter(
+            "pacs_bridge_cstore_results",
+            "C-STORE requests answered, by DIMSE status and calling AE title",
+            ["status", "calling_ae"],
+            registry=self.registry,
+        )
+        self._bytes_received = Counter(
+            "pacs_bridge_received_bytes", "Bytes of DICOM datasets received by C-STORE", registry=self.registry
+        )
+        self._open_associations = Gauge(
+            "pacs_bridge_open_associations", "DICOM associations open now", registry=self.registry
+        )
+        self._publish_attempts = Counter(
+            "pacs_bridge_publish_attempts",
+            "ImagingStudy publish attempts, by HTTP status (none: no answer) and outcome",
+            ["http_status", "outcome"],
+            registry=self.registry,
+        )
+        self._retries = Counter(
+            "pacs_bridge_publish_retries",
+            "Publish attempts that failed and were scheduled again",
+            registry=self.registry,
+        )
+        self._publish_latency = Histogram(
+            "pacs_bridge_publish_latency_seconds",
+            "Seconds from a study's last indexed change to its successful publish",
+            buckets=PUBLISH_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._last_pass = Gauge(
+            "pacs_bridge_last_publish_pass_timestamp_seconds",
+            "Unix time at which the last publishing pass ended",
+            registry=self.registry,
+        )
+        self.registry.register(_StudyStateCollector(count_by_state))
+        self._lock = threading.Lock()
+        self.last_pass_monotonic: float | None = None
+
+    def association_opened(self) -> None:
+        self._open_associations.inc()
+
+    def association_closed(self) -> None:
+        self._open_associations.dec()
+
+    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int) -> None:
+        self._store_results.labels(status=f"0x{status:04X}", calling_ae=calling_ae).inc()
+        self._bytes_received.inc(size_bytes)
+
+    def publish_attempted(self, *, http_status: int | None, outcome: str) -> None:
+        self._publish_attempts.labels(
+            http_status=str(http_status) if http_status is not None else "none", outcome=outcome
+        ).inc()
+        if outcome == "retry_scheduled":
+            self._retries.inc()
+
+    def study_published(self, *, seconds_since_last_change: float) -> None:
+        self._publish_latency.observe(max(seconds_since_last_change, 0.0))
+
+    def publish_pass_completed(self) -> None:
+        self._last_pass.set_to_current_time()
+        with self._lock:
+            self.last_pass_monotonic = time.monotonic()
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format."""
+        return generate_latest(self.registry)

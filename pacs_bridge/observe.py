@@ -1,0 +1,45 @@
+"""What the listener and the publisher report as they work, for metrics (stdlib only).
+
+The listener and publisher call an observer passed in by ``service``; ``NullObserver`` is the default, so
+tests and tools that need no metrics pass nothing. ``metrics.BridgeMetrics`` is the Prometheus one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class BridgeObserver(Protocol):
+    def association_opened(self) -> None: ...
+
+    def association_closed(self) -> None: ...
+
+    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int) -> None: ...
+
+    def publish_attempted(self, *, http_status: int | None, outcome: str) -> None: ...
+
+    def study_published(self, *, seconds_since_last_change: float) -> None: ...
+
+    def publish_pass_completed(self) -> None: ...
+
+
+class NullObserver:
+    """Observes nothing."""
+
+    def association_opened(self) -> None:
+        pass
+
+    def association_closed(self) -> None:
+        pass
+
+    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int) -> None:
+        pass
+
+    def publish_attempted(self, *, http_status: int | None, outcome: str) -> None:
+        pass
+
+    def study_published(self, *, seconds_since_last_change: float) -> None:
+        pass
+
+    def publish_pass_completed(self) -> None:
+        pass
