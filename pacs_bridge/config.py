@@ -142,6 +142,7 @@ class PublishConfig(_Section):
     batch_size: int = Field(default=16, ge=1, le=1000)
     retry_base_seconds: float = Field(default=5.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=0, ge=0)  # 0: retry retryable failures without limit
 
 
 class HttpConfig(_Section):

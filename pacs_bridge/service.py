@@ -123,6 +123,7 @@ class BridgeService:
             clock=utc_now,
             claimer=f"{socket.gethostname()}:{os.getpid()}",
             batch_size=config.publish.batch_size,
+            max_attempts=config.publish.max_attempts,
             observer=self.metrics,
             lease=timedelta(seconds=self._publish_lease(config)),
         )

@@ -49,7 +49,10 @@ class Publisher:
         lease: timedelta = timedelta(minutes=5),
         random_fraction: Callable[[], float] = random.random,
         observer: BridgeObserver | None = None,
+        max_attempts: int = 0,
     ) -> None:
+        """``max_attempts``: after this many failed attempts in a row a retryable failure marks the study
+        failed too; 0 retries without limit."""
         self._index = index
         self._fhir = fhir
         self._mapping = mapping
@@ -59,6 +62,7 @@ class Publisher:
         self._batch_size = batch_size
         self._lease = lease
         self._random_fraction = random_fraction
+        self._max_attempts = max_attempts
         self._observer: BridgeObserver = observer or NullObserver()
         self._endpoints = {settings.id: build_endpoint(settings) for settings in mapping.endpoints}
         self._endpoints_confirmed: dict[str, str] = {}
@@ -151,8 +155,9 @@ class Publisher:
 
     def _record_failure(self, claimed: ClaimedStudy, change_seq: int, error: PublishError) -> PublishOutcome:
         study_uid = claimed.study_uid
-        if error.retryable:
-            attempt = claimed.attempts + 1
+        attempt = claimed.attempts + 1
+        exhausted = error.retryable and 0 < self._max_attempts <= attempt
+        if error.retryable and not exhausted:
             retry_after = (
                 timedelta(seconds=error.retry_after_seconds) if error.retry_after_seconds is not None else None
             )
@@ -167,6 +172,7 @@ class Publisher:
                 error=error.detail,
             )
             return PublishOutcome.RETRY_SCHEDULED
-        self._index.mark_failed(study_uid, change_seq=change_seq, error=str(error))
-        log.error("publish_failed", study_uid=study_uid, http_status=error.http_status, error=error.detail)
+        reason = f"gave up after {attempt} attempts; the last: {error}" if exhausted else str(error)
+        self._index.mark_failed(study_uid, change_seq=change_seq, error=reason)
+        log.error("publish_failed", study_uid=study_uid, attempt=attempt, http_status=error.http_status, error=reason)
         return PublishOutcome.FAILED

@@ -1,0 +1,103 @@
+"""The publisher through a long FHIR outage: the real test server behind the fault proxy, the index on SQLite
+and PostgreSQL, a fake clock to move through the backoff."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from pacs_bridge.fhir.client import FhirClient
+from pacs_bridge.index.models import Study
+from pacs_bridge.index.repository import Index
+from pacs_bridge.publish.publisher import Publisher, PublishOutcome
+from tests.conftest import QUIET, FakeClock
+from tests.integration.test_publisher import MAPPING, RETRY, record
+from tests.support.fault_proxy import HttpFaultProxy, Respond
+from tests.support.fhir_server import FhirTestServer
+from tests.support.studies import uid
+
+pytestmark = pytest.mark.fhir_server
+
+
+@pytest.fixture
+def proxy(fresh_fhir_server: FhirTestServer) -> Iterator[HttpFaultProxy]:
+    with HttpFaultProxy(upstream_port=fresh_fhir_server.port) as running:
+        yield running
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10) as client:
+        yield client
+
+
+def publisher(index: Index, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, **kwargs) -> Publisher:
+    return Publisher(
+        index=index,
+        fhir=FhirClient(http, base_url=f"{proxy.root_url}/fhir"),
+        mapping=MAPPING,
+        retry=RETRY,
+        clock=clock,
+        claimer="test",
+        random_fraction=lambda: 0.5,
+        **kwargs,
+    )
+
+
+def study_row(engine: Engine) -> Study:
+    with Session(engine) as session:
+        return session.scalars(select(Study)).one()
+
+
+def test_max_attempts_exhausted_marks_the_study_failed_with_the_reason_until_it_changes(
+    index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, fresh_fhir_server
+):
+    """Three 503s with max_attempts 3: failed, with the last error; not retried by time; a new instance makes
+    it pending with a fresh budget, and it publishes once the server is back."""
+    proxy.outage(Respond(503, body="down for maintenance"))
+    bounded = publisher(index, http, proxy, clock, max_attempts=3)
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    outcomes = []
+    for _ in range(3):
+        outcomes.append(bounded.run_once()[uid("1")])
+        clock.advance(RETRY.cap)
+    assert outcomes == [PublishOutcome.RETRY_SCHEDULED, PublishOutcome.RETRY_SCHEDULED, PublishOutcome.FAILED]
+    row = study_row(engine)
+    assert (row.publish_state, row.attempts, row.next_attempt_at) == ("failed", 3, None)
+    assert row.last_error == "gave up after 3 attempts; the last: HTTP 503: down for maintenance"
+    clock.advance(timedelta(days=1))
+    assert bounded.run_once() == {}, "a failed study is not retried by time"
+
+    proxy.restore()
+    index.record_instance(record(instance=2), received_at=clock())
+    row = study_row(engine)
+    assert (row.publish_state, row.attempts) == ("pending", 0)
+    clock.advance(QUIET)
+    assert bounded.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
+    published = fresh_fhir_server.read("ImagingStudy", uid("1"))
+    assert published is not None and (published["numberOfInstances"], published["meta"]["versionId"]) == (2, "1")
+    assert study_row(engine).last_error is None
+
+
+def test_without_max_attempts_a_study_stays_pending_through_any_number_of_failures(
+    index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, fresh_fhir_server
+):
+    """The default (0) never gives up: 12 failed attempts over a simulated hour, then one PUT when it is back."""
+    proxy.outage(Respond(502))
+    unbounded = publisher(index, http, proxy, clock)
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    for _ in range(12):
+        assert unbounded.run_once() == {uid("1"): PublishOutcome.RETRY_SCHEDULED}
+        clock.advance(RETRY.cap)
+    row = study_row(engine)
+    assert (row.publish_state, row.attempts, row.last_error) == ("pending", 12, "HTTP 502: Injected")
+    proxy.restore()
+    assert unbounded.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
+    assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 1}
