@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import os
 import platform
-import secrets
 import signal
 import socket
 import sqlite3
@@ -366,12 +365,10 @@ def postgres_version(admin_url: str) -> str:
 
 
 def write_files(directory: Path, *, instances: int, pixel_bytes: int) -> float:
-    """One CT series of ``instances`` files under a new short study UID; returns the mean file size in bytes."""
-    from tests.support.studies import SeriesSpec, uid, write_study
+    """One CT series of ``instances`` files under a new study UID; returns the mean file size in bytes."""
+    from tests.support.studies import SeriesSpec, new_study_uid, write_study
 
-    # Not new_study_uid(): it fills all 64 characters, and the series/instance suffixes would overflow.
-    study_uid = uid(f"99.{secrets.randbelow(10**12)}")
-    paths = write_study(directory, study_uid, [SeriesSpec("CT", instances)], pixel_bytes=pixel_bytes)
+    paths = write_study(directory, new_study_uid(), [SeriesSpec("CT", instances)], pixel_bytes=pixel_bytes)
     return statistics.fmean(path.stat().st_size for path in paths)
 
 
