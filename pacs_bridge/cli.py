@@ -1,4 +1,4 @@
-"""Command line: ``pacs-bridge run | check-config | status | retry | republish``.
+"""Command line: ``pacs-bridge run | check-config | migrate | status | retry | republish``.
 
 The only module that calls ``sys.exit``. Exit status: 0 success, 1 runtime failure (database, port), 2 invalid
 configuration or arguments.
@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
     command("run", "run the DICOM listener and FHIR publisher in the foreground")
     command("check-config", "validate the configuration file and exit")
+    command("migrate", "upgrade the index database schema to this version of pacs-bridge (back it up first)")
     status = command("status", "show how many studies are pending, published and failed, and why failed ones failed")
     status.add_argument("--json", action="store_true", help="print one JSON document")
     status.add_argument("--limit", type=int, default=50, help="failed studies listed at most (default 50)")
@@ -72,11 +73,11 @@ def _jsonable(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def _status(config: Config, *, as_json: bool, limit: int) -> None:
+def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> None:
     from pacs_bridge.index.models import PublishState
     from pacs_bridge.service import open_index
 
-    engine, index = open_index(config)
+    engine, index = open_index(config, config_path=config_path)
     try:
         counts = index.count_by_state()
         oldest = index.studies_in_state(PublishState.PENDING, limit=1)
@@ -108,9 +109,10 @@ def _status(config: Config, *, as_json: bool, limit: int) -> None:
 
 
 def _request(config: Config, args: argparse.Namespace) -> None:
+    config_path = args.config
     from pacs_bridge.service import open_index, utc_now
 
-    engine, index = open_index(config)
+    engine, index = open_index(config, config_path=config_path)
     try:
         if args.command == "retry":
             uids = index.retry_failed(utc_now(), study_uid=args.study_uid)
@@ -129,6 +131,23 @@ def _request(config: Config, args: argparse.Namespace) -> None:
         print(f"  {uid}")
 
 
+def _migrate(config: Config) -> None:
+    from pacs_bridge.index.engine import make_engine
+    from pacs_bridge.index.schema import prepare_schema
+
+    engine = make_engine(config.database.url)
+    try:
+        change = prepare_schema(engine, upgrade=True)
+    finally:
+        engine.dispose()
+    if change.created:
+        print(f"index schema created at revision {change.to_revision}")
+    elif change.from_revision == change.to_revision:
+        print(f"index schema already at revision {change.to_revision}; nothing to do")
+    else:
+        print(f"index schema upgraded from revision {change.from_revision} to {change.to_revision}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     config = _load(args.config)
@@ -137,17 +156,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         if args.command == "status":
-            _status(config, as_json=args.json, limit=args.limit)
+            _status(config, config_path=args.config, as_json=args.json, limit=args.limit)
             return
         if args.command in ("retry", "republish"):
             _request(config, args)
+            return
+        if args.command == "migrate":
+            _migrate(config)
             return
         # Imported here so that the other commands stay fast and never start the runtime stack.
         from pacs_bridge.logs import configure_logging
         from pacs_bridge.service import BridgeService
 
         configure_logging(config.logging.level, config.logging.format)
-        BridgeService(config).run_until_stopped()
+        BridgeService(config, config_path=args.config).run_until_stopped()
     except PacsBridgeError as exc:
         print(f"pacs-bridge: {exc}", file=sys.stderr)
         sys.exit(EXIT_RUNTIME_ERROR)

@@ -28,8 +28,9 @@ from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.http import HealthServer
-from pacs_bridge.index.engine import create_schema, make_engine
+from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
+from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.metrics import BridgeMetrics
 from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher
@@ -60,11 +61,12 @@ def mapping_settings(config: Config) -> MappingSettings:
     )
 
 
-def open_index(config: Config) -> tuple[Engine, Index]:
-    """The engine and index for ``database.url``; the schema is created on first use."""
+def open_index(config: Config, *, config_path: str = "FILE") -> tuple[Engine, Index]:
+    """The engine and index for ``database.url``; the schema is created on first use, and an outdated one is
+    refused with the command that upgrades it."""
     engine = make_engine(config.database.url)
     try:
-        create_schema(engine)
+        prepare_schema(engine, config_hint=config_path)
     except BaseException:
         engine.dispose()
         raise
@@ -104,10 +106,10 @@ class PassHeartbeat:
 class BridgeService:
     """One running bridge: listener + publisher over one database."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, config_path: str = "FILE") -> None:
         self._config = config
         self._stop_requested = threading.Event()
-        self.engine, self.index = open_index(config)
+        self.engine, self.index = open_index(config, config_path=config_path)
         self.metrics = BridgeMetrics(self.index.count_by_state)
         self._http = httpx.Client(
             timeout=config.fhir.timeout_seconds, headers={"User-Agent": f"pacs-bridge/{__version__}"}

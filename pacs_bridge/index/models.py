@@ -73,7 +73,10 @@ class Study(Base):
     published_seq: Mapped[int | None] = mapped_column(Integer)
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
-    __table_args__ = (Index("ix_studies_due_at", "due_at"),)
+    __table_args__ = (
+        Index("ix_studies_due_at", "due_at"),
+        Index("ix_studies_publish_state", "publish_state"),
+    )
 
 
 class Series(Base):
