@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel
 
 from pacs_bridge.cli import EXIT_CONFIG_ERROR, main
-from pacs_bridge.config import Config, load_config, parse_config
+from pacs_bridge.config import Config, HttpConfig, load_config, parse_config
 from pacs_bridge.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,8 @@ def _keys(model: type[BaseModel]) -> set[str]:
 
 
 def test_example_file_shows_every_key_with_its_default() -> None:
-    """The example documents every key, and each value it shows is the default (endpoints aside)."""
+    """The example documents every key, and each value it shows is the default (endpoints and the optional http
+    section aside: they show a typical value)."""
     document = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     example = load_config(EXAMPLE)
     defaults = parse_config({"fhir": {"base_url": example.fhir.base_url}}, path="defaults")
@@ -51,10 +52,10 @@ def test_example_file_shows_every_key_with_its_default() -> None:
     for section, model in Config.model_fields.items():
         if section == "endpoints":
             continue
-        annotation = model.annotation
+        annotation = HttpConfig if section == "http" else model.annotation
         assert isinstance(annotation, type)
         assert set(document[section]) == _keys(annotation), section
-    assert example.model_copy(update={"endpoints": []}) == defaults
+    assert example.model_copy(update={"endpoints": [], "http": None}) == defaults
 
 
 def test_minimal_config_with_only_the_fhir_base_url_is_valid_with_defaults() -> None:
