@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from pacs_bridge.index.engine import create_schema, make_engine
+from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
+from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.debounce import DebounceSettings
 from tests.support.fhir_server import FhirTestServer
 
@@ -73,7 +74,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
     engine = make_engine(database_url)
-    create_schema(engine)
+    prepare_schema(engine)
     yield engine
     engine.dispose()
 

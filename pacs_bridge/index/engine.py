@@ -6,10 +6,6 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import SQLAlchemyError
-
-from pacs_bridge.errors import IndexUnavailableError
-from pacs_bridge.index.models import Base
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option read by the SQLite "begin" hook: read-only units of work start a deferred transaction,
@@ -57,15 +53,3 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True, **kwargs)
     return engine
-
-
-def create_schema(engine: Engine) -> None:
-    """Create the tables that do not exist yet (the first start on an empty database)."""
-    try:
-        Base.metadata.create_all(engine)
-    except SQLAlchemyError as exc:
-        url = engine.url.render_as_string(hide_password=True)
-        raise IndexUnavailableError(
-            f"cannot open the index database {url} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "check `database.url`, that the server runs and that this user may create tables"
-        ) from exc

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import Engine, select
 
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
-from pacs_bridge.index.engine import create_schema, make_engine
+from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.models import PublishState, Study
 from pacs_bridge.index.repository import Index
+from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import InstanceRecord, RecordOutcome, SeriesAttributes, StudyAttributes
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
@@ -232,7 +233,7 @@ def test_unreachable_database_raises_index_unavailable(database_url: str, tmp_pa
         broken_url = "postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2"
     broken = make_engine(broken_url)
     with pytest.raises(IndexUnavailableError, match="database"):
-        create_schema(broken)
+        prepare_schema(broken)
     with pytest.raises(IndexUnavailableError, match=r"database\.url"):
         Index(broken, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY)).record_instance(
             record(), received_at=clock()
