@@ -13,9 +13,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, func, or_, select, text, update
+from sqlalchemy import Connection, Engine, Row, Table, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,9 +53,45 @@ _STUDY_FIELDS = tuple(f.name for f in fields(StudyAttributes) if f.name != "stud
 _SERIES_FIELDS = tuple(f.name for f in fields(SeriesAttributes) if f.name != "series_uid")
 
 
-def _differs(row: object, attributes: object, names: Sequence[str]) -> dict[str, Any]:
+_INSTANCE_FIELDS = tuple(f.name for f in fields(InstanceRecord) if f.name not in ("study", "series"))
+
+_studies = cast(Table, Study.__table__)
+_series = cast(Table, Series.__table__)
+_instances = cast(Table, Instance.__table__)
+
+
+def _changed(row: Any, attributes: object, names: Sequence[str]) -> dict[str, Any]:
     """The attributes whose value differs from the row's, as ``{column: new value}``."""
     return {name: getattr(attributes, name) for name in names if getattr(row, name) != getattr(attributes, name)}
+
+
+class _IngestStatements:
+    """The hot path's statements, built once (SQLAlchemy caches their compiled form)."""
+
+    def __init__(self, insert: Any) -> None:
+        self.lock_study = (
+            select(
+                _studies.c.id,
+                _studies.c.change_seq,
+                _studies.c.publish_state,
+                _studies.c.first_change_at,
+                *(_studies.c[name] for name in _STUDY_FIELDS),
+            )
+            .where(_studies.c.study_uid == bindparam("uid"))
+            .with_for_update()
+        )
+        self.select_series = select(
+            _series.c.id, _series.c.study_id, *(_series.c[name] for name in _SERIES_FIELDS)
+        ).where(_series.c.series_uid == bindparam("uid"))
+        self.select_instance = select(
+            _instances.c.id, _instances.c.series_id, *(_instances.c[name] for name in _INSTANCE_FIELDS)
+        ).where(_instances.c.sop_instance_uid == bindparam("uid"))
+        # INSERT ... ON CONFLICT DO NOTHING: a concurrent association may have inserted the same key.
+        self.insert_study = insert(_studies).on_conflict_do_nothing()
+        self.insert_series = insert(_series).on_conflict_do_nothing()
+        # RETURNING tells a new row from a conflict on both backends (rowcount does not, on psycopg).
+        self.insert_instance = insert(_instances).on_conflict_do_nothing().returning(_instances.c.id)
+        self.update_study = update(_studies).where(_studies.c.id == bindparam("_id"))
 
 
 class Index:
@@ -67,27 +103,24 @@ class Index:
         self._write_sessions = sessionmaker(engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
         self._dialect = engine.dialect.name
+        self._statements = _IngestStatements(postgresql.insert if self._dialect == "postgresql" else sqlite.insert)
 
+    @staticmethod
     @contextmanager
-    def _unit_of_work(self, *, read_only: bool = False) -> Iterator[Session]:
-        factory = self._read_sessions if read_only else self._write_sessions
+    def _translated_errors() -> Iterator[None]:
         try:
-            with factory.begin() as session:
-                yield session
+            yield
         except SQLAlchemyError as exc:
             raise IndexUnavailableError(
                 f"the index database failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                 "check that the database in `database.url` is running, writable and not full"
             ) from exc
 
-    def _insert_ignoring_conflict(self, session: Session, model: type[Any], values: dict[str, Any]) -> bool:
-        """INSERT that does nothing when the unique key exists (a concurrent association won the race).
-
-        Returns whether the row was inserted.
-        """
-        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        result = session.execute(insert(model).values(**values).on_conflict_do_nothing())
-        return bool(getattr(result, "rowcount", 0))
+    @contextmanager
+    def _unit_of_work(self, *, read_only: bool = False) -> Iterator[Session]:
+        factory = self._read_sessions if read_only else self._write_sessions
+        with self._translated_errors(), factory.begin() as session:
+            yield session
 
     # ---- ingest -------------------------------------------------------------------------------------------
 
@@ -97,80 +130,66 @@ class Index:
         Sets the study's due time when anything it holds changed; a re-send of an identical instance
         changes nothing. Raises ``ConflictingInstanceError`` when the instance's UIDs contradict the index,
         ``IndexUnavailableError`` when the database cannot be written.
+
+        This is the per-C-STORE hot path, so it runs on a Core connection with statements built once: in the
+        usual case (a new instance of a known study and series) it costs four statements and one commit.
         """
-        with self._unit_of_work() as session:
-            study = self._lock_or_create_study(session, record.study)
-            study_changes = _differs(study, record.study, _STUDY_FIELDS)
+        with self._translated_errors(), self._engine.begin() as connection:
+            return self._record(connection, record, received_at)
 
-            series = session.scalars(select(Series).where(Series.series_uid == record.series.series_uid)).one_or_none()
-            series_changed = False
-            if series is None:
-                series_values = {name: getattr(record.series, name) for name in _SERIES_FIELDS}
-                self._insert_ignoring_conflict(
-                    session,
-                    Series,
-                    {"study_id": study.id, "series_uid": record.series.series_uid, **series_values},
-                )
-                series = session.scalars(select(Series).where(Series.series_uid == record.series.series_uid)).one()
-            if series.study_id != study.id:
-                other = session.scalar(select(Study.study_uid).where(Study.id == series.study_id))
-                raise ConflictingInstanceError(
-                    "SeriesInstanceUID",
-                    "(0020,000E)",
-                    f"already indexed in another study: {record.series.series_uid} belongs to study {other}",
-                )
-            series_changes = _differs(series, record.series, _SERIES_FIELDS)
-            if series_changes:
-                series_changed = True
-                for name, value in series_changes.items():
-                    setattr(series, name, value)
-
-            outcome = self._record_instance_row(session, record, series, received_at)
-            if study_changes:
-                for name, value in study_changes.items():
-                    setattr(study, name, value)
-            if outcome is RecordOutcome.UNCHANGED and (study_changes or series_changed):
-                outcome = RecordOutcome.UPDATED
-            if outcome is not RecordOutcome.UNCHANGED:
-                self._note_change(study, received_at)
-            return outcome
-
-    def _lock_or_create_study(self, session: Session, attributes: StudyAttributes) -> Study:
-        query = select(Study).where(Study.study_uid == attributes.study_uid).with_for_update()
-        study = session.scalars(query).one_or_none()
+    def _record(self, connection: Connection, record: InstanceRecord, received_at: datetime) -> RecordOutcome:
+        statements = self._statements
+        study_uid = record.study.study_uid
+        study = connection.execute(statements.lock_study, {"uid": study_uid}).first()
         if study is None:
-            self._insert_ignoring_conflict(session, Study, {"study_uid": attributes.study_uid})
-            study = session.scalars(query).one()
-        return study
+            connection.execute(statements.insert_study, {"study_uid": study_uid})
+            study = connection.execute(statements.lock_study, {"uid": study_uid}).one()
+        study_changes = _changed(study, record.study, _STUDY_FIELDS)
+
+        series_uid = record.series.series_uid
+        series = connection.execute(statements.select_series, {"uid": series_uid}).first()
+        series_changes: dict[str, Any] = {}
+        if series is None:
+            values = {name: getattr(record.series, name) for name in _SERIES_FIELDS}
+            connection.execute(statements.insert_series, {"study_id": study.id, "series_uid": series_uid, **values})
+            series = connection.execute(statements.select_series, {"uid": series_uid}).one()
+        if series.study_id != study.id:
+            other = connection.execute(select(_studies.c.study_uid).where(_studies.c.id == series.study_id)).scalar()
+            raise ConflictingInstanceError(
+                "SeriesInstanceUID",
+                "(0020,000E)",
+                f"already indexed in another study: {series_uid} belongs to study {other}",
+            )
+        series_changes = _changed(series, record.series, _SERIES_FIELDS)
+        if series_changes:
+            connection.execute(update(_series).where(_series.c.id == series.id).values(**series_changes))
+
+        outcome = self._record_instance_row(connection, record, series.id, received_at)
+        if outcome is RecordOutcome.UNCHANGED and (study_changes or series_changes):
+            outcome = RecordOutcome.UPDATED
+        if outcome is not RecordOutcome.UNCHANGED:
+            connection.execute(
+                statements.update_study,
+                {"_id": study.id, **study_changes, **self._change_noted(study, received_at)},
+            )
+        return outcome
 
     def _record_instance_row(
-        self, session: Session, record: InstanceRecord, series: Series, received_at: datetime
+        self, connection: Connection, record: InstanceRecord, series_id: int, received_at: datetime
     ) -> RecordOutcome:
-        instance = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
-        ).one_or_none()
-        if instance is None:
-            inserted = self._insert_ignoring_conflict(
-                session,
-                Instance,
-                {
-                    "series_id": series.id,
-                    "sop_instance_uid": record.sop_instance_uid,
-                    "sop_class_uid": record.sop_class_uid,
-                    "instance_number": record.instance_number,
-                    "received_at": received_at,
-                },
-            )
-            instance = session.scalars(
-                select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
-            ).one()
-            if inserted:
-                return RecordOutcome.NEW
-        if instance.series_id != series.id:
-            owner = session.execute(
-                select(Series.series_uid, Study.study_uid)
-                .join(Study, Study.id == Series.study_id)
-                .where(Series.id == instance.series_id)
+        statements = self._statements
+        values = {name: getattr(record, name) for name in _INSTANCE_FIELDS}
+        inserted = connection.execute(
+            statements.insert_instance, {"series_id": series_id, "received_at": received_at, **values}
+        ).first()
+        if inserted is not None:
+            return RecordOutcome.NEW
+        instance = connection.execute(statements.select_instance, {"uid": record.sop_instance_uid}).one()
+        if instance.series_id != series_id:
+            owner = connection.execute(
+                select(_series.c.series_uid, _studies.c.study_uid)
+                .join(_studies, _studies.c.id == _series.c.study_id)
+                .where(_series.c.id == instance.series_id)
             ).one()
             raise ConflictingInstanceError(
                 "SOPInstanceUID",
@@ -178,26 +197,28 @@ class Index:
                 f"already indexed in another series: {record.sop_instance_uid} is in series "
                 f"{owner.series_uid} of study {owner.study_uid}",
             )
-        if (instance.sop_class_uid, instance.instance_number) == (
-            record.sop_class_uid,
-            record.instance_number,
-        ):
+        changes = _changed(instance, record, _INSTANCE_FIELDS)
+        if not changes:
             return RecordOutcome.UNCHANGED
-        instance.sop_class_uid = record.sop_class_uid
-        instance.instance_number = record.instance_number
+        connection.execute(update(_instances).where(_instances.c.id == instance.id).values(**changes))
         return RecordOutcome.UPDATED
 
-    def _note_change(self, study: Study, changed_at: datetime) -> None:
-        study.change_seq += 1
-        if study.publish_state != PublishState.PENDING.value or study.first_change_at is None:
-            study.first_change_at = changed_at
+    def _change_noted(self, study: Row[Any], changed_at: datetime) -> dict[str, Any]:
+        """The study columns that record one more indexed change at ``changed_at`` and its new due time."""
+        first_change_at = study.first_change_at
+        if study.publish_state != PublishState.PENDING.value or first_change_at is None:
+            first_change_at = changed_at
+        values: dict[str, Any] = {
+            "change_seq": study.change_seq + 1,
+            "first_change_at": first_change_at,
+            "last_change_at": changed_at,
+            "publish_state": PublishState.PENDING.value,
+            "due_at": due_at(first_change_at=first_change_at, last_change_at=changed_at, settings=self._debounce),
+        }
         if study.publish_state == PublishState.FAILED.value:
             # A refused study gets a fresh chance when it changes.
-            study.attempts = 0
-            study.next_attempt_at = None
-        study.publish_state = PublishState.PENDING.value
-        study.last_change_at = changed_at
-        study.due_at = due_at(first_change_at=study.first_change_at, last_change_at=changed_at, settings=self._debounce)
+            values.update(attempts=0, next_attempt_at=None)
+        return values
 
     # ---- publishing -----------------------------------------------------------------------------------------
 
