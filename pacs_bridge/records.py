@@ -13,6 +13,20 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CodedConcept:
+    """One item of a DICOM code sequence (Basic Code Sequence Macro), as received.
+
+    ``code`` is whichever of CodeValue, LongCodeValue or URNCodeValue the item holds; ``scheme`` is the
+    CodingSchemeDesignator (``SCT``, ``LN``, ``99LOCAL`` ...); the FHIR mapping turns it into a system URI.
+    """
+
+    code: str
+    scheme: str
+    meaning: str = ""
+    scheme_version: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StudyAttributes:
     """Study-level attributes as the latest received instance states them."""
 
@@ -24,6 +38,13 @@ class StudyAttributes:
     study_time: str = ""
     timezone_offset: str = ""
     study_description: str = ""
+    # Person names are kept as the DICOM PN string (``Family^Given^Middle^Prefix^Suffix``, component groups
+    # separated by ``=``), decoded with the dataset's Specific Character Set; the mapping renders them.
+    referring_physician: str = ""
+    reading_physicians: tuple[str, ...] = ()
+    procedure_codes: tuple[CodedConcept, ...] = ()  # ProcedureCodeSequence, else RequestedProcedureCodeSequence
+    reasons: tuple[str, ...] = ()  # ReasonForRequestedProcedure texts
+    reason_codes: tuple[CodedConcept, ...] = ()  # ReasonForRequestedProcedureCodeSequence
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,6 +57,10 @@ class SeriesAttributes:
     series_description: str = ""
     series_date: str = ""
     series_time: str = ""
+    body_part_examined: str = ""  # the BodyPartExamined defined term, upper case
+    laterality: str = ""  # series Laterality (R, L); instances may state ImageLaterality instead
+    performing_physicians: tuple[str, ...] = ()  # PN strings
+    operators: tuple[str, ...] = ()  # PN strings
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +72,8 @@ class InstanceRecord:
     sop_instance_uid: str
     sop_class_uid: str
     instance_number: int | None = None
+    image_laterality: str = ""  # ImageLaterality (R, L, U, B)
+    title: str = ""  # ContentLabel, else DocumentTitle, else the ConceptNameCodeSequence meaning
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +81,8 @@ class InstanceSnapshot:
     sop_instance_uid: str
     sop_class_uid: str
     instance_number: int | None = None
+    image_laterality: str = ""
+    title: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

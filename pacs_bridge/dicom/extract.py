@@ -17,7 +17,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from pacs_bridge.errors import InvalidInstanceError
-from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
+from pacs_bridge.records import CodedConcept, InstanceRecord, SeriesAttributes, StudyAttributes
 
 # Every attribute extract_instance reads. The DICOM listener reads only these from the wire (and stops
 # before the pixel data), so adding an attribute here is all it takes to make it available.
@@ -40,6 +40,22 @@ HEADER_KEYWORDS: tuple[str, ...] = (
     "SeriesInstanceUID",
     "SeriesNumber",
     "InstanceNumber",
+    # What the FHIR mapping needs beyond the UIDs and dates (docs/mapping.md):
+    "ReferringPhysicianName",
+    "ProcedureCodeSequence",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "OperatorsName",
+    "BodyPartExamined",
+    "Laterality",
+    "ImageLaterality",
+    "RequestedProcedureCodeSequence",
+    "RequestAttributesSequence",
+    "ReasonForTheRequestedProcedure",
+    "ReasonForRequestedProcedureCodeSequence",
+    "ConceptNameCodeSequence",
+    "DocumentTitle",
+    "ContentLabel",
 )
 
 
@@ -111,6 +127,100 @@ def _read_text(ds: Dataset, keyword: str) -> str:
     return str(value).strip(" \x00")
 
 
+def _read_texts(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    """Every value of a multi-valued text or person name (LO, PN), decoded, unpadded, empty ones left out."""
+    tag = _tag_of(keyword)
+    if tag not in ds:
+        return ()
+    try:
+        value = ds[tag].value
+    except Exception as exc:  # undecodable bytes in the dataset's character set
+        raise InvalidInstanceError(keyword, _tag_text(keyword), f"cannot be decoded ({exc})") from exc
+    if value is None:
+        return ()
+    values = value if isinstance(value, MultiValue | list) else [value]
+    texts = (str(item).strip(" \x00") for item in values)
+    return tuple(text for text in texts if text)
+
+
+def _sequence_items(ds: Dataset, keyword: str) -> list[Dataset]:
+    """The items of a sequence attribute; empty when absent."""
+    tag = _tag_of(keyword)
+    if tag not in ds:
+        return []
+    try:
+        value = ds[tag].value
+    except Exception as exc:  # a sequence that cannot be parsed
+        raise InvalidInstanceError(keyword, _tag_text(keyword), f"cannot be decoded ({exc})") from exc
+    if not value:
+        return []
+    return [item for item in value if isinstance(item, Dataset)]
+
+
+def _read_codes(ds: Dataset, keyword: str) -> tuple[CodedConcept, ...]:
+    """The coded entries of a code sequence; items with neither a code nor a meaning are left out.
+
+    A URNCodeValue stands without a CodingSchemeDesignator (PS3.3 8.7.3.3), so its scheme stays empty.
+    """
+    concepts = []
+    for item in _sequence_items(ds, keyword):
+        code = _read_text(item, "CodeValue") or _read_text(item, "LongCodeValue") or _read_text(item, "URNCodeValue")
+        meaning = _read_text(item, "CodeMeaning")
+        if not code and not meaning:
+            continue
+        concepts.append(
+            CodedConcept(
+                code=code,
+                scheme=_read_text(item, "CodingSchemeDesignator"),
+                meaning=meaning,
+                scheme_version=_read_text(item, "CodingSchemeVersion"),
+            )
+        )
+    return tuple(concepts)
+
+
+def _with_request_attributes(ds: Dataset) -> list[Dataset]:
+    """The dataset itself, then each Request Attributes Sequence item: where the order's attributes live."""
+    return [ds, *_sequence_items(ds, "RequestAttributesSequence")]
+
+
+def _procedure_codes(ds: Dataset) -> tuple[CodedConcept, ...]:
+    """ProcedureCodeSequence (what was performed); without it, the requested procedure's codes."""
+    performed = _read_codes(ds, "ProcedureCodeSequence")
+    if performed:
+        return performed
+    requested = (
+        code
+        for source in _with_request_attributes(ds)
+        for code in _read_codes(source, "RequestedProcedureCodeSequence")
+    )
+    return tuple(dict.fromkeys(requested))
+
+
+def _reasons(ds: Dataset) -> tuple[str, ...]:
+    texts = (_read_text(source, "ReasonForTheRequestedProcedure") for source in _with_request_attributes(ds))
+    return tuple(dict.fromkeys(text for text in texts if text))
+
+
+def _reason_codes(ds: Dataset) -> tuple[CodedConcept, ...]:
+    codes = (
+        code
+        for source in _with_request_attributes(ds)
+        for code in _read_codes(source, "ReasonForRequestedProcedureCodeSequence")
+    )
+    return tuple(dict.fromkeys(codes))
+
+
+def _instance_title(ds: Dataset) -> str:
+    """ContentLabel (presentation states, segmentations), DocumentTitle (encapsulated documents), else the
+    meaning of the document title code (ConceptNameCodeSequence of SR and key object selection)."""
+    title = _read_text(ds, "ContentLabel") or _read_text(ds, "DocumentTitle")
+    if title:
+        return title
+    concept_names = _read_codes(ds, "ConceptNameCodeSequence")
+    return concept_names[0].meaning if concept_names else ""
+
+
 def _required_uid(ds: Dataset, keyword: str) -> str:
     uid = _read_ascii(ds, keyword)
     if not uid:
@@ -167,6 +277,11 @@ def extract_instance(ds: Dataset) -> InstanceRecord:
             study_time=_read_ascii(ds, "StudyTime"),
             timezone_offset=_read_ascii(ds, "TimezoneOffsetFromUTC"),
             study_description=_read_text(ds, "StudyDescription"),
+            referring_physician=_read_text(ds, "ReferringPhysicianName"),
+            reading_physicians=_read_texts(ds, "NameOfPhysiciansReadingStudy"),
+            procedure_codes=_procedure_codes(ds),
+            reasons=_reasons(ds),
+            reason_codes=_reason_codes(ds),
         ),
         series=SeriesAttributes(
             series_uid=series_uid,
@@ -175,8 +290,14 @@ def extract_instance(ds: Dataset) -> InstanceRecord:
             series_description=_read_text(ds, "SeriesDescription"),
             series_date=_read_ascii(ds, "SeriesDate"),
             series_time=_read_ascii(ds, "SeriesTime"),
+            body_part_examined=_read_text(ds, "BodyPartExamined").upper(),
+            laterality=_read_text(ds, "Laterality").upper(),
+            performing_physicians=_read_texts(ds, "PerformingPhysicianName"),
+            operators=_read_texts(ds, "OperatorsName"),
         ),
         sop_instance_uid=sop_instance_uid,
         sop_class_uid=sop_class_uid,
         instance_number=_optional_integer(ds, "InstanceNumber"),
+        image_laterality=_read_text(ds, "ImageLaterality").upper(),
+        title=_instance_title(ds),
     )

@@ -4,7 +4,8 @@ Deterministic: no clock, no I/O, no randomness, so the same snapshot always give
 same content hash, which is what lets the publisher send nothing when nothing changed. The mapping follows
 the FHIR ImagingStudy <-> DICOM notes: UIDs as ``urn:oid:`` under the ``urn:dicom:uid`` system, the
 accession number as a ServiceRequest identifier of type ACSN, SOP classes as ``urn:oid:`` codes under
-``urn:ietf:rfc:3986``.
+``urn:ietf:rfc:3986``. Codes go through ``fhir/coding.py`` (never a code without a system), person names
+through ``fhir/person_name.py``. docs/mapping.md lists every element with its DICOM source.
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import tzinfo
 
+from pacs_bridge.fhir.coding import (
+    body_site_coding,
+    codeable_concept,
+    laterality_coding,
+    performer_function,
+    series_laterality,
+)
 from pacs_bridge.fhir.dicom_time import to_fhir_datetime
 from pacs_bridge.fhir.endpoint import EndpointSettings
+from pacs_bridge.fhir.person_name import render_person_name
 from pacs_bridge.fhir.resource import FhirResource, fhir_id_for_uid
-from pacs_bridge.records import SeriesSnapshot, StudyAttributes, StudySnapshot
+from pacs_bridge.records import InstanceSnapshot, SeriesSnapshot, StudyAttributes, StudySnapshot
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DICOM_MODALITY_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -33,6 +42,8 @@ class MappingSettings:
     accession_identifier_system: str = ""
     # None: the host's local time zone rules, for DICOM times that carry no TimezoneOffsetFromUTC.
     site_zone: tzinfo | None = None
+    # A literal reference (``Location/radiology-1``) for ImagingStudy.location; empty: no location.
+    location_reference: str = ""
 
 
 def _oid(uid: str) -> str:
@@ -62,6 +73,41 @@ def _based_on(study: StudyAttributes, settings: MappingSettings) -> list[FhirRes
     return [{"type": "ServiceRequest", "identifier": identifier}]
 
 
+def _practitioner(pn: str) -> FhirResource | None:
+    """A Reference to a practitioner known only by name (Reference.display); ``None`` for an empty name."""
+    display = render_person_name(pn)
+    return {"type": "Practitioner", "display": display} if display else None
+
+
+def _practitioners(names: tuple[str, ...]) -> list[FhirResource]:
+    references = (_practitioner(name) for name in names)
+    return [reference for reference in references if reference is not None]
+
+
+def _performers(series: SeriesSnapshot) -> list[FhirResource]:
+    attributes = series.attributes
+    performers = []
+    for role, names in (
+        ("performing_physician", attributes.performing_physicians),
+        ("operator", attributes.operators),
+    ):
+        for actor in _practitioners(names):
+            performers.append({"function": performer_function(role), "actor": actor})
+    return performers
+
+
+def _build_instance(instance: InstanceSnapshot) -> FhirResource:
+    entry: FhirResource = {
+        "uid": instance.sop_instance_uid,
+        "sopClass": {"system": SOP_CLASS_SYSTEM, "code": _oid(instance.sop_class_uid)},
+    }
+    if instance.instance_number is not None:
+        entry["number"] = instance.instance_number
+    if instance.title:
+        entry["title"] = instance.title
+    return entry
+
+
 def _build_series(series: SeriesSnapshot, site_zone: tzinfo | None, timezone_offset: str) -> FhirResource:
     attributes = series.attributes
     element: FhirResource = {"uid": attributes.series_uid}
@@ -71,20 +117,22 @@ def _build_series(series: SeriesSnapshot, site_zone: tzinfo | None, timezone_off
     if attributes.series_description:
         element["description"] = attributes.series_description
     element["numberOfInstances"] = len(series.instances)
+    body_site = body_site_coding(attributes.body_part_examined)
+    if body_site is not None:
+        element["bodySite"] = body_site
+    laterality = laterality_coding(
+        series_laterality(attributes.laterality, [instance.image_laterality for instance in series.instances])
+    )
+    if laterality is not None:
+        element["laterality"] = laterality
     started = to_fhir_datetime(attributes.series_date, attributes.series_time, timezone_offset, site_zone)
     if started:
         element["started"] = started
-    instances: list[FhirResource] = []
-    for instance in series.instances:
-        entry: FhirResource = {
-            "uid": instance.sop_instance_uid,
-            "sopClass": {"system": SOP_CLASS_SYSTEM, "code": _oid(instance.sop_class_uid)},
-        }
-        if instance.instance_number is not None:
-            entry["number"] = instance.instance_number
-        instances.append(entry)
-    if instances:
-        element["instance"] = instances
+    performers = _performers(series)
+    if performers:
+        element["performer"] = performers
+    if series.instances:
+        element["instance"] = [_build_instance(instance) for instance in series.instances]
     return element
 
 
@@ -112,10 +160,23 @@ def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> F
     based_on = _based_on(study, settings)
     if based_on:
         resource["basedOn"] = based_on
+    referrer = _practitioner(study.referring_physician)
+    if referrer is not None:
+        resource["referrer"] = referrer
+    interpreters = _practitioners(study.reading_physicians)
+    if interpreters:
+        resource["interpreter"] = interpreters
     if settings.endpoints:
         resource["endpoint"] = [{"reference": f"Endpoint/{endpoint.id}"} for endpoint in settings.endpoints]
     resource["numberOfSeries"] = len(snapshot.series)
     resource["numberOfInstances"] = snapshot.number_of_instances
+    if study.procedure_codes:
+        resource["procedureCode"] = [codeable_concept(code) for code in study.procedure_codes]
+    if settings.location_reference:
+        resource["location"] = {"reference": settings.location_reference}
+    reasons = [codeable_concept(code) for code in study.reason_codes] + [{"text": text} for text in study.reasons]
+    if reasons:
+        resource["reasonCode"] = reasons
     if study.study_description:
         resource["description"] = study.study_description
     if snapshot.series:

@@ -8,11 +8,14 @@ restart (or another bridge sharing the PostgreSQL database) picks up exactly whe
 from __future__ import annotations
 
 import enum
+import json
 from datetime import UTC, datetime
 
 from sqlalchemy import DateTime, Dialect, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from pacs_bridge.records import CodedConcept
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -33,6 +36,38 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class TextTuple(TypeDecorator[tuple[str, ...]]):
+    """A tuple of strings (multi-valued DICOM texts and person names), stored as a JSON array in a TEXT column."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: tuple[str, ...] | None, dialect: Dialect) -> str:
+        return json.dumps(list(value or ()), ensure_ascii=False)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> tuple[str, ...]:
+        return tuple(str(item) for item in json.loads(value)) if value else ()
+
+
+class CodedConceptTuple(TypeDecorator[tuple[CodedConcept, ...]]):
+    """DICOM code sequence items, stored as a JSON array of ``[code, scheme, meaning, scheme_version]``."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: tuple[CodedConcept, ...] | None, dialect: Dialect) -> str:
+        rows = [[c.code, c.scheme, c.meaning, c.scheme_version] for c in value or ()]
+        return json.dumps(rows, ensure_ascii=False)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> tuple[CodedConcept, ...]:
+        if not value:
+            return ()
+        return tuple(
+            CodedConcept(code=code, scheme=scheme, meaning=meaning, scheme_version=version)
+            for code, scheme, meaning, version in json.loads(value)
+        )
 
 
 class PublishState(enum.StrEnum):
@@ -57,6 +92,11 @@ class Study(Base):
     study_time: Mapped[str] = mapped_column(String(32), default="")
     timezone_offset: Mapped[str] = mapped_column(String(16), default="")
     study_description: Mapped[str] = mapped_column(Text, default="")
+    referring_physician: Mapped[str] = mapped_column(Text, default="")
+    reading_physicians: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
+    procedure_codes: Mapped[tuple[CodedConcept, ...]] = mapped_column(CodedConceptTuple, default=())
+    reasons: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
+    reason_codes: Mapped[tuple[CodedConcept, ...]] = mapped_column(CodedConceptTuple, default=())
 
     # Debounce and publish state.
     change_seq: Mapped[int] = mapped_column(Integer, default=0)  # +1 for every indexed change
@@ -90,6 +130,10 @@ class Series(Base):
     series_description: Mapped[str] = mapped_column(Text, default="")
     series_date: Mapped[str] = mapped_column(String(16), default="")
     series_time: Mapped[str] = mapped_column(String(32), default="")
+    body_part_examined: Mapped[str] = mapped_column(Text, default="")
+    laterality: Mapped[str] = mapped_column(String(16), default="")
+    performing_physicians: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
+    operators: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
 
 
 class Instance(Base):
@@ -100,6 +144,8 @@ class Instance(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     instance_number: Mapped[int | None] = mapped_column(Integer)
+    image_laterality: Mapped[str] = mapped_column(String(16), default="")
+    title: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 

@@ -9,8 +9,10 @@ as raw bytes here.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Iterator
+from io import BytesIO
 from typing import Any, BinaryIO, cast
 
 import pytest
@@ -21,11 +23,12 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from pacs_bridge.dicom.extract import HEADER_KEYWORDS, HEADER_TAGS, MODALITY_WHEN_ABSENT, extract_instance
+from pacs_bridge.dicom.scp import read_header
 from pacs_bridge.errors import InvalidInstanceError
-from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
+from pacs_bridge.records import CodedConcept, InstanceRecord, SeriesAttributes, StudyAttributes
 from tests.support.studies import make_dataset, uid
 
 
@@ -311,3 +314,206 @@ def test_header_tags_are_the_header_keywords_sorted_without_duplicates() -> None
     """HEADER_TAGS lists one tag per keyword, in ascending order for the stop-before-pixels read."""
     assert list(HEADER_TAGS) == sorted({int(Tag(keyword)) for keyword in HEADER_KEYWORDS})
     assert len(HEADER_TAGS) == len(HEADER_KEYWORDS)
+
+
+# ---- the attributes the FHIR mapping needs (issue 3) -------------------------------------------------------
+
+
+def code_item(value: str, scheme: str, meaning: str, **extra: str) -> Dataset:
+    """One Basic Code Sequence Macro item."""
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    for keyword, text in extra.items():
+        setattr(item, keyword, text)
+    return item
+
+
+CT_CHEST = CodedConcept(code="24627-2", scheme="LN", meaning="CT Chest")
+REQUESTED_CT = CodedConcept(code="RPID-CT", scheme="99ORDERS", meaning="CT thorax requested")
+COUGH = CodedConcept(code="49727002", scheme="SCT", meaning="Cough")
+
+
+def mapping_dataset(**overrides: Any) -> Dataset:
+    """The default test dataset with every attribute the mapping reads, the order's in a request item."""
+    request = Dataset()
+    request.RequestedProcedureCodeSequence = [code_item("RPID-CT", "99ORDERS", "CT thorax requested")]
+    request.ReasonForTheRequestedProcedure = "Persistent cough"
+    request.ReasonForRequestedProcedureCodeSequence = [code_item("49727002", "SCT", "Cough")]
+    ds = make_dataset(
+        ReferringPhysicianName="Doe^Jane",
+        NameOfPhysiciansReadingStudy=["House^Gregory^^Dr.", "Cuddy^Lisa"],
+        ProcedureCodeSequence=[code_item("24627-2", "LN", "CT Chest")],
+        PerformingPhysicianName="Wilson^James",
+        OperatorsName=["Tech^Tom", "Tech^Tina"],
+        BodyPartExamined="CHEST",
+        Laterality="R",
+        ImageLaterality="R",
+        RequestAttributesSequence=[request],
+    )
+    for keyword, value in overrides.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+EXPECTED_MAPPING_RECORD = dataclasses.replace(
+    EXPECTED_DEFAULT_RECORD,
+    study=dataclasses.replace(
+        EXPECTED_DEFAULT_RECORD.study,
+        referring_physician="Doe^Jane",
+        reading_physicians=("House^Gregory^^Dr.", "Cuddy^Lisa"),
+        procedure_codes=(CT_CHEST,),
+        reasons=("Persistent cough",),
+        reason_codes=(COUGH,),
+    ),
+    series=dataclasses.replace(
+        EXPECTED_DEFAULT_RECORD.series,
+        body_part_examined="CHEST",
+        laterality="R",
+        performing_physicians=("Wilson^James",),
+        operators=("Tech^Tom", "Tech^Tina"),
+    ),
+    image_laterality="R",
+)
+
+
+def test_extract_instance_keeps_every_attribute_the_mapping_needs() -> None:
+    """Names, codes, reasons, body part and laterality reach the record, field by field."""
+    assert extract_instance(mapping_dataset()) == EXPECTED_MAPPING_RECORD
+
+
+def test_header_only_read_of_the_listener_keeps_nested_sequence_items() -> None:
+    """read_header (the listener's reader) reads code sequences and the request item's nested sequences."""
+    data = encode(mapping_dataset())
+
+    header_only = read_header(BytesIO(data), ExplicitVRLittleEndian)
+
+    assert extract_instance(header_only) == EXPECTED_MAPPING_RECORD
+
+
+def test_header_only_read_stops_before_pixel_data() -> None:
+    """The largest header tag is below the pixel data, so the listener never decodes pixels."""
+    assert max(HEADER_TAGS) < 0x7FE00010
+
+
+def test_requested_procedure_code_stands_in_when_no_procedure_code_sequence() -> None:
+    """Without ProcedureCodeSequence the requested procedure's code (request item) is the procedure code."""
+    record = extract_instance(mapping_dataset(ProcedureCodeSequence=None))
+
+    assert record.study.procedure_codes == (REQUESTED_CT,)
+
+
+def test_top_level_reason_and_request_item_reason_are_both_kept_once() -> None:
+    """A reason stated at the top level and in the request item appears once; different ones both appear."""
+    same = extract_instance(mapping_dataset(ReasonForTheRequestedProcedure="Persistent cough"))
+    other = extract_instance(mapping_dataset(ReasonForTheRequestedProcedure="Follow-up"))
+
+    assert same.study.reasons == ("Persistent cough",)
+    assert other.study.reasons == ("Follow-up", "Persistent cough")
+
+
+def test_code_item_keeps_long_code_value_and_scheme_version() -> None:
+    """LongCodeValue stands in for CodeValue; CodingSchemeVersion is kept."""
+    item = Dataset()
+    item.LongCodeValue = "A-VERY-LONG-LOCAL-PROCEDURE-CODE-OVER-SIXTEEN"
+    item.CodingSchemeDesignator = "99LOCAL"
+    item.CodingSchemeVersion = "2024"
+    item.CodeMeaning = "Local procedure"
+
+    record = extract_instance(make_dataset(ProcedureCodeSequence=[item]))
+
+    assert record.study.procedure_codes == (
+        CodedConcept(
+            code="A-VERY-LONG-LOCAL-PROCEDURE-CODE-OVER-SIXTEEN",
+            scheme="99LOCAL",
+            meaning="Local procedure",
+            scheme_version="2024",
+        ),
+    )
+
+
+def test_code_item_without_code_or_meaning_is_left_out() -> None:
+    """An empty item says nothing and is not kept."""
+    record = extract_instance(make_dataset(ProcedureCodeSequence=[Dataset(), code_item("24627-2", "LN", "CT Chest")]))
+
+    assert record.study.procedure_codes == (CT_CHEST,)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "title"),
+    [
+        ({"ContentLabel": "MEASUREMENTS"}, "MEASUREMENTS"),  # presentation state / segmentation label
+        ({"DocumentTitle": "Referral letter"}, "Referral letter"),  # encapsulated PDF or CDA
+        (
+            {"ConceptNameCodeSequence": [code_item("113701", "DCM", "X-Ray Radiation Dose Report")]},
+            "X-Ray Radiation Dose Report",
+        ),  # SR document title
+        (
+            {"ContentLabel": "LABEL", "DocumentTitle": "Title"},
+            "LABEL",
+        ),  # ContentLabel first
+        ({}, ""),  # an image: no title
+    ],
+)
+def test_instance_title_comes_from_label_title_or_concept_name(overrides: dict[str, Any], title: str) -> None:
+    """ContentLabel, else DocumentTitle, else the meaning of ConceptNameCodeSequence."""
+    assert extract_instance(make_dataset(**overrides)).title == title
+
+
+@pytest.mark.usefixtures("lenient_pydicom")
+def test_lower_case_body_part_and_laterality_are_upper_cased() -> None:
+    """CS values are upper case by definition; lower-case senders are normalised."""
+    record = extract_instance(mapping_dataset(BodyPartExamined="chest", Laterality="l", ImageLaterality="l"))
+
+    assert (record.series.body_part_examined, record.series.laterality, record.image_laterality) == ("CHEST", "L", "L")
+
+
+def padded(data: bytes) -> bytes:
+    return data + b" " if len(data) % 2 else data
+
+
+# (SpecificCharacterSet as on the wire, name as sent, the Unicode text the record must hold)
+CHARACTER_SET_CASES = [
+    # Latin-1: one byte per accented letter
+    pytest.param(b"ISO_IR 100", "Müller^Zoë".encode("latin-1"), "Müller^Zoë", id="latin-1"),
+    # UTF-8
+    pytest.param(b"ISO_IR 192", "Øster^Åse=東京^太郎".encode(), "Øster^Åse=東京^太郎", id="utf-8"),
+    # Japanese: ASCII alphabetic group, then JIS X 0208 kanji and hiragana groups switched in by ISO 2022 escapes
+    pytest.param(
+        b"\\ISO 2022 IR 87",
+        b"Yamada^Tarou="
+        + "山田".encode("iso2022_jp")
+        + b"^"
+        + "太郎".encode("iso2022_jp")
+        + b"="
+        + "やまだ".encode("iso2022_jp")
+        + b"^"
+        + "たろう".encode("iso2022_jp"),
+        "Yamada^Tarou=山田^太郎=やまだ^たろう",
+        id="iso-2022-ir-87",
+    ),
+]
+
+
+@pytest.mark.parametrize(("character_set", "raw_name", "expected"), CHARACTER_SET_CASES)
+def test_names_and_descriptions_are_decoded_with_the_specific_character_set(
+    character_set: bytes, raw_name: bytes, expected: str
+) -> None:
+    """Raw bytes from the wire, read by the listener's header reader, arrive as the right Unicode."""
+    wire = from_wire(
+        make_dataset(),
+        SpecificCharacterSet=padded(character_set),
+        ReferringPhysicianName=padded(raw_name),
+        PerformingPhysicianName=padded(raw_name),
+    )
+    # Written again (now in tag order, still the same bytes) and read the way the listener reads it.
+    header_only = read_header(BytesIO(encode(wire)), ExplicitVRLittleEndian)
+
+    record = extract_instance(header_only)
+
+    assert record.study.referring_physician == expected
+    assert record.series.performing_physicians == (expected,)

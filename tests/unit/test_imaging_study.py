@@ -20,6 +20,7 @@ from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MISSING_PATIENT_ID_DISPLAY, MappingSettings, build_imaging_study
 from pacs_bridge.fhir.resource import content_hash
 from pacs_bridge.records import (
+    CodedConcept,
     InstanceSnapshot,
     SeriesAttributes,
     SeriesSnapshot,
@@ -309,3 +310,105 @@ def test_id_for_a_non_uid_study_uid_is_a_valid_deterministic_fhir_id(study_uid: 
 def test_id_for_a_valid_uid_is_the_uid_itself() -> None:
     """A DICOM UID is already a valid FHIR id, kept as is so operators can find it by eye."""
     assert build_imaging_study(ct_one_series_snapshot(), SETTINGS)["id"] == STUDY_UID
+
+
+# ---- every element the DICOM mapping covers (issue 3) ------------------------------------------------------
+
+LN_CT_CHEST = CodedConcept(code="24627-2", scheme="LN", meaning="CT Chest")
+LOCAL_CT = CodedConcept(code="CTTHX", scheme="99ORDERS", meaning="CT thorax, local code")
+COUGH = CodedConcept(code="49727002", scheme="SCT", meaning="Cough")
+
+
+def fully_described_snapshot() -> StudySnapshot:
+    """The one-series CT with every attribute the mapping reads: names, codes, body part, laterality, titles."""
+    snapshot = ct_one_series_snapshot()
+    series = snapshot.series[0]
+    return dataclasses.replace(
+        snapshot,
+        attributes=dataclasses.replace(
+            snapshot.attributes,
+            referring_physician="Doe^Jane",
+            reading_physicians=("House^Gregory^^Dr.",),
+            procedure_codes=(LN_CT_CHEST, LOCAL_CT),
+            reasons=("Persistent cough",),
+            reason_codes=(COUGH,),
+        ),
+        series=(
+            dataclasses.replace(
+                series,
+                attributes=dataclasses.replace(
+                    series.attributes,
+                    body_part_examined="CHEST",
+                    laterality="",
+                    performing_physicians=("Wilson^James",),
+                    operators=("Tech^Tom",),
+                ),
+                instances=tuple(
+                    dataclasses.replace(instance, image_laterality="R", title="Axial" if n == 0 else "")
+                    for n, instance in enumerate(series.instances)
+                ),
+            ),
+        ),
+    )
+
+
+def test_study_level_people_codes_and_reasons_are_mapped() -> None:
+    """referrer, interpreter, procedureCode (coded or text) and reasonCode (codes, then texts)."""
+    resource = build_imaging_study(fully_described_snapshot(), SETTINGS)
+
+    assert resource["referrer"] == {"type": "Practitioner", "display": "Jane Doe"}
+    assert resource["interpreter"] == [{"type": "Practitioner", "display": "Dr. Gregory House"}]
+    assert resource["procedureCode"] == [
+        {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]},
+        {"text": "CT thorax, local code"},
+    ]
+    assert resource["reasonCode"] == [
+        {"coding": [{"system": "http://snomed.info/sct", "code": "49727002", "display": "Cough"}]},
+        {"text": "Persistent cough"},
+    ]
+
+
+def test_series_body_site_laterality_and_performers_are_mapped() -> None:
+    """bodySite from Annex L, laterality from the images, performers with their function codes."""
+    series = build_imaging_study(fully_described_snapshot(), SETTINGS)["series"][0]
+
+    assert series["bodySite"] == {"system": "http://snomed.info/sct", "code": "816094009", "display": "Chest"}
+    assert series["laterality"] == {"system": "http://snomed.info/sct", "code": "24028007", "display": "Right"}
+    participation = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+    assert series["performer"] == [
+        {
+            "function": {"coding": [{"system": participation, "code": "PRF", "display": "performer"}]},
+            "actor": {"type": "Practitioner", "display": "James Wilson"},
+        },
+        {
+            "function": {"coding": [{"system": participation, "code": "SPRF", "display": "secondary performer"}]},
+            "actor": {"type": "Practitioner", "display": "Tom Tech"},
+        },
+    ]
+    assert [instance.get("title") for instance in series["instance"]] == ["Axial", None, None]
+
+
+def test_location_appears_only_when_configured() -> None:
+    """ImagingStudy.location is the configured Location reference, absent otherwise."""
+    snapshot = fully_described_snapshot()
+    located = dataclasses.replace(SETTINGS, location_reference="Location/radiology-1")
+
+    assert "location" not in build_imaging_study(snapshot, SETTINGS)
+    assert build_imaging_study(snapshot, located)["location"] == {"reference": "Location/radiology-1"}
+
+
+def test_snapshot_without_the_new_attributes_maps_none_of_their_elements() -> None:
+    """No names, codes, body part or laterality: none of their elements, not even empty ones."""
+    resource = build_imaging_study(ct_one_series_snapshot(), SETTINGS)
+
+    assert not {"referrer", "interpreter", "procedureCode", "reasonCode", "location"} & set(resource)
+    assert not {"bodySite", "laterality", "performer"} & set(resource["series"][0])
+
+
+def test_fully_described_resource_is_valid_r4_according_to_fhir_resources() -> None:
+    """The fhir.resources R4B model accepts the resource with every mapped element."""
+    from fhir.resources.R4B.imagingstudy import ImagingStudy
+
+    located = dataclasses.replace(SETTINGS, location_reference="Location/radiology-1")
+
+    ImagingStudy.model_validate(build_imaging_study(fully_described_snapshot(), located))

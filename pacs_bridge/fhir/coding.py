@@ -1,0 +1,138 @@
+"""Pure coding tables for the ImagingStudy mapping: DICOM coding schemes -> FHIR systems, laterality, performer
+functions and BodyPartExamined -> SNOMED CT (PS3.16 Annex L, from the data file shipped in the package).
+
+The rule throughout: a ``Coding`` carries a ``code`` only together with its ``system``. A DICOM code whose
+scheme has no known FHIR system keeps its meaning as text, never as a code without a system.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+from pacs_bridge.fhir.resource import FhirResource
+from pacs_bridge.records import CodedConcept
+
+SNOMED_CT = "http://snomed.info/sct"
+PARTICIPATION_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+URI_SYSTEM = "urn:ietf:rfc:3986"
+
+# DICOM CodingSchemeDesignator -> FHIR code system URI (PS3.16 section 8 and the FHIR/HL7 terminology
+# registry). Only schemes whose FHIR URI is certain are listed; any other designator, including the local
+# "99..." ones, is kept as text.
+CODING_SCHEME_SYSTEMS: dict[str, str] = {
+    "SCT": SNOMED_CT,
+    "LN": "http://loinc.org",
+    "RADLEX": "http://www.radlex.org",
+    "DCM": "http://dicom.nema.org/resources/ontology/DCM",
+    "UCUM": "http://unitsofmeasure.org",
+    "I10": "http://hl7.org/fhir/sid/icd-10",
+    "I9C": "http://hl7.org/fhir/sid/icd-9-cm",
+    "C4": "http://www.ama-assn.org/go/cpt",
+    "C5": "http://www.ama-assn.org/go/cpt",
+    "RXNORM": "http://www.nlm.nih.gov/research/umls/rxnorm",
+}
+
+# Laterality (0020,0060) / ImageLaterality (0020,0062) -> SNOMED CT, DICOM CID 244. "U" (ImageLaterality:
+# the body part is unpaired) has no laterality at all, so it maps to nothing; 66459002 "Unilateral" is not a
+# value either attribute can state.
+LATERALITY_CODES: dict[str, tuple[str, str]] = {
+    "L": ("7771000", "Left"),
+    "R": ("24028007", "Right"),
+    "B": ("51440002", "Right and left"),
+}
+
+# The series performer's function, from v3-ParticipationType: the performing physician carries out the
+# procedure (PRF, performer); the operator is the technologist assisting at the modality (SPRF).
+PERFORMER_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "performing_physician": ("PRF", "performer"),
+    "operator": ("SPRF", "secondary performer"),
+}
+
+
+def coding_system(scheme: str) -> str | None:
+    """The FHIR system URI for a DICOM CodingSchemeDesignator; ``None`` when unknown."""
+    return CODING_SCHEME_SYSTEMS.get(scheme.strip().upper())
+
+
+def fhir_coding(concept: CodedConcept) -> FhirResource | None:
+    """The FHIR ``Coding`` of a DICOM coded entry, or ``None`` when its scheme has no known FHIR system."""
+    system = coding_system(concept.scheme) if concept.scheme else None
+    if system is None and not concept.scheme and concept.code.startswith(("urn:", "http://", "https://")):
+        system = URI_SYSTEM  # a URNCodeValue is its own system
+    if system is None or not concept.code:
+        return None
+    coding: FhirResource = {"system": system}
+    if concept.scheme_version:
+        coding["version"] = concept.scheme_version
+    coding["code"] = concept.code
+    if concept.meaning:
+        coding["display"] = concept.meaning
+    return coding
+
+
+def codeable_concept(concept: CodedConcept) -> FhirResource:
+    """A ``CodeableConcept``: the coding when the scheme is known, else the meaning (or code) as text only."""
+    coding = fhir_coding(concept)
+    if coding is not None:
+        return {"coding": [coding]}
+    text = concept.meaning or " ".join(part for part in (concept.scheme, concept.code) if part)
+    return {"text": text}
+
+
+def laterality_coding(value: str) -> FhirResource | None:
+    """The SNOMED CT ``Coding`` for a DICOM laterality value (R, L, B); ``None`` for anything else."""
+    entry = LATERALITY_CODES.get(value.strip().upper())
+    if entry is None:
+        return None
+    code, display = entry
+    return {"system": SNOMED_CT, "code": code, "display": display}
+
+
+def series_laterality(series_laterality: str, image_lateralities: list[str]) -> str:
+    """The series' laterality value: its own Laterality, else what its images state together.
+
+    Images of both sides (a bilateral mammogram series) give "B"; images of one side give that side.
+    """
+    own = series_laterality.strip().upper()
+    if own in LATERALITY_CODES:
+        return own
+    sides = {value.strip().upper() for value in image_lateralities} & set(LATERALITY_CODES)
+    if "B" in sides or {"L", "R"} <= sides:
+        return "B"
+    return sides.pop() if len(sides) == 1 else ""
+
+
+def performer_function(role: str) -> FhirResource:
+    code, display = PERFORMER_FUNCTIONS[role]
+    return {"coding": [{"system": PARTICIPATION_TYPE_SYSTEM, "code": code, "display": display}]}
+
+
+@dataclass(frozen=True, slots=True)
+class BodySite:
+    code: str
+    display: str
+
+
+@functools.cache
+def body_part_table() -> dict[str, BodySite]:
+    """The BodyPartExamined -> SNOMED CT table shipped as package data (provenance in the file's header)."""
+    text = resources.files("pacs_bridge.fhir").joinpath("data/body_part_examined.csv").read_text(encoding="utf-8")
+    rows = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
+    return {row["term"]: BodySite(code=row["code"], display=row["display"]) for row in rows}
+
+
+def body_site_coding(body_part_examined: str) -> FhirResource | None:
+    """SNOMED CT ``Coding`` for a BodyPartExamined term; an unmapped term as a ``Coding`` with display only.
+
+    ``None`` when the attribute is empty.
+    """
+    term = body_part_examined.strip().upper()
+    if not term:
+        return None
+    site = body_part_table().get(term)
+    if site is None:
+        return {"display": body_part_examined.strip()}
+    return {"system": SNOMED_CT, "code": site.code, "display": site.display}
