@@ -269,16 +269,20 @@ class Index:
                     Instance.sop_instance_uid,
                     Instance.sop_class_uid,
                     Instance.instance_number,
+                    Instance.image_laterality,
+                    Instance.title,
                 )
                 .join(Series, Series.id == Instance.series_id)
                 .where(Series.study_id == study.id)
             )
-            for series_id, sop_instance_uid, sop_class_uid, instance_number in instance_rows:
+            for series_id, sop_instance_uid, sop_class_uid, instance_number, laterality, title in instance_rows:
                 instances_by_series[series_id].append(
                     InstanceSnapshot(
                         sop_instance_uid=sop_instance_uid,
                         sop_class_uid=sop_class_uid,
                         instance_number=instance_number,
+                        image_laterality=laterality,
+                        title=title,
                     )
                 )
             series_snapshots = [
