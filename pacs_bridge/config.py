@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pacs_bridge.dicom.access import CallingAeRule, parse_network
 from pacs_bridge.errors import ConfigError
 from pacs_bridge.fhir.endpoint import CONNECTION_TYPES
 
@@ -35,19 +36,58 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _checked_ae_title(value: str) -> str:
+    if not _AE_TITLE.fullmatch(value) or not value.strip():
+        raise ValueError(f"expected 1 to 16 printable characters without backslash, got {value!r}")
+    return value.strip()
+
+
+class AllowedCallingAeConfig(_Section):
+    """A calling AE title allowed to associate, optionally only from these addresses or networks."""
+
+    ae_title: str
+    addresses: list[str] = []
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return _checked_ae_title(value)
+
+    @field_validator("addresses")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            parse_network(address)
+        return value
+
+
 class DicomConfig(_Section):
     ae_title: str = "PACS_BRIDGE"
     bind: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1, le=1000)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Empty: any calling AE. Entries: an AE title, or {ae_title, addresses} to pin it to source addresses.
+    allowed_calling_aets: list[AllowedCallingAeConfig] = []
 
     @field_validator("ae_title")
     @classmethod
     def _check_ae_title(cls, value: str) -> str:
-        if not _AE_TITLE.fullmatch(value) or not value.strip():
-            raise ValueError(f"expected 1 to 16 printable characters without backslash, got {value!r}")
-        return value.strip()
+        return _checked_ae_title(value)
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _titles_as_entries(cls, value: Any) -> Any:
+        """A plain AE title is short for {ae_title: TITLE} (from any address)."""
+        if isinstance(value, list):
+            return [{"ae_title": entry} if isinstance(entry, str) else entry for entry in value]
+        return value
+
+    def calling_ae_rules(self) -> tuple[CallingAeRule, ...]:
+        return tuple(
+            CallingAeRule(ae_title=entry.ae_title, networks=tuple(parse_network(a) for a in entry.addresses))
+            for entry in self.allowed_calling_aets
+        )
 
 
 class DatabaseConfig(_Section):
@@ -126,6 +166,14 @@ class AccessionConfig(_Section):
 
 class SiteConfig(_Section):
     timezone: str = ""  # IANA name; empty: the host's time zone
+    location: str = ""  # FHIR Location reference for ImagingStudy.location; empty: none
+
+    @field_validator("location")
+    @classmethod
+    def _check_location(cls, value: str) -> str:
+        if value and not re.fullmatch(r"Location/[A-Za-z0-9\-.]{1,64}", value):
+            raise ValueError(f"expected a reference such as Location/radiology-1, got {value!r}")
+        return value
 
     @field_validator("timezone")
     @classmethod

@@ -141,6 +141,7 @@ class BridgeService:
                 port=dicom.port,
                 max_associations=dicom.max_associations,
                 network_timeout_seconds=dicom.network_timeout_seconds,
+                allowed_calling_aets=dicom.calling_ae_rules(),
             ),
             self.index,
             clock=utc_now,

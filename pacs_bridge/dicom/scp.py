@@ -25,6 +25,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from pacs_bridge.dicom.access import CallingAeRule, refusal_reason
 from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
 from pacs_bridge.errors import InvalidInstanceError
@@ -50,6 +51,7 @@ class ListenerSettings:
     acse_timeout_seconds: float = 30.0
     dimse_timeout_seconds: float = 60.0
     max_pdu_size: int = 0  # 0: unlimited
+    allowed_calling_aets: tuple[CallingAeRule, ...] = ()  # empty: any
 
 
 def read_header(encoded: BytesIO, transfer_syntax: UID) -> Dataset:
@@ -116,6 +118,10 @@ class DicomListener:
         settings = self._settings
         ae = AE(ae_title=settings.ae_title)
         ae.require_called_aet = True
+        if settings.allowed_calling_aets:
+            # Unknown calling AE titles get a clean A-ASSOCIATE-RJ (calling AE title not recognised);
+            # address pinning is checked once the association is established (see _handle_established).
+            ae.require_calling_aet = sorted({rule.ae_title for rule in settings.allowed_calling_aets})
         ae.maximum_associations = settings.max_associations
         ae.network_timeout = settings.network_timeout_seconds
         ae.acse_timeout = settings.acse_timeout_seconds
@@ -221,7 +227,17 @@ class DicomListener:
     def _handle_established(self, event: Any) -> None:
         try:
             self._observer.association_opened()
-            log.info("association_established", **_peer(event))
+            peer = _peer(event)
+            reason = refusal_reason(
+                self._settings.allowed_calling_aets, peer["calling_ae"], str(event.assoc.requestor.address)
+            )
+            if reason is not None:
+                # pynetdicom cannot reject on the source address, so the association is aborted before any
+                # DIMSE message of it is processed.
+                log.warning("association_refused", **peer, reason=reason)
+                event.assoc.abort()
+                return
+            log.info("association_established", **peer)
         except Exception:  # logging must never take a handler down
             log.exception("association_log_failed")
 
