@@ -166,14 +166,7 @@ class AccessionConfig(_Section):
 
 class SiteConfig(_Section):
     timezone: str = ""  # IANA name; empty: the host's time zone
-    location: str = ""  # FHIR Location reference for ImagingStudy.location; empty: none
 
-    @field_validator("location")
-    @classmethod
-    def _check_location(cls, value: str) -> str:
-        if value and not re.fullmatch(r"Location/[A-Za-z0-9\-.]{1,64}", value):
-            raise ValueError(f"expected a reference such as Location/radiology-1, got {value!r}")
-        return value
 
     @field_validator("timezone")
     @classmethod

@@ -143,7 +143,12 @@ def test_every_problem_is_listed_at_once_with_its_key_path() -> None:
         # a misspelt key gets the closest known key as a hint
         ("dicom", {"ae_titel": "X"}, "dicom.ae_titel", "did you mean 'ae_title'?"),
         # a key with no close match lists the keys allowed there
-        ("dicom", {"colour": "red"}, "dicom.colour", "known keys here: ae_title, allowed_calling_aets, bind, max_associations"),
+        (
+            "dicom",
+            {"colour": "red"},
+            "dicom.colour",
+            "known keys here: ae_title, allowed_calling_aets, bind, max_associations",
+        ),
         # unknown keys inside list items are found too
         (
             "endpoints",
