@@ -116,11 +116,15 @@ def dcmtk(name: str) -> str:
     return path
 
 
-def dcmtk_environment() -> dict[str, str]:
-    """TCP_NODELAY=1: Debian's DCMTK otherwise leaves Nagle on and stalls ~80 ms per C-STORE."""
+def dcmtk_environment(*, nagle: bool = False) -> dict[str, str]:
+    """TCP_NODELAY=1: Debian's DCMTK otherwise leaves Nagle on and stalls ~80 ms per C-STORE on a receiver
+    that delays its ACKs. ``nagle=True`` keeps Nagle on, as many real senders do."""
     from tests.support.dcmtk import dcmtk_env
 
-    return dcmtk_env()
+    environment = dcmtk_env()
+    if nagle:
+        environment.pop("TCP_NODELAY", None)
+    return environment
 
 
 def free_port() -> int:
@@ -199,12 +203,17 @@ def stop_process(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
-def send_study(files: Path, port: int, *, instances: int) -> float:
+def send_study(files: Path, port: int, *, instances: int, nagle: bool = False) -> float:
     """One storescu association sending every file in ``files``; returns its wall time in seconds."""
     command = [dcmtk("storescu"), "-aet", CALLING_AE, "-aec", CALLED_AE, "+sd", "127.0.0.1", str(port), str(files)]
     started = time.perf_counter()
     result = subprocess.run(
-        command, capture_output=True, text=True, env=dcmtk_environment(), timeout=STORESCU_TIMEOUT_SECONDS, check=False
+        command,
+        capture_output=True,
+        text=True,
+        env=dcmtk_environment(nagle=nagle),
+        timeout=STORESCU_TIMEOUT_SECONDS,
+        check=False,
     )
     elapsed = time.perf_counter() - started
     output = (result.stdout + result.stderr).strip()
@@ -233,6 +242,7 @@ class Workload:
     files: Path
     instances: int
     workdir: Path
+    nagle: bool = False  # the sender leaves Nagle's algorithm on
 
 
 def run_bare(workload: Workload, run_number: int) -> float:
@@ -240,7 +250,7 @@ def run_bare(workload: Workload, run_number: int) -> float:
     command = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
     log_path = workload.workdir / f"bare-{run_number}.log"
     with running_server("bare pynetdicom SCP", command, port=port, log_path=log_path, cwd=workload.workdir):
-        return send_study(workload.files, port, instances=workload.instances)
+        return send_study(workload.files, port, instances=workload.instances, nagle=workload.nagle)
 
 
 def bridge_config(*, port: int, database_url: str) -> dict[str, Any]:
@@ -274,7 +284,7 @@ def run_bridge(
         name = f"pacs-bridge ({label})"
         environment = this_tree_environment(dict(os.environ))
         with running_server(name, command, port=port, log_path=log_path, cwd=workload.workdir, env=environment):
-            elapsed = send_study(workload.files, port, instances=workload.instances)
+            elapsed = send_study(workload.files, port, instances=workload.instances, nagle=workload.nagle)
             # Success was answered only after each commit, so every instance must be readable now.
             indexed = count_instances(database_url)
         if indexed != workload.instances:
@@ -471,6 +481,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also measure the bridge on this PostgreSQL database (a fresh schema per run, dropped after), "
         "e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test",
     )
+    parser.add_argument(
+        "--nagle",
+        action="store_true",
+        help="run storescu without TCP_NODELAY, as senders that leave Nagle on do (use fewer --instances)",
+    )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser
 
@@ -487,7 +502,7 @@ def benchmark(args: argparse.Namespace) -> None:
         workdir = Path(temporary)
         files = workdir / "study"
         mean_size = write_files(files, instances=args.instances, pixel_bytes=args.pixel_bytes)
-        workload = Workload(files=files, instances=args.instances, workdir=workdir)
+        workload = Workload(files=files, instances=args.instances, workdir=workdir, nagle=args.nagle)
         targets = [
             Target(name="bare pynetdicom", run=lambda n: run_bare(workload, n)),
             Target(
@@ -513,7 +528,8 @@ def benchmark(args: argparse.Namespace) -> None:
             )
         print(
             f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {args.instances} instances of {mean_size / 1000:.1f} kB "
-            f"(pixel data {args.pixel_bytes} B) per run, one storescu association, {args.repeat} runs per target",
+            f"(pixel data {args.pixel_bytes} B) per run, one storescu association, {args.repeat} runs per target"
+            f"{', sender with Nagle on' if args.nagle else ''}",
             flush=True,
         )
         for run_number in range(1, args.repeat + 1):

@@ -21,7 +21,7 @@ PATIENT_DATA_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date
 
 # Library loggers that are chatty at INFO (pynetdicom logs every PDU summary, httpx every request,
 # APScheduler every tick): they speak from WARNING unless we run at debug level.
-_QUIET_LIBRARIES = ("pynetdicom", "httpx", "httpcore", "apscheduler", "sqlalchemy")
+_QUIET_LIBRARIES = ("pynetdicom", "httpx", "httpcore", "apscheduler", "sqlalchemy", "alembic")
 
 
 def drop_patient_data(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
