@@ -4,7 +4,7 @@
     bridge.start()            # returns once the bridge answers C-ECHO
     bridge.kill()             # SIGKILL: a power cut, as far as the index is concerned
     bridge.start()            # same config, same database, same port
-    bridge.study_row(uid)     # the studies row, read with SQLAlchemy (SQLite or PostgreSQL)
+    bridge.study_row(uid)     # the studies row, read from outside with SQLAlchemy (SQLite or PostgreSQL)
     bridge.stop()             # SIGTERM and wait
 
 Waiting is done by polling a condition with a timeout (``wait_for``), never by sleeping a fixed time.
@@ -92,7 +92,7 @@ class BridgeProcess:
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self.process: subprocess.Popen[bytes] | None = None
         self.runs = 0
-        self._engine: Engine | None = None
+        self.index = IndexReader(database_url)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     @property
@@ -140,8 +140,7 @@ class BridgeProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._engine is not None:
-            self._engine.dispose()
+        self.index.close()
 
     def _running(self) -> subprocess.Popen[bytes]:
         if self.process is None or self.process.poll() is not None:
@@ -153,11 +152,24 @@ class BridgeProcess:
         return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
     # ---- the index, from outside ---------------------------------------------------------------------------
-    @property
-    def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = create_engine(normalized_database_url(self.database_url))
-        return self._engine
+    def study_row(self, study_uid: str) -> dict[str, Any] | None:
+        return self.index.study_row(study_uid)
+
+    def instance_uids(self, study_uid: str) -> set[str]:
+        return self.index.instance_uids(study_uid)
+
+    def instance_count(self) -> int:
+        return self.index.instance_count()
+
+
+class IndexReader:
+    """Reads a bridge's index from outside the bridge, with SQLAlchemy (SQLite or PostgreSQL)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.engine: Engine = create_engine(normalized_database_url(database_url))
+
+    def close(self) -> None:
+        self.engine.dispose()
 
     def study_row(self, study_uid: str) -> dict[str, Any] | None:
         with self.engine.connect() as connection:

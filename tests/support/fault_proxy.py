@@ -323,7 +323,11 @@ class TcpFaultProxy:
         with self._lock:
             sockets, self._open = self._open, set()
         for sock in sockets:
-            _reset(sock)
+            # shutdown() wakes the pump thread blocked in recv() on it (close() alone would not, leaving the
+            # client waiting forever) and sends FIN, as a stopping server's process does.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def restore(self) -> None:
         """The server is back on the same port."""
