@@ -103,7 +103,7 @@ class DatabaseConfig(_Section):
 
 class FhirConfig(_Section):
     base_url: str
-    version: Literal["R4"] = "R4"
+    version: Literal["R4", "R5"] = "R4"
     timeout_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("base_url")
@@ -166,7 +166,14 @@ class AccessionConfig(_Section):
 
 class SiteConfig(_Section):
     timezone: str = ""  # IANA name; empty: the host's time zone
+    location: str = ""  # FHIR Location reference for ImagingStudy.location; empty: none
 
+    @field_validator("location")
+    @classmethod
+    def _check_location(cls, value: str) -> str:
+        if value and not re.fullmatch(r"Location/[A-Za-z0-9\-.]{1,64}", value):
+            raise ValueError(f"expected a reference such as Location/radiology-1, got {value!r}")
+        return value
 
     @field_validator("timezone")
     @classmethod

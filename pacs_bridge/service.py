@@ -58,6 +58,8 @@ def mapping_settings(config: Config) -> MappingSettings:
         patient_identifier_system=config.patient.identifier_system,
         accession_identifier_system=config.accession.identifier_system,
         site_zone=ZoneInfo(config.site.timezone) if config.site.timezone else None,
+        location_reference=config.site.location,
+        fhir_version=config.fhir.version,
     )
 
 

@@ -124,6 +124,11 @@ def body_part_table() -> dict[str, BodySite]:
     return {row["term"]: BodySite(code=row["code"], display=row["display"]) for row in rows}
 
 
+def body_site_text(body_part_examined: str) -> str:
+    """An unmapped BodyPartExamined term as text, the way the sender wrote it (without padding)."""
+    return body_part_examined.strip()
+
+
 def body_site_coding(body_part_examined: str) -> FhirResource | None:
     """SNOMED CT ``Coding`` for a BodyPartExamined term; an unmapped term as a ``Coding`` with display only.
 
@@ -134,5 +139,5 @@ def body_site_coding(body_part_examined: str) -> FhirResource | None:
         return None
     site = body_part_table().get(term)
     if site is None:
-        return {"display": body_part_examined.strip()}
+        return {"display": body_site_text(body_part_examined)}
     return {"system": SNOMED_CT, "code": site.code, "display": site.display}

@@ -38,9 +38,24 @@ def normalized_address(address: str) -> str:
     return address.rstrip("/")
 
 
-def build_endpoint(settings: EndpointSettings) -> FhirResource:
-    """The R4 Endpoint resource for one configured endpoint."""
+def build_endpoint(settings: EndpointSettings, *, fhir_version: str = "R4") -> FhirResource:
+    """The Endpoint resource for one configured endpoint, R4 or R5 (R5 made connectionType a list of
+    CodeableConcept and moved the payload type and MIME types into ``payload``)."""
     display, payload_text, mime_types = CONNECTION_TYPES[settings.connection_type]
+    if fhir_version == "R5":
+        resource_r5: FhirResource = {
+            "resourceType": "Endpoint",
+            "id": settings.id,
+            "status": "active",
+            "connectionType": [
+                {"coding": [{"system": CONNECTION_TYPE_SYSTEM, "code": settings.connection_type, "display": display}]}
+            ],
+            "payload": [{"type": [{"text": payload_text}], "mimeType": list(mime_types)}],
+            "address": normalized_address(settings.address),
+        }
+        if settings.name:
+            resource_r5["name"] = settings.name
+        return resource_r5
     resource: FhirResource = {
         "resourceType": "Endpoint",
         "id": settings.id,

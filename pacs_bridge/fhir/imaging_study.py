@@ -1,4 +1,4 @@
-"""Pure mapping: the index's ``StudySnapshot`` -> one FHIR R4 ImagingStudy (a JSON-ready dict).
+"""Pure mapping: the index's ``StudySnapshot`` -> one FHIR ImagingStudy, R4 or R5 (a JSON-ready dict).
 
 Deterministic: no clock, no I/O, no randomness, so the same snapshot always gives the same resource and the
 same content hash, which is what lets the publisher send nothing when nothing changed. The mapping follows
@@ -6,15 +6,21 @@ the FHIR ImagingStudy <-> DICOM notes: UIDs as ``urn:oid:`` under the ``urn:dico
 accession number as a ServiceRequest identifier of type ACSN, SOP classes as ``urn:oid:`` codes under
 ``urn:ietf:rfc:3986``. Codes go through ``fhir/coding.py`` (never a code without a system), person names
 through ``fhir/person_name.py``. docs/mapping.md lists every element with its DICOM source.
+
+One builder serves both versions; where R5 reshaped an element, a small function shapes it for the version
+(``_FhirShape``): modality as CodeableConcept, procedure / reason / series bodySite as CodeableReference,
+series laterality as CodeableConcept, no ``interpreter`` (R5 dropped it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import tzinfo
+from typing import Literal
 
 from pacs_bridge.fhir.coding import (
     body_site_coding,
+    body_site_text,
     codeable_concept,
     laterality_coding,
     performer_function,
@@ -32,6 +38,8 @@ SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
 IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 MISSING_PATIENT_ID_DISPLAY = "Patient ID absent from the DICOM study"
 
+FhirVersion = Literal["R4", "R5"]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MappingSettings:
@@ -44,6 +52,7 @@ class MappingSettings:
     site_zone: tzinfo | None = None
     # A literal reference (``Location/radiology-1``) for ImagingStudy.location; empty: no location.
     location_reference: str = ""
+    fhir_version: FhirVersion = "R4"
 
 
 def _oid(uid: str) -> str:
@@ -52,6 +61,36 @@ def _oid(uid: str) -> str:
 
 def _modality_coding(code: str) -> dict[str, str]:
     return {"system": DICOM_MODALITY_SYSTEM, "code": code}
+
+
+@dataclass(frozen=True, slots=True)
+class _FhirShape:
+    """The few elements whose type differs between R4 and R5; everything else is shared."""
+
+    version: FhirVersion
+
+    @property
+    def is_r4(self) -> bool:
+        return self.version == "R4"
+
+    def coded(self, coding: FhirResource) -> FhirResource:
+        """A Coding (R4 modality, laterality) or the CodeableConcept R5 made of it."""
+        return coding if self.is_r4 else {"coding": [coding]}
+
+    def concept(self, concept: FhirResource) -> FhirResource:
+        """A CodeableConcept (R4 procedureCode, reasonCode) or the CodeableReference R5 made of it."""
+        return concept if self.is_r4 else {"concept": concept}
+
+    def body_site(self, body_part_examined: str) -> FhirResource | None:
+        """R4: a Coding (display only when unmapped). R5: a CodeableReference (text only when unmapped)."""
+        coding = body_site_coding(body_part_examined)
+        if coding is None:
+            return None
+        if self.is_r4:
+            return coding
+        if "code" in coding:
+            return {"concept": {"coding": [coding]}}
+        return {"concept": {"text": body_site_text(body_part_examined)}}
 
 
 def _subject(study: StudyAttributes, settings: MappingSettings) -> FhirResource:
@@ -108,23 +147,25 @@ def _build_instance(instance: InstanceSnapshot) -> FhirResource:
     return entry
 
 
-def _build_series(series: SeriesSnapshot, site_zone: tzinfo | None, timezone_offset: str) -> FhirResource:
+def _build_series(
+    series: SeriesSnapshot, shape: _FhirShape, site_zone: tzinfo | None, timezone_offset: str
+) -> FhirResource:
     attributes = series.attributes
     element: FhirResource = {"uid": attributes.series_uid}
     if attributes.series_number is not None:
         element["number"] = attributes.series_number
-    element["modality"] = _modality_coding(attributes.modality)
+    element["modality"] = shape.coded(_modality_coding(attributes.modality))
     if attributes.series_description:
         element["description"] = attributes.series_description
     element["numberOfInstances"] = len(series.instances)
-    body_site = body_site_coding(attributes.body_part_examined)
+    body_site = shape.body_site(attributes.body_part_examined)
     if body_site is not None:
         element["bodySite"] = body_site
     laterality = laterality_coding(
         series_laterality(attributes.laterality, [instance.image_laterality for instance in series.instances])
     )
     if laterality is not None:
-        element["laterality"] = laterality
+        element["laterality"] = shape.coded(laterality)
     started = to_fhir_datetime(attributes.series_date, attributes.series_time, timezone_offset, site_zone)
     if started:
         element["started"] = started
@@ -142,8 +183,9 @@ def imaging_study_id(study_uid: str) -> str:
 
 
 def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> FhirResource:
-    """The complete R4 ImagingStudy for everything the index holds of one study."""
+    """The complete ImagingStudy (``settings.fhir_version``) for everything the index holds of one study."""
     study = snapshot.attributes
+    shape = _FhirShape(settings.fhir_version)
     resource: FhirResource = {
         "resourceType": "ImagingStudy",
         "id": imaging_study_id(study.study_uid),
@@ -152,7 +194,7 @@ def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> F
     }
     modalities = list(dict.fromkeys(series.attributes.modality for series in snapshot.series))
     if modalities:
-        resource["modality"] = [_modality_coding(code) for code in modalities]
+        resource["modality"] = [shape.coded(_modality_coding(code)) for code in modalities]
     resource["subject"] = _subject(study, settings)
     started = to_fhir_datetime(study.study_date, study.study_time, study.timezone_offset, settings.site_zone)
     if started:
@@ -164,23 +206,24 @@ def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> F
     if referrer is not None:
         resource["referrer"] = referrer
     interpreters = _practitioners(study.reading_physicians)
-    if interpreters:
+    if interpreters and shape.is_r4:  # R5 has no interpreter
         resource["interpreter"] = interpreters
     if settings.endpoints:
         resource["endpoint"] = [{"reference": f"Endpoint/{endpoint.id}"} for endpoint in settings.endpoints]
     resource["numberOfSeries"] = len(snapshot.series)
     resource["numberOfInstances"] = snapshot.number_of_instances
     if study.procedure_codes:
-        resource["procedureCode"] = [codeable_concept(code) for code in study.procedure_codes]
+        procedures = [shape.concept(codeable_concept(code)) for code in study.procedure_codes]
+        resource["procedureCode" if shape.is_r4 else "procedure"] = procedures
     if settings.location_reference:
         resource["location"] = {"reference": settings.location_reference}
     reasons = [codeable_concept(code) for code in study.reason_codes] + [{"text": text} for text in study.reasons]
     if reasons:
-        resource["reasonCode"] = reasons
+        resource["reasonCode" if shape.is_r4 else "reason"] = [shape.concept(reason) for reason in reasons]
     if study.study_description:
         resource["description"] = study.study_description
     if snapshot.series:
         resource["series"] = [
-            _build_series(series, settings.site_zone, study.timezone_offset) for series in snapshot.series
+            _build_series(series, shape, settings.site_zone, study.timezone_offset) for series in snapshot.series
         ]
     return resource

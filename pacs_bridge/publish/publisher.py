@@ -64,7 +64,9 @@ class Publisher:
         self._random_fraction = random_fraction
         self._max_attempts = max_attempts
         self._observer: BridgeObserver = observer or NullObserver()
-        self._endpoints = {settings.id: build_endpoint(settings) for settings in mapping.endpoints}
+        self._endpoints = {
+            settings.id: build_endpoint(settings, fhir_version=mapping.fhir_version) for settings in mapping.endpoints
+        }
         self._endpoints_confirmed: dict[str, str] = {}
 
     def run_once(self) -> dict[str, PublishOutcome]:

@@ -204,7 +204,7 @@ def test_every_problem_is_listed_at_once_with_its_key_path() -> None:
         # a database URL for an engine we do not support
         ("database", {"url": "mysql://db/pacs"}, "database.url", "expected sqlite:///PATH"),
         # a FHIR version we do not produce
-        ("fhir", {"base_url": "https://f.example.org", "version": "R5"}, "fhir.version", "'R4'"),
+        ("fhir", {"base_url": "https://f.example.org", "version": "R6"}, "fhir.version", "'R4' or 'R5'"),
     ],
 )
 def test_each_bad_value_is_reported_at_its_key_path(section: str, values: Any, key_path: str, fragment: str) -> None:
