@@ -1,7 +1,7 @@
-"""Command line: ``pacs-bridge run | check-config | migrate | status | retry | republish``.
+"""Command line: ``pacs-bridge run | check-config | migrate | status | retry | republish | reconcile``.
 
-The only module that calls ``sys.exit``. Exit status: 0 success, 1 runtime failure (database, port), 2 invalid
-configuration or arguments.
+The only module that calls ``sys.exit``. Exit status: 0 success, 1 runtime failure (database, port, FHIR
+server), 2 invalid configuration or arguments, 3 discrepancies that reconcile found and did not repair.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pacs_bridge.errors import ConfigError, PacsBridgeError
 
 EXIT_CONFIG_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
+EXIT_DISCREPANCIES = 3  # reconcile found differences it did not repair
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     retry_target = retry.add_mutually_exclusive_group(required=True)
     retry_target.add_argument("study_uid", nargs="?", help="the Study Instance UID of one failed study")
     retry_target.add_argument("--failed", action="store_true", help="every failed study")
+    reconcile = command(
+        "reconcile", "compare the index with the FHIR server: missing, stale or duplicate ImagingStudy resources"
+    )
+    reconcile.add_argument("--fix", action="store_true", help="republish missing and stale studies, delete duplicates")
     republish = command("republish", "rebuild and send studies even if unchanged")
     republish_target = republish.add_mutually_exclusive_group(required=True)
     republish_target.add_argument("study_uid", nargs="?", help="the Study Instance UID of one study")
@@ -131,6 +136,33 @@ def _request(config: Config, args: argparse.Namespace) -> None:
         print(f"  {uid}")
 
 
+def _reconcile(config: Config, *, config_path: str, fix: bool) -> None:
+    import httpx
+
+    from pacs_bridge.fhir.client import FhirClient
+    from pacs_bridge.reconcile import reconcile
+    from pacs_bridge.service import mapping_settings, open_index, utc_now
+
+    engine, index = open_index(config, config_path=config_path)
+    try:
+        with httpx.Client(timeout=config.fhir.timeout_seconds) as http:
+            fhir = FhirClient(http, base_url=config.fhir.base_url)
+            report = reconcile(index, fhir, mapping_settings(config), fix=fix, clock=utc_now)
+    finally:
+        engine.dispose()
+    for discrepancy in report.discrepancies:
+        action = {"missing": "republished", "stale": "republished", "duplicate": "deleted"}[discrepancy.kind]
+        suffix = f" -> {action}" if discrepancy.fixed else ""
+        print(f"{discrepancy.kind:<9} {discrepancy.study_uid}  {discrepancy.detail}{suffix}")
+    print(
+        f"{report.checked} published studies checked against {config.fhir.base_url}: "
+        f"{len(report.discrepancies)} discrepancies, {len(report.unresolved)} unresolved"
+    )
+    if report.unresolved:
+        print("run again with --fix to repair them", file=sys.stderr)
+        sys.exit(EXIT_DISCREPANCIES)
+
+
 def _migrate(config: Config) -> None:
     from pacs_bridge.index.engine import make_engine
     from pacs_bridge.index.schema import prepare_schema
@@ -160,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         if args.command in ("retry", "republish"):
             _request(config, args)
+            return
+        if args.command == "reconcile":
+            _reconcile(config, config_path=args.config, fix=args.fix)
             return
         if args.command == "migrate":
             _migrate(config)

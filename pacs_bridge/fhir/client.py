@@ -99,6 +99,45 @@ class FhirClient:
         )
 
 
+    def search(self, resource_type: str, params: dict[str, str]) -> list[FhirResource]:
+        """The resources a search matches (every page followed); raises ``PublishError`` on failure."""
+        url: str | None = f"{self._base_url}/{resource_type}"
+        query: dict[str, str] | None = {"_count": "100", **params}
+        found: list[FhirResource] = []
+        while url is not None:
+            bundle = self._exchange("GET", url, params=query).json()
+            found += [entry["resource"] for entry in bundle.get("entry") or [] if "resource" in entry]
+            url = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+            query = None  # a next link carries its own query
+        return found
+
+    def delete(self, resource_type: str, resource_id: str) -> None:
+        """Delete one resource; a resource already gone is not an error."""
+        try:
+            self._exchange("DELETE", f"{self._base_url}/{resource_type}/{resource_id}")
+        except PublishError as exc:
+            if exc.http_status not in (404, 410):
+                raise
+
+    def _exchange(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request; failures raise ``PublishError`` classified like PUTs (retryable or not)."""
+        try:
+            response = self._http.request(method, url, headers={"Accept": FHIR_JSON}, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise PublishError(f"no answer from {url} in time ({type(exc).__name__})", retryable=True) from exc
+        except httpx.TransportError as exc:
+            raise PublishError(f"cannot reach {url}: {type(exc).__name__}: {exc}", retryable=True) from exc
+        if response.is_success:
+            return response
+        status = response.status_code
+        raise PublishError(
+            operation_outcome_text(response),
+            retryable=status in RETRYABLE_STATUSES or status >= 500,
+            http_status=status,
+            retry_after_seconds=parse_retry_after(response.headers.get("Retry-After"), now=datetime.now(UTC)),
+        )
+
+
 def _version_id(response: httpx.Response) -> str | None:
     etag = str(response.headers.get("ETag", ""))
     if etag.startswith('W/"') and etag.endswith('"'):

@@ -1,0 +1,95 @@
+"""Compare the index with the FHIR server, study by study, and report (or repair) what differs.
+
+For every published study the server is searched by the study's identifier (``urn:dicom:uid``):
+- **missing**: no ImagingStudy at our id (deleted on the server, or never arrived);
+- **stale**: ours is there, but its content is not what the index builds now (edited on the server);
+- **duplicate**: other ImagingStudy resources carry the same study identifier.
+``fix`` makes missing and stale studies due for republishing (the next tick sends them) and deletes the
+duplicates, keeping the resource at our own id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from pacs_bridge.fhir.client import FhirClient
+from pacs_bridge.fhir.imaging_study import DICOM_UID_SYSTEM, MappingSettings, build_imaging_study, imaging_study_id
+from pacs_bridge.fhir.resource import FhirResource, content_hash
+from pacs_bridge.index.models import PublishState
+from pacs_bridge.index.repository import Index
+
+DiscrepancyKind = Literal["missing", "stale", "duplicate"]
+# Elements the server owns: never part of the comparison.
+SERVER_ELEMENTS = frozenset({"meta", "text"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Discrepancy:
+    study_uid: str
+    kind: DiscrepancyKind
+    detail: str
+    fixed: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class ReconcileReport:
+    checked: int = 0
+    discrepancies: list[Discrepancy] = field(default_factory=list)
+
+    @property
+    def unresolved(self) -> list[Discrepancy]:
+        return [d for d in self.discrepancies if not d.fixed]
+
+
+def _without_server_elements(resource: FhirResource) -> FhirResource:
+    return {key: value for key, value in resource.items() if key not in SERVER_ELEMENTS}
+
+
+def reconcile(
+    index: Index,
+    fhir: FhirClient,
+    mapping: MappingSettings,
+    *,
+    fix: bool,
+    clock: Callable[[], datetime],
+    limit: int = 1_000_000,
+) -> ReconcileReport:
+    """Check every published study (at most ``limit``) against the server; repair when ``fix``."""
+    report = ReconcileReport()
+    for status in index.studies_in_state(PublishState.PUBLISHED, limit=limit):
+        study_uid = status.study_uid
+        report.checked += 1
+        found = fhir.search("ImagingStudy", {"identifier": f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}"})
+        own_id = imaging_study_id(study_uid)
+        ours = [resource for resource in found if resource.get("id") == own_id]
+        others = [resource for resource in found if resource.get("id") != own_id]
+        for other in others:
+            if fix:
+                fhir.delete("ImagingStudy", str(other["id"]))
+            report.discrepancies.append(
+                Discrepancy(
+                    study_uid=study_uid,
+                    kind="duplicate",
+                    detail=f"ImagingStudy/{other.get('id')} carries the same study identifier",
+                    fixed=fix,
+                )
+            )
+        if not ours:
+            problem = Discrepancy(study_uid=study_uid, kind="missing", detail=f"no ImagingStudy/{own_id}", fixed=fix)
+        else:
+            expected = build_imaging_study(index.load_snapshot(study_uid), mapping)
+            if content_hash(_without_server_elements(ours[0])) == content_hash(_without_server_elements(expected)):
+                continue
+            problem = Discrepancy(
+                study_uid=study_uid,
+                kind="stale",
+                detail=f"ImagingStudy/{own_id} differs from what the index holds",
+                fixed=fix,
+            )
+        if fix:
+            index.republish(clock(), study_uid=study_uid)
+        report.discrepancies.append(problem)
+    return report
