@@ -9,6 +9,7 @@ index). Success is answered only after the sink has committed; every failure bec
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import socketserver
 import threading
@@ -22,9 +23,10 @@ from typing import Any, Protocol
 
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import dcmread, read_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason
@@ -73,6 +75,39 @@ def read_header(encoded: BytesIO, transfer_syntax: UID) -> Dataset:
         )
     except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
         raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def read_header_file(path: str | os.PathLike[str]) -> Dataset:
+    """The header elements ``extract`` reads, from a received instance spooled to a DICOM file (pixel data
+    and everything after it are not read)."""
+    try:
+        with open(path, "rb") as file:
+            return dcmread(file, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+    except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
+        raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _received_header(event: Any) -> Dataset:
+    """The header of the instance a C-STORE carries.
+
+    The listener has pynetdicom spool every received dataset to a temporary file (``STORE_RECV_CHUNKED_DATASET``)
+    so that memory stays flat whatever the object's size; the in-memory form is read when spooling is off.
+    """
+    path = getattr(event.request, "_dataset_path", None)
+    if isinstance(path, str | os.PathLike):
+        return read_header_file(path)
+    return read_header(event.request.DataSet, event.context.transfer_syntax)
+
+
+def _received_size(event: Any) -> int:
+    """The encoded size of the received dataset, spooled or in memory (0 when unknown)."""
+    try:
+        path = getattr(event.request, "_dataset_path", None)
+        if isinstance(path, str | os.PathLike):
+            return os.path.getsize(path)
+        return int(event.request.DataSet.getbuffer().nbytes)
+    except (AttributeError, TypeError, ValueError, OSError):
+        return 0
 
 
 class AdaptivePolling:
@@ -234,6 +269,10 @@ class DicomListener:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
+        # Spool every received dataset to a temporary file instead of holding it in memory: a 1 GB
+        # tomosynthesis object then costs the bridge kilobytes, not gigabytes (pynetdicom deletes the file
+        # after the handler). A module-wide pynetdicom setting; this adapter is the only pynetdicom user.
+        _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_connection_opened),
             (evt.EVT_C_STORE, self.handle_store),
@@ -274,7 +313,7 @@ class DicomListener:
         sop_instance_uid = ""
         try:
             sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
-            dataset = read_header(event.request.DataSet, event.context.transfer_syntax)
+            dataset = _received_header(event)
             record = extract_instance(dataset)
             outcome = self._sink.record_instance(record, received_at=self._clock())
         except Exception as exc:
@@ -300,11 +339,9 @@ class DicomListener:
 
     def _observe_instance(self, event: Any, status: StoreStatus) -> None:
         try:
-            size = event.request.DataSet.getbuffer().nbytes
-        except (AttributeError, TypeError, ValueError):
-            size = 0
-        try:
-            self._observer.instance_received(status=int(status), calling_ae=_peer(event)["calling_ae"], size_bytes=size)
+            self._observer.instance_received(
+                status=int(status), calling_ae=_peer(event)["calling_ae"], size_bytes=_received_size(event)
+            )
         except Exception:  # metrics must never change the answer a sender gets
             log.exception("metrics_failed")
 

@@ -179,3 +179,45 @@ def test_stop_lets_an_open_association_finish(index: Index):
     assert not stopper.is_alive()
     assert status.Status == 0x0000
     assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+class SpoolWatchingSink:
+    """The real index, noting which spool files exist while each instance is being recorded."""
+
+    def __init__(self, index: Index, spool: Path) -> None:
+        self.index = index
+        self.spool = spool
+        self.seen: list[list[int]] = []
+
+    def record_instance(self, record, *, received_at):  # type: ignore[no-untyped-def]
+        self.seen.append([entry.stat().st_size for entry in self.spool.iterdir()])
+        return self.index.record_instance(record, received_at=received_at)
+
+
+def test_large_instance_is_spooled_to_a_temporary_file_that_is_removed(
+    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A 24 MB instance is received into a spool file (not memory) and the file is gone afterwards."""
+    import tempfile
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    sink = SpoolWatchingSink(index, spool)
+    running = DicomListener(ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), sink, clock=utc_now)
+    running.start()
+    ds = make_dataset(SOPInstanceUID=uid("3.1.77"))
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 4096, 3072, 16, 12, 11
+    ds.SamplesPerPixel, ds.PixelRepresentation, ds.PhotometricInterpretation = 1, 0, "MONOCHROME2"
+    ds.PixelData = bytes(4096 * 3072 * 2)
+    path = write_file(ds, tmp_path / "large.dcm")
+    del ds
+    try:
+        result = storescu(running.port, [path])
+    finally:
+        running.stop(drain_timeout_seconds=5)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
+    (spooled,) = sink.seen
+    assert len(spooled) == 1 and spooled[0] > 4096 * 3072 * 2, "the dataset was not spooled to a file"
+    assert list(spool.iterdir()) == []
