@@ -61,6 +61,37 @@ class AllowedCallingAeConfig(_Section):
         return value
 
 
+def _readable_file(value: str) -> str:
+    if value and not Path(value).is_file():
+        raise ValueError(f"no readable file at {value!r}")
+    return value
+
+
+class DicomTlsConfig(_Section):
+    """DICOM TLS (PS3.15 B.1): on when a certificate and key are given."""
+
+    certificate: str = ""  # PEM server certificate (chain)
+    private_key: str = ""  # PEM private key of that certificate
+    client_ca: str = ""  # PEM CA bundle; when set, senders must present a certificate it issued
+
+    @field_validator("certificate", "private_key", "client_ca")
+    @classmethod
+    def _check_file(cls, value: str) -> str:
+        return _readable_file(value)
+
+    @model_validator(mode="after")
+    def _certificate_with_key(self) -> DicomTlsConfig:
+        if bool(self.certificate) != bool(self.private_key):
+            raise ValueError("certificate and private_key go together: set both to turn DICOM TLS on, or neither")
+        if self.client_ca and not self.certificate:
+            raise ValueError("client_ca needs DICOM TLS on: set certificate and private_key too")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate)
+
+
 class DicomConfig(_Section):
     ae_title: str = "PACS_BRIDGE"
     bind: str = "0.0.0.0"
@@ -69,6 +100,7 @@ class DicomConfig(_Section):
     network_timeout_seconds: float = Field(default=60.0, gt=0)
     # Empty: any calling AE. Entries: an AE title, or {ae_title, addresses} to pin it to source addresses.
     allowed_calling_aets: list[AllowedCallingAeConfig] = []
+    tls: DicomTlsConfig = DicomTlsConfig()
 
     @field_validator("ae_title")
     @classmethod

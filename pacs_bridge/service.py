@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 
 from pacs_bridge import __version__
 from pacs_bridge.config import Config
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.dicom.scp import DicomListener, ListenerSettings, server_tls_context
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
@@ -144,6 +144,9 @@ class BridgeService:
                 max_associations=dicom.max_associations,
                 network_timeout_seconds=dicom.network_timeout_seconds,
                 allowed_calling_aets=dicom.calling_ae_rules(),
+                tls=server_tls_context(dicom.tls.certificate, dicom.tls.private_key, dicom.tls.client_ca)
+                if dicom.tls.enabled
+                else None,
             ),
             self.index,
             clock=utc_now,

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import socketserver
+import ssl
 import threading
 import time
 import zlib
@@ -57,6 +58,7 @@ class ListenerSettings:
     dimse_timeout_seconds: float = 60.0
     max_pdu_size: int = 0  # 0: unlimited
     allowed_calling_aets: tuple[CallingAeRule, ...] = ()  # empty: any
+    tls: ssl.SSLContext | None = None  # DICOM TLS when set (see server_tls_context)
 
 
 def read_header(encoded: BytesIO, transfer_syntax: UID) -> Dataset:
@@ -75,6 +77,18 @@ def read_header(encoded: BytesIO, transfer_syntax: UID) -> Dataset:
         )
     except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
         raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def server_tls_context(certificate: str, private_key: str, client_ca: str = "") -> ssl.SSLContext:
+    """The listener's TLS context: TLS 1.2 or later (BCP 195), our certificate, and when ``client_ca`` is given
+    only senders presenting a certificate issued by it."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certificate, private_key)
+    if client_ca:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def read_header_file(path: str | os.PathLike[str]) -> Dataset:
@@ -283,9 +297,18 @@ class DicomListener:
             (evt.EVT_REJECTED, self._handle_rejected),
         ]
         self._server = self._ae.start_server(
-            (self._settings.bind, self._settings.port), block=False, evt_handlers=handlers
+            (self._settings.bind, self._settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._settings.tls,
         )
-        log.info("listener_started", ae_title=self._settings.ae_title, bind=self._settings.bind, port=self.port)
+        log.info(
+            "listener_started",
+            ae_title=self._settings.ae_title,
+            bind=self._settings.bind,
+            port=self.port,
+            tls=self._settings.tls is not None,
+        )
 
     def stop(self, *, drain_timeout_seconds: float = 30.0) -> None:
         """Stop accepting associations, let in-flight ones finish (up to the timeout), then abort the rest."""

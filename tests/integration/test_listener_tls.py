@@ -1,0 +1,80 @@
+"""DICOM TLS on a real listener, spoken to by DCMTK's storescu and echoscu with their TLS options."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from pacs_bridge.dicom.scp import DicomListener, ListenerSettings, server_tls_context
+from pacs_bridge.index.repository import Index
+from tests.support.certificates import Pki, make_pki
+from tests.support.dcmtk import dcmtk_env, require_dcmtk
+from tests.support.studies import make_dataset, uid, write_file
+
+pytestmark = pytest.mark.dcmtk
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+def tls_listener(index: Index, pki: Pki, *, verify_clients: bool) -> DicomListener:
+    context = server_tls_context(
+        str(pki.server_cert_pem), str(pki.server_key_pem), str(pki.ca_pem) if verify_clients else ""
+    )
+    settings = ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, tls=context)
+    return DicomListener(settings, index, clock=lambda: datetime.now(UTC))
+
+
+@pytest.fixture
+def running(index: Index, pki: Pki, request: pytest.FixtureRequest) -> Iterator[DicomListener]:
+    listener = tls_listener(index, pki, verify_clients=getattr(request, "param", False))
+    listener.start()
+    yield listener
+    listener.stop(drain_timeout_seconds=5)
+
+
+def dcmtk_run(
+    tool: str, port: int, *tls_options: str, files: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    args = [require_dcmtk(tool), "-aec", "PACS_BRIDGE", *tls_options, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, env=dcmtk_env(), check=False)
+
+
+def test_storescu_over_tls_stores_and_verifies_our_certificate(
+    running: DicomListener, index: Index, pki: Pki, tmp_path: Path
+):
+    """storescu with anonymous TLS, trusting our CA, stores an instance: the server certificate is ours."""
+    path = write_file(make_dataset(), tmp_path / "one.dcm")
+    result = dcmtk_run("storescu", running.port, "+tla", "+cf", str(pki.ca_pem), files=(path,))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+def test_sender_trusting_another_ca_refuses_our_certificate(running: DicomListener, tmp_path: Path):
+    """A sender that trusts another CA does not associate: our certificate is what it checks."""
+    other = make_pki(tmp_path / "other")
+    result = dcmtk_run("echoscu", running.port, "+tla", "+cf", str(other.ca_pem))
+    assert result.returncode != 0
+    assert "certificate verify failed" in result.stdout + result.stderr
+
+
+def test_plain_tcp_sender_cannot_talk_to_a_tls_listener(running: DicomListener, pki: Pki):
+    """A sender without TLS fails to associate, and the listener goes on serving TLS senders."""
+    assert dcmtk_run("echoscu", running.port).returncode != 0
+    assert dcmtk_run("echoscu", running.port, "+tla", "+cf", str(pki.ca_pem)).returncode == 0
+
+
+@pytest.mark.parametrize("running", [True], indirect=True)
+def test_client_certificate_is_required_when_client_ca_is_set(running: DicomListener, pki: Pki):
+    """With client_ca, a sender presenting a certificate from that CA is served; one without is refused."""
+    with_certificate = dcmtk_run(
+        "echoscu", running.port, "+tls", str(pki.client_key_pem), str(pki.client_cert_pem), "+cf", str(pki.ca_pem)
+    )
+    assert with_certificate.returncode == 0, with_certificate.stdout + with_certificate.stderr
+    assert dcmtk_run("echoscu", running.port, "+tla", "+cf", str(pki.ca_pem)).returncode != 0
