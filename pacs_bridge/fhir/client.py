@@ -77,12 +77,32 @@ class FhirClient:
     def base_url(self) -> str:
         return self._base_url
 
-    def put(self, resource: FhirResource) -> PutResult:
-        """Create or update ``resource`` at ``{base}/{type}/{id}``; raises ``PublishError`` on failure."""
+    def read(self, resource_type: str, resource_id: str) -> tuple[FhirResource, str | None] | None:
+        """The current version of a resource and its version id; None when absent or deleted (404, 410).
+
+        Raises ``PublishError`` (classified like a PUT's) on any other failure.
+        """
+        try:
+            response = self._exchange("GET", f"{self._base_url}/{resource_type}/{resource_id}")
+        except PublishError as exc:
+            if exc.http_status in (404, 410):
+                return None
+            raise
+        resource: FhirResource = response.json()
+        return resource, _version_id(response) or (resource.get("meta") or {}).get("versionId")
+
+    def put(self, resource: FhirResource, *, if_match: str | None = None) -> PutResult:
+        """Create or update ``resource`` at ``{base}/{type}/{id}``; raises ``PublishError`` on failure.
+
+        ``if_match``: the version id the server must still hold, else it answers 412 and writes nothing.
+        """
         url = f"{self._base_url}/{resource['resourceType']}/{resource['id']}"
         body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
+        if if_match is not None:
+            headers["If-Match"] = f'W/"{if_match}"'
         try:
-            response = self._http.put(url, content=body, headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON})
+            response = self._http.put(url, content=body, headers=headers)
         except httpx.TimeoutException as exc:
             raise PublishError(f"no answer from {url} in time ({type(exc).__name__})", retryable=True) from exc
         except httpx.TransportError as exc:

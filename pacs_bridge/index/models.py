@@ -112,6 +112,8 @@ class Study(Base):
     published_hash: Mapped[str | None] = mapped_column(String(64))
     published_seq: Mapped[int | None] = mapped_column(Integer)
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The server's version id of the ImagingStudy we last wrote: the If-Match of our next PUT.
+    published_version: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index("ix_studies_due_at", "due_at"),

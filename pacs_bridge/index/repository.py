@@ -40,6 +40,7 @@ class ClaimedStudy:
     study_uid: str
     attempts: int  # failed attempts since the last success, for the backoff
     last_change_at: datetime | None = None  # for the publish latency metric
+    published_version: str | None = None  # the server's version id of what we last wrote, for If-Match
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,7 +232,7 @@ class Index:
         """
         with self._unit_of_work() as session:
             rows = session.execute(
-                select(Study.id, Study.study_uid, Study.attempts, Study.last_change_at)
+                select(Study.id, Study.study_uid, Study.attempts, Study.last_change_at, Study.published_version)
                 .where(Study.due_at <= now)
                 .where(or_(Study.next_attempt_at.is_(None), Study.next_attempt_at <= now))
                 .where(or_(Study.claimed_until.is_(None), Study.claimed_until < now))
@@ -246,7 +247,12 @@ class Index:
                     .values(claimed_until=now + lease, claimed_by=claimer)
                 )
             return [
-                ClaimedStudy(study_uid=row.study_uid, attempts=row.attempts, last_change_at=row.last_change_at)
+                ClaimedStudy(
+                    study_uid=row.study_uid,
+                    attempts=row.attempts,
+                    last_change_at=row.last_change_at,
+                    published_version=row.published_version,
+                )
                 for row in rows
             ]
 
@@ -302,8 +308,18 @@ class Index:
                 published_hash=study.published_hash,
             )
 
-    def mark_published(self, study_uid: str, *, change_seq: int, content_hash: str, now: datetime, sent: bool) -> None:
-        """Record that the snapshot at ``change_seq`` is on the FHIR server (``sent``: we PUT it just now).
+    def mark_published(
+        self,
+        study_uid: str,
+        *,
+        change_seq: int,
+        content_hash: str,
+        now: datetime,
+        sent: bool,
+        version_id: str | None = None,
+    ) -> None:
+        """Record that the snapshot at ``change_seq`` is on the FHIR server (``sent``: we PUT it just now, and
+        the server called it ``version_id``).
 
         If the study changed while it was being published, it stays pending: its newer due time stands.
         """
@@ -313,6 +329,7 @@ class Index:
             study.published_seq = change_seq
             if sent:
                 study.published_at = now
+                study.published_version = version_id
             study.attempts = 0
             study.next_attempt_at = None
             study.last_error = None

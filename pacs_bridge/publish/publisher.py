@@ -14,10 +14,11 @@ from datetime import datetime, timedelta
 import structlog
 
 from pacs_bridge.errors import IndexUnavailableError, PublishError
-from pacs_bridge.fhir.client import FhirClient
+from pacs_bridge.fhir.client import FhirClient, PutResult
 from pacs_bridge.fhir.endpoint import build_endpoint
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
-from pacs_bridge.fhir.resource import content_hash
+from pacs_bridge.fhir.merge import merge_imaging_study
+from pacs_bridge.fhir.resource import FhirResource, content_hash
 from pacs_bridge.index.repository import ClaimedStudy, Index
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.debounce import RetrySettings, retry_delay
@@ -25,6 +26,9 @@ from pacs_bridge.publish.debounce import RetrySettings, retry_delay
 Clock = Callable[[], datetime]
 
 log = structlog.get_logger("pacs_bridge.publish")
+
+# Re-read, merge and write again at most this often per attempt when others keep changing the resource.
+MAX_MERGE_ROUNDS = 3
 
 
 class PublishOutcome(enum.Enum):
@@ -119,13 +123,18 @@ class Publisher:
             return PublishOutcome.UNCHANGED
         try:
             self._ensure_endpoints()
-            result = self._fhir.put(resource)
+            result = self._put_study(resource, claimed.published_version)
         except PublishError as exc:
             outcome = self._record_failure(claimed, snapshot.change_seq, exc)
             self._observer.publish_attempted(http_status=exc.http_status, outcome=outcome.value)
             return outcome
         self._index.mark_published(
-            study_uid, change_seq=snapshot.change_seq, content_hash=digest, now=self._clock(), sent=True
+            study_uid,
+            change_seq=snapshot.change_seq,
+            content_hash=digest,
+            now=self._clock(),
+            sent=True,
+            version_id=result.version_id,
         )
         self._observer.publish_attempted(http_status=result.http_status, outcome=PublishOutcome.PUBLISHED.value)
         if claimed.last_change_at is not None:
@@ -141,6 +150,35 @@ class Publisher:
             attempt=claimed.attempts + 1,
         )
         return PublishOutcome.PUBLISHED
+
+    def _put_study(self, resource: FhirResource, version: str | None) -> PutResult:
+        """PUT the ImagingStudy, If-Match the version we last wrote; on 412 merge into the server's version.
+
+        Someone else changed the resource since our last write: re-read it, keep what they added (see
+        ``fhir/merge.py``) and write again on their version. Gone from the server (deleted): write ours again
+        without If-Match, which recreates it.
+        """
+        to_send = resource
+        for _ in range(MAX_MERGE_ROUNDS):
+            try:
+                return self._fhir.put(to_send, if_match=version)
+            except PublishError as exc:
+                if version is None or exc.http_status not in (404, 410, 412):
+                    raise
+            current = self._fhir.read(resource["resourceType"], resource["id"])
+            if current is None:
+                log.warning("study_recreated", resource_id=resource["id"], stale_version=version)
+                to_send, version = resource, None
+            else:
+                theirs, server_version = current
+                log.info("study_merged", resource_id=resource["id"], ours=version, theirs=server_version)
+                to_send, version = merge_imaging_study(resource, theirs), server_version
+        raise PublishError(
+            f"ImagingStudy/{resource['id']} changed on the server during each of {MAX_MERGE_ROUNDS} merges; "
+            "will try again",
+            retryable=True,
+            http_status=412,
+        )
 
     def _ensure_endpoints(self) -> None:
         """PUT each configured Endpoint whose content the server has not yet received from us."""

@@ -1,0 +1,59 @@
+"""PURE: merge our ImagingStudy into the version someone else changed on the server (after a 412).
+
+pacs-bridge owns the elements in ``OWNED_ELEMENTS``: ours replace the server's, and one we no longer produce
+is removed. Everything else the server holds (``encounter``, ``note``, ``text``, extensions, …) is kept.
+``basedOn`` is shared: ours (the accession number) replace our own, and the server's literal references
+(``{"reference": "ServiceRequest/…"}``) are kept after them. See docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pacs_bridge.fhir.resource import FhirResource
+
+# Every element the R4 and R5 mappings may write, besides resourceType and id.
+OWNED_ELEMENTS = frozenset(
+    {
+        "identifier",
+        "status",
+        "modality",
+        "subject",
+        "started",
+        "referrer",
+        "interpreter",
+        "endpoint",
+        "numberOfSeries",
+        "numberOfInstances",
+        "procedureCode",  # R4
+        "procedure",  # R5
+        "location",
+        "reasonCode",  # R4
+        "reason",  # R5
+        "description",
+        "series",
+    }
+)
+_SERVER_META = frozenset({"versionId", "lastUpdated"})
+
+
+def merge_imaging_study(ours: FhirResource, theirs: FhirResource) -> FhirResource:
+    """The resource to write over ``theirs``: our elements, plus what others added that we do not own."""
+    merged: dict[str, Any] = {
+        key: value
+        for key, value in theirs.items()
+        if key not in OWNED_ELEMENTS and key not in ("resourceType", "id", "meta", "basedOn")
+    }
+    meta = {key: value for key, value in (theirs.get("meta") or {}).items() if key not in _SERVER_META}
+    if meta:
+        merged["meta"] = meta
+    merged.update(ours)
+    based_on = list(ours.get("basedOn") or [])
+    based_on += [
+        reference
+        for reference in theirs.get("basedOn") or []
+        if isinstance(reference, dict) and "reference" in reference and reference not in based_on
+    ]
+    if based_on:
+        merged["basedOn"] = based_on
+    return merged

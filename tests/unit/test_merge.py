@@ -1,0 +1,63 @@
+"""merge_imaging_study: ours replaces what pacs-bridge owns, what others added stays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacs_bridge.fhir.merge import OWNED_ELEMENTS, merge_imaging_study
+
+GOLDEN = Path(__file__).parent / "golden"
+OURS: dict[str, Any] = {
+    "resourceType": "ImagingStudy",
+    "id": "s1",
+    "status": "available",
+    "subject": {"identifier": {"value": "PAT-1"}},
+    "basedOn": [{"type": "ServiceRequest", "identifier": {"value": "ACC-1"}}],
+    "numberOfInstances": 2,
+    "series": [{"uid": "1.2", "numberOfInstances": 2}],
+}
+
+
+@pytest.mark.parametrize(
+    ("theirs", "expected_extra"),
+    [
+        # what others add and we do not own is kept
+        ({"encounter": {"reference": "Encounter/e1"}}, {"encounter": {"reference": "Encounter/e1"}}),
+        ({"note": [{"text": "seen"}]}, {"note": [{"text": "seen"}]}),
+        ({"text": {"status": "generated", "div": "<div/>"}}, {"text": {"status": "generated", "div": "<div/>"}}),
+        # an owned element we no longer produce is removed; ours replace theirs
+        ({"description": "old", "numberOfInstances": 1, "series": []}, {}),
+        # the server's version and time go; other meta (tags) stays
+        ({"meta": {"versionId": "3", "lastUpdated": "2024-01-01T00:00:00Z"}}, {}),
+        ({"meta": {"versionId": "3", "tag": [{"code": "x"}]}}, {"meta": {"tag": [{"code": "x"}]}}),
+    ],
+)
+def test_merge_keeps_what_others_added_and_replaces_what_we_own(theirs: dict[str, Any], expected_extra):
+    """The merged resource is ours plus the elements we do not own."""
+    assert merge_imaging_study(OURS, {"resourceType": "ImagingStudy", "id": "s1", **theirs}) == {
+        **expected_extra,
+        **OURS,
+    }
+
+
+def test_merge_keeps_literal_based_on_references_after_ours():
+    """A literal ServiceRequest reference added by someone else stays; their copy of our identifier is replaced."""
+    theirs = {
+        "basedOn": [
+            {"type": "ServiceRequest", "identifier": {"value": "OLD-ACC"}},
+            {"reference": "ServiceRequest/sr-1"},
+        ]
+    }
+    merged = merge_imaging_study(OURS, theirs)
+    assert merged["basedOn"] == [OURS["basedOn"][0], {"reference": "ServiceRequest/sr-1"}]
+
+
+@pytest.mark.parametrize("golden", sorted(GOLDEN.glob("*.json")), ids=lambda path: path.name)
+def test_every_element_the_mapping_writes_is_owned(golden: Path):
+    """The goldens' top-level elements (besides resourceType, id and the shared basedOn) are all owned."""
+    resource = json.loads(golden.read_text(encoding="utf-8"))
+    assert set(resource) - {"resourceType", "id", "basedOn"} <= OWNED_ELEMENTS
