@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     command("run", "run the DICOM listener and FHIR publisher in the foreground")
-    command("check-config", "validate the configuration file and exit")
+    check = command("check-config", "validate the configuration file and exit")
+    check.add_argument("--online", action="store_true", help="also check that the database and the FHIR server answer")
     command("migrate", "upgrade the index database schema to this version of pacs-bridge (back it up first)")
     status = command("status", "show how many studies are pending, published and failed, and why failed ones failed")
     status.add_argument("--json", action="store_true", help="print one JSON document")
@@ -180,11 +181,26 @@ def _migrate(config: Config) -> None:
         print(f"index schema upgraded from revision {change.from_revision} to {change.to_revision}")
 
 
+def _check_online(config: Config) -> None:
+    import httpx
+
+    from pacs_bridge.checks import check_database, check_fhir_server
+
+    with httpx.Client(timeout=config.fhir.timeout_seconds) as http:
+        results = [check_database(config), check_fhir_server(config, http)]
+    for result in results:
+        print(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {result.detail}")
+    if not all(result.ok for result in results):
+        sys.exit(EXIT_RUNTIME_ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     config = _load(args.config)
     if args.command == "check-config":
         print(f"{args.config}: configuration is valid")
+        if args.online:
+            _check_online(config)
         return
     try:
         if args.command == "status":

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.models import Base
 from pacs_bridge.index.schema import SchemaOutdatedError, head_revision, prepare_schema
+from tests.support.schema import alembic_upgrade, current_revision
 
 
 @pytest.fixture
@@ -24,19 +23,6 @@ def empty_engine(database_url: str) -> Engine:
     engine = make_engine(database_url)
     yield engine
     engine.dispose()
-
-
-def alembic_upgrade(engine: Engine, revision: str) -> None:
-    with engine.begin() as connection:
-        config = AlembicConfig()
-        config.set_main_option("script_location", "pacs_bridge.index:migrations")
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-
-
-def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
 
 
 def test_migrations_build_exactly_the_schema_of_the_models(empty_engine: Engine):

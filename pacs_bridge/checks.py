@@ -1,0 +1,78 @@
+"""``check-config --online``: can this configuration reach what it names? Each check says what it tried."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from pacs_bridge.config import Config
+from pacs_bridge.index.engine import make_engine
+from pacs_bridge.index.schema import head_revision
+
+# The FHIR release each fhir.version expects in the server's CapabilityStatement.fhirVersion.
+FHIR_RELEASE_PREFIX = {"R4": "4.0.", "R5": "5.0."}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_database(config: Config) -> CheckResult:
+    """Connect to ``database.url`` and read the schema revision, changing nothing."""
+    engine = make_engine(config.database.url)
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+            if not inspect(connection).has_table("studies"):
+                return CheckResult(name="database", ok=True, detail=f"{where}: reachable, empty (created on first run)")
+            current = MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as exc:
+        return CheckResult(
+            name="database", ok=False, detail=f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        )
+    finally:
+        engine.dispose()
+    head = head_revision()
+    if current == head:
+        return CheckResult(name="database", ok=True, detail=f"{where}: reachable, schema at revision {head}")
+    return CheckResult(
+        name="database",
+        ok=False,
+        detail=f"{where}: schema at revision {current or 'unversioned'}, this pacs-bridge needs {head}: "
+        "back it up, then run pacs-bridge migrate",
+    )
+
+
+def check_fhir_server(config: Config, http: httpx.Client) -> CheckResult:
+    """GET ``{fhir.base_url}/metadata`` with the bridge's own HTTP client (TLS and auth as configured)."""
+    url = f"{config.fhir.base_url}/metadata"
+    try:
+        response = http.get(url, headers={"Accept": "application/fhir+json"})
+    except httpx.HTTPError as exc:
+        return CheckResult(name="fhir", ok=False, detail=f"GET {url}: {type(exc).__name__}: {exc}")
+    if not response.is_success:
+        return CheckResult(name="fhir", ok=False, detail=f"GET {url}: HTTP {response.status_code}")
+    try:
+        capability = response.json()
+    except ValueError:
+        return CheckResult(name="fhir", ok=False, detail=f"GET {url}: the answer is not JSON")
+    if not isinstance(capability, dict) or capability.get("resourceType") != "CapabilityStatement":
+        return CheckResult(name="fhir", ok=False, detail=f"GET {url}: the answer is not a CapabilityStatement")
+    release = str(capability.get("fhirVersion", ""))
+    expected = FHIR_RELEASE_PREFIX[config.fhir.version]
+    if not release.startswith(expected):
+        return CheckResult(
+            name="fhir",
+            ok=False,
+            detail=f"GET {url}: the server speaks FHIR {release or '(unstated)'}, "
+            f"but fhir.version is {config.fhir.version}",
+        )
+    return CheckResult(name="fhir", ok=True, detail=f"GET {url}: CapabilityStatement, FHIR {release}")
