@@ -7,6 +7,7 @@ the sequence. One study's failure never stops the pass, and ``run_once`` itself 
 from __future__ import annotations
 
 import enum
+import functools
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from pacs_bridge.fhir.endpoint import build_endpoint
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
 from pacs_bridge.fhir.merge import merge_imaging_study
 from pacs_bridge.fhir.resource import FhirResource, content_hash
+from pacs_bridge.fhir.validation import validate_resource
 from pacs_bridge.index.repository import ClaimedStudy, Index
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.debounce import RetrySettings, retry_delay
@@ -54,9 +56,12 @@ class Publisher:
         random_fraction: Callable[[], float] = random.random,
         observer: BridgeObserver | None = None,
         max_attempts: int = 0,
+        validate: Callable[[FhirResource], None] | None = None,
     ) -> None:
         """``max_attempts``: after this many failed attempts in a row a retryable failure marks the study
-        failed too; 0 retries without limit."""
+        failed too; 0 retries without limit. ``validate`` raises ``PublishError`` for a resource that must not be
+        sent; by default each resource is validated against the FHIR models of ``mapping.fhir_version``."""
+        self._validate = validate or functools.partial(validate_resource, fhir_version=mapping.fhir_version)
         self._index = index
         self._fhir = fhir
         self._mapping = mapping
@@ -122,6 +127,7 @@ class Publisher:
             log.info("study_unchanged", study_uid=study_uid, change_seq=snapshot.change_seq)
             return PublishOutcome.UNCHANGED
         try:
+            self._validate(resource)  # an invalid resource is never sent: the study is marked failed
             self._ensure_endpoints()
             result = self._put_study(resource, claimed.published_version)
         except PublishError as exc:
@@ -188,6 +194,7 @@ class Publisher:
             digest = content_hash(resource)
             if self._endpoints_confirmed.get(endpoint_id) == digest:
                 continue
+            self._validate(resource)
             result = self._fhir.put(resource)
             self._index.mark_endpoint_published(endpoint_id, content_hash=digest, now=self._clock())
             self._endpoints_confirmed[endpoint_id] = digest

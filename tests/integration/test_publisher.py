@@ -141,7 +141,10 @@ def test_resource_refused_by_the_server_marks_the_study_failed_with_its_reason(
 ):
     """A 400 is not retried; the OperationOutcome text is recorded on the study for the operator."""
     bad_mapping = MappingSettings(endpoints=(WADO,), patient_identifier_system="not a uri")
-    publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock, mapping=bad_mapping)
+    # Our own validation would refuse it before sending (test_mapping_validation.py): here the server must.
+    publisher = make_publisher(
+        index, http, fresh_fhir_server.base_url, clock, mapping=bad_mapping, validate=lambda _resource: None
+    )
     index.record_instance(record(), received_at=clock())
     clock.advance(QUIET)
     assert publisher.run_once() == {uid("1"): PublishOutcome.FAILED}
