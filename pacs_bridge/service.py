@@ -143,6 +143,9 @@ class BridgeService:
                 port=dicom.port,
                 max_associations=dicom.max_associations,
                 network_timeout_seconds=dicom.network_timeout_seconds,
+                # A connection that never completes its association request (a scanner, a sender that died
+                # mid-PDU) holds one of max_associations until this runs out: no longer than a silent one.
+                acse_timeout_seconds=min(dicom.network_timeout_seconds, 30.0),
                 allowed_calling_aets=dicom.calling_ae_rules(),
                 tls=server_tls_context(dicom.tls.certificate, dicom.tls.private_key, dicom.tls.client_ca)
                 if dicom.tls.enabled

@@ -23,6 +23,8 @@ from io import BytesIO
 from typing import Any, Protocol
 
 import structlog
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread, read_dataset
 from pydicom.uid import UID
@@ -68,7 +70,7 @@ def read_header(encoded: BytesIO, transfer_syntax: UID) -> Dataset:
     if transfer_syntax.is_deflated:
         stream = BytesIO(zlib.decompress(encoded.getvalue(), -zlib.MAX_WBITS))
     try:
-        return read_dataset(
+        dataset = read_dataset(
             stream,
             transfer_syntax.is_implicit_VR,
             transfer_syntax.is_little_endian,
@@ -77,6 +79,27 @@ def read_header(encoded: BytesIO, transfer_syntax: UID) -> Dataset:
         )
     except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
         raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    return refuse_truncated(dataset)
+
+
+def refuse_truncated(dataset: Dataset) -> Dataset:
+    """``dataset``, unless the stream ended inside one of its values.
+
+    pydicom hands back whatever it could read of a value cut short, and a cut UID may still look valid (one
+    cut after "1.2.3.4" of "1.2.3.4.5" is a UID): indexed, it would put the instance in a series or study
+    that does not exist. Raises ``InvalidInstanceError`` naming the element instead.
+    """
+    for tag in dataset.keys():  # noqa: SIM118 - iterating the Dataset itself would decode every element
+        raw = dataset.get_item(tag)
+        if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes) or raw.length == 0xFFFFFFFF:
+            continue
+        if len(raw.value) < raw.length:
+            raise InvalidInstanceError(
+                keyword_for_tag(tag) or "",
+                f"({tag.group:04X},{tag.element:04X})",
+                f"truncated: the dataset ends inside this value ({len(raw.value)} of {raw.length} bytes)",
+            )
+    return dataset
 
 
 def server_tls_context(certificate: str, private_key: str, client_ca: str = "") -> ssl.SSLContext:
@@ -96,9 +119,10 @@ def read_header_file(path: str | os.PathLike[str]) -> Dataset:
     and everything after it are not read)."""
     try:
         with open(path, "rb") as file:
-            return dcmread(file, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+            dataset = dcmread(file, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
     except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
         raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    return refuse_truncated(dataset)
 
 
 def _received_header(event: Any) -> Dataset:
