@@ -49,6 +49,10 @@ class ConflictingInstanceError(InvalidInstanceError):
     """
 
 
+class UnknownStudyError(PacsBridgeError):
+    """No study with this Study Instance UID is in the index; check the UID (pacs-bridge status lists studies)."""
+
+
 class IndexUnavailableError(PacsBridgeError):
     """The index database cannot be written (down, locked or full); check `database.url` and the server.
 

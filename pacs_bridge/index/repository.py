@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
+from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, UnknownStudyError
 from pacs_bridge.index.engine import READ_ONLY_OPTION
 from pacs_bridge.index.models import EndpointPublication, Instance, PublishState, Series, Study
 from pacs_bridge.publish.debounce import DebounceSettings, due_at
@@ -259,7 +259,9 @@ class Index:
     def load_snapshot(self, study_uid: str) -> StudySnapshot:
         """Everything indexed for one study, series ordered by number then UID, instances likewise."""
         with self._unit_of_work(read_only=True) as session:
-            study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+            study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+            if study is None:
+                raise UnknownStudyError(f"study {study_uid} is not in the index")
             attributes = StudyAttributes(
                 study_uid=study.study_uid, **{name: getattr(study, name) for name in _STUDY_FIELDS}
             )

@@ -253,3 +253,11 @@ def test_snapshot_reflects_latest_study_attributes(index: Index, clock: FakeCloc
     index.record_instance(record(accession_number="A1"), received_at=clock())
     index.record_instance(replace(record(instance="1.1.2", number=2, accession_number="A2")), received_at=clock())
     assert index.load_snapshot(uid("1")).attributes.accession_number == "A2"
+
+
+def test_snapshot_of_an_unknown_study_says_so(index: Index):
+    """Asking for a study the index does not hold is UnknownStudyError naming it, not a database failure."""
+    from pacs_bridge.errors import UnknownStudyError
+
+    with pytest.raises(UnknownStudyError, match=f"study {uid('404')} is not in the index"):
+        index.load_snapshot(uid("404"))
