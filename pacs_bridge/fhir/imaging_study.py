@@ -53,6 +53,8 @@ class MappingSettings:
     # A literal reference (``Location/radiology-1``) for ImagingStudy.location; empty: no location.
     location_reference: str = ""
     fhir_version: FhirVersion = "R4"
+    # False: series without their instance lists, for very large studies; the counts are always sent.
+    include_instances: bool = True
 
 
 def _oid(uid: str) -> str:
@@ -148,7 +150,7 @@ def _build_instance(instance: InstanceSnapshot) -> FhirResource:
 
 
 def _build_series(
-    series: SeriesSnapshot, shape: _FhirShape, site_zone: tzinfo | None, timezone_offset: str
+    series: SeriesSnapshot, shape: _FhirShape, settings: MappingSettings, timezone_offset: str
 ) -> FhirResource:
     attributes = series.attributes
     element: FhirResource = {"uid": attributes.series_uid}
@@ -166,13 +168,13 @@ def _build_series(
     )
     if laterality is not None:
         element["laterality"] = shape.coded(laterality)
-    started = to_fhir_datetime(attributes.series_date, attributes.series_time, timezone_offset, site_zone)
+    started = to_fhir_datetime(attributes.series_date, attributes.series_time, timezone_offset, settings.site_zone)
     if started:
         element["started"] = started
     performers = _performers(series)
     if performers:
         element["performer"] = performers
-    if series.instances:
+    if series.instances and settings.include_instances:
         element["instance"] = [_build_instance(instance) for instance in series.instances]
     return element
 
@@ -224,6 +226,6 @@ def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> F
         resource["description"] = study.study_description
     if snapshot.series:
         resource["series"] = [
-            _build_series(series, shape, settings.site_zone, study.timezone_offset) for series in snapshot.series
+            _build_series(series, shape, settings, study.timezone_offset) for series in snapshot.series
         ]
     return resource

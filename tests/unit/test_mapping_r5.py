@@ -117,3 +117,31 @@ def test_config_rejects_an_unknown_version_or_a_bad_location(section: str, value
         parse_config(data, path="test.yaml")
 
     assert f"'{where}'" in str(caught.value)
+
+
+@pytest.mark.parametrize("version", ["R4", "R5"])
+def test_without_instances_series_keep_their_counts_and_the_resource_stays_valid(version: str) -> None:
+    """publish.include_instances false: no instance lists, every count still sent, still valid."""
+    from fhir.resources.R4B.imagingstudy import ImagingStudy as ImagingStudyR4
+
+    settings = dataclasses.replace(R5, fhir_version=version, include_instances=False)
+
+    resource = build_imaging_study(fully_described_snapshot(), settings)
+
+    assert all("instance" not in series for series in resource["series"])
+    assert (resource["numberOfSeries"], resource["numberOfInstances"]) == (1, 3)
+    assert resource["series"][0]["numberOfInstances"] == 3
+    (ImagingStudyR4 if version == "R4" else ImagingStudyR5).model_validate(resource)
+
+
+def test_config_include_instances_defaults_to_true_and_reaches_the_mapping() -> None:
+    """The key is optional (true); false reaches MappingSettings through the service wiring."""
+    from pacs_bridge.service import mapping_settings
+
+    default = parse_config({"fhir": {"base_url": "http://fhir.example.org"}}, path="test.yaml")
+    off = parse_config(
+        {"fhir": {"base_url": "http://fhir.example.org"}, "publish": {"include_instances": False}}, path="test.yaml"
+    )
+
+    assert (default.publish.include_instances, mapping_settings(default).include_instances) == (True, True)
+    assert mapping_settings(off).include_instances is False
