@@ -1,31 +1,45 @@
-"""Ingest throughput: DCMTK storescu -> pacs-bridge (durable index) versus a bare pynetdicom storage SCP.
+"""Ingest throughput: DCMTK storescu -> pacs-bridge (durable index) against DCMTK storescp, Orthanc and a bare
+pynetdicom storage SCP, in the same run, with the same sender, on the same box (issue 6, targets 1 and 2).
 
-One run = one ``storescu`` association sending N generated instances over loopback; its wall time gives
-instances per second. The targets alternate, R runs each:
+One run = N generated instances sent over loopback by K concurrent ``storescu`` processes (``--associations``,
+one association each, N/K instances each); the time until the last one finishes gives instances per second.
+Every peer is started by this script as an unprivileged loopback service on a free port, fresh for each run
+(empty storage, empty database), and stopped afterwards, also on Ctrl-C or failure:
 
-* ``bare pynetdicom``: a storage SCP whose C-STORE handler returns 0x0000 and does nothing else, in its own
-  process (``python benchmarks/ingest.py --serve-bare PORT``), so that it does not share our GIL;
+* ``dcmtk storescp``: DCMTK's storage SCP writing each object to a file (``--fork``: one process per
+  association, ``+xa``: every transfer syntax); it never calls fsync. The ceiling;
+* ``orthanc``: Debian's Orthanc (``/usr/sbin/Orthanc config.json``) with its own SQLite index and storage area
+  in the run's temporary directory, durability at its defaults (``SyncStorageArea`` true: each file is
+  fsync'd before the instance is indexed);
 * ``bridge sqlite``: ``python -m pacs_bridge run`` on a fresh SQLite file (WAL, synchronous=FULL), its FHIR
   server a closed port and its quiet period an hour, so publishing never runs during ingest;
-* ``bridge postgresql`` (with ``--postgres URL``): the same on a fresh schema of that database.
+* ``bridge postgresql`` (with ``--postgres URL``): the same on a fresh schema of that database;
+* ``bare pynetdicom``: a stock pynetdicom SCP whose C-STORE handler returns 0x0000 and does nothing else, in
+  its own process (``python benchmarks/ingest.py --serve-bare PORT``). The floor.
 
-Every bridge run starts a fresh bridge on a fresh database, and is checked afterwards: all N instances must
-be in its ``instances`` table, or the benchmark fails (a fast but lossy run is worthless).
+Each run is checked afterwards: the peer must hold all N instances (files in storescp's directory, Orthanc's
+``/statistics``, rows in the bridge's ``instances`` table), or the benchmark fails: a fast but lossy run is
+worthless.
 
 Run from the repository root::
 
-    python benchmarks/ingest.py [--instances 1000] [--repeat 3] [--pixel-bytes 8192] [--postgres URL]
+    python benchmarks/ingest.py                              # 2000 x 9.7 kB, 1 association, 3 runs each
+    python benchmarks/ingest.py --associations 4
+    python benchmarks/ingest.py --pixel-bytes 525312         # 526 kB instances (760 per run by default)
+    python benchmarks/ingest.py --nagle                      # sender leaves Nagle on (200 instances)
 
-The temporary directory (files sent, SQLite database) is made under ``TMPDIR``: put it on the disk you mean
-to measure, since a tmpfs turns the fsync at every commit into a no-op.
+The temporary directory (files sent, storage areas, SQLite databases) is made under ``TMPDIR``: put it on the
+disk you mean to measure, since a tmpfs turns every fsync into a no-op.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import sqlite3
@@ -35,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +66,11 @@ START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 STORESCU_TIMEOUT_SECONDS = 900.0
 ECHO_TIMEOUTS = ("-to", "2", "-ta", "5", "-td", "5")  # echoscu: connect, association, DIMSE (seconds)
+DEFAULT_PIXEL_BYTES = 8844  # 66 x 67 x 2 bytes: 9.7 kB files, the issue's CT instance
+DEFAULT_INSTANCES = 2000
+DEFAULT_NAGLE_INSTANCES = 200  # a stock SCP stalls ~40-80 ms per C-STORE behind a Nagle-on sender
+DEFAULT_MEGABYTES_PER_RUN = 400  # caps the default N for large instances (526 kB: 760 per run)
+PEERS = ("storescp", "orthanc", "sqlite", "postgresql", "bare")
 
 
 class BenchmarkError(Exception):
@@ -144,11 +164,23 @@ def log_tail(path: Path, lines: int = 20) -> str:
 
 @contextlib.contextmanager
 def running_server(
-    name: str, command: Sequence[str], *, port: int, log_path: Path, cwd: Path, env: dict[str, str] | None = None
+    name: str,
+    command: Sequence[str],
+    *,
+    port: int,
+    log_path: Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    killed_by_sigterm_ok: bool = False,
 ) -> Iterator[None]:
-    """Start ``command``, wait until it answers a C-ECHO on ``port``, stop it with SIGTERM on leaving."""
+    """Start ``command``, wait until it answers a C-ECHO on ``port``, stop it with SIGTERM on leaving.
+
+    ``killed_by_sigterm_ok``: the server has no SIGTERM handler (DCMTK storescp), so dying of the signal is
+    its normal way to stop.
+    """
     with log_path.open("wb") as log:
-        # A session of its own: a Ctrl-C in the terminal reaches only us, and we stop the server ourselves.
+        # A session (and process group) of its own: a Ctrl-C in the terminal reaches only us, and we stop the
+        # server and any children it forked (storescp --fork) ourselves.
         process = subprocess.Popen(
             list(command), stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
         )
@@ -159,7 +191,7 @@ def running_server(
             stop_process(process)
             raise
         returncode = stop_process(process)
-        if returncode != 0:
+        if returncode != 0 and not (killed_by_sigterm_ok and returncode == -signal.SIGTERM):
             raise BenchmarkError(
                 f"{name} exited with status {returncode} after SIGTERM; its log ends:\n{log_tail(log_path)}"
             )
@@ -191,38 +223,72 @@ def wait_until_answering(name: str, process: subprocess.Popen[bytes], *, port: i
         time.sleep(0.05)
 
 
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    """``signum`` to ``process`` and, when it leads its own process group, to the children it forked."""
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> int:
     """SIGTERM, then SIGKILL if it has not exited in time. Returns its exit status."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        _signal_group(process, signal.SIGTERM)
         try:
             process.wait(timeout=STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
-            process.kill()
+            _signal_group(process, signal.SIGKILL)
             process.wait()
+    else:
+        # The leader is gone; children it forked (storescp --fork) may not be.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
     return process.returncode
 
 
-def send_study(files: Path, port: int, *, instances: int, nagle: bool = False) -> float:
-    """One storescu association sending every file in ``files``; returns its wall time in seconds."""
-    command = [dcmtk("storescu"), "-aet", CALLING_AE, "-aec", CALLED_AE, "+sd", "127.0.0.1", str(port), str(files)]
+def send_study(workload: Workload, port: int) -> float:
+    """Send every part of the study at once, one storescu association per part; returns seconds until the
+    last storescu has finished."""
+    command = [dcmtk("storescu"), "-aet", CALLING_AE, "-aec", CALLED_AE, "+sd", "127.0.0.1", str(port)]
+    environment = dcmtk_environment(nagle=workload.nagle)
+    outputs = [workload.workdir / f"storescu-{index}.out" for index in range(len(workload.parts))]
+    senders: list[subprocess.Popen[bytes]] = []
     started = time.perf_counter()
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        env=dcmtk_environment(nagle=nagle),
-        timeout=STORESCU_TIMEOUT_SECONDS,
-        check=False,
-    )
-    elapsed = time.perf_counter() - started
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode != 0 or output:
-        # Without -v storescu prints nothing unless something went wrong (a failure status, an abort).
-        raise BenchmarkError(
-            f"storescu sending {instances} instances exited with status {result.returncode}:\n{output[-3000:]}"
-        )
+    try:
+        for part, output in zip(workload.parts, outputs, strict=True):
+            with output.open("wb") as sink:
+                senders.append(
+                    subprocess.Popen([*command, str(part)], stdout=sink, stderr=subprocess.STDOUT, env=environment)
+                )
+        deadline = time.monotonic() + STORESCU_TIMEOUT_SECONDS
+        for sender in senders:
+            sender.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        elapsed = time.perf_counter() - started
+    finally:
+        for sender in senders:
+            if sender.poll() is None:
+                sender.kill()
+                sender.wait()
+    for part, sender, output in zip(workload.parts, senders, outputs, strict=True):
+        text = output.read_text(errors="replace").strip()
+        if sender.returncode != 0 or text:
+            # Without -v storescu prints nothing unless something went wrong (a failure status, an abort).
+            raise BenchmarkError(
+                f"storescu sending {part.name} ({workload.instances} instances in {len(workload.parts)} parts) "
+                f"exited with status {sender.returncode}:\n{text[-3000:]}"
+            )
     return elapsed
+
+
+def check_count(name: str, run_number: int, *, expected: int, found: int, log_path: Path) -> None:
+    """Fail the benchmark when a peer holds fewer (or more) instances than storescu got success for."""
+    if found != expected:
+        raise BenchmarkError(
+            f"{name} run {run_number}: storescu got success for {expected} instances but it holds {found}; "
+            f"the figures of a lossy run are worthless. Its log ends:\n{log_tail(log_path)}"
+        )
 
 
 # ---- targets ----------------------------------------------------------------------------------------------
@@ -232,14 +298,15 @@ def send_study(files: Path, port: int, *, instances: int, nagle: bool = False) -
 class Target:
     """One thing to measure: ``run`` starts it fresh, sends the study once, checks it, and returns seconds."""
 
+    key: str  # one of PEERS
     name: str
-    run: Callable[[int], float]  # run number -> storescu wall time
+    run: Callable[[int], float]  # run number -> wall time of the send
     seconds: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Workload:
-    files: Path
+    parts: tuple[Path, ...]  # one directory per association
     instances: int
     workdir: Path
     nagle: bool = False  # the sender leaves Nagle's algorithm on
@@ -250,7 +317,97 @@ def run_bare(workload: Workload, run_number: int) -> float:
     command = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
     log_path = workload.workdir / f"bare-{run_number}.log"
     with running_server("bare pynetdicom SCP", command, port=port, log_path=log_path, cwd=workload.workdir):
-        return send_study(workload.files, port, instances=workload.instances, nagle=workload.nagle)
+        return send_study(workload, port)
+
+
+def run_storescp(workload: Workload, run_number: int) -> float:
+    """DCMTK storescp writing files into an empty directory; afterwards the directory must hold N files."""
+    output = workload.workdir / f"storescp-{run_number}"
+    output.mkdir()
+    port = free_port()
+    # Defaults otherwise: file format with the received transfer syntax, no bit-preserving mode, max PDU 16 kB.
+    # TCP_NODELAY=1 in its environment, as for the sender: Debian's DCMTK otherwise Nagles its responses.
+    command = [dcmtk("storescp"), "--fork", "+xa", "-dhl", "-aet", CALLED_AE, "-od", str(output), str(port)]
+    log_path = workload.workdir / f"storescp-{run_number}.log"
+    name = "DCMTK storescp"
+    try:
+        with running_server(
+            name,
+            command,
+            port=port,
+            log_path=log_path,
+            cwd=workload.workdir,
+            env=dcmtk_environment(),
+            killed_by_sigterm_ok=True,
+        ):
+            elapsed = send_study(workload, port)
+        found = sum(1 for path in output.rglob("*") if path.is_file())
+        check_count(name, run_number, expected=workload.instances, found=found, log_path=log_path)
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    return elapsed
+
+
+def orthanc_binary() -> str:
+    path = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+    if path is None:
+        raise BenchmarkError(
+            "Orthanc is not installed; run: apt-get install -y orthanc (or leave it out: --peers without orthanc)"
+        )
+    return path
+
+
+def orthanc_config(root: Path, *, dicom_port: int, http_port: int) -> dict[str, Any]:
+    """Orthanc on 127.0.0.1 only, storing into ``root``; every durability setting at Orthanc's default."""
+    return {
+        "Name": "pacs-bridge-benchmark",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,  # HTTP answers 127.0.0.1 only
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,  # accept storescu's called AE title
+        "DicomAlwaysAllowStore": True,  # accept a C-STORE from any modality
+        "DicomAlwaysAllowEcho": True,
+        "Plugins": [],
+        # Orthanc's defaults, spelled out because the comparison depends on them: each file written to the
+        # storage area is fsync'd (SyncStorageArea), stored as received, MD5s kept in the SQLite index.
+        "SyncStorageArea": True,
+        "StorageCompression": False,
+        "StoreMD5ForAttachments": True,
+        "OverwriteInstances": False,
+    }
+
+
+def orthanc_instance_count(http_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics", timeout=30) as response:
+        statistics_ = json.load(response)
+    return int(statistics_["CountInstances"])
+
+
+def run_orthanc(workload: Workload, run_number: int) -> float:
+    """Orthanc on an empty storage area and index; afterwards its /statistics must count N instances."""
+    root = workload.workdir / f"orthanc-{run_number}"
+    root.mkdir()
+    dicom_port, http_port = free_port(), free_port()
+    config_path = root / "orthanc.json"
+    config_path.write_text(json.dumps(orthanc_config(root, dicom_port=dicom_port, http_port=http_port), indent=2))
+    log_path = workload.workdir / f"orthanc-{run_number}.log"
+    name = "Orthanc"
+    try:
+        # Orthanc speaks DICOM through Debian's DCMTK, which leaves Nagle on unless TCP_NODELAY=1 is set: without
+        # it every C-STORE response stalls ~40 ms (about 21 inst/s here), as under Debian's systemd unit.
+        environment = dcmtk_environment()
+        command = [orthanc_binary(), str(config_path)]
+        with running_server(name, command, port=dicom_port, log_path=log_path, cwd=root, env=environment):
+            elapsed = send_study(workload, dicom_port)
+            found = orthanc_instance_count(http_port)
+        check_count(name, run_number, expected=workload.instances, found=found, log_path=log_path)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return elapsed
 
 
 def bridge_config(*, port: int, database_url: str) -> dict[str, Any]:
@@ -284,15 +441,10 @@ def run_bridge(
         name = f"pacs-bridge ({label})"
         environment = this_tree_environment(dict(os.environ))
         with running_server(name, command, port=port, log_path=log_path, cwd=workload.workdir, env=environment):
-            elapsed = send_study(workload.files, port, instances=workload.instances, nagle=workload.nagle)
+            elapsed = send_study(workload, port)
             # Success was answered only after each commit, so every instance must be readable now.
             indexed = count_instances(database_url)
-        if indexed != workload.instances:
-            raise BenchmarkError(
-                f"pacs-bridge ({label}) run {run_number}: storescu got success for {workload.instances} instances "
-                f"but the index holds {indexed}; the figures of a lossy run are worthless. Its log ends:\n"
-                f"{log_tail(log_path)}"
-            )
+        check_count(name, run_number, expected=workload.instances, found=indexed, log_path=log_path)
         return elapsed
 
 
@@ -374,12 +526,32 @@ def postgres_version(admin_url: str) -> str:
 # ---- data, machine, report --------------------------------------------------------------------------------
 
 
-def write_files(directory: Path, *, instances: int, pixel_bytes: int) -> float:
-    """One CT series of ``instances`` files under a new study UID; returns the mean file size in bytes."""
-    from tests.support.studies import SeriesSpec, new_study_uid, write_study
+def pixel_shape(pixel_bytes: int) -> tuple[int, int]:
+    """Rows and columns of 2-byte pixels making exactly ``pixel_bytes``, as square as possible."""
+    if pixel_bytes % 2:
+        raise BenchmarkError(f"--pixel-bytes must be even (2-byte pixels), got {pixel_bytes}")
+    pixels = pixel_bytes // 2
+    rows = int(pixels**0.5)
+    while pixels % rows:
+        rows -= 1
+    return rows, pixels // rows
 
-    paths = write_study(directory, new_study_uid(), [SeriesSpec("CT", instances)], pixel_bytes=pixel_bytes)
-    return statistics.fmean(path.stat().st_size for path in paths)
+
+def write_files(directory: Path, *, instances: int, pixel_bytes: int, parts: int) -> tuple[tuple[Path, ...], float]:
+    """One CT series of ``instances`` files under a new study UID, split in ``parts`` consecutive runs of
+    instances, one directory each. Returns the directories and the mean file size in bytes."""
+    from tests.support.studies import SeriesSpec, new_study_uid, study_datasets, write_file
+
+    rows, columns = pixel_shape(pixel_bytes)
+    pixels = bytes(pixel_bytes)
+    directories = tuple(directory / f"part-{index:02d}" for index in range(parts))
+    sizes = []
+    datasets = study_datasets(new_study_uid(), [SeriesSpec("CT", instances)])
+    for index, ds in enumerate(datasets):
+        ds.Rows, ds.Columns, ds.PixelData = rows, columns, pixels
+        path = write_file(ds, directories[index * parts // instances] / f"{ds.SOPInstanceUID}.dcm")
+        sizes.append(path.stat().st_size)
+    return directories, statistics.fmean(sizes)
 
 
 def filesystem_of(path: Path) -> str:
@@ -425,33 +597,73 @@ def revision() -> str:
     return f"pacs-bridge {__version__} ({commit}, {REPO_ROOT})"
 
 
-def machine_lines(workdir: Path, postgres_url: str | None) -> list[str]:
-    lines = [
+def orthanc_version() -> str:
+    result = subprocess.run([orthanc_binary(), "--version"], capture_output=True, text=True, check=False)
+    first = (result.stdout or result.stderr).strip().splitlines()
+    return first[0].split()[-1] if first else "unknown"
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def machine_lines(workdir: Path, postgres_url: str | None, keys: Sequence[str]) -> list[str]:
+    servers = [f"DCMTK {dcmtk_version().removeprefix('storescu ').removeprefix('v')} (storescu sender, storescp)"]
+    if "orthanc" in keys:
+        servers.append(f"Orthanc {orthanc_version()}")
+    if "postgresql" in keys and postgres_url is not None:
+        servers.append(f"PostgreSQL {postgres_version(postgres_url)}")
+    return [
         revision(),
         f"machine: {os.cpu_count()} cores, {cpu_model()}, {platform.system()} {platform.release()}",
         f"python {platform.python_version()}, pynetdicom {version('pynetdicom')}, pydicom {version('pydicom')}, "
-        f"SQLAlchemy {version('SQLAlchemy')}, SQLite {sqlite3.sqlite_version}, DCMTK {dcmtk_version()}",
+        f"SQLAlchemy {version('SQLAlchemy')}, SQLite {sqlite3.sqlite_version}",
+        ", ".join(servers),
         f"temporary files on {filesystem_of(workdir)} ({workdir.parent})",
     ]
-    if postgres_url is not None:
-        lines.append(f"PostgreSQL {postgres_version(postgres_url)}")
-    return lines
 
 
 def report(targets: Sequence[Target], *, instances: int) -> list[str]:
     def rate(seconds: float) -> float:
         return instances / seconds
 
-    bare = statistics.median(rate(s) for s in targets[0].seconds)
-    header = f"{'target':<20} {'median inst/s':>13} {'min':>8} {'max':>8} {'ms/inst':>8} {'vs bare':>8}"
+    medians = {target.key: statistics.median(rate(s) for s in target.seconds) for target in targets}
+
+    def ratio(median: float, key: str) -> str:
+        return f"{median / medians[key]:>9.2f}x" if key in medians else f"{'-':>10}"
+
+    header = (
+        f"{'target':<18} {'median inst/s':>13} {'min':>8} {'max':>8} {'ms/inst':>8} {'vs orthanc':>10} {'vs bare':>10}"
+    )
     lines = [header, "-" * len(header)]
     for target in targets:
         rates = [rate(s) for s in target.seconds]
-        median = statistics.median(rates)
+        median = medians[target.key]
         lines.append(
-            f"{target.name:<20} {median:>13.1f} {min(rates):>8.1f} {max(rates):>8.1f} "
-            f"{1000 / median:>8.2f} {median / bare:>7.2f}x"
+            f"{target.name:<18} {median:>13.1f} {min(rates):>8.1f} {max(rates):>8.1f} {1000 / median:>8.2f} "
+            f"{ratio(median, 'orthanc')} {ratio(median, 'bare')}"
         )
+    return lines
+
+
+def issue_targets(targets: Sequence[Target], *, instances: int, nagle: bool) -> list[str]:
+    """Issue 6's ingest targets against this run's medians, met or not."""
+    medians = {t.key: statistics.median(instances / s for s in t.seconds) for t in targets}
+    lines = []
+    for key in ("sqlite", "postgresql"):
+        if key not in medians:
+            continue
+        if nagle and "bare" in medians:
+            ratio = medians[key] / medians["bare"]
+            verdict = "met" if ratio >= 10 else "NOT met"
+            lines.append(
+                f"issue 6 target 2 (Nagle-on sender, >= 10x stock pynetdicom): bridge {key} {ratio:.2f}x, {verdict}"
+            )
+        if not nagle and "orthanc" in medians:
+            ratio = medians[key] / medians["orthanc"]
+            verdict = "met" if ratio >= 1 else "NOT met"
+            lines.append(f"issue 6 target 1 (durable ingest >= 1.0x Orthanc): bridge {key} {ratio:.2f}x, {verdict}")
     return lines
 
 
@@ -468,12 +680,40 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _peers(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in keys if k not in PEERS]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(PEERS)}, got {text!r}")
+    return keys
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--instances", type=_at_least_one, default=1000, help="instances sent per run (default 1000)")
+    parser.add_argument(
+        "--instances",
+        type=_at_least_one,
+        help=f"instances sent per run (default {DEFAULT_INSTANCES}; {DEFAULT_NAGLE_INSTANCES} with --nagle; "
+        f"fewer for large instances, at most {DEFAULT_MEGABYTES_PER_RUN} MB per run)",
+    )
     parser.add_argument("--repeat", type=_at_least_one, default=3, help="runs per target, alternating (default 3)")
     parser.add_argument(
-        "--pixel-bytes", type=_at_least_one, default=8192, help="pixel data per instance (default 8192)"
+        "--associations",
+        type=_at_least_one,
+        default=1,
+        help="concurrent storescu processes, one association each, sharing the instances (default 1)",
+    )
+    parser.add_argument(
+        "--pixel-bytes",
+        type=_at_least_one,
+        default=DEFAULT_PIXEL_BYTES,
+        help=f"pixel data per instance, even (default {DEFAULT_PIXEL_BYTES}: 9.7 kB files; 525312: 526 kB files)",
+    )
+    parser.add_argument(
+        "--peers",
+        type=_peers,
+        default=("storescp", "orthanc", "sqlite", "postgresql", "bare"),
+        help=f"what to measure, comma-separated (default all of {','.join(PEERS)}; postgresql needs --postgres)",
     )
     parser.add_argument(
         "--postgres",
@@ -484,52 +724,73 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nagle",
         action="store_true",
-        help="run storescu without TCP_NODELAY, as senders that leave Nagle on do (use fewer --instances)",
+        help="run storescu without TCP_NODELAY, as senders that leave Nagle on do (issue 6, target 2)",
     )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser
+
+
+def default_instances(*, pixel_bytes: int, nagle: bool) -> int:
+    if nagle:
+        return DEFAULT_NAGLE_INSTANCES
+    by_volume = DEFAULT_MEGABYTES_PER_RUN * 1_000_000 // (pixel_bytes + 1000)
+    return max(min(DEFAULT_INSTANCES, by_volume), 50)
 
 
 def _raise_keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def make_targets(args: argparse.Namespace, workload: Workload) -> list[Target]:
+    workdir = workload.workdir
+    available: dict[str, tuple[str, Callable[[int], float]]] = {
+        "storescp": ("dcmtk storescp", lambda n: run_storescp(workload, n)),
+        "orthanc": ("orthanc", lambda n: run_orthanc(workload, n)),
+        "sqlite": (
+            "bridge sqlite",
+            lambda n: run_bridge(
+                workload, n, label="sqlite", database=sqlite_database(workdir), count_instances=count_sqlite_instances
+            ),
+        ),
+        "bare": ("bare pynetdicom", lambda n: run_bare(workload, n)),
+    }
+    if args.postgres:
+        postgres = postgres_database(args.postgres)
+        available["postgresql"] = (
+            "bridge postgresql",
+            lambda n: run_bridge(
+                workload, n, label="postgresql", database=postgres, count_instances=count_postgres_instances
+            ),
+        )
+    return [
+        Target(key=k, name=available[k][0], run=available[k][1]) for k in PEERS if k in args.peers and k in available
+    ]
+
+
 def benchmark(args: argparse.Namespace) -> None:
     started = time.monotonic()
+    # Each run starts the bridge afresh from this checkout: a commit made meanwhile would change what is measured.
+    revision_at_start = revision()
+    instances = args.instances or default_instances(pixel_bytes=args.pixel_bytes, nagle=args.nagle)
+    if args.associations > instances:
+        raise BenchmarkError(f"--associations {args.associations} is more than the {instances} instances to send")
     # SIGTERM unwinds like Ctrl-C: servers stopped, temporary files removed.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     with tempfile.TemporaryDirectory(prefix="pacs-bridge-bench-") as temporary:
         workdir = Path(temporary)
-        files = workdir / "study"
-        mean_size = write_files(files, instances=args.instances, pixel_bytes=args.pixel_bytes)
-        workload = Workload(files=files, instances=args.instances, workdir=workdir, nagle=args.nagle)
-        targets = [
-            Target(name="bare pynetdicom", run=lambda n: run_bare(workload, n)),
-            Target(
-                name="bridge sqlite",
-                run=lambda n: run_bridge(
-                    workload,
-                    n,
-                    label="sqlite",
-                    database=sqlite_database(workdir),
-                    count_instances=count_sqlite_instances,
-                ),
-            ),
-        ]
-        if args.postgres:
-            postgres = postgres_database(args.postgres)
-            targets.append(
-                Target(
-                    name="bridge postgresql",
-                    run=lambda n: run_bridge(
-                        workload, n, label="postgresql", database=postgres, count_instances=count_postgres_instances
-                    ),
-                )
-            )
+        parts, mean_size = write_files(
+            workdir / "study", instances=instances, pixel_bytes=args.pixel_bytes, parts=args.associations
+        )
+        workload = Workload(parts=parts, instances=instances, workdir=workdir, nagle=args.nagle)
+        targets = make_targets(args, workload)
+        if "orthanc" in args.peers:
+            orthanc_binary()  # fail now, not after minutes of other runs
         print(
-            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {args.instances} instances of {mean_size / 1000:.1f} kB "
-            f"(pixel data {args.pixel_bytes} B) per run, one storescu association, {args.repeat} runs per target"
-            f"{', sender with Nagle on' if args.nagle else ''}",
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {instances} instances of {mean_size / 1000:.1f} kB "
+            f"(mean {mean_size:.0f} B; pixel data {args.pixel_bytes} B) per run, "
+            f"{args.associations} concurrent storescu association{'s' if args.associations > 1 else ''}, "
+            f"{args.repeat} runs per target{', sender with Nagle on' if args.nagle else ', TCP_NODELAY=1'}; "
+            f"load average {load_average()}",
             flush=True,
         )
         for run_number in range(1, args.repeat + 1):
@@ -539,13 +800,18 @@ def benchmark(args: argparse.Namespace) -> None:
                 seconds = target.run(run_number)
                 target.seconds.append(seconds)
                 print(
-                    f"  run {run_number}: {target.name:<18} {seconds:7.2f} s  {args.instances / seconds:8.1f} inst/s",
+                    f"  run {run_number}: {target.name:<18} {seconds:7.2f} s  {instances / seconds:8.1f} inst/s"
+                    f"  (load {os.getloadavg()[0]:.2f})",
                     flush=True,
                 )
         print()
-        print("\n".join(report(targets, instances=args.instances)))
+        print("\n".join(report(targets, instances=instances)))
         print()
-        print("\n".join(machine_lines(workdir, args.postgres)))
+        print("\n".join(issue_targets(targets, instances=instances, nagle=args.nagle)))
+        print(f"load average at the end {load_average()} (1, 5, 15 min; {os.cpu_count()} cores)")
+        print("\n".join(machine_lines(workdir, args.postgres, [t.key for t in targets])))
+        if revision() != revision_at_start:
+            print(f"WARNING: the checkout changed during the benchmark; at the start it was {revision_at_start}")
     print(f"total {time.monotonic() - started:.0f} s")
 
 
