@@ -29,7 +29,7 @@ Clock = Callable[[], datetime]
 
 log = structlog.get_logger("pacs_bridge.publish")
 
-# Re-read, merge and write again at most this often per attempt when others keep changing the resource.
+# Read, merge and write at most this often per attempt when others keep changing the resource meanwhile.
 MAX_MERGE_ROUNDS = 3
 
 
@@ -158,27 +158,29 @@ class Publisher:
         return PublishOutcome.PUBLISHED
 
     def _put_study(self, resource: FhirResource, version: str | None) -> PutResult:
-        """PUT the ImagingStudy, If-Match the version we last wrote; on 412 merge into the server's version.
+        """Write the ImagingStudy without erasing what others added to it since we created it.
 
-        Someone else changed the resource since our last write: re-read it, keep what they added (see
-        ``fhir/merge.py``) and write again on their version. Gone from the server (deleted): write ours again
-        without If-Match, which recreates it.
+        Never written (``version`` None): a plain PUT creates it. Otherwise read the server's version, merge
+        ours into it (``fhir/merge.py``: our elements replace theirs, theirs stay; a write of ours that merged
+        earlier additions carries them again) and PUT ``If-Match`` the version read. 412 means someone wrote
+        in between: read and merge again. Gone from the server (deleted): write ours, which recreates it.
         """
-        to_send = resource
+        if version is None:
+            return self._fhir.put(resource)
         for _ in range(MAX_MERGE_ROUNDS):
-            try:
-                return self._fhir.put(to_send, if_match=version)
-            except PublishError as exc:
-                if version is None or exc.http_status not in (404, 410, 412):
-                    raise
             current = self._fhir.read(resource["resourceType"], resource["id"])
             if current is None:
-                log.warning("study_recreated", resource_id=resource["id"], stale_version=version)
-                to_send, version = resource, None
-            else:
-                theirs, server_version = current
-                log.info("study_merged", resource_id=resource["id"], ours=version, theirs=server_version)
-                to_send, version = merge_imaging_study(resource, theirs), server_version
+                log.warning("study_recreated", resource_id=resource["id"], last_version=version)
+                return self._fhir.put(resource)
+            theirs, server_version = current
+            if server_version != version:
+                log.info("study_changed_on_server", resource_id=resource["id"], ours=version, theirs=server_version)
+            try:
+                return self._fhir.put(merge_imaging_study(resource, theirs), if_match=server_version)
+            except PublishError as exc:
+                if exc.http_status not in (404, 410, 412):
+                    raise
+            version = server_version
         raise PublishError(
             f"ImagingStudy/{resource['id']} changed on the server during each of {MAX_MERGE_ROUNDS} merges; "
             "will try again",

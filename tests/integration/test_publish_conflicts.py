@@ -4,6 +4,7 @@ server, the index on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -55,8 +56,8 @@ def publish_change(index: Index, publisher: Publisher, clock: FakeClock, instanc
 def test_a_resource_edited_by_someone_else_is_merged_not_overwritten(
     index: Index, engine: Engine, publisher: Publisher, fresh_fhir_server: FhirTestServer, clock: FakeClock
 ):
-    """Someone adds encounter, note and a literal basedOn; our next change gets 412 on If-Match "1", re-reads
-    version 2, and writes version 3 with their elements and our new instance."""
+    """Someone adds encounter, note and a literal basedOn (version 2); our next change reads version 2 and
+    writes version 3 with their elements and our new instance, and the change after that keeps them too."""
     assert publish_change(index, publisher, clock, 1) is PublishOutcome.PUBLISHED
     assert published_version(engine) == "1"
     theirs = fresh_fhir_server.read("ImagingStudy", uid("1"))
@@ -77,14 +78,57 @@ def test_a_resource_edited_by_someone_else_is_merged_not_overwritten(
     assert {"reference": "ServiceRequest/sr-1"} in merged["basedOn"]
     assert merged["numberOfInstances"] == 2 and len(merged["series"][0]["instance"]) == 2
     assert published_version(engine) == "3"
-    # ours v1, theirs v2, our If-Match "1" refused with 412, our merged write v3
+    assert fresh_fhir_server.request_counts()["PUT ImagingStudy"] == 3  # ours v1, theirs v2, merged v3
+
+    assert publish_change(index, publisher, clock, 3) is PublishOutcome.PUBLISHED
+    later = fresh_fhir_server.read("ImagingStudy", uid("1"))
+    assert later is not None and later["meta"]["versionId"] == "4"
+    assert (later["encounter"], later["note"], later["numberOfInstances"]) == (merged["encounter"], merged["note"], 3)
+
+
+class RacingClient(FhirClient):
+    """The real client, but right after its first read someone else writes a note to the resource."""
+
+    def __init__(self, http: httpx.Client, *, base_url: str, server: FhirTestServer) -> None:
+        super().__init__(http, base_url=base_url)
+        self._server = server
+        self.raced = False
+
+    def read(self, resource_type: str, resource_id: str) -> tuple[dict[str, Any], str | None] | None:
+        current = super().read(resource_type, resource_id)
+        if current is not None and not self.raced:
+            self.raced = True
+            edited = {**current[0], "note": [{"text": "written between the bridge's read and write"}]}
+            response = self._server.client.put(f"{self._server.base_url}/{resource_type}/{resource_id}", json=edited)
+            assert response.status_code == 200, response.text
+        return current
+
+
+def test_a_write_between_our_read_and_our_put_gets_412_and_is_merged_too(
+    index: Index, engine: Engine, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """Our If-Match on the version read is refused (412) because someone wrote meanwhile; we read again and
+    write on their version, keeping their note."""
+    racing = RacingClient(http, base_url=fresh_fhir_server.base_url, server=fresh_fhir_server)
+    publisher = Publisher(
+        index=index, fhir=racing, mapping=MAPPING, retry=RETRY, clock=clock, claimer="test", random_fraction=lambda: 0.5
+    )
+    assert publish_change(index, publisher, clock, 1) is PublishOutcome.PUBLISHED
+    assert publish_change(index, publisher, clock, 2) is PublishOutcome.PUBLISHED
+    assert racing.raced
+    final = fresh_fhir_server.read("ImagingStudy", uid("1"))
+    assert final is not None
+    assert final["note"] == [{"text": "written between the bridge's read and write"}]
+    assert (final["numberOfInstances"], final["meta"]["versionId"]) == (2, "3")
+    assert published_version(engine) == "3"
+    # ours v1, the racer's v2, ours If-Match "1" refused with 412, ours If-Match "2" -> v3
     assert fresh_fhir_server.request_counts()["PUT ImagingStudy"] == 4
 
 
 def test_our_own_successive_writes_need_no_merge(
     index: Index, engine: Engine, publisher: Publisher, fresh_fhir_server: FhirTestServer, clock: FakeClock
 ):
-    """With nobody else writing, each change is one PUT If-Match the previous version."""
+    """With nobody else writing, each change is one PUT (If-Match the version read, which is ours)."""
     for instance in (1, 2, 3):
         assert publish_change(index, publisher, clock, instance) is PublishOutcome.PUBLISHED
     assert published_version(engine) == "3"
