@@ -61,9 +61,21 @@ _series = cast(Table, Series.__table__)
 _instances = cast(Table, Instance.__table__)
 
 
+# Study attributes an instance may simply not carry: a presentation state or dose report made later, by
+# another system, often lacks the order's codes and the physicians' names. An instance that leaves one of
+# these empty does not erase what earlier instances stated; a different non-empty value still replaces it.
+_KEPT_WHEN_ABSENT = frozenset(
+    {"referring_physician", "reading_physicians", "procedure_codes", "reasons", "reason_codes"}
+)
+
+
 def _changed(row: Any, attributes: object, names: Sequence[str]) -> dict[str, Any]:
     """The attributes whose value differs from the row's, as ``{column: new value}``."""
-    return {name: getattr(attributes, name) for name in names if getattr(row, name) != getattr(attributes, name)}
+    return {
+        name: value
+        for name in names
+        if (value := getattr(attributes, name)) != getattr(row, name) and (value or name not in _KEPT_WHEN_ABSENT)
+    }
 
 
 class _IngestStatements:

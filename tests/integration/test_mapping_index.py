@@ -101,3 +101,27 @@ def test_instance_without_mapping_attributes_loads_empty_defaults(index: Index, 
 
     assert snapshot.attributes == bare.study
     assert snapshot.series[0].attributes == bare.series
+
+
+def test_later_instance_without_order_codes_or_names_does_not_erase_them(index: Index, clock: FakeClock) -> None:
+    """A presentation state made later by a viewer, without the order's codes and names, keeps the study's."""
+    index.record_instance(RECORD, received_at=clock())
+    viewer_state = InstanceRecord(
+        study=StudyAttributes(study_uid=STUDY.study_uid, patient_id="PAT-40"),
+        series=SeriesAttributes(series_uid=uid("40.9"), modality="PR", series_number=9),
+        sop_instance_uid=uid("40.9.1"),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.11.1",
+        title="ANNOTATIONS",
+    )
+
+    assert index.record_instance(viewer_state, received_at=clock()) is RecordOutcome.NEW
+    assert index.load_snapshot(STUDY.study_uid).attributes == STUDY
+
+
+def test_a_different_referring_physician_still_replaces_the_old_one(index: Index, clock: FakeClock) -> None:
+    """Only an empty value is ignored; a corrected name is a change."""
+    index.record_instance(RECORD, received_at=clock())
+    corrected = replace(RECORD, study=replace(STUDY, referring_physician="Doe^John"))
+
+    assert index.record_instance(corrected, received_at=clock()) is RecordOutcome.UPDATED
+    assert index.load_snapshot(STUDY.study_uid).attributes.referring_physician == "Doe^John"
