@@ -27,6 +27,7 @@ Run from the repository root::
     python benchmarks/ingest.py --associations 4
     python benchmarks/ingest.py --pixel-bytes 525312         # 526 kB instances (760 per run by default)
     python benchmarks/ingest.py --nagle                      # sender leaves Nagle on (200 instances)
+    python benchmarks/ingest.py --commit HEAD                # the bridge as committed, not the working tree
 
 The temporary directory (files sent, storage areas, SQLite databases) is made under ``TMPDIR``: put it on the
 disk you mean to measure, since a tmpfs turns every fsync into a no-op.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
@@ -46,6 +48,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -120,10 +123,39 @@ def use_this_tree() -> None:
         sys.path.insert(0, str(REPO_ROOT))
 
 
-def this_tree_environment(base: dict[str, str]) -> dict[str, str]:
-    """``base`` with this checkout first on PYTHONPATH, so ``python -m pacs_bridge`` runs the code measured."""
-    path = os.pathsep.join(p for p in (str(REPO_ROOT), base.get("PYTHONPATH", "")) if p)
+def this_tree_environment(base: dict[str, str], *, root: Path = REPO_ROOT) -> dict[str, str]:
+    """``base`` with ``root`` (this checkout, or an exported commit) first on PYTHONPATH, so that
+    ``python -m pacs_bridge`` runs the code measured."""
+    path = os.pathsep.join(p for p in (str(root), base.get("PYTHONPATH", "")) if p)
     return {**base, "PYTHONPATH": path}
+
+
+def export_commit(revision_: str, destination: Path) -> str:
+    """Extract ``pacs_bridge`` as committed at ``revision_`` into ``destination``; returns the commit id.
+
+    The bridge is started afresh for every run: measuring an exported commit keeps edits made meanwhile in a
+    shared working tree (half-written ones included) out of the figures.
+    """
+    resolved = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{revision_}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if resolved.returncode != 0:
+        raise BenchmarkError(f"--commit {revision_!r} is not a commit of {REPO_ROOT}: {resolved.stderr.strip()}")
+    commit = resolved.stdout.strip()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", commit, "pacs_bridge"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise BenchmarkError(f"git archive {commit} pacs_bridge failed: {archive.stderr.decode(errors='replace')}")
+    destination.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(destination, filter="data")
+    return commit
 
 
 def dcmtk(name: str) -> str:
@@ -309,6 +341,7 @@ class Workload:
     parts: tuple[Path, ...]  # one directory per association
     instances: int
     workdir: Path
+    bridge_root: Path = REPO_ROOT  # where ``python -m pacs_bridge`` is imported from
     nagle: bool = False  # the sender leaves Nagle's algorithm on
 
 
@@ -439,7 +472,7 @@ def run_bridge(
         command = [sys.executable, "-m", "pacs_bridge", "run", "--config", str(config_path)]
         log_path = workload.workdir / f"{label}-{run_number}.log"
         name = f"pacs-bridge ({label})"
-        environment = this_tree_environment(dict(os.environ))
+        environment = this_tree_environment(dict(os.environ), root=workload.bridge_root)
         with running_server(name, command, port=port, log_path=log_path, cwd=workload.workdir, env=environment):
             elapsed = send_study(workload, port)
             # Success was answered only after each commit, so every instance must be readable now.
@@ -615,7 +648,6 @@ def machine_lines(workdir: Path, postgres_url: str | None, keys: Sequence[str]) 
     if "postgresql" in keys and postgres_url is not None:
         servers.append(f"PostgreSQL {postgres_version(postgres_url)}")
     return [
-        revision(),
         f"machine: {os.cpu_count()} cores, {cpu_model()}, {platform.system()} {platform.release()}",
         f"python {platform.python_version()}, pynetdicom {version('pynetdicom')}, pydicom {version('pydicom')}, "
         f"SQLAlchemy {version('SQLAlchemy')}, SQLite {sqlite3.sqlite_version}",
@@ -726,6 +758,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run storescu without TCP_NODELAY, as senders that leave Nagle on do (issue 6, target 2)",
     )
+    parser.add_argument(
+        "--commit",
+        metavar="REV",
+        help="measure the bridge as committed at REV (e.g. HEAD), exported once for the whole benchmark, "
+        "instead of this working tree as it is at each run",
+    )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser
 
@@ -771,6 +809,8 @@ def benchmark(args: argparse.Namespace) -> None:
     started = time.monotonic()
     # Each run starts the bridge afresh from this checkout: a commit made meanwhile would change what is measured.
     revision_at_start = revision()
+    if args.commit is not None and "sqlite" not in args.peers and "postgresql" not in args.peers:
+        raise BenchmarkError("--commit chooses the bridge's code, but --peers measures no bridge")
     instances = args.instances or default_instances(pixel_bytes=args.pixel_bytes, nagle=args.nagle)
     if args.associations > instances:
         raise BenchmarkError(f"--associations {args.associations} is more than the {instances} instances to send")
@@ -781,7 +821,14 @@ def benchmark(args: argparse.Namespace) -> None:
         parts, mean_size = write_files(
             workdir / "study", instances=instances, pixel_bytes=args.pixel_bytes, parts=args.associations
         )
-        workload = Workload(parts=parts, instances=instances, workdir=workdir, nagle=args.nagle)
+        bridge_root, measured = REPO_ROOT, revision_at_start
+        if args.commit is not None:
+            bridge_root = workdir / "code"
+            commit = export_commit(args.commit, bridge_root)
+            measured = f"pacs-bridge at commit {commit[:12]} (exported from {REPO_ROOT}; working tree not used)"
+        workload = Workload(
+            parts=parts, instances=instances, workdir=workdir, bridge_root=bridge_root, nagle=args.nagle
+        )
         targets = make_targets(args, workload)
         if "orthanc" in args.peers:
             orthanc_binary()  # fail now, not after minutes of other runs
@@ -807,10 +854,12 @@ def benchmark(args: argparse.Namespace) -> None:
         print()
         print("\n".join(report(targets, instances=instances)))
         print()
-        print("\n".join(issue_targets(targets, instances=instances, nagle=args.nagle)))
+        for line in issue_targets(targets, instances=instances, nagle=args.nagle):
+            print(line)
         print(f"load average at the end {load_average()} (1, 5, 15 min; {os.cpu_count()} cores)")
+        print(measured)
         print("\n".join(machine_lines(workdir, args.postgres, [t.key for t in targets])))
-        if revision() != revision_at_start:
+        if args.commit is None and revision() != revision_at_start:
             print(f"WARNING: the checkout changed during the benchmark; at the start it was {revision_at_start}")
     print(f"total {time.monotonic() - started:.0f} s")
 
