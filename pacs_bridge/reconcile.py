@@ -2,7 +2,9 @@
 
 For every published study the server is searched by the study's identifier (``urn:dicom:uid``):
 - **missing**: no ImagingStudy at our id (deleted on the server, or never arrived);
-- **stale**: ours is there, but its content is not what the index builds now (edited on the server);
+- **stale**: ours is there, but an element pacs-bridge owns is not what the index builds now (edited on the
+  server); what others added and we do not own (``encounter``, ``note``, see ``fhir/merge.py``) is no
+  discrepancy, since the publisher's merge keeps it;
 - **duplicate**: other ImagingStudy resources carry the same study identifier.
 ``fix`` makes missing and stale studies due for republishing (the next tick sends them) and deletes the
 duplicates, keeping the resource at our own id.
@@ -17,6 +19,7 @@ from typing import Literal
 
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.imaging_study import DICOM_UID_SYSTEM, MappingSettings, build_imaging_study, imaging_study_id
+from pacs_bridge.fhir.merge import merge_imaging_study
 from pacs_bridge.fhir.resource import FhirResource, content_hash
 from pacs_bridge.index.models import PublishState
 from pacs_bridge.index.repository import Index
@@ -81,7 +84,9 @@ def reconcile(
             problem = Discrepancy(study_uid=study_uid, kind="missing", detail=f"no ImagingStudy/{own_id}", fixed=fix)
         else:
             expected = build_imaging_study(index.load_snapshot(study_uid), mapping)
-            if content_hash(_without_server_elements(ours[0])) == content_hash(_without_server_elements(expected)):
+            # What the publisher would write over the server's resource: the same when only others' elements differ.
+            rewritten = merge_imaging_study(expected, ours[0])
+            if content_hash(_without_server_elements(ours[0])) == content_hash(_without_server_elements(rewritten)):
                 continue
             problem = Discrepancy(
                 study_uid=study_uid,

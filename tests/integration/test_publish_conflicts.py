@@ -15,6 +15,7 @@ from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.index.models import Study
 from pacs_bridge.index.repository import Index
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
+from pacs_bridge.reconcile import reconcile
 from tests.conftest import QUIET, FakeClock
 from tests.integration.test_publisher import MAPPING, RETRY, record
 from tests.support.fhir_server import FhirTestServer
@@ -148,3 +149,21 @@ def test_a_resource_deleted_on_the_server_is_recreated_on_the_next_change(
     recreated = fresh_fhir_server.read("ImagingStudy", uid("1"))
     assert recreated is not None and recreated["numberOfInstances"] == 2
     assert published_version(engine) == recreated["meta"]["versionId"]
+
+
+def test_reconcile_reports_only_edits_of_what_we_own(
+    index: Index, engine: Engine, publisher: Publisher, http: httpx.Client, fresh_fhir_server, clock: FakeClock
+):
+    """A note someone added is no discrepancy (the publisher's merge keeps it, so republishing would change
+    nothing); a changed description, which we own, is stale."""
+    assert publish_change(index, publisher, clock, 1) is PublishOutcome.PUBLISHED
+    fhir = FhirClient(http, base_url=fresh_fhir_server.base_url)
+    url = f"{fresh_fhir_server.base_url}/ImagingStudy/{uid('1')}"
+    annotated = {**(fresh_fhir_server.read("ImagingStudy", uid("1")) or {}), "note": [{"text": "seen"}]}
+    assert fresh_fhir_server.client.put(url, json=annotated).status_code == 200
+    assert reconcile(index, fhir, MAPPING, fix=False, clock=clock).discrepancies == []
+
+    edited = {**(fresh_fhir_server.read("ImagingStudy", uid("1")) or {}), "description": "edited by hand"}
+    assert fresh_fhir_server.client.put(url, json=edited).status_code == 200
+    report = reconcile(index, fhir, MAPPING, fix=False, clock=clock)
+    assert [(d.study_uid, d.kind) for d in report.discrepancies] == [(uid("1"), "stale")]
