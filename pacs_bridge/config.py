@@ -136,6 +136,8 @@ class DatabaseConfig(_Section):
 class FhirConfig(_Section):
     base_url: str
     version: Literal["R4", "R5"] = "R4"
+    # "ihe-imr": each ImagingStudy claims and meets the IHE IMR ImagingStudy profile (R4 only)
+    profile: Literal["", "ihe-imr"] = ""
     timeout_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("base_url")
@@ -312,9 +314,26 @@ def parse_config(data: Any, *, path: str) -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(path, [_describe(error) for error in exc.errors()] + problems) from exc
+    problems += _profile_problems(config)
     if problems:
         raise ConfigError(path, problems)
     return config
+
+
+def _profile_problems(config: Config) -> list[str]:
+    """IHE IMR is an R4 profile whose ImagingStudy needs an endpoint; a viewer reaches images over WADO-RS."""
+    if config.fhir.profile != "ihe-imr":
+        return []
+    problems = []
+    if config.fhir.version != "R4":
+        problems.append(
+            f"at 'fhir.profile': ihe-imr is an R4 profile; set fhir.version to R4 (got {config.fhir.version})"
+        )
+    if not any(endpoint.connection_type == "dicom-wado-rs" for endpoint in config.endpoints):
+        problems.append(
+            "at 'endpoints': fhir.profile ihe-imr needs at least one endpoint of connection_type dicom-wado-rs"
+        )
+    return problems
 
 
 def _duplicate_endpoint_ids(endpoints: Any) -> list[str]:

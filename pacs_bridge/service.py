@@ -60,6 +60,7 @@ def mapping_settings(config: Config) -> MappingSettings:
         site_zone=ZoneInfo(config.site.timezone) if config.site.timezone else None,
         location_reference=config.site.location,
         fhir_version=config.fhir.version,
+        profile=config.fhir.profile,
         include_instances=config.publish.include_instances,
     )
 

@@ -39,6 +39,9 @@ IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 MISSING_PATIENT_ID_DISPLAY = "Patient ID absent from the DICOM study"
 
 FhirVersion = Literal["R4", "R5"]
+IHE_IMR_IMAGING_STUDY = "https://profiles.ihe.net/RAD/IMR/StructureDefinition/imr-imagingstudy"
+# Profiles the resource can claim (fhir.profile); fhir/validation.py checks the claim before sending.
+PROFILE_URLS = {"ihe-imr": IHE_IMR_IMAGING_STUDY}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +58,8 @@ class MappingSettings:
     fhir_version: FhirVersion = "R4"
     # False: series without their instance lists, for very large studies; the counts are always sent.
     include_instances: bool = True
+    # "ihe-imr": claim the IHE IMR ImagingStudy profile in meta.profile (R4); "": no profile claimed.
+    profile: str = ""
 
 
 def _oid(uid: str) -> str:
@@ -191,6 +196,10 @@ def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> F
     resource: FhirResource = {
         "resourceType": "ImagingStudy",
         "id": imaging_study_id(study.study_uid),
+    }
+    if settings.profile:
+        resource["meta"] = {"profile": [PROFILE_URLS[settings.profile]]}
+    resource |= {
         "identifier": [{"use": "official", "system": DICOM_UID_SYSTEM, "value": _oid(study.study_uid)}],
         "status": "available",
     }

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pacs_bridge.errors import PublishError
+from pacs_bridge.fhir.imaging_study import IHE_IMR_IMAGING_STUDY
 from pacs_bridge.fhir.resource import FhirResource
 
 # The models' package for each FHIR release we send. R4B's ImagingStudy and Endpoint equal R4's.
@@ -88,8 +89,42 @@ def _primitive_problems(resource: FhirResource) -> list[str]:
     return problems
 
 
-def resource_problems(resource: FhirResource, *, fhir_version: str) -> list[str]:
-    """Every problem found in ``resource`` as ``"element.path: what is wrong"``; empty when it is valid."""
+WADO_RS = "dicom-wado-rs"
+
+
+def _ihe_imr_problems(resource: FhirResource, endpoint_types: dict[str, str]) -> list[str]:
+    """What the IHE IMR ImagingStudy profile (1.1.0) adds to R4, for a resource that claims it.
+
+    identifier:studyUID 1..1 (system urn:dicom:uid), modality 1..*, started 1..1, endpoint 1..*. The IMR
+    Endpoint profile itself is not checked here (not among the specifications we hold); we require that one
+    referenced Endpoint be DICOM WADO-RS, the service an IMR viewer retrieves images with.
+    """
+    problems = []
+    study_uids = [i for i in resource.get("identifier", []) if i.get("system") == "urn:dicom:uid" and i.get("value")]
+    if len(study_uids) != 1:
+        problems.append("IHE IMR: identifier:studyUID (system urn:dicom:uid) must occur exactly once")
+    if not resource.get("modality"):
+        problems.append("IHE IMR: modality is required (1..*); the study has no series")
+    if not resource.get("started"):
+        problems.append("IHE IMR: started is required (1..1); the study has no valid StudyDate")
+    endpoints = [reference.get("reference", "") for reference in resource.get("endpoint", [])]
+    if not endpoints:
+        problems.append("IHE IMR: endpoint is required (1..*); configure a dicom-wado-rs endpoint")
+    elif endpoint_types and not any(
+        endpoint_types.get(reference.removeprefix("Endpoint/")) == WADO_RS for reference in endpoints
+    ):
+        problems.append("IHE IMR: no referenced Endpoint is dicom-wado-rs")
+    return problems
+
+
+def resource_problems(
+    resource: FhirResource, *, fhir_version: str, endpoint_types: dict[str, str] | None = None
+) -> list[str]:
+    """Every problem found in ``resource`` as ``"element.path: what is wrong"``; empty when it is valid.
+
+    A resource claiming a profile we know (``meta.profile``) is checked against it too; ``endpoint_types``
+    (Endpoint id -> connection type) lets the IHE IMR check see what the referenced Endpoints are.
+    """
     resource_type = str(resource.get("resourceType", ""))
     if fhir_version not in _MODEL_PACKAGES:
         return [f"unsupported FHIR version {fhir_version!r}; expected R4 or R5"]
@@ -103,6 +138,8 @@ def resource_problems(resource: FhirResource, *, fhir_version: str) -> list[str]
     except ValidationError as exc:
         problems = [f"{_path(tuple(error['loc']))}: {error['msg']}" for error in exc.errors()]
     problems += _primitive_problems(resource)
+    if IHE_IMR_IMAGING_STUDY in resource.get("meta", {}).get("profile", []):
+        problems += _ihe_imr_problems(resource, endpoint_types or {})
     for element, allowed in REQUIRED_CODES.get(resource_type, {}).items():
         value = resource.get(element)
         if value is not None and value not in allowed:
@@ -110,9 +147,12 @@ def resource_problems(resource: FhirResource, *, fhir_version: str) -> list[str]
     return problems
 
 
-def validate_resource(resource: FhirResource, *, fhir_version: str) -> None:
-    """Raise ``InvalidResourceError`` listing the problems when ``resource`` is not valid ``fhir_version``."""
-    problems = resource_problems(resource, fhir_version=fhir_version)
+def validate_resource(
+    resource: FhirResource, *, fhir_version: str, endpoint_types: dict[str, str] | None = None
+) -> None:
+    """Raise ``InvalidResourceError`` listing the problems when ``resource`` is not valid ``fhir_version`` (or
+    not the profile it claims)."""
+    problems = resource_problems(resource, fhir_version=fhir_version, endpoint_types=endpoint_types)
     if problems:
         reference = f"{resource.get('resourceType', '?')}/{resource.get('id', '?')}"
         raise InvalidResourceError(reference, fhir_version, problems)

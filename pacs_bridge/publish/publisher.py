@@ -61,7 +61,11 @@ class Publisher:
         """``max_attempts``: after this many failed attempts in a row a retryable failure marks the study
         failed too; 0 retries without limit. ``validate`` raises ``PublishError`` for a resource that must not be
         sent; by default each resource is validated against the FHIR models of ``mapping.fhir_version``."""
-        self._validate = validate or functools.partial(validate_resource, fhir_version=mapping.fhir_version)
+        self._validate = validate or functools.partial(
+            validate_resource,
+            fhir_version=mapping.fhir_version,
+            endpoint_types={endpoint.id: endpoint.connection_type for endpoint in mapping.endpoints},
+        )
         self._index = index
         self._fhir = fhir
         self._mapping = mapping

@@ -1,0 +1,119 @@
+"""fhir.profile ihe-imr: each ImagingStudy claims the IHE IMR ImagingStudy profile and is checked against what
+that profile adds to R4 before it is sent; the configuration refuses combinations that cannot conform."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from fhir.resources.R4B.imagingstudy import ImagingStudy as ImagingStudyR4
+
+from pacs_bridge.config import parse_config
+from pacs_bridge.errors import ConfigError
+from pacs_bridge.fhir.endpoint import EndpointSettings
+from pacs_bridge.fhir.imaging_study import IHE_IMR_IMAGING_STUDY, build_imaging_study
+from pacs_bridge.fhir.validation import resource_problems
+from pacs_bridge.records import StudySnapshot
+from pacs_bridge.service import mapping_settings
+from tests.unit.test_mapping_golden import R4_SETTINGS, ct_with_dose_sr_and_presentation_state, snapshot_of
+
+IMR = dataclasses.replace(R4_SETTINGS, profile="ihe-imr")
+ENDPOINT_TYPES = {"pacs-wado-rs": "dicom-wado-rs", "pacs-iid": "ihe-iid"}
+
+
+def ct_study() -> StudySnapshot:
+    return snapshot_of(ct_with_dose_sr_and_presentation_state())
+
+
+def imr_problems(snapshot: StudySnapshot, settings: Any = IMR) -> list[str]:
+    resource = build_imaging_study(snapshot, settings)
+    return [p for p in resource_problems(resource, fhir_version="R4", endpoint_types=ENDPOINT_TYPES) if "IMR" in p]
+
+
+def test_imr_study_claims_the_profile_and_conforms() -> None:
+    """meta.profile names the IMR profile; the R4 models and the IMR checks find nothing."""
+    resource = build_imaging_study(ct_study(), IMR)
+
+    assert resource["meta"] == {"profile": [IHE_IMR_IMAGING_STUDY]}
+    assert resource_problems(resource, fhir_version="R4", endpoint_types=ENDPOINT_TYPES) == []
+    ImagingStudyR4.model_validate(resource)
+
+
+def test_without_a_profile_no_meta_is_sent() -> None:
+    """The default claims nothing (and the goldens keep their shape)."""
+    assert "meta" not in build_imaging_study(ct_study(), R4_SETTINGS)
+
+
+def without(snapshot: StudySnapshot, **changes: Any) -> StudySnapshot:
+    return dataclasses.replace(snapshot, attributes=dataclasses.replace(snapshot.attributes, **changes))
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        # started 1..1: no StudyDate, no started
+        (lambda s, st: (without(s, study_date=""), st), "started is required"),
+        # modality 1..*: a study with no series
+        (lambda s, st: (dataclasses.replace(s, series=()), st), "modality is required"),
+        # endpoint 1..*: no endpoint configured
+        (lambda s, st: (s, dataclasses.replace(st, endpoints=())), "endpoint is required"),
+        # the referenced endpoint is not WADO-RS
+        (
+            lambda s, st: (
+                s,
+                dataclasses.replace(
+                    st, endpoints=(EndpointSettings(id="pacs-iid", connection_type="ihe-iid", address="https://v"),)
+                ),
+            ),
+            "no referenced Endpoint is dicom-wado-rs",
+        ),
+    ],
+)
+def test_each_imr_constraint_is_checked_before_sending(change: Any, fragment: str) -> None:
+    """A study that cannot conform gets a problem naming the IMR constraint, so it is not sent."""
+    snapshot, settings = change(ct_study(), IMR)
+
+    problems = imr_problems(snapshot, settings)
+
+    assert any(fragment in problem for problem in problems), problems
+
+
+def test_imr_checks_apply_only_to_resources_claiming_the_profile() -> None:
+    """Without the claim a study without StudyDate is valid R4, as before."""
+    resource = build_imaging_study(without(ct_study(), study_date=""), R4_SETTINGS)
+
+    assert resource_problems(resource, fhir_version="R4", endpoint_types=ENDPOINT_TYPES) == []
+
+
+BASE: dict[str, Any] = {
+    "fhir": {"base_url": "http://fhir.example.org", "profile": "ihe-imr"},
+    "endpoints": [{"id": "pacs", "connection_type": "dicom-wado-rs", "address": "https://pacs.example.org/rs"}],
+}
+
+
+def test_config_ihe_imr_reaches_the_mapping() -> None:
+    """fhir.profile ihe-imr with R4 and a WADO-RS endpoint is valid and reaches MappingSettings."""
+    assert mapping_settings(parse_config(BASE, path="test.yaml")).profile == "ihe-imr"
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (
+            {**BASE, "fhir": {**BASE["fhir"], "version": "R5"}},
+            "at 'fhir.profile': ihe-imr is an R4 profile",
+        ),  # IMR 1.1.0 profiles R4
+        (
+            {**BASE, "endpoints": [{"id": "v", "connection_type": "ihe-iid", "address": "https://v.example.org"}]},
+            "at 'endpoints': fhir.profile ihe-imr needs at least one endpoint of connection_type dicom-wado-rs",
+        ),  # no WADO-RS endpoint to retrieve images with
+        ({**BASE, "fhir": {**BASE["fhir"], "profile": "ihe-xds"}}, "at 'fhir.profile'"),  # unknown profile
+    ],
+)
+def test_config_refuses_what_cannot_conform(data: dict[str, Any], fragment: str) -> None:
+    """Each problem names its key path."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, path="test.yaml")
+
+    assert fragment in str(caught.value)
