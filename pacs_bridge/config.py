@@ -166,6 +166,16 @@ class EndpointConfig(_Section):
     connection_type: str
     address: str
     name: str = ""
+    # Series-level endpoint: referenced from the series of these modalities instead of from the study.
+    series_modalities: list[str] = []
+
+    @field_validator("series_modalities")
+    @classmethod
+    def _check_series_modalities(cls, value: list[str]) -> list[str]:
+        for modality in value:
+            if not re.fullmatch(r"[A-Z0-9_]{1,16}", modality):
+                raise ValueError(f"expected DICOM modality codes such as MG or CT, got {modality!r}")
+        return value
 
     @field_validator("id")
     @classmethod
@@ -329,9 +339,10 @@ def _profile_problems(config: Config) -> list[str]:
         problems.append(
             f"at 'fhir.profile': ihe-imr is an R4 profile; set fhir.version to R4 (got {config.fhir.version})"
         )
-    if not any(endpoint.connection_type == "dicom-wado-rs" for endpoint in config.endpoints):
+    if not any(e.connection_type == "dicom-wado-rs" and not e.series_modalities for e in config.endpoints):
         problems.append(
-            "at 'endpoints': fhir.profile ihe-imr needs at least one endpoint of connection_type dicom-wado-rs"
+            "at 'endpoints': fhir.profile ihe-imr needs a study-level endpoint (no series_modalities) of "
+            "connection_type dicom-wado-rs"
         )
     return problems
 

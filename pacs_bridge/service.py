@@ -52,6 +52,7 @@ def mapping_settings(config: Config) -> MappingSettings:
                 connection_type=endpoint.connection_type,
                 address=endpoint.address,
                 name=endpoint.name,
+                series_modalities=tuple(endpoint.series_modalities),
             )
             for endpoint in config.endpoints
         ),

@@ -31,6 +31,8 @@ class EndpointSettings:
     connection_type: str
     address: str
     name: str = ""
+    # Non-empty: a series-level endpoint, referenced from the series of these modalities, not from the study.
+    series_modalities: tuple[str, ...] = ()
 
 
 def normalized_address(address: str) -> str:

@@ -176,6 +176,9 @@ def _build_series(
     started = to_fhir_datetime(attributes.series_date, attributes.series_time, timezone_offset, settings.site_zone)
     if started:
         element["started"] = started
+    endpoints = [e for e in settings.endpoints if attributes.modality in e.series_modalities]
+    if endpoints:  # overrides a study endpoint of the same connection type, for this series
+        element["endpoint"] = [{"reference": f"Endpoint/{endpoint.id}"} for endpoint in endpoints]
     performers = _performers(series)
     if performers:
         element["performer"] = performers
@@ -219,8 +222,9 @@ def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> F
     interpreters = _practitioners(study.reading_physicians)
     if interpreters and shape.is_r4:  # R5 has no interpreter
         resource["interpreter"] = interpreters
-    if settings.endpoints:
-        resource["endpoint"] = [{"reference": f"Endpoint/{endpoint.id}"} for endpoint in settings.endpoints]
+    study_endpoints = [endpoint for endpoint in settings.endpoints if not endpoint.series_modalities]
+    if study_endpoints:
+        resource["endpoint"] = [{"reference": f"Endpoint/{endpoint.id}"} for endpoint in study_endpoints]
     resource["numberOfSeries"] = len(snapshot.series)
     resource["numberOfInstances"] = snapshot.number_of_instances
     if study.procedure_codes:

@@ -106,8 +106,12 @@ def test_config_ihe_imr_reaches_the_mapping() -> None:
         ),  # IMR 1.1.0 profiles R4
         (
             {**BASE, "endpoints": [{"id": "v", "connection_type": "ihe-iid", "address": "https://v.example.org"}]},
-            "at 'endpoints': fhir.profile ihe-imr needs at least one endpoint of connection_type dicom-wado-rs",
+            "at 'endpoints': fhir.profile ihe-imr needs a study-level endpoint",
         ),  # no WADO-RS endpoint to retrieve images with
+        (
+            {**BASE, "endpoints": [{**BASE["endpoints"][0], "series_modalities": ["MG"]}]},
+            "at 'endpoints': fhir.profile ihe-imr needs a study-level endpoint",
+        ),  # WADO-RS for some series only: the study would have no endpoint
         ({**BASE, "fhir": {**BASE["fhir"], "profile": "ihe-xds"}}, "at 'fhir.profile'"),  # unknown profile
     ],
 )
