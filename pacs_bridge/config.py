@@ -133,12 +133,107 @@ class DatabaseConfig(_Section):
         return value
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# fhir.auth keys that would hold a secret in the file itself: refused, naming the _env/_file keys to use.
+_INLINE_SECRET_KEYS = {
+    "token": ("token_env", "token_file"),
+    "password": ("password_env", "password_file"),
+    "client_secret": ("client_secret_env", "client_secret_file"),
+    "private_key": ("private_key_file",),
+}
+# The fhir.auth keys each mode needs (a tuple: exactly one of them) and may use.
+_AUTH_REQUIRED: dict[str, tuple[str | tuple[str, str], ...]] = {
+    "none": (),
+    "bearer": (("token_env", "token_file"),),
+    "basic": ("username", ("password_env", "password_file")),
+    "oauth2_client_credentials": ("token_url", "client_id", ("client_secret_env", "client_secret_file")),
+    "smart_backend_services": ("token_url", "client_id", "private_key_file", "scope"),
+}
+_AUTH_OPTIONAL: dict[str, tuple[str, ...]] = {
+    "oauth2_client_credentials": ("scope", "client_auth_method"),
+    "smart_backend_services": ("algorithm", "kid"),
+}
+
+
+class FhirTlsConfig(_Section):
+    """TLS towards the FHIR server and the token endpoint; certificates are always verified."""
+
+    ca_bundle: str = ""  # PEM file of the CAs to trust instead of the default ones; empty: the default ones
+    client_certificate: str = ""  # PEM certificate for mutual TLS; empty: none
+    client_key: str = ""  # PEM private key of client_certificate; empty: it is in the certificate file
+
+    @model_validator(mode="after")
+    def _key_needs_certificate(self) -> FhirTlsConfig:
+        if self.client_key and not self.client_certificate:
+            raise ValueError("client_key is set without client_certificate; set both for mutual TLS, or neither")
+        return self
+
+
+class FhirAuthConfig(_Section):
+    """How the bridge authenticates to the FHIR server. Secrets are named (environment variable or file), never
+    written here."""
+
+    mode: Literal["none", "bearer", "basic", "oauth2_client_credentials", "smart_backend_services"] = "none"
+    token_env: str = ""
+    token_file: str = ""
+    username: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    token_url: str = ""
+    client_id: str = ""
+    client_secret_env: str = ""
+    client_secret_file: str = ""
+    client_auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    scope: str = ""
+    private_key_file: str = ""
+    algorithm: Literal["RS384", "ES384"] = "RS384"
+    kid: str = ""
+
+    @field_validator("token_env", "password_env", "client_secret_env")
+    @classmethod
+    def _check_env_name(cls, value: str) -> str:
+        if value and not _ENV_NAME.fullmatch(value):
+            # The value is not quoted: it may be the secret itself, written where its variable's name belongs.
+            raise ValueError(
+                "expected the name of an environment variable (letters, digits and _, e.g. "
+                "PACS_BRIDGE_FHIR_PASSWORD); the secret itself belongs in that variable"
+            )
+        return value
+
+    @field_validator("token_url")
+    @classmethod
+    def _check_token_url(cls, value: str) -> str:
+        return _http_url(value) if value else value
+
+    @model_validator(mode="after")
+    def _keys_fit_the_mode(self) -> FhirAuthConfig:
+        required = _AUTH_REQUIRED[self.mode]
+        problems = []
+        for need in required:
+            if isinstance(need, tuple):
+                given = [key for key in need if getattr(self, key)]
+                if len(given) != 1:
+                    problems.append(f"mode {self.mode} needs exactly one of {' or '.join(need)}")
+            elif not getattr(self, need):
+                problems.append(f"mode {self.mode} needs {need}")
+        usable = {"mode", *_AUTH_OPTIONAL.get(self.mode, ())}
+        usable.update(key for need in required for key in (need if isinstance(need, tuple) else (need,)))
+        for key in sorted(self.model_fields_set - usable):
+            if getattr(self, key) != type(self).model_fields[key].default:
+                problems.append(f"{key} is not used with mode {self.mode}; remove it or change the mode")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class FhirConfig(_Section):
     base_url: str
     version: Literal["R4", "R5"] = "R4"
     # "ihe-imr": each ImagingStudy claims and meets the IHE IMR ImagingStudy profile (R4 only)
     profile: Literal["", "ihe-imr"] = ""
     timeout_seconds: float = Field(default=30.0, gt=0)
+    tls: FhirTlsConfig = FhirTlsConfig()
+    auth: FhirAuthConfig = FhirAuthConfig()
 
     @field_validator("base_url")
     @classmethod
@@ -319,7 +414,8 @@ def parse_config(data: Any, *, path: str) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, [f"expected a mapping of sections at the top level, got {type(data).__name__}"])
-    problems = _duplicate_endpoint_ids(data.get("endpoints"))
+    data, problems = _without_inline_secrets(data)
+    problems += _duplicate_endpoint_ids(data.get("endpoints"))
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -345,6 +441,29 @@ def _profile_problems(config: Config) -> list[str]:
             "connection_type dicom-wado-rs"
         )
     return problems
+
+
+def _without_inline_secrets(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` without secrets written inline under ``fhir.auth``, and a problem naming each one.
+
+    They are taken out before validation so that no error (nor its cause) ever carries their value.
+    """
+    fhir = data.get("fhir")
+    if not isinstance(fhir, dict) or not isinstance(fhir.get("auth"), dict):
+        return data, []
+    auth: dict[str, Any] = fhir["auth"]
+    problems = []
+    for key, instead in _INLINE_SECRET_KEYS.items():
+        if key in auth:
+            where = " or ".join(f"'{name}'" for name in instead)
+            problems.append(
+                f"at 'fhir.auth.{key}': secrets are not accepted in the configuration file; name an environment "
+                f"variable or a file (readable only by the bridge's user) that holds it, with {where}"
+            )
+    if not problems:
+        return data, []
+    cleaned = {key: value for key, value in auth.items() if key not in _INLINE_SECRET_KEYS}
+    return {**data, "fhir": {**fhir, "auth": cleaned}}, problems
 
 
 def _duplicate_endpoint_ids(endpoints: Any) -> list[str]:

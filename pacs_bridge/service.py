@@ -15,6 +15,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from types import FrameType
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -24,6 +25,7 @@ from sqlalchemy import Engine
 from pacs_bridge import __version__
 from pacs_bridge.config import Config
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings, server_tls_context
+from pacs_bridge.fhir.auth import AuthSettings, SecretSource, TlsSettings, make_auth, make_ssl_context
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
@@ -64,6 +66,52 @@ def mapping_settings(config: Config) -> MappingSettings:
         profile=config.fhir.profile,
         include_instances=config.publish.include_instances,
     )
+
+
+def auth_settings(config: Config) -> AuthSettings:
+    auth = config.fhir.auth
+
+    def secret(key: str, env: str, file: str) -> SecretSource | None:
+        return SecretSource(key=f"fhir.auth.{key}", env=env, file=file) if env or file else None
+
+    return AuthSettings(
+        mode=auth.mode,
+        token=secret("token", auth.token_env, auth.token_file),
+        username=auth.username,
+        password=secret("password", auth.password_env, auth.password_file),
+        token_url=auth.token_url,
+        client_id=auth.client_id,
+        client_secret=secret("client_secret", auth.client_secret_env, auth.client_secret_file),
+        client_auth_method=auth.client_auth_method,
+        scope=auth.scope,
+        private_key_file=auth.private_key_file,
+        algorithm=auth.algorithm,
+        kid=auth.kid,
+    )
+
+
+def open_fhir_http(config: Config) -> tuple[httpx.Client, httpx.Client]:
+    """The HTTP client for the FHIR server (TLS verified, ``fhir.auth`` applied) and the one its auth uses for
+    token requests. Secrets and TLS files are read now: ``CredentialsError`` names the key that needs fixing."""
+    tls = config.fhir.tls
+    ssl_context = make_ssl_context(
+        TlsSettings(ca_bundle=tls.ca_bundle, client_certificate=tls.client_certificate, client_key=tls.client_key)
+    )
+
+    def client(auth: httpx.Auth | None = None) -> httpx.Client:
+        headers = {"User-Agent": f"pacs-bridge/{__version__}"}
+        return httpx.Client(timeout=config.fhir.timeout_seconds, headers=headers, verify=ssl_context, auth=auth)
+
+    token_http = client()
+    try:
+        auth = make_auth(auth_settings(config), token_http=token_http)
+    except BaseException:
+        token_http.close()
+        raise
+    base = urlsplit(config.fhir.base_url)
+    if auth is not None and base.scheme == "http" and base.hostname not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("fhir_credentials_sent_in_clear", fhir_base_url=config.fhir.base_url, mode=config.fhir.auth.mode)
+    return client(auth), token_http
 
 
 def open_index(config: Config, *, config_path: str = "FILE") -> tuple[Engine, Index]:
@@ -114,11 +162,10 @@ class BridgeService:
     def __init__(self, config: Config, *, config_path: str = "FILE") -> None:
         self._config = config
         self._stop_requested = threading.Event()
+        # Credentials and TLS files first: a missing secret stops the bridge before it opens anything.
+        self._http, self._token_http = open_fhir_http(config)
         self.engine, self.index = open_index(config, config_path=config_path)
         self.metrics = BridgeMetrics(self.index.count_by_state)
-        self._http = httpx.Client(
-            timeout=config.fhir.timeout_seconds, headers={"User-Agent": f"pacs-bridge/{__version__}"}
-        )
         self.publisher = Publisher(
             index=self.index,
             fhir=FhirClient(self._http, base_url=config.fhir.base_url),
@@ -218,6 +265,7 @@ class BridgeService:
         if self._health is not None:
             self._health.stop()
         self._http.close()
+        self._token_http.close()
         self.engine.dispose()
         log.info("bridge_stopped")
 

@@ -7,7 +7,11 @@ itself; its OperationOutcome text becomes the error the operator sees.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import json
+import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -106,18 +110,25 @@ class FhirClient:
         except httpx.TimeoutException as exc:
             raise PublishError(f"no answer from {url} in time ({type(exc).__name__})", retryable=True) from exc
         except httpx.TransportError as exc:
-            raise PublishError(f"cannot reach {url}: {type(exc).__name__}: {exc}", retryable=True) from exc
+            raise PublishError(
+                f"cannot reach {url}: {type(exc).__name__}: {exc}{_tls_hint(exc)}", retryable=True
+            ) from exc
         if response.is_success:
             return PutResult(http_status=response.status_code, version_id=_version_id(response))
         status = response.status_code
         retryable = status in RETRYABLE_STATUSES or status >= 500
+        detail = redact_credentials(operation_outcome_text(response), response.request.headers.get("Authorization"))
+        if status in (401, 403):
+            detail += (
+                f"; the server refused the bridge's credentials ({status}): check fhir.auth and the client's "
+                "rights on the server, then run pacs-bridge retry --failed"
+            )
         raise PublishError(
-            operation_outcome_text(response),
+            detail,
             retryable=retryable,
             http_status=status,
             retry_after_seconds=parse_retry_after(response.headers.get("Retry-After"), now=datetime.now(UTC)),
         )
-
 
     def search(self, resource_type: str, params: dict[str, str]) -> list[FhirResource]:
         """The resources a search matches (every page followed); raises ``PublishError`` on failure."""
@@ -156,6 +167,35 @@ class FhirClient:
             http_status=status,
             retry_after_seconds=parse_retry_after(response.headers.get("Retry-After"), now=datetime.now(UTC)),
         )
+
+
+def redact_credentials(text: str, authorization: str | None) -> str:
+    """``text`` without the credentials of the ``Authorization`` header sent (a server may echo them back)."""
+    if not authorization:
+        return text
+    scheme, _, credentials = authorization.partition(" ")
+    secrets = [credentials.strip()]
+    if scheme.lower() == "basic":
+        # Not valid base64 or UTF-8: not ours to decode, and the raw credentials are redacted anyway.
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+            secrets.append(base64.b64decode(secrets[0], validate=True).decode("utf-8").partition(":")[2])
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def _tls_hint(exc: httpx.TransportError) -> str:
+    """What to check when the TLS handshake failed (the cause is an ``ssl`` error)."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return "; the server's certificate is not trusted: if it comes from a private CA, set fhir.tls.ca_bundle"
+    if isinstance(cause, ssl.SSLError) or "SSL" in str(exc):
+        return (
+            "; the TLS handshake failed: check fhir.tls (client_certificate and client_key if the server "
+            "requires a client certificate)"
+        )
+    return ""
 
 
 def _version_id(response: httpx.Response) -> str | None:
