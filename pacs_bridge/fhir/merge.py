@@ -3,7 +3,8 @@
 pacs-bridge owns the elements in ``OWNED_ELEMENTS``: ours replace the server's, and one we no longer produce
 is removed. Everything else the server holds (``encounter``, ``note``, ``text``, extensions, …) is kept.
 ``basedOn`` is shared: ours (the accession number) replace our own, and the server's literal references
-(``{"reference": "ServiceRequest/…"}``) are kept after them. See docs/reliability.md.
+(``{"reference": "ServiceRequest/…"}``) are kept after them; in ``meta`` ours (``profile``) replaces theirs key
+by key and their ``tag``/``security`` stay. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def merge_imaging_study(ours: FhirResource, theirs: FhirResource) -> FhirResourc
         for key, value in theirs.items()
         if key not in OWNED_ELEMENTS and key not in ("resourceType", "id", "meta", "basedOn")
     }
+    merged.update(ours)
+    # meta is shared key by key: ours (the profile claimed, fhir.profile) wins, their tags and security stay.
     meta = {key: value for key, value in (theirs.get("meta") or {}).items() if key not in _SERVER_META}
+    meta.update(ours.get("meta") or {})
     if meta:
         merged["meta"] = meta
-    merged.update(ours)
     based_on = list(ours.get("basedOn") or [])
     based_on += [
         reference

@@ -44,6 +44,14 @@ def test_merge_keeps_what_others_added_and_replaces_what_we_own(theirs: dict[str
     }
 
 
+def test_merge_takes_our_profile_claim_and_keeps_their_tags():
+    """meta is merged key by key: our profile (fhir.profile) replaces theirs, their tag stays, their version goes."""
+    ours = {**OURS, "meta": {"profile": ["https://example.org/ours"]}}
+    theirs = {"meta": {"versionId": "4", "profile": ["https://example.org/old"], "tag": [{"code": "x"}]}}
+    merged = merge_imaging_study(ours, theirs)
+    assert merged["meta"] == {"profile": ["https://example.org/ours"], "tag": [{"code": "x"}]}
+
+
 def test_merge_keeps_literal_based_on_references_after_ours():
     """A literal ServiceRequest reference added by someone else stays; their copy of our identifier is replaced."""
     theirs = {
