@@ -297,6 +297,16 @@ class EndpointConfig(_Section):
 
 class PatientConfig(_Section):
     identifier_system: str = ""
+    # IssuerOfPatientID -> identifier system, for sites whose PatientIDs come from several issuers.
+    issuers: dict[str, str] = {}
+
+    @field_validator("issuers")
+    @classmethod
+    def _check_issuers(cls, value: dict[str, str]) -> dict[str, str]:
+        for issuer, system in value.items():
+            if not system or re.search(r"\s", system):
+                raise ValueError(f"expected a URI without spaces for issuer {issuer!r}, got {system!r}")
+        return value
 
 
 class AccessionConfig(_Section):

@@ -59,6 +59,7 @@ def mapping_settings(config: Config) -> MappingSettings:
             for endpoint in config.endpoints
         ),
         patient_identifier_system=config.patient.identifier_system,
+        patient_issuer_systems=dict(config.patient.issuers),
         accession_identifier_system=config.accession.identifier_system,
         site_zone=ZoneInfo(config.site.timezone) if config.site.timezone else None,
         location_reference=config.site.location,

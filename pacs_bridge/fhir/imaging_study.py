@@ -14,7 +14,8 @@ series laterality as CodeableConcept, no ``interpreter`` (R5 dropped it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import tzinfo
 from typing import Literal
 
@@ -50,6 +51,8 @@ class MappingSettings:
 
     endpoints: tuple[EndpointSettings, ...] = ()
     patient_identifier_system: str = ""
+    # IssuerOfPatientID -> identifier system; when non-empty, a PatientID of an unlisted issuer gets no system.
+    patient_issuer_systems: Mapping[str, str] = field(default_factory=dict)
     accession_identifier_system: str = ""
     # None: the host's local time zone rules, for DICOM times that carry no TimezoneOffsetFromUTC.
     site_zone: tzinfo | None = None
@@ -103,9 +106,17 @@ class _FhirShape:
 def _subject(study: StudyAttributes, settings: MappingSettings) -> FhirResource:
     if not study.patient_id:
         return {"type": "Patient", "display": MISSING_PATIENT_ID_DISPLAY}
-    identifier: dict[str, str] = {"value": study.patient_id}
-    if settings.patient_identifier_system:
-        identifier = {"system": settings.patient_identifier_system, **identifier}
+    issuer = study.issuer_of_patient_id
+    identifier: FhirResource = {}
+    if issuer and settings.patient_issuer_systems:
+        system = settings.patient_issuer_systems.get(issuer, "")
+    else:
+        system = settings.patient_identifier_system
+    if system:
+        identifier["system"] = system
+    identifier["value"] = study.patient_id
+    if issuer and not system and settings.patient_issuer_systems:
+        identifier["assigner"] = {"display": issuer}  # an issuer we have no system for: say whose ID it is
     return {"type": "Patient", "identifier": identifier}
 
 
