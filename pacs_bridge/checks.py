@@ -10,6 +10,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_bridge.config import Config
+from pacs_bridge.errors import PublishError
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.schema import head_revision
 
@@ -58,6 +59,8 @@ def check_fhir_server(config: Config, http: httpx.Client) -> CheckResult:
         response = http.get(url, headers={"Accept": "application/fhir+json"})
     except httpx.HTTPError as exc:
         return CheckResult(name="fhir", ok=False, detail=f"GET {url}: {type(exc).__name__}: {exc}")
+    except PublishError as exc:  # no token from fhir.auth.token_url (the auth flow fetches one first)
+        return CheckResult(name="fhir", ok=False, detail=f"GET {url}: {exc}")
     if not response.is_success:
         return CheckResult(name="fhir", ok=False, detail=f"GET {url}: HTTP {response.status_code}")
     try:
@@ -75,4 +78,7 @@ def check_fhir_server(config: Config, http: httpx.Client) -> CheckResult:
             detail=f"GET {url}: the server speaks FHIR {release or '(unstated)'}, "
             f"but fhir.version is {config.fhir.version}",
         )
-    return CheckResult(name="fhir", ok=True, detail=f"GET {url}: CapabilityStatement, FHIR {release}")
+    detail = f"GET {url}: CapabilityStatement, FHIR {release}"
+    if config.fhir.auth.mode in ("oauth2_client_credentials", "smart_backend_services"):
+        detail += f"; token obtained from {config.fhir.auth.token_url}"
+    return CheckResult(name="fhir", ok=True, detail=detail)

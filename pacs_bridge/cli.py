@@ -138,19 +138,18 @@ def _request(config: Config, args: argparse.Namespace) -> None:
 
 
 def _reconcile(config: Config, *, config_path: str, fix: bool) -> None:
-    import httpx
-
     from pacs_bridge.fhir.client import FhirClient
     from pacs_bridge.reconcile import reconcile
-    from pacs_bridge.service import mapping_settings, open_index, utc_now
+    from pacs_bridge.service import mapping_settings, open_fhir_http, open_index, utc_now
 
-    engine, index = open_index(config, config_path=config_path)
-    try:
-        with httpx.Client(timeout=config.fhir.timeout_seconds) as http:
+    http, token_http = open_fhir_http(config)  # TLS and fhir.auth as the bridge uses them
+    with http, token_http:
+        engine, index = open_index(config, config_path=config_path)
+        try:
             fhir = FhirClient(http, base_url=config.fhir.base_url)
             report = reconcile(index, fhir, mapping_settings(config), fix=fix, clock=utc_now)
-    finally:
-        engine.dispose()
+        finally:
+            engine.dispose()
     for discrepancy in report.discrepancies:
         action = {"missing": "republished", "stale": "republished", "duplicate": "deleted"}[discrepancy.kind]
         suffix = f" -> {action}" if discrepancy.fixed else ""
@@ -182,12 +181,17 @@ def _migrate(config: Config) -> None:
 
 
 def _check_online(config: Config) -> None:
-    import httpx
+    from pacs_bridge.checks import CheckResult, check_database, check_fhir_server
+    from pacs_bridge.service import open_fhir_http
 
-    from pacs_bridge.checks import check_database, check_fhir_server
-
-    with httpx.Client(timeout=config.fhir.timeout_seconds) as http:
-        results = [check_database(config), check_fhir_server(config, http)]
+    results = [check_database(config)]
+    try:
+        http, token_http = open_fhir_http(config)  # TLS and fhir.auth as the bridge uses them
+    except PacsBridgeError as exc:  # a secret or TLS file that cannot be read
+        results.append(CheckResult(name="fhir", ok=False, detail=str(exc)))
+    else:
+        with http, token_http:
+            results.append(check_fhir_server(config, http))
     for result in results:
         print(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {result.detail}")
     if not all(result.ok for result in results):

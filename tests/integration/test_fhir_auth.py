@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from pacs_bridge.cli import main
 from pacs_bridge.config import parse_config
 from pacs_bridge.fhir.auth import (
     AuthSettings,
@@ -592,3 +593,83 @@ def test_bridge_with_an_unset_secret_variable_exits_at_start_naming_it(tmp_path:
         "only), or use fhir.auth.password_file"
     )
     assert not (tmp_path / "index.db").exists()
+
+
+# ---- operator commands use the same credentials ------------------------------------------------------------------
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def write_config(tmp_path: Path, database_url: str, base_url: str, auth: dict[str, str]) -> str:
+    path = tmp_path / "bridge.yaml"
+    document = {"database": {"url": database_url}, "fhir": {"base_url": base_url, "auth": auth}}
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return str(path)
+
+
+def test_check_config_online_obtains_a_token_and_says_so_or_names_the_refusal(
+    index: Index,
+    database_url: str,
+    token_proxy: AuthProxy,
+    tokens: TokenServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    """check-config --online reads metadata through the checking proxy with a token; a wrong secret fails with
+    the token endpoint's answer, and the secret is not printed."""
+    auth = {
+        "mode": "oauth2_client_credentials",
+        "token_url": tokens.token_url,
+        "client_id": CLIENT_ID,
+        "client_secret_env": "TEST_FHIR_CLIENT_SECRET",
+    }
+    config = write_config(tmp_path, database_url, token_proxy.base_url, auth)
+    monkeypatch.setenv("TEST_FHIR_CLIENT_SECRET", CLIENT_SECRET)
+    code, out = run_cli(capsys, "check-config", "--online", "--config", config)
+    assert code == 0, out
+    assert f"ok   fhir: GET {token_proxy.base_url}/metadata: CapabilityStatement" in out
+    assert f"token obtained from {tokens.token_url}" in out
+    monkeypatch.setenv("TEST_FHIR_CLIENT_SECRET", "wrong-secret-value")
+    code, out = run_cli(capsys, "check-config", "--online", "--config", config)
+    assert code == 1
+    assert f"FAIL fhir: GET {token_proxy.base_url}/metadata: HTTP 401: the token endpoint" in out
+    assert "invalid_client" in out and "wrong-secret-value" not in out
+    monkeypatch.delenv("TEST_FHIR_CLIENT_SECRET")
+    code, out = run_cli(capsys, "check-config", "--online", "--config", config)
+    assert code == 1
+    assert "FAIL fhir: fhir.auth.client_secret_env names the environment variable TEST_FHIR_CLIENT_SECRET" in out
+
+
+def test_reconcile_reads_the_server_with_the_bridges_credentials(
+    index: Index,
+    database_url: str,
+    token_proxy: AuthProxy,
+    tokens: TokenServer,
+    clock: FakeClock,
+    token_http: httpx.Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    """pacs-bridge reconcile behind a server that demands a token finds the published study in place."""
+    monkeypatch.setenv("TEST_FHIR_CLIENT_SECRET", CLIENT_SECRET)
+    with authed_client(client_credentials(token_http, tokens)) as http:
+        assert publish(index, http, token_proxy.base_url, clock, "1") == {"1": PUBLISHED}
+    auth = {
+        "mode": "oauth2_client_credentials",
+        "token_url": tokens.token_url,
+        "client_id": CLIENT_ID,
+        "client_secret_env": "TEST_FHIR_CLIENT_SECRET",
+    }
+    config = write_config(tmp_path, database_url, token_proxy.base_url, auth)
+    code, out = run_cli(capsys, "reconcile", "--config", config)
+    assert code == 0, out
+    assert f"1 published studies checked against {token_proxy.base_url}: 0 discrepancies" in out
+    assert token_proxy.refused == 0
