@@ -9,7 +9,6 @@ index). Success is answered only after the sink has committed; every failure bec
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import socketserver
 import ssl
@@ -26,7 +25,7 @@ import structlog
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import dcmread, read_dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom import _config as _pynetdicom_config
@@ -34,6 +33,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason
 from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
+from pacs_bridge.dicom.spool import SpillingBuffer
+from pacs_bridge.dicom.spool import install as install_spilling_buffers
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
 from pacs_bridge.errors import InvalidInstanceError
 from pacs_bridge.observe import BridgeObserver, NullObserver
@@ -114,37 +115,19 @@ def server_tls_context(certificate: str, private_key: str, client_ca: str = "") 
     return context
 
 
-def read_header_file(path: str | os.PathLike[str]) -> Dataset:
-    """The header elements ``extract`` reads, from a received instance spooled to a DICOM file (pixel data
-    and everything after it are not read)."""
-    try:
-        with open(path, "rb") as file:
-            dataset = dcmread(file, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
-    except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
-        raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    return refuse_truncated(dataset)
-
-
 def _received_header(event: Any) -> Dataset:
-    """The header of the instance a C-STORE carries.
-
-    The listener has pynetdicom spool every received dataset to a temporary file (``STORE_RECV_CHUNKED_DATASET``)
-    so that memory stays flat whatever the object's size; the in-memory form is read when spooling is off.
-    """
-    path = getattr(event.request, "_dataset_path", None)
-    if isinstance(path, str | os.PathLike):
-        return read_header_file(path)
+    """The header of the instance a C-STORE carries (in memory, or spilled to a temporary file if large)."""
     return read_header(event.request.DataSet, event.context.transfer_syntax)
 
 
 def _received_size(event: Any) -> int:
-    """The encoded size of the received dataset, spooled or in memory (0 when unknown)."""
+    """The encoded size of the received dataset (0 when unknown)."""
+    buffer = getattr(event.request, "DataSet", None)
+    if isinstance(buffer, SpillingBuffer):
+        return buffer.size()
     try:
-        path = getattr(event.request, "_dataset_path", None)
-        if isinstance(path, str | os.PathLike):
-            return os.path.getsize(path)
-        return int(event.request.DataSet.getbuffer().nbytes)
-    except (AttributeError, TypeError, ValueError, OSError):
+        return int(buffer.getbuffer().nbytes)  # type: ignore[union-attr]
+    except (AttributeError, TypeError, ValueError):
         return 0
 
 
@@ -307,10 +290,12 @@ class DicomListener:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        # Spool every received dataset to a temporary file instead of holding it in memory: a 1 GB
-        # tomosynthesis object then costs the bridge kilobytes, not gigabytes (pynetdicom deletes the file
-        # after the handler). A module-wide pynetdicom setting; this adapter is the only pynetdicom user.
-        _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+        # Received datasets over a few MB spill to an anonymous temporary file (see dicom/spool.py): a 1 GB
+        # tomosynthesis object then costs the bridge kilobytes of memory, a 10 kB CT slice nothing extra.
+        install_spilling_buffers()
+        # pynetdicom's standard handlers log every DIMSE message, and to do so read each received dataset
+        # whole (getvalue), spilled or not; our own association and instance events replace them.
+        _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_connection_opened),
             (evt.EVT_C_STORE, self.handle_store),

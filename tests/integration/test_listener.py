@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -181,8 +182,21 @@ def test_stop_lets_an_open_association_finish(index: Index):
     assert index.load_snapshot(uid("1")).number_of_instances == 1
 
 
-class SpoolWatchingSink:
-    """The real index, noting which spool files exist while each instance is being recorded."""
+def _open_spill_files(spool: Path) -> list[int]:
+    """Sizes of the files this process has open in ``spool`` (anonymous temporary files included)."""
+    sizes = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(spool)):
+            sizes.append(os.fstat(int(fd.name)).st_size)
+    return sizes
+
+
+class SpillWatchingSink:
+    """The real index, noting which spill files are open while each instance is being recorded."""
 
     def __init__(self, index: Index, spool: Path) -> None:
         self.index = index
@@ -190,27 +204,30 @@ class SpoolWatchingSink:
         self.seen: list[list[int]] = []
 
     def record_instance(self, record, *, received_at):  # type: ignore[no-untyped-def]
-        self.seen.append([entry.stat().st_size for entry in self.spool.iterdir()])
+        self.seen.append(_open_spill_files(self.spool))
         return self.index.record_instance(record, received_at=received_at)
 
 
-def test_large_instance_is_spooled_to_a_temporary_file_that_is_removed(
-    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("pixel_bytes", "spilled"), [(4096 * 3072 * 2, True), (64 * 64 * 2, False)])
+def test_large_instance_spills_to_a_temporary_file_and_a_small_one_stays_in_memory(
+    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pixel_bytes: int, spilled: bool
 ):
-    """A 24 MB instance is received into a spool file (not memory) and the file is gone afterwards."""
+    """A 24 MB instance is received into a temporary file (memory stays flat); an 8 kB one never touches disk;
+    no file is left behind."""
     import tempfile
 
     spool = tmp_path / "spool"
     spool.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spool))
-    sink = SpoolWatchingSink(index, spool)
+    sink = SpillWatchingSink(index, spool)
     running = DicomListener(ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), sink, clock=utc_now)
     running.start()
+    side = int((pixel_bytes // 2) ** 0.5)
     ds = make_dataset(SOPInstanceUID=uid("3.1.77"))
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 4096, 3072, 16, 12, 11
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = side, side, 16, 12, 11
     ds.SamplesPerPixel, ds.PixelRepresentation, ds.PhotometricInterpretation = 1, 0, "MONOCHROME2"
-    ds.PixelData = bytes(4096 * 3072 * 2)
-    path = write_file(ds, tmp_path / "large.dcm")
+    ds.PixelData = bytes(side * side * 2)
+    path = write_file(ds, tmp_path / "instance.dcm")
     del ds
     try:
         result = storescu(running.port, [path])
@@ -218,6 +235,10 @@ def test_large_instance_is_spooled_to_a_temporary_file_that_is_removed(
         running.stop(drain_timeout_seconds=5)
     assert result.returncode == 0, result.stdout + result.stderr
     assert index.load_snapshot(uid("1")).number_of_instances == 1
-    (spooled,) = sink.seen
-    assert len(spooled) == 1 and spooled[0] > 4096 * 3072 * 2, "the dataset was not spooled to a file"
+    (open_while_recording,) = sink.seen
+    if spilled:
+        assert len(open_while_recording) == 1 and open_while_recording[0] > side * side * 2
+    else:
+        assert open_while_recording == []
     assert list(spool.iterdir()) == []
+    assert _open_spill_files(spool) == []
