@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
 
+from tests.support.bridge_process import free_port, wait_for
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.fhir_server import FhirTestServer
 from tests.support.studies import SeriesSpec, make_dataset, new_study_uid, write_file, write_study
@@ -23,25 +23,6 @@ from tests.support.studies import SeriesSpec, make_dataset, new_study_uid, write
 pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
 
 QUIET_SECONDS = 2.0
-T = TypeVar("T")
-
-
-def wait_for(condition: Callable[[], T], *, timeout: float, what: str) -> T:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class RunningBridge:
