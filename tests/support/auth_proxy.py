@@ -20,12 +20,12 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-HOST = "127.0.0.1"
+from tests.support.background_http import HOST, BackgroundHttpServer
+
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection"})
 
 
@@ -44,7 +44,7 @@ class ServerTls:
         return context
 
 
-class AuthProxy:
+class AuthProxy(BackgroundHttpServer):
     def __init__(
         self,
         *,
@@ -56,12 +56,11 @@ class AuthProxy:
         self._upstream_port = upstream_port
         self._accept = accept
         self._tls = tls
+        super().__init__()
         self._echo = echo_credentials
         self._lock = threading.Lock()
         self.authorizations: list[str | None] = []
         self.refused = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     def start(self) -> AuthProxy:
         owner = self
@@ -110,12 +109,7 @@ class AuthProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: the tests assert on owner.authorizations
 
-        self._server = ThreadingHTTPServer((HOST, 0), Handler)
-        self._server.daemon_threads = True
-        if self._tls is not None:
-            self._server.socket = self._tls.context().wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="auth-proxy", daemon=True)
-        self._thread.start()
+        self._serve(Handler, name="auth-proxy", ssl_context=self._tls.context() if self._tls is not None else None)
         return self
 
     def _forward(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any, bytes]:
@@ -127,23 +121,6 @@ class AuthProxy:
             return response.status, response.getheaders(), response.read()
         finally:
             upstream.close()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> AuthProxy:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def base_url(self) -> str:

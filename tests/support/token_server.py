@@ -23,15 +23,15 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-HOST = "127.0.0.1"
+from tests.support.background_http import HOST, BackgroundHttpServer
+
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
@@ -51,7 +51,7 @@ class TokenRequest:
     jwt_header: dict[str, Any] = field(default_factory=dict)
 
 
-class TokenServer:
+class TokenServer(BackgroundHttpServer):
     """The token endpoint on a free port; see the module docstring."""
 
     def __init__(
@@ -61,6 +61,7 @@ class TokenServer:
         public_keys: dict[str, PublicKeyTypes] | None = None,
         expires_in: int = 300,
     ) -> None:
+        super().__init__()
         self._secrets = dict(secrets or {})
         self._public_keys = dict(public_keys or {})
         self.expires_in = expires_in
@@ -69,8 +70,6 @@ class TokenServer:
         self._jtis: set[str] = set()
         self._programmed: list[int] = []
         self.requests: list[TokenRequest] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> TokenServer:
@@ -92,28 +91,8 @@ class TokenServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: the tests assert on owner.requests
 
-        self._server = ThreadingHTTPServer((HOST, 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="token-server", daemon=True)
-        self._thread.start()
+        self._serve(Handler, name="token-server")
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> TokenServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def token_url(self) -> str:
