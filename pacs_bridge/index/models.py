@@ -136,6 +136,8 @@ class Series(Base):
     laterality: Mapped[str] = mapped_column(String(16), default="")
     performing_physicians: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
     operators: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
+    # Calling AE title of the association that first sent the series (series-level endpoint rules).
+    sending_ae_title: Mapped[str] = mapped_column(String(16), default="")
 
 
 class Instance(Base):
@@ -149,6 +151,25 @@ class Instance(Base):
     image_laterality: Mapped[str] = mapped_column(String(16), default="")
     title: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class RejectedInstance(Base):
+    """An instance an IHE IOCM rejection note withdrew: never indexed again, even when it is sent again.
+
+    Kept by SOP Instance UID whether or not the instance ever arrived, so a late arrival stays rejected.
+    ``reason_code`` is the note's DCM title code (113001, 113037, 113038, 113039); ``note_uid`` the note's
+    own SOP Instance UID.
+    """
+
+    __tablename__ = "rejected_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    reason_code: Mapped[str] = mapped_column(String(16))
+    note_uid: Mapped[str] = mapped_column(String(64))
+    rejected_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class EndpointPublication(Base):
