@@ -171,6 +171,7 @@ class RejectedInstance(Base):
     note_uid: Mapped[str] = mapped_column(String(64))
     rejected_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
+    modality: Mapped[str] = mapped_column(String(16), default="")  # empty when it never reached the index
 
 class EndpointPublication(Base):
     """The content hash of each Endpoint resource last PUT, so it is sent once, and again only when changed."""

@@ -1,6 +1,7 @@
 """Remember the instances IHE IOCM rejection notes withdrew, so that a re-send does not bring them back.
 
-One row per rejected SOP Instance UID, whether or not the instance ever reached the index.
+One row per rejected SOP Instance UID, whether or not the instance ever reached the index; the modality of
+its series when it had (an ImagingStudy whose every instance was rejected still names its modalities).
 
 Revision ID: 0005
 Revises: 0004
@@ -25,6 +26,7 @@ def upgrade() -> None:
         sa.Column("sop_instance_uid", sa.String(length=64), nullable=False),
         sa.Column("study_uid", sa.String(length=64), nullable=False),
         sa.Column("series_uid", sa.String(length=64), nullable=False),
+        sa.Column("modality", sa.String(length=16), nullable=False),
         sa.Column("reason_code", sa.String(length=16), nullable=False),
         sa.Column("note_uid", sa.String(length=64), nullable=False),
         sa.Column("rejected_at", sa.DateTime(timezone=True), nullable=False),
