@@ -167,11 +167,11 @@ class RejectedInstance(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16), default="")  # empty when it never reached the index
     reason_code: Mapped[str] = mapped_column(String(16))
     note_uid: Mapped[str] = mapped_column(String(64))
     rejected_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
-    modality: Mapped[str] = mapped_column(String(16), default="")  # empty when it never reached the index
 
 class EndpointPublication(Base):
     """The content hash of each Endpoint resource last PUT, so it is sent once, and again only when changed."""
