@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
 from pacs_bridge.errors import ConfigError
-from pacs_bridge.fhir.endpoint import CONNECTION_TYPES
+from pacs_bridge.fhir.endpoint import CONNECTION_TYPES, IHE_IMR_CONNECTION_TYPES
 
 _AE_TITLE = re.compile(r"[\x20-\x5B\x5D-\x7E]{1,16}")  # PS3.5 AE VR: no backslash, no control characters
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -261,8 +261,19 @@ class EndpointConfig(_Section):
     connection_type: str
     address: str
     name: str = ""
-    # Series-level endpoint: referenced from the series of these modalities instead of from the study.
+    # Series-level endpoint: referenced from the series of these modalities, or first sent by these calling
+    # AE titles, instead of from the study.
     series_modalities: list[str] = []
+    series_calling_aets: list[str] = []
+
+    @field_validator("series_calling_aets")
+    @classmethod
+    def _check_series_calling_aets(cls, value: list[str]) -> list[str]:
+        return [_checked_ae_title(ae_title) for ae_title in value]
+
+    @property
+    def is_series_level(self) -> bool:
+        return bool(self.series_modalities or self.series_calling_aets)
 
     @field_validator("series_modalities")
     @classmethod
@@ -445,11 +456,18 @@ def _profile_problems(config: Config) -> list[str]:
         problems.append(
             f"at 'fhir.profile': ihe-imr is an R4 profile; set fhir.version to R4 (got {config.fhir.version})"
         )
-    if not any(e.connection_type == "dicom-wado-rs" and not e.series_modalities for e in config.endpoints):
+    if not any(e.connection_type == "dicom-wado-rs" and not e.is_series_level for e in config.endpoints):
         problems.append(
-            "at 'endpoints': fhir.profile ihe-imr needs a study-level endpoint (no series_modalities) of "
-            "connection_type dicom-wado-rs"
+            "at 'endpoints': fhir.profile ihe-imr needs a study-level endpoint (no series_modalities nor "
+            "series_calling_aets) of connection_type dicom-wado-rs"
         )
+    for position, endpoint in enumerate(config.endpoints):
+        if not endpoint.is_series_level and endpoint.connection_type not in IHE_IMR_CONNECTION_TYPES:
+            problems.append(
+                f"at 'endpoints[{position}].connection_type': the IHE IMR study endpoints may only be "
+                f"{' or '.join(sorted(IHE_IMR_CONNECTION_TYPES))}, got {endpoint.connection_type} (endpoint "
+                f"{endpoint.id}); make it series-level or remove it"
+            )
     return problems
 
 

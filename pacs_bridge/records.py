@@ -61,6 +61,9 @@ class SeriesAttributes:
     laterality: str = ""  # series Laterality (R, L); instances may state ImageLaterality instead
     performing_physicians: tuple[str, ...] = ()  # PN strings
     operators: tuple[str, ...] = ()  # PN strings
+    # Not from the dataset: the calling AE title of the association that first sent the series (for
+    # series-level endpoint rules); kept as first recorded, so a later re-send by another AE changes nothing.
+    sending_ae_title: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

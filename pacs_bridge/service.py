@@ -55,6 +55,7 @@ def mapping_settings(config: Config) -> MappingSettings:
                 address=endpoint.address,
                 name=endpoint.name,
                 series_modalities=tuple(endpoint.series_modalities),
+                series_calling_aets=tuple(endpoint.series_calling_aets),
             )
             for endpoint in config.endpoints
         ),

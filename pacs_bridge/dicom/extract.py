@@ -257,8 +257,9 @@ def _modality(ds: Dataset) -> str:
     return modality
 
 
-def extract_instance(ds: Dataset) -> InstanceRecord:
-    """Map one received dataset to its ``InstanceRecord``.
+def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceRecord:
+    """Map one received dataset to its ``InstanceRecord``; ``sending_ae_title`` is the calling AE title of the
+    association it came on (not in the dataset), recorded with the series.
 
     Raises ``InvalidInstanceError`` naming the attribute when a UID the index is keyed on is missing or
     malformed, or when a value cannot be decoded.
@@ -294,6 +295,7 @@ def extract_instance(ds: Dataset) -> InstanceRecord:
             laterality=_read_text(ds, "Laterality").upper(),
             performing_physicians=_read_texts(ds, "PerformingPhysicianName"),
             operators=_read_texts(ds, "OperatorsName"),
+            sending_ae_title=sending_ae_title,
         ),
         sop_instance_uid=sop_instance_uid,
         sop_class_uid=sop_class_uid,

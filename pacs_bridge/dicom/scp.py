@@ -346,7 +346,7 @@ class DicomListener:
         try:
             sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
             dataset = _received_header(event)
-            record = extract_instance(dataset)
+            record = extract_instance(dataset, sending_ae_title=_peer(event)["calling_ae"])
             outcome = self._sink.record_instance(record, received_at=self._clock())
         except Exception as exc:
             status = status_for_error(exc)

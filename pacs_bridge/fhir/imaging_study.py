@@ -187,7 +187,11 @@ def _build_series(
     started = to_fhir_datetime(attributes.series_date, attributes.series_time, timezone_offset, settings.site_zone)
     if started:
         element["started"] = started
-    endpoints = [e for e in settings.endpoints if attributes.modality in e.series_modalities]
+    endpoints = [
+        endpoint
+        for endpoint in settings.endpoints
+        if endpoint.serves_series(modality=attributes.modality, sending_ae_title=attributes.sending_ae_title)
+    ]
     if endpoints:  # overrides a study endpoint of the same connection type, for this series
         element["endpoint"] = [{"reference": f"Endpoint/{endpoint.id}"} for endpoint in endpoints]
     performers = _performers(series)
@@ -233,7 +237,7 @@ def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> F
     interpreters = _practitioners(study.reading_physicians)
     if interpreters and shape.is_r4:  # R5 has no interpreter
         resource["interpreter"] = interpreters
-    study_endpoints = [endpoint for endpoint in settings.endpoints if not endpoint.series_modalities]
+    study_endpoints = [endpoint for endpoint in settings.endpoints if not endpoint.is_series_level]
     if study_endpoints:
         resource["endpoint"] = [{"reference": f"Endpoint/{endpoint.id}"} for endpoint in study_endpoints]
     resource["numberOfSeries"] = len(snapshot.series)

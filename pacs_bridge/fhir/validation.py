@@ -18,6 +18,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from pacs_bridge.errors import PublishError
+from pacs_bridge.fhir.endpoint import (
+    DICOM_CODE_SYSTEM,
+    IHE_IMR_CONNECTION_TYPES,
+    IHE_IMR_IMAGING_STUDY_ENDPOINT,
+    SERIES_PAYLOAD,
+    STUDY_PAYLOAD,
+)
 from pacs_bridge.fhir.imaging_study import IHE_IMR_IMAGING_STUDY
 from pacs_bridge.fhir.resource import FhirResource
 
@@ -28,6 +35,7 @@ _MODEL_PACKAGES = {"R4": "fhir.resources.R4B", "R5": "fhir.resources"}
 REQUIRED_CODES: dict[str, dict[str, frozenset[str]]] = {
     "ImagingStudy": {"status": frozenset({"registered", "available", "cancelled", "entered-in-error", "unknown"})},
     "Endpoint": {"status": frozenset({"active", "suspended", "error", "off", "entered-in-error", "test"})},
+    "Patient": {"gender": frozenset({"male", "female", "other", "unknown"})},
 }
 
 MAX_PROBLEMS_SHOWN = 5
@@ -95,9 +103,9 @@ WADO_RS = "dicom-wado-rs"
 def _ihe_imr_problems(resource: FhirResource, endpoint_types: dict[str, str]) -> list[str]:
     """What the IHE IMR ImagingStudy profile (1.1.0) adds to R4, for a resource that claims it.
 
-    identifier:studyUID 1..1 (system urn:dicom:uid), modality 1..*, started 1..1, endpoint 1..*. The IMR
-    Endpoint profile itself is not checked here (not among the specifications we hold); we require that one
-    referenced Endpoint be DICOM WADO-RS, the service an IMR viewer retrieves images with.
+    identifier:studyUID 1..1 (system urn:dicom:uid), modality 1..*, started 1..1, endpoint 1..* of IMR Imaging
+    Study Endpoints (connection type WADO-RS or IID; the Endpoints themselves are checked when they are sent).
+    We also require that one referenced Endpoint be DICOM WADO-RS, the service a viewer retrieves images with.
     """
     problems = []
     study_uids = [i for i in resource.get("identifier", []) if i.get("system") == "urn:dicom:uid" and i.get("value")]
@@ -114,6 +122,35 @@ def _ihe_imr_problems(resource: FhirResource, endpoint_types: dict[str, str]) ->
         endpoint_types.get(reference.removeprefix("Endpoint/")) == WADO_RS for reference in endpoints
     ):
         problems.append("IHE IMR: no referenced Endpoint is dicom-wado-rs")
+    for reference in endpoints:
+        connection_type = endpoint_types.get(reference.removeprefix("Endpoint/"))
+        if connection_type is not None and connection_type not in IHE_IMR_CONNECTION_TYPES:
+            problems.append(f"IHE IMR: endpoint {reference} is {connection_type}, not an Imaging Study Endpoint")
+    return problems
+
+
+_IMR_PAYLOAD_CODES = frozenset({STUDY_PAYLOAD["code"], SERIES_PAYLOAD["code"]})
+
+
+def _ihe_imr_endpoint_problems(resource: FhirResource) -> list[str]:
+    """What the IHE IMR Imaging Study Endpoint profile (1.1.0) adds to R4: connectionType from {dicom-wado-rs,
+    ihe-iid} (required binding), payloadType 1..1 coded from DICOM (113014 Study; 113015 Series)."""
+    problems = []
+    connection_type = resource.get("connectionType", {}).get("code")
+    if connection_type not in IHE_IMR_CONNECTION_TYPES:
+        problems.append(
+            f"IHE IMR Endpoint: connectionType {connection_type!r} is not one of "
+            f"{', '.join(sorted(IHE_IMR_CONNECTION_TYPES))}"
+        )
+    payload_types = resource.get("payloadType", [])
+    codes = [
+        coding.get("code")
+        for payload_type in payload_types
+        for coding in payload_type.get("coding", [])
+        if coding.get("system") == DICOM_CODE_SYSTEM
+    ]
+    if len(payload_types) != 1 or not any(code in _IMR_PAYLOAD_CODES for code in codes):
+        problems.append("IHE IMR Endpoint: payloadType must occur once, coded DICOM 113014 Study or 113015 Series")
     return problems
 
 
@@ -138,8 +175,11 @@ def resource_problems(
     except ValidationError as exc:
         problems = [f"{_path(tuple(error['loc']))}: {error['msg']}" for error in exc.errors()]
     problems += _primitive_problems(resource)
-    if IHE_IMR_IMAGING_STUDY in resource.get("meta", {}).get("profile", []):
+    profiles = resource.get("meta", {}).get("profile", [])
+    if IHE_IMR_IMAGING_STUDY in profiles:
         problems += _ihe_imr_problems(resource, endpoint_types or {})
+    if IHE_IMR_IMAGING_STUDY_ENDPOINT in profiles:
+        problems += _ihe_imr_endpoint_problems(resource)
     for element, allowed in REQUIRED_CODES.get(resource_type, {}).items():
         value = resource.get(element)
         if value is not None and value not in allowed:

@@ -69,12 +69,19 @@ _KEPT_WHEN_ABSENT = frozenset(
 )
 
 
+# Attributes whose first recorded value stays: the AE that first sent a series keeps it, so a later re-send
+# by another AE (a PACS forwarding what the modality sent) neither moves its endpoint nor republishes it.
+_FIRST_VALUE_KEPT = frozenset({"sending_ae_title"})
+
+
 def _changed(row: Any, attributes: object, names: Sequence[str]) -> dict[str, Any]:
     """The attributes whose value differs from the row's, as ``{column: new value}``."""
     return {
         name: value
         for name in names
-        if (value := getattr(attributes, name)) != getattr(row, name) and (value or name not in _KEPT_WHEN_ABSENT)
+        if (value := getattr(attributes, name)) != (recorded := getattr(row, name))
+        and (value or name not in _KEPT_WHEN_ABSENT)
+        and not (recorded and name in _FIRST_VALUE_KEPT)
     }
 
 

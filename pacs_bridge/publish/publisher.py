@@ -78,7 +78,8 @@ class Publisher:
         self._max_attempts = max_attempts
         self._observer: BridgeObserver = observer or NullObserver()
         self._endpoints = {
-            settings.id: build_endpoint(settings, fhir_version=mapping.fhir_version) for settings in mapping.endpoints
+            settings.id: build_endpoint(settings, fhir_version=mapping.fhir_version, profile=mapping.profile)
+            for settings in mapping.endpoints
         }
         self._endpoints_confirmed: dict[str, str] = {}
 

@@ -125,3 +125,33 @@ def test_a_different_referring_physician_still_replaces_the_old_one(index: Index
 
     assert index.record_instance(corrected, received_at=clock()) is RecordOutcome.UPDATED
     assert index.load_snapshot(STUDY.study_uid).attributes.referring_physician == "Doe^John"
+
+
+def sent_by(ae_title: str, sop_suffix: str) -> InstanceRecord:
+    """RECORD's series, another instance of it, arriving on an association from ``ae_title``."""
+    return replace(
+        RECORD, series=replace(SERIES, sending_ae_title=ae_title), sop_instance_uid=uid(f"40.1.{sop_suffix}")
+    )
+
+
+def test_the_series_keeps_the_calling_ae_that_first_sent_it(index: Index, clock: FakeClock) -> None:
+    """A later instance of the series from another AE (a PACS forwarding it) does not move its sender."""
+    index.record_instance(sent_by("CARDIO", "1"), received_at=clock())
+    index.record_instance(sent_by("MAIN_PACS", "2"), received_at=clock())
+
+    assert index.load_snapshot(STUDY.study_uid).series[0].attributes.sending_ae_title == "CARDIO"
+
+
+def test_a_resend_from_another_ae_changes_nothing(index: Index, clock: FakeClock) -> None:
+    """The same instance again from another AE is UNCHANGED: no republish for a change of sender."""
+    index.record_instance(sent_by("CARDIO", "1"), received_at=clock())
+
+    assert index.record_instance(sent_by("MAIN_PACS", "1"), received_at=clock()) is RecordOutcome.UNCHANGED
+
+
+def test_a_series_indexed_without_a_sender_records_the_next_one(index: Index, clock: FakeClock) -> None:
+    """Rows from before the sender was kept (empty) take the sender of the next instance that arrives."""
+    index.record_instance(sent_by("", "1"), received_at=clock())
+
+    assert index.record_instance(sent_by("CARDIO", "2"), received_at=clock()) is RecordOutcome.NEW
+    assert index.load_snapshot(STUDY.study_uid).series[0].attributes.sending_ae_title == "CARDIO"

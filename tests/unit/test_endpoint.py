@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pacs_bridge.fhir.endpoint import CONNECTION_TYPES, EndpointSettings, build_endpoint
+from pacs_bridge.fhir.endpoint import (
+    CONNECTION_TYPES,
+    IHE_IMR_IMAGING_STUDY_ENDPOINT,
+    EndpointSettings,
+    build_endpoint,
+)
 
 # (code, display in the R4 endpoint-connection-type CodeSystem, payload MIME type we advertise)
 CONNECTION_TYPE_ROWS = [
@@ -35,10 +40,81 @@ def test_build_endpoint_gives_the_r4_endpoint_for_each_connection_type(code: str
             "code": code,
             "display": display,
         },
-        "payloadType": [{"text": display}],
+        "payloadType": [
+            {
+                "coding": [
+                    {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "113014", "display": "Study"}
+                ]
+            }
+        ],
         "payloadMimeType": [mime_type],
         "address": "https://pacs.example.org/dicom-web",
     }
+
+
+@pytest.mark.parametrize(
+    ("settings", "payload_code"),
+    [
+        (EndpointSettings(id="pacs", connection_type="dicom-wado-rs", address="https://p"), "113014"),  # study
+        (
+            EndpointSettings(id="mg", connection_type="dicom-wado-rs", address="https://p", series_modalities=("MG",)),
+            "113015",
+        ),  # series-level by modality
+        (
+            EndpointSettings(
+                id="cardio", connection_type="dicom-wado-rs", address="https://p", series_calling_aets=("CARDIO",)
+            ),
+            "113015",
+        ),  # series-level by sender
+    ],
+)
+def test_payload_type_says_whether_the_endpoint_serves_the_study_or_a_series(
+    settings: EndpointSettings, payload_code: str
+) -> None:
+    """DICOM 113014 Study for a study endpoint, 113015 Series for a series-level one (as IHE IMR codes it)."""
+    (payload_type,) = build_endpoint(settings)["payloadType"]
+
+    assert [coding["code"] for coding in payload_type["coding"]] == [payload_code]
+
+
+@pytest.mark.parametrize(
+    ("code", "claims_the_profile"),
+    [("dicom-wado-rs", True), ("ihe-iid", True), ("dicom-wado-uri", False), ("dicom-qido-rs", False)],
+)
+def test_ihe_imr_endpoints_claim_the_profile_when_their_connection_type_allows(
+    code: str, claims_the_profile: bool
+) -> None:
+    """The IMR Imaging Study Endpoint admits WADO-RS and IID only; other endpoints stay plain, never claim it."""
+    resource = build_endpoint(
+        EndpointSettings(id="e", connection_type=code, address="https://p", series_modalities=("SR",)),
+        profile="ihe-imr",
+    )
+
+    assert ("meta" in resource) is claims_the_profile
+    if claims_the_profile:
+        assert resource["meta"] == {"profile": [IHE_IMR_IMAGING_STUDY_ENDPOINT]}
+
+
+def test_without_a_profile_an_endpoint_claims_none() -> None:
+    resource = build_endpoint(EndpointSettings(id="e", connection_type="dicom-wado-rs", address="https://p"))
+
+    assert "meta" not in resource
+
+
+def test_series_endpoint_by_calling_ae_serves_only_series_first_sent_by_that_ae() -> None:
+    """Rules by modality and by sender combine with OR; a series with no recorded sender matches no AE rule."""
+    settings = EndpointSettings(
+        id="e",
+        connection_type="dicom-wado-rs",
+        address="https://p",
+        series_modalities=("MG",),
+        series_calling_aets=("CARDIO",),
+    )
+
+    assert settings.serves_series(modality="XA", sending_ae_title="CARDIO")
+    assert settings.serves_series(modality="MG", sending_ae_title="CT_1")
+    assert not settings.serves_series(modality="CT", sending_ae_title="CT_1")
+    assert not settings.serves_series(modality="CT", sending_ae_title="")
 
 
 @pytest.mark.parametrize(

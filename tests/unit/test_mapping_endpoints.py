@@ -1,6 +1,7 @@
-"""Series-level endpoint overrides: an endpoint configured with series_modalities is referenced from the
-series of those modalities and not from the study, so that, per the ImagingStudy rules, it overrides a study
-endpoint of the same connection type for those series only."""
+"""Series-level endpoint overrides: an endpoint configured with series_modalities (or series_calling_aets) is
+referenced from the series of those modalities (or first sent by those calling AE titles) and not from the
+study, so that, per the ImagingStudy rules, it overrides a study endpoint of the same connection type for those
+series only."""
 
 from __future__ import annotations
 
@@ -80,3 +81,71 @@ def test_config_refuses_a_modality_that_is_not_a_code() -> None:
         parse_config(endpoint_config("m g"), path="test.yaml")
 
     assert "at 'endpoints[0].series_modalities'" in str(caught.value)
+
+
+CARDIO_ARCHIVE = EndpointSettings(
+    id="cardio",
+    connection_type="dicom-wado-rs",
+    address="https://cardio.example.org/rs",
+    series_calling_aets=("CARDIO",),
+)
+
+
+def sent_by(snapshot: Any, senders: dict[str, str]) -> Any:
+    """``snapshot`` with each series' sending AE title set from ``senders`` (modality -> AE title)."""
+    series = tuple(
+        dataclasses.replace(
+            one,
+            attributes=dataclasses.replace(one.attributes, sending_ae_title=senders.get(one.attributes.modality, "")),
+        )
+        for one in snapshot.series
+    )
+    return dataclasses.replace(snapshot, series=series)
+
+
+def test_series_sent_by_a_configured_calling_ae_reference_its_endpoint() -> None:
+    """The CT series came from CARDIO, the SR and PR from elsewhere: only the CT series names the CARDIO archive."""
+    snapshot = sent_by(snapshot_of(ct_with_dose_sr_and_presentation_state()), {"CT": "CARDIO", "SR": "WORKSTATION"})
+    settings = dataclasses.replace(R4_SETTINGS, endpoints=(STUDY_WADO, CARDIO_ARCHIVE))
+
+    built = build_imaging_study(snapshot, settings)
+
+    assert built["endpoint"] == [{"reference": "Endpoint/pacs-wado-rs"}]
+    by_modality = {s["modality"]["code"]: [e["reference"] for e in s.get("endpoint", [])] for s in built["series"]}
+    assert by_modality == {"CT": ["Endpoint/cardio"], "SR": [], "PR": []}
+    ImagingStudyR4.model_validate(built)
+
+
+def test_config_series_calling_aets_reach_the_mapping() -> None:
+    """endpoints[].series_calling_aets becomes EndpointSettings.series_calling_aets, padded spaces dropped."""
+    config = parse_config(
+        {
+            "fhir": {"base_url": "http://fhir.example.org"},
+            "endpoints": [
+                {
+                    "id": "c",
+                    "connection_type": "dicom-wado-rs",
+                    "address": "https://c",
+                    "series_calling_aets": ["CARDIO "],
+                }
+            ],
+        },
+        path="test.yaml",
+    )
+
+    assert mapping_settings(config).endpoints[0].series_calling_aets == ("CARDIO",)
+
+
+@pytest.mark.parametrize("ae_title", ["", "   ", "A\\B", "SEVENTEEN_CHARS_X"])
+def test_config_refuses_a_calling_ae_that_is_not_an_ae_title(ae_title: str) -> None:
+    data = {
+        "fhir": {"base_url": "http://fhir.example.org"},
+        "endpoints": [
+            {"id": "c", "connection_type": "dicom-wado-rs", "address": "https://c", "series_calling_aets": [ae_title]}
+        ],
+    }
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, path="test.yaml")
+
+    assert "at 'endpoints[0].series_calling_aets" in str(caught.value)

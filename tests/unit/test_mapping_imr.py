@@ -11,7 +11,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy as ImagingStudyR4
 
 from pacs_bridge.config import parse_config
 from pacs_bridge.errors import ConfigError
-from pacs_bridge.fhir.endpoint import EndpointSettings
+from pacs_bridge.fhir.endpoint import IHE_IMR_IMAGING_STUDY_ENDPOINT, EndpointSettings, build_endpoint
 from pacs_bridge.fhir.imaging_study import IHE_IMR_IMAGING_STUDY, build_imaging_study
 from pacs_bridge.fhir.validation import resource_problems
 from pacs_bridge.records import StudySnapshot
@@ -113,6 +113,16 @@ def test_config_ihe_imr_reaches_the_mapping() -> None:
             "at 'endpoints': fhir.profile ihe-imr needs a study-level endpoint",
         ),  # WADO-RS for some series only: the study would have no endpoint
         ({**BASE, "fhir": {**BASE["fhir"], "profile": "ihe-xds"}}, "at 'fhir.profile'"),  # unknown profile
+        (
+            {
+                **BASE,
+                "endpoints": [
+                    *BASE["endpoints"],
+                    {"id": "uri", "connection_type": "dicom-wado-uri", "address": "https://pacs.example.org/wado"},
+                ],
+            },
+            "at 'endpoints[1].connection_type': the IHE IMR study endpoints may only be dicom-wado-rs or ihe-iid",
+        ),  # a study-level WADO-URI endpoint is no Imaging Study Endpoint
     ],
 )
 def test_config_refuses_what_cannot_conform(data: dict[str, Any], fragment: str) -> None:
@@ -121,3 +131,71 @@ def test_config_refuses_what_cannot_conform(data: dict[str, Any], fragment: str)
         parse_config(data, path="test.yaml")
 
     assert fragment in str(caught.value)
+
+
+def test_a_series_level_wado_uri_endpoint_is_allowed_beside_imr() -> None:
+    """Only the study's endpoints must be IMR Imaging Study Endpoints; a series one may be anything."""
+    data = {
+        **BASE,
+        "endpoints": [
+            *BASE["endpoints"],
+            {"id": "uri", "connection_type": "dicom-wado-uri", "address": "https://p", "series_modalities": ["SR"]},
+        ],
+    }
+
+    assert mapping_settings(parse_config(data, path="test.yaml")).profile == "ihe-imr"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        EndpointSettings(id="pacs-wado-rs", connection_type="dicom-wado-rs", address="https://p"),
+        EndpointSettings(id="pacs-iid", connection_type="ihe-iid", address="https://v"),
+        EndpointSettings(id="mg", connection_type="dicom-wado-rs", address="https://p", series_modalities=("MG",)),
+    ],
+    ids=["study-wado-rs", "study-iid", "series-wado-rs"],
+)
+def test_imr_endpoints_conform_to_the_imaging_study_endpoint_profile(settings: EndpointSettings) -> None:
+    """What build_endpoint makes in ihe-imr mode passes the R4 models and the IMR Endpoint checks."""
+    resource = build_endpoint(settings, profile="ihe-imr")
+
+    assert resource["meta"] == {"profile": [IHE_IMR_IMAGING_STUDY_ENDPOINT]}
+    assert resource_problems(resource, fhir_version="R4") == []
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda r: r | {"payloadType": [{"text": "DICOM WADO-RS"}]}, "payloadType must occur once"),
+        (lambda r: r | {"payloadType": r["payloadType"] * 2}, "payloadType must occur once"),
+        (
+            lambda r: r | {"connectionType": {**r["connectionType"], "code": "dicom-wado-uri"}},
+            "connectionType 'dicom-wado-uri' is not one of",
+        ),
+    ],
+)
+def test_each_imr_endpoint_constraint_is_checked_before_sending(change: Any, fragment: str) -> None:
+    """An Endpoint claiming the IMR profile but breaking it gets a problem, so it is not sent."""
+    resource = change(
+        build_endpoint(
+            EndpointSettings(id="pacs-wado-rs", connection_type="dicom-wado-rs", address="https://p"),
+            profile="ihe-imr",
+        )
+    )
+
+    problems = resource_problems(resource, fhir_version="R4")
+
+    assert any(fragment in problem for problem in problems), problems
+
+
+def test_imr_study_referencing_a_wado_uri_endpoint_is_not_sent() -> None:
+    """The study's endpoints must all be Imaging Study Endpoints (WADO-RS or IID)."""
+    uri = EndpointSettings(id="uri", connection_type="dicom-wado-uri", address="https://p")
+    settings = dataclasses.replace(IMR, endpoints=(*IMR.endpoints, uri))
+    resource = build_imaging_study(ct_study(), settings)
+
+    problems = resource_problems(
+        resource, fhir_version="R4", endpoint_types={**ENDPOINT_TYPES, "uri": "dicom-wado-uri"}
+    )
+
+    assert "IHE IMR: endpoint Endpoint/uri is dicom-wado-uri, not an Imaging Study Endpoint" in problems
