@@ -59,7 +59,7 @@ def test_listed_ae_from_another_address_is_aborted_and_stores_nothing(
 ):
     """MR_REMOTE is pinned to 10.20.1.0/24: calling from 127.0.0.1 its association is aborted, nothing indexed."""
     path = write_file(make_dataset(), tmp_path / "one.dcm")
-    result = storescu(listener.port, [path], extra_args=("-aet", "MR_REMOTE"))
+    result = storescu(listener.port, [path], calling_ae="MR_REMOTE")
     assert result.returncode != 0
     assert index.count_by_state().pending == 0
     assert index.study_status(uid("1")) is None

@@ -52,11 +52,12 @@ def storescu(
     files: list[Path] | Path,
     *,
     called_ae: str = "PACS_BRIDGE",
+    calling_ae: str = "MODALITY",
     timeout: float = 300,
     extra_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Send ``files`` (or a directory, recursively) with DCMTK storescu (verbose) to 127.0.0.1:``port``."""
-    args = [require_dcmtk("storescu"), "-v", "-aec", called_ae, "-aet", "MODALITY", *extra_args]
+    args = [require_dcmtk("storescu"), "-v", "-aec", called_ae, "-aet", calling_ae, *extra_args]
     if isinstance(files, Path) and files.is_dir():
         args += ["+sd", "+r", "127.0.0.1", str(port), str(files)]
     else:
