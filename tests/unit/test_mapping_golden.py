@@ -262,7 +262,7 @@ def latin1_patient() -> list[Dataset]:
         SeriesDescription="Face résumée",
         ReferringPhysicianName="Müller^Zoë",
         OperatorsName="Åström^Björn",
-        BodyPartExamined="THORAX",
+        BodyPartExamined="TORSO",  # not an Annex L term (THORAX is: Chest)
         Laterality=None,
     )
 

@@ -63,14 +63,14 @@ def test_unmapped_body_part_is_a_text_concept_in_r5() -> None:
     """R5 bodySite is a CodeableReference: an unmapped term becomes concept.text."""
     snapshot = fully_described_snapshot()
     series = snapshot.series[0]
-    thorax = dataclasses.replace(
+    torso = dataclasses.replace(
         snapshot,
         series=(
-            dataclasses.replace(series, attributes=dataclasses.replace(series.attributes, body_part_examined="THORAX")),
+            dataclasses.replace(series, attributes=dataclasses.replace(series.attributes, body_part_examined="TORSO")),
         ),
     )
 
-    assert build_imaging_study(thorax, R5)["series"][0]["bodySite"] == {"concept": {"text": "THORAX"}}
+    assert build_imaging_study(torso, R5)["series"][0]["bodySite"] == {"concept": {"text": "TORSO"}}
 
 
 @pytest.mark.parametrize("snapshot", [fully_described_snapshot, ct_one_series_snapshot])
