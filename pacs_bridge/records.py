@@ -33,6 +33,10 @@ class StudyAttributes:
     study_uid: str
     patient_id: str = ""
     issuer_of_patient_id: str = ""
+    # For the Patient that patient.mode create makes (fhir/patient.py): PN string, DA string, CS (M, F, O).
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
     accession_number: str = ""
     study_date: str = ""
     study_time: str = ""

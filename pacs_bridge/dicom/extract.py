@@ -36,6 +36,9 @@ HEADER_KEYWORDS: tuple[str, ...] = (
     "SeriesDescription",
     "PatientID",
     "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "SeriesNumber",
@@ -248,6 +251,15 @@ def _optional_integer(ds: Dataset, keyword: str) -> int | None:
     return number if 0 <= number < 2**31 else None
 
 
+def _optional_ascii(ds: Dataset, keyword: str) -> str:
+    """An ASCII value the bridge only passes on when valid (PatientBirthDate, PatientSex for patient.mode
+    create); non-ASCII bytes give an empty value rather than refusing the instance."""
+    try:
+        return _read_ascii(ds, keyword)
+    except InvalidInstanceError:
+        return ""
+
+
 def _modality(ds: Dataset) -> str:
     modality = _read_ascii(ds, "Modality").upper()
     if not modality:
@@ -273,6 +285,9 @@ def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceReco
             study_uid=study_uid,
             patient_id=_read_text(ds, "PatientID"),
             issuer_of_patient_id=_read_text(ds, "IssuerOfPatientID"),
+            patient_name=_read_text(ds, "PatientName"),
+            patient_birth_date=_optional_ascii(ds, "PatientBirthDate"),
+            patient_sex=_optional_ascii(ds, "PatientSex").upper(),
             accession_number=_read_text(ds, "AccessionNumber"),
             study_date=_read_ascii(ds, "StudyDate"),
             study_time=_read_ascii(ds, "StudyTime"),

@@ -87,6 +87,10 @@ class Study(Base):
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_id: Mapped[str] = mapped_column(Text, default="")
     issuer_of_patient_id: Mapped[str] = mapped_column(Text, default="")
+    # Only the Patient that patient.mode create makes uses these (see records.StudyAttributes).
+    patient_name: Mapped[str] = mapped_column(Text, default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(16), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
     accession_number: Mapped[str] = mapped_column(Text, default="")
     study_date: Mapped[str] = mapped_column(String(16), default="")
     study_time: Mapped[str] = mapped_column(String(32), default="")

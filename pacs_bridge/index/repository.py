@@ -65,7 +65,16 @@ _instances = cast(Table, Instance.__table__)
 # another system, often lacks the order's codes and the physicians' names. An instance that leaves one of
 # these empty does not erase what earlier instances stated; a different non-empty value still replaces it.
 _KEPT_WHEN_ABSENT = frozenset(
-    {"referring_physician", "reading_physicians", "procedure_codes", "reasons", "reason_codes"}
+    {
+        "referring_physician",
+        "reading_physicians",
+        "procedure_codes",
+        "reasons",
+        "reason_codes",
+        "patient_name",
+        "patient_birth_date",
+        "patient_sex",
+    }
 )
 
 

@@ -79,6 +79,7 @@ EXPECTED_DEFAULT_RECORD = InstanceRecord(
         study_uid=uid("1"),
         patient_id="PAT-0001",
         issuer_of_patient_id="",
+        patient_name="Doe^Jane",
         accession_number="ACC-0001",
         study_date="20240315",
         study_time="101530",
