@@ -11,6 +11,7 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +34,13 @@ MAX_RETRY_AFTER_SECONDS = 86_400.0
 class PutResult:
     http_status: int
     version_id: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateResult:
+    http_status: int  # 201: created; 200: a conditional create found the resource and wrote nothing
+    # The id from the body, else from Location / Content-Location; None when the server stated neither.
+    resource_id: str | None
 
 
 def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
@@ -101,12 +109,30 @@ class FhirClient:
         ``if_match``: the version id the server must still hold, else it answers 412 and writes nothing.
         """
         url = f"{self._base_url}/{resource['resourceType']}/{resource['id']}"
-        body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
+        headers = {}
         if if_match is not None:
             headers["If-Match"] = f'W/"{if_match}"'
+        response = self._write("PUT", url, resource, headers)
+        return PutResult(http_status=response.status_code, version_id=_version_id(response))
+
+    def create(self, resource: FhirResource, *, if_none_exist: str | None = None) -> CreateResult:
+        """POST ``resource`` to ``{base}/{type}`` for the server to assign its id; raises ``PublishError``.
+
+        ``if_none_exist``: a search query (``identifier=system%7Cvalue``) making it a conditional create: when one
+        resource matches, the server answers 200 and writes nothing; several give 412. The id comes from the body
+        when the server returns the resource, else from ``Location`` or ``Content-Location``.
+        """
+        resource_type = str(resource["resourceType"])
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist is not None else {}
+        response = self._write("POST", f"{self._base_url}/{resource_type}", resource, headers)
+        return CreateResult(http_status=response.status_code, resource_id=_created_id(response, resource_type))
+
+    def _write(self, method: str, url: str, resource: FhirResource, extra_headers: dict[str, str]) -> httpx.Response:
+        """Send ``resource`` as the body; a failure raises ``PublishError`` (retryable or not)."""
+        body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **extra_headers}
         try:
-            response = self._http.put(url, content=body, headers=headers)
+            response = self._http.request(method, url, content=body, headers=headers)
         except httpx.TimeoutException as exc:
             raise PublishError(f"no answer from {url} in time ({type(exc).__name__})", retryable=True) from exc
         except httpx.TransportError as exc:
@@ -114,7 +140,7 @@ class FhirClient:
                 f"cannot reach {url}: {type(exc).__name__}: {exc}{_tls_hint(exc)}", retryable=True
             ) from exc
         if response.is_success:
-            return PutResult(http_status=response.status_code, version_id=_version_id(response))
+            return response
         status = response.status_code
         retryable = status in RETRYABLE_STATUSES or status >= 500
         detail = redact_credentials(operation_outcome_text(response), response.request.headers.get("Authorization"))
@@ -130,17 +156,26 @@ class FhirClient:
             retry_after_seconds=parse_retry_after(response.headers.get("Retry-After"), now=datetime.now(UTC)),
         )
 
-    def search(self, resource_type: str, params: dict[str, str]) -> list[FhirResource]:
-        """The resources a search matches (every page followed); raises ``PublishError`` on failure."""
-        url: str | None = f"{self._base_url}/{resource_type}"
-        query: dict[str, str] | None = {"_count": "100", **params}
+    def search(self, resource_type: str, params: dict[str, str], *, in_body: bool = False) -> list[FhirResource]:
+        """The resources a search matches (every page followed); raises ``PublishError`` on failure.
+
+        ``in_body``: ``POST {type}/_search`` with the parameters as a form, so they stay out of URLs (and so out
+        of proxy and access logs): for searches by patient identifier.
+        """
+        url = f"{self._base_url}/{resource_type}"
+        query = {"_count": "100", **params}
+        if in_body:
+            response = self._exchange("POST", f"{url}/_search", data=query)
+        else:
+            response = self._exchange("GET", url, params=query)
         found: list[FhirResource] = []
-        while url is not None:
-            bundle = self._exchange("GET", url, params=query).json()
+        while True:
+            bundle = response.json()
             found += [entry["resource"] for entry in bundle.get("entry") or [] if "resource" in entry]
-            url = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
-            query = None  # a next link carries its own query
-        return found
+            next_url = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+            if next_url is None:
+                return found
+            response = self._exchange("GET", next_url)  # a next link carries its own query
 
     def delete(self, resource_type: str, resource_id: str) -> None:
         """Delete one resource; a resource already gone is not an error."""
@@ -196,6 +231,23 @@ def _tls_hint(exc: httpx.TransportError) -> str:
             "requires a client certificate)"
         )
     return ""
+
+
+def _created_id(response: httpx.Response, resource_type: str) -> str | None:
+    """The id of the resource a create answered with: its body when that is the resource (a server may return an
+    OperationOutcome, or no body with ``Prefer: return=minimal``), else ``Location`` / ``Content-Location``."""
+    try:
+        body: Any = response.json() if response.content else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict) and body.get("resourceType") == resource_type and isinstance(body.get("id"), str):
+        return str(body["id"])
+    pattern = re.compile(rf"(?:^|/){resource_type}/([A-Za-z0-9\-.]{{1,64}})(?:/_history/[^/]*)?/?$")
+    for header in ("Location", "Content-Location"):
+        match = pattern.search(response.headers.get(header, "").split("?")[0])
+        if match:
+            return match.group(1)
+    return None
 
 
 def _version_id(response: httpx.Response) -> str | None:
