@@ -16,6 +16,7 @@ from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.debounce import DebounceSettings
 from tests.support.fhir_server import FhirTestServer
+from tests.support.private_postgres import PrivatePostgres
 
 POSTGRES_URL = os.environ.get("PACS_BRIDGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 QUIET = timedelta(seconds=30)
@@ -61,6 +62,13 @@ def postgres_schema_url() -> Iterator[str]:
     with admin.begin() as connection:
         connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     admin.dispose()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of the test's own (not the shared server), which the test may stop and start."""
+    with PrivatePostgres() as cluster:
+        yield cluster
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])

@@ -1,38 +1,29 @@
-"""Database outage, end to end: PostgreSQL goes away in the middle of a DCMTK send to the bridge subprocess.
+"""Database outage, end to end: PostgreSQL is stopped in the middle of a DCMTK send to the bridge subprocess.
 
-The outage is made by a TCP relay between the bridge and PostgreSQL (tests/support/fault_proxy.py) that resets
-every open connection and refuses new ones, which is what a client sees when its server stops. The shared
-PostgreSQL server itself is not stopped: other suites on the same machine use it at the same time.
+The PostgreSQL server is the test's own cluster (tests/support/private_postgres.py), so it can really be
+stopped: ``pg_ctl stop -m fast`` is an administrative shutdown, every session gets FATAL 57P01 (terminating
+connection due to administrator command) and new connections are refused until the cluster starts again.
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
 
-from tests.support.bridge_process import BridgeProcess, IndexReader, wait_for
+from tests.support.bridge_process import BridgeProcess, wait_for
 from tests.support.dcmtk import dcmtk_env, require_dcmtk, storescu
-from tests.support.fault_proxy import TcpFaultProxy
 from tests.support.fhir_server import FhirTestServer
+from tests.support.private_postgres import PrivatePostgres
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
 
 pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk, pytest.mark.postgresql]
 
-INSTANCES = 400
-OUTAGE_AFTER = 100  # instances indexed when PostgreSQL goes away
-
-
-@pytest.fixture
-def database_proxy(postgres_schema_url: str) -> Iterator[tuple[TcpFaultProxy, str]]:
-    """A relay to the test PostgreSQL server, and the schema's URL through it."""
-    direct = make_url(postgres_schema_url)
-    with TcpFaultProxy(upstream_port=direct.port or 5432, upstream_host=direct.host or "127.0.0.1") as proxy:
-        yield proxy, direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+INSTANCES = 600
+OUTAGE_AFTER = 100  # instances indexed when PostgreSQL is stopped
 
 
 def responses(output: str) -> list[tuple[str, str]]:
@@ -48,19 +39,14 @@ def responses(output: str) -> list[tuple[str, str]]:
     return answered
 
 
-def test_postgresql_outage_mid_send_answers_out_of_resources_and_ingest_resumes_without_restart(
-    tmp_path: Path,
-    postgres_schema_url: str,
-    database_proxy: tuple[TcpFaultProxy, str],
-    fresh_fhir_server: FhirTestServer,
-):
-    """While the database is unreachable every C-STORE gets 0xA700, never Success; every Success is indexed;
-    once it is back the same bridge process indexes the re-send and publishes the whole study once."""
-    proxy, through_proxy = database_proxy
+def test_postgresql_stopped_mid_send_answers_out_of_resources_and_ingest_resumes_without_restart(
+    tmp_path: Path, private_postgres: PrivatePostgres, fresh_fhir_server: FhirTestServer
+) -> None:
+    """While PostgreSQL is shut down every C-STORE gets 0xA700, never Success; every Success is indexed;
+    once it is started again the same bridge process indexes the re-send and publishes the whole study once."""
     study_uid = new_study_uid()
     write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", INSTANCES // 4)] * 4)
-    bridge = BridgeProcess(tmp_path, database_url=through_proxy, fhir_base_url=fresh_fhir_server.base_url)
-    outside = IndexReader(postgres_schema_url)  # straight to PostgreSQL, not through the relay
+    bridge = BridgeProcess(tmp_path, database_url=private_postgres.url, fhir_base_url=fresh_fhir_server.base_url)
     try:
         bridge.start()
         storescu_log = tmp_path / "storescu.log"
@@ -74,8 +60,8 @@ def test_postgresql_outage_mid_send_answers_out_of_resources_and_ingest_resumes_
                 env=dcmtk_env(),
             )
         try:
-            wait_for(lambda: outside.instance_count() >= OUTAGE_AFTER, timeout=60, what="the first instances")
-            proxy.refuse()
+            wait_for(lambda: bridge.instance_count() >= OUTAGE_AFTER, timeout=60, what="the first instances")
+            private_postgres.stop(mode="fast")
             send.wait(timeout=120)
         finally:
             if send.poll() is None:
@@ -84,19 +70,26 @@ def test_postgresql_outage_mid_send_answers_out_of_resources_and_ingest_resumes_
         answered = responses(storescu_log.read_text(encoding="utf-8", errors="replace"))
         succeeded = {uid for uid, status in answered if status == "Success"}
         refused = [status for _, status in answered if status != "Success"]
-        indexed = outside.instance_uids(study_uid)
-        print(f"PostgreSQL outage mid-send: {len(succeeded)} Success, {len(refused)} refused: {sorted(set(refused))}")
+        assert "fast shutdown request" in private_postgres.log(), "PostgreSQL was not shut down administratively"
+
+        private_postgres.start()
+        back_at = time.monotonic()
+        indexed = bridge.instance_uids(study_uid)
+        print(
+            f"PostgreSQL stopped mid-send: {len(succeeded)} Success, {len(refused)} refused: "
+            f"{sorted(set(refused))}; {len(indexed)} indexed"
+        )
         assert len(answered) == INSTANCES, "storescu did not get an answer for every file"
         assert refused, "the outage came after the send"
         assert set(refused) == {"Refused: OutOfResources"}, "a failure other than 0xA700 (out of resources)"
         assert succeeded <= indexed, f"Success answered but not indexed: {sorted(succeeded - indexed)[:5]}"
         assert OUTAGE_AFTER <= len(succeeded) < INSTANCES
 
-        proxy.restore()
         resent = storescu(bridge.port, tmp_path / "study")
         assert resent.returncode == 0, resent.stdout[-2000:]
         assert "OutOfResources" not in resent.stdout + resent.stderr
         assert bridge.process is not None and bridge.process.poll() is None, "the bridge had to be restarted"
+        assert bridge.runs == 1
         published = wait_for(
             lambda: [
                 resource
@@ -108,8 +101,8 @@ def test_postgresql_outage_mid_send_answers_out_of_resources_and_ingest_resumes_
             timeout=60,
             what=f"the ImagingStudy with all {INSTANCES} instances",
         )
+        print(f"re-send indexed and the complete study published {time.monotonic() - back_at:.1f} s after restart")
         assert len(published) == 1
-        assert len(outside.instance_uids(study_uid)) == INSTANCES
+        assert len(bridge.instance_uids(study_uid)) == INSTANCES
     finally:
         bridge.close()
-        outside.close()

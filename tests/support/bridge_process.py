@@ -166,7 +166,8 @@ class IndexReader:
     """Reads a bridge's index from outside the bridge, with SQLAlchemy (SQLite or PostgreSQL)."""
 
     def __init__(self, database_url: str) -> None:
-        self.engine: Engine = create_engine(normalized_database_url(database_url))
+        # pool_pre_ping: reads go on across a restart of the database server (tests stop their own cluster).
+        self.engine: Engine = create_engine(normalized_database_url(database_url), pool_pre_ping=True)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -10,9 +10,6 @@ request with the next programmed fault, or passes it through::
         proxy.restore()              # pass everything through again (re-listening on the same port)
         proxy.requests               # what arrived, when, and what it got
 
-``TcpFaultProxy`` relays raw TCP (PostgreSQL's protocol); ``refuse()`` resets every open connection and
-refuses new ones until ``restore()``, which is what a client sees when its database server goes away.
-
 Every connection gets its own daemon thread; one HTTP request per connection (the proxy answers with
 ``Connection: close``), so a fault always lands on a fresh request.
 """
@@ -281,80 +278,3 @@ class HttpFaultProxy:
             while chunk := upstream.recv(65536):
                 chunks.append(chunk)
         return b"".join(chunks)
-
-
-class TcpFaultProxy:
-    """A TCP relay to ``upstream_host:upstream_port``; ``refuse()`` cuts every connection and refuses new ones."""
-
-    def __init__(self, *, upstream_port: int, upstream_host: str = HOST) -> None:
-        self._upstream = (upstream_host, upstream_port)
-        self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
-        self._listener = _Listener(self._relay)
-
-    def start(self) -> TcpFaultProxy:
-        self._listener.open()
-        return self
-
-    def stop(self) -> None:
-        self.refuse()
-
-    def __enter__(self) -> TcpFaultProxy:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._listener.port
-
-    @property
-    def connections(self) -> int:
-        """Client connections currently relayed."""
-        with self._lock:
-            return len(self._open) // 2
-
-    def refuse(self) -> None:
-        """The server "goes away": listening stops and every relayed connection is reset."""
-        self._listener.close()
-        with self._lock:
-            sockets, self._open = self._open, set()
-        for sock in sockets:
-            # shutdown() wakes the pump thread blocked in recv() on it (close() alone would not, leaving the
-            # client waiting forever) and sends FIN, as a stopping server's process does.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def restore(self) -> None:
-        """The server is back on the same port."""
-        self._listener.open()
-
-    def _relay(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(self._upstream, timeout=10)
-        except OSError:
-            _reset(client)
-            return
-        upstream.settimeout(None)
-        with self._lock:
-            self._open.update((client, upstream))
-        threading.Thread(target=self._pump, args=(upstream, client), daemon=True, name="proxy-pump").start()
-        self._pump(client, upstream)
-
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        try:
-            while chunk := source.recv(65536):
-                target.sendall(chunk)
-        except OSError:
-            pass  # reset by refuse() or by a peer
-        with self._lock:
-            self._open.discard(source)
-            self._open.discard(target)
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
