@@ -307,6 +307,9 @@ class EndpointConfig(_Section):
 
 
 class PatientConfig(_Section):
+    # identifier: subject by identifier only; lookup: the server's Patient with that identifier; create: that
+    # Patient, created when absent (docs/mapping.md). lookup and create need an identifier system.
+    mode: Literal["identifier", "lookup", "create"] = "identifier"
     identifier_system: str = ""
     # IssuerOfPatientID -> identifier system, for sites whose PatientIDs come from several issuers.
     issuers: dict[str, str] = {}
@@ -442,6 +445,7 @@ def parse_config(data: Any, *, path: str) -> Config:
     except ValidationError as exc:
         raise ConfigError(path, [_describe(error) for error in exc.errors()] + problems) from exc
     problems += _profile_problems(config)
+    problems += _patient_problems(config)
     if problems:
         raise ConfigError(path, problems)
     return config
@@ -469,6 +473,18 @@ def _profile_problems(config: Config) -> list[str]:
                 f"{endpoint.id}); make it series-level or remove it"
             )
     return problems
+
+
+def _patient_problems(config: Config) -> list[str]:
+    """lookup and create search the server by identifier system and value: without any system configured, a
+    PatientID alone could match another issuer's patient, so every study would fall back to its identifier."""
+    patient = config.patient
+    if patient.mode == "identifier" or patient.identifier_system or patient.issuers:
+        return []
+    return [
+        f"at 'patient.mode': {patient.mode} searches the FHIR server by identifier system and value; set "
+        "patient.identifier_system (or patient.issuers), since a PatientID alone may be another issuer's patient"
+    ]
 
 
 def _without_inline_secrets(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -23,6 +23,7 @@ from pacs_bridge.fhir.merge import merge_imaging_study
 from pacs_bridge.fhir.resource import FhirResource, content_hash
 from pacs_bridge.index.models import PublishState
 from pacs_bridge.index.repository import Index
+from pacs_bridge.publish.patients import PatientResolver
 
 DiscrepancyKind = Literal["missing", "stale", "duplicate"]
 # Elements the server owns: never part of the comparison.
@@ -62,6 +63,7 @@ def reconcile(
 ) -> ReconcileReport:
     """Check every published study (at most ``limit``) against the server; repair when ``fix``."""
     report = ReconcileReport()
+    patients = PatientResolver(fhir, mapping)
     for status in index.studies_in_state(PublishState.PUBLISHED, limit=limit):
         study_uid = status.study_uid
         report.checked += 1
@@ -83,7 +85,10 @@ def reconcile(
         if not ours:
             problem = Discrepancy(study_uid=study_uid, kind="missing", detail=f"no ImagingStudy/{own_id}", fixed=fix)
         else:
-            expected = build_imaging_study(index.load_snapshot(study_uid), mapping)
+            snapshot = index.load_snapshot(study_uid)
+            # lookup / create modes: the Patient the server holds now (reconcile never creates one)
+            patient_reference = patients.reference(snapshot.attributes, create=False)
+            expected = build_imaging_study(snapshot, mapping, patient_reference=patient_reference)
             # What the publisher would write over the server's resource: the same when only others' elements differ.
             rewritten = merge_imaging_study(expected, ours[0])
             if content_hash(_without_server_elements(ours[0])) == content_hash(_without_server_elements(rewritten)):

@@ -61,6 +61,7 @@ def mapping_settings(config: Config) -> MappingSettings:
         ),
         patient_identifier_system=config.patient.identifier_system,
         patient_issuer_systems=dict(config.patient.issuers),
+        patient_mode=config.patient.mode,
         accession_identifier_system=config.accession.identifier_system,
         site_zone=ZoneInfo(config.site.timezone) if config.site.timezone else None,
         location_reference=config.site.location,

@@ -29,6 +29,7 @@ from pacs_bridge.fhir.coding import (
 )
 from pacs_bridge.fhir.dicom_time import to_fhir_datetime
 from pacs_bridge.fhir.endpoint import EndpointSettings
+from pacs_bridge.fhir.patient import PatientMode, patient_identifier
 from pacs_bridge.fhir.person_name import render_person_name
 from pacs_bridge.fhir.resource import FhirResource, fhir_id_for_uid
 from pacs_bridge.records import InstanceSnapshot, SeriesSnapshot, StudyAttributes, StudySnapshot
@@ -63,6 +64,8 @@ class MappingSettings:
     include_instances: bool = True
     # "ihe-imr": claim the IHE IMR ImagingStudy profile in meta.profile (R4); "": no profile claimed.
     profile: str = ""
+    # How subject finds the Patient (fhir/patient.py); the builder only takes the reference resolved for it.
+    patient_mode: PatientMode = "identifier"
 
 
 def _oid(uid: str) -> str:
@@ -103,21 +106,19 @@ class _FhirShape:
         return {"concept": {"text": body_site_text(body_part_examined)}}
 
 
-def _subject(study: StudyAttributes, settings: MappingSettings) -> FhirResource:
-    if not study.patient_id:
+def study_patient_identifier(study: StudyAttributes, settings: MappingSettings) -> FhirResource | None:
+    """The Identifier of the study's patient under the configured systems; ``None`` without a PatientID."""
+    return patient_identifier(
+        study, identifier_system=settings.patient_identifier_system, issuer_systems=settings.patient_issuer_systems
+    )
+
+
+def _subject(study: StudyAttributes, settings: MappingSettings, patient_reference: str | None) -> FhirResource:
+    identifier = study_patient_identifier(study, settings)
+    if identifier is None:
         return {"type": "Patient", "display": MISSING_PATIENT_ID_DISPLAY}
-    issuer = study.issuer_of_patient_id
-    identifier: FhirResource = {}
-    if issuer and settings.patient_issuer_systems:
-        system = settings.patient_issuer_systems.get(issuer, "")
-    else:
-        system = settings.patient_identifier_system
-    if system:
-        identifier["system"] = system
-    identifier["value"] = study.patient_id
-    if issuer and not system and settings.patient_issuer_systems:
-        identifier["assigner"] = {"display": issuer}  # an issuer we have no system for: say whose ID it is
-    return {"type": "Patient", "identifier": identifier}
+    literal = {"reference": patient_reference} if patient_reference else {}
+    return {**literal, "type": "Patient", "identifier": identifier}
 
 
 def _based_on(study: StudyAttributes, settings: MappingSettings) -> list[FhirResource]:
@@ -207,8 +208,14 @@ def imaging_study_id(study_uid: str) -> str:
     return fhir_id_for_uid(study_uid)
 
 
-def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> FhirResource:
-    """The complete ImagingStudy (``settings.fhir_version``) for everything the index holds of one study."""
+def build_imaging_study(
+    snapshot: StudySnapshot, settings: MappingSettings, *, patient_reference: str | None = None
+) -> FhirResource:
+    """The complete ImagingStudy (``settings.fhir_version``) for everything the index holds of one study.
+
+    ``patient_reference``: the Patient found or created for the study (``Patient/123``, ``patient.mode`` lookup
+    or create), added to subject beside its identifier; ``None``: subject is a logical reference by identifier.
+    """
     study = snapshot.attributes
     shape = _FhirShape(settings.fhir_version)
     resource: FhirResource = {
@@ -224,7 +231,7 @@ def build_imaging_study(snapshot: StudySnapshot, settings: MappingSettings) -> F
     modalities = list(dict.fromkeys(series.attributes.modality for series in snapshot.series))
     if modalities:
         resource["modality"] = [shape.coded(_modality_coding(code)) for code in modalities]
-    resource["subject"] = _subject(study, settings)
+    resource["subject"] = _subject(study, settings, patient_reference)
     started = to_fhir_datetime(study.study_date, study.study_time, study.timezone_offset, settings.site_zone)
     if started:
         resource["started"] = started

@@ -24,6 +24,7 @@ from pacs_bridge.fhir.validation import validate_resource
 from pacs_bridge.index.repository import ClaimedStudy, Index
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.debounce import RetrySettings, retry_delay
+from pacs_bridge.publish.patients import PatientResolver
 
 Clock = Callable[[], datetime]
 
@@ -82,6 +83,7 @@ class Publisher:
             for settings in mapping.endpoints
         }
         self._endpoints_confirmed: dict[str, str] = {}
+        self._patients = PatientResolver(fhir, mapping, validate=self._validate)
 
     def run_once(self) -> dict[str, PublishOutcome]:
         """Publish every study due now (in batches); returns each claimed study's outcome. Never raises."""
@@ -123,7 +125,13 @@ class Publisher:
         """Publish one claimed study; the index records the outcome."""
         study_uid = claimed.study_uid
         snapshot = self._index.load_snapshot(study_uid)
-        resource = build_imaging_study(snapshot, self._mapping)
+        try:
+            patient_reference = self._patients.reference(snapshot.attributes)  # no request in identifier mode
+        except PublishError as exc:
+            outcome = self._record_failure(claimed, snapshot.change_seq, exc)
+            self._observer.publish_attempted(http_status=exc.http_status, outcome=outcome.value)
+            return outcome
+        resource = build_imaging_study(snapshot, self._mapping, patient_reference=patient_reference)
         digest = content_hash(resource)
         if digest == snapshot.published_hash:
             self._index.mark_published(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pacs_bridge.index.repository import Index
 from pacs_bridge.records import InstanceRecord, RecordOutcome, SeriesAttributes, StudyAttributes
 from tests.conftest import FakeClock
 from tests.support.studies import uid
 
 
-def record(instance: int, **patient: str) -> InstanceRecord:
+def record(instance: int, **patient: Any) -> InstanceRecord:
     return InstanceRecord(
         study=StudyAttributes(study_uid=uid("1"), patient_id="PAT-1", **patient),
         series=SeriesAttributes(series_uid=uid("1.1"), modality="CT"),
@@ -22,7 +24,9 @@ def demographics(index: Index) -> tuple[str, str, str]:
     return study.patient_name, study.patient_birth_date, study.patient_sex
 
 
-def test_patient_demographics_are_kept_and_not_erased_by_an_instance_without_them(index: Index, clock: FakeClock):
+def test_patient_demographics_are_kept_and_not_erased_by_an_instance_without_them(
+    index: Index, clock: FakeClock
+) -> None:
     """Stored as received (UTF-8 name intact); a later instance that leaves them empty (a dose report made by
     another system) keeps them; a different stated value replaces them."""
     index.record_instance(

@@ -1,0 +1,103 @@
+"""Find (``patient.mode: lookup``) or find-or-create (``create``) the Patient an ImagingStudy's subject references.
+
+The values come from ``fhir/patient.py`` (pure); this module sends the requests through the ``FhirClient`` and
+decides what the subject becomes. ``reference`` answers ``Patient/<id>`` for exactly one Patient, or ``None``
+for the logical reference by identifier that ``identifier`` mode always uses:
+
+- lookup: ``POST Patient/_search`` with ``identifier=system|value`` (in the body: the PatientID stays out of
+  URLs and so out of access logs); one match is referenced, none or several fall back to the identifier;
+- create: ``POST Patient`` with ``If-None-Exist: identifier=system|value``. The server creates the minimal
+  Patient (201) or answers with the one that exists (200) without writing: an existing Patient's
+  demographics are never changed. Several matches (412) fall back to the identifier, like lookup.
+
+An identifier without a system (no ``patient.identifier_system``, or an IssuerOfPatientID missing from
+``patient.issuers``) is never searched: the same number may belong to another issuer's patient. Each fallback
+is logged as ``patient_lookup_fallback`` with the study UID and the reason, never with the patient's data.
+Failures raise ``PublishError`` like any publish request: network errors and 5xx are retried with backoff, a
+refusal (4xx) marks the study failed with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import structlog
+
+from pacs_bridge.errors import PublishError
+from pacs_bridge.fhir.client import FhirClient
+from pacs_bridge.fhir.imaging_study import MappingSettings, study_patient_identifier
+from pacs_bridge.fhir.patient import build_patient, identifier_search, if_none_exist
+from pacs_bridge.fhir.resource import FhirResource
+from pacs_bridge.fhir.validation import validate_resource
+from pacs_bridge.records import StudyAttributes
+
+log = structlog.get_logger("pacs_bridge.publish")
+
+
+class PatientResolver:
+    """Resolves the subject's Patient for ``mapping.patient_mode``; sends nothing in ``identifier`` mode."""
+
+    def __init__(
+        self,
+        fhir: FhirClient,
+        mapping: MappingSettings,
+        *,
+        validate: Callable[[FhirResource], None] | None = None,
+    ) -> None:
+        """``validate`` raises ``PublishError`` for a Patient that must not be sent; by default the FHIR models
+        of ``mapping.fhir_version`` check it."""
+        self._fhir = fhir
+        self._mapping = mapping
+        self._validate = validate or functools.partial(validate_resource, fhir_version=mapping.fhir_version)
+
+    def reference(self, study: StudyAttributes, *, create: bool = True) -> str | None:
+        """``Patient/<id>`` for the study's patient; ``None``: subject stays a reference by identifier.
+
+        ``create=False`` only looks the Patient up, in ``create`` mode too (reconcile checks, it never writes).
+        """
+        mode = self._mapping.patient_mode
+        if mode == "identifier":
+            return None
+        identifier = study_patient_identifier(study, self._mapping)
+        search = identifier_search(identifier)
+        if identifier is None or search is None:
+            reason = "no_patient_id" if identifier is None else "no_identifier_system"
+            log.warning("patient_lookup_fallback", study_uid=study.study_uid, mode=mode, reason=reason)
+            return None
+        if mode == "create" and create:
+            return self._find_or_create(study, identifier, search)
+        return self._look_up(study.study_uid, search, mode=mode)
+
+    def _look_up(self, study_uid: str, search: str, *, mode: str) -> str | None:
+        found = self._fhir.search("Patient", {"identifier": search}, in_body=True)
+        patients = [resource for resource in found if resource.get("resourceType") == "Patient"]
+        ids = sorted({str(patient["id"]) for patient in patients if isinstance(patient.get("id"), str)})
+        if len(ids) == 1:
+            return f"Patient/{ids[0]}"
+        reason = "no_match" if not ids else "several_matches"
+        log.warning("patient_lookup_fallback", study_uid=study_uid, mode=mode, reason=reason, matches=len(ids))
+        return None
+
+    def _find_or_create(self, study: StudyAttributes, identifier: FhirResource, search: str) -> str | None:
+        patient = build_patient(study, identifier)
+        self._validate(patient)  # an invalid Patient is not sent: the study is marked failed with the reason
+        try:
+            result = self._fhir.create(patient, if_none_exist=if_none_exist(search))
+        except PublishError as exc:
+            if exc.http_status == 412:  # several Patients carry the identifier: which one is not ours to choose
+                log.warning(
+                    "patient_lookup_fallback", study_uid=study.study_uid, mode="create", reason="several_matches"
+                )
+                return None
+            raise PublishError(
+                f"conditional create of the study's Patient: {exc.detail}",
+                retryable=exc.retryable,
+                http_status=exc.http_status,
+                retry_after_seconds=exc.retry_after_seconds,
+            ) from exc
+        if result.http_status == 201:
+            log.info("patient_created", study_uid=study.study_uid, http_status=result.http_status)
+        if result.resource_id is None:  # the server did not say which Patient (200 without body or Location)
+            return self._look_up(study.study_uid, search, mode="create")
+        return f"Patient/{result.resource_id}"
