@@ -98,6 +98,8 @@ class DicomConfig(_Section):
     port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1, le=1000)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
+    # On SIGTERM: how long open associations may go on before they are aborted (the sender re-sends).
+    shutdown_drain_seconds: float = Field(default=30.0, ge=0, le=3600)
     # Empty: any calling AE. Entries: an AE title, or {ae_title, addresses} to pin it to source addresses.
     allowed_calling_aets: list[AllowedCallingAeConfig] = []
     tls: DicomTlsConfig = DicomTlsConfig()

@@ -263,7 +263,7 @@ class BridgeService:
         log.info("bridge_stopping")
         notify("STOPPING=1")
         self._watchdog_stop.set()
-        self.listener.stop()
+        self.listener.stop(drain_timeout_seconds=self._config.dicom.shutdown_drain_seconds)
         self._scheduler.stop()
         if self._health is not None:
             self._health.stop()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.bridge_process import BridgeProcess, wait_for
+from tests.support.bridge_process import BridgeProcess, log_events, wait_for
 from tests.support.dcmtk import dcmtk_env, require_dcmtk, storescu
 from tests.support.fhir_server import FhirTestServer
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
 
 INSTANCES = 2000  # 4 series of 500, ~9 kB each; a send takes 7-15 s on the 2-core box
 KILL_AFTER = 800  # instances indexed before the kill
+DRAIN_SECONDS = 1.0  # dicom.shutdown_drain_seconds where the send must outlast the drain
+TERM_AFTER = 400  # instances indexed before that SIGTERM: 1600 to go take several seconds at any rate seen here
 
 
 @pytest.fixture(scope="module")
@@ -163,5 +165,68 @@ def test_sigterm_mid_send_lets_the_association_finish_and_loses_no_acknowledged_
         assert exit_code == 0, bridge.log()
         assert acked <= indexed, f"acknowledged but not indexed: {sorted(acked - indexed)[:5]}"
         assert len(acked) >= KILL_AFTER
+    finally:
+        bridge.close()
+
+
+def test_sigterm_when_the_send_outlasts_the_drain_aborts_it_and_loses_no_acknowledged_instance(
+    big_study: tuple[str, Path], tmp_path: Path, fresh_fhir_server: FhirTestServer
+) -> None:
+    """SIGTERM after ~400 of 2000 instances with a 1 s drain: the association still open is aborted, the bridge
+    exits 0, every instance answered Success is in the index, and after a restart the re-send completes the
+    study into one resource."""
+    study_uid, directory = big_study
+    bridge = BridgeProcess(
+        tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'bridge.db'}",
+        fhir_base_url=fresh_fhir_server.base_url,
+        extra={"dicom": {"shutdown_drain_seconds": DRAIN_SECONDS}},
+    )
+    try:
+        bridge.start()
+        send = start_send(bridge.port, directory, tmp_path / "storescu.log")
+        try:
+            wait_for(lambda: bridge.instance_count() >= TERM_AFTER, timeout=120, what=f"{TERM_AFTER} indexed instances")
+            signalled = time.monotonic()
+            # A bound, not a measurement: the drain, then the rest of the shutdown (scheduler, pools).
+            exit_code = bridge.stop(timeout=DRAIN_SECONDS + 30)
+            stopped_after = time.monotonic() - signalled
+        finally:
+            output = finish(send, tmp_path / "storescu.log")
+        acked = acknowledged(output)
+        indexed = bridge.instance_uids(study_uid)
+        stopped = log_events(bridge.log(), "listener_stopped")
+        print(
+            f"SIGTERM past a {DRAIN_SECONDS:g} s drain: exit {exit_code} after {stopped_after:.2f} s, "
+            f"{len(acked)} acknowledged, {len(indexed)} indexed; storescu exit {send.returncode}"
+        )
+        assert exit_code == 0, bridge.log()
+        assert len(acked) < INSTANCES, "the send finished within the drain: the test proves nothing"
+        assert [event.get("aborted_associations") for event in stopped] == [1], bridge.log()
+        # storescu reads the A-ABORT ("Peer Aborted Association") or, caught writing, a broken pipe: either way
+        # it reports the send failed.
+        assert send.returncode != 0, f"storescu did not report the abort:\n{output[-2000:]}"
+        assert stopped_after >= DRAIN_SECONDS, "the association was aborted before the drain time"
+        assert acked <= indexed, f"acknowledged but not indexed: {sorted(acked - indexed)[:5]}"
+
+        bridge.start()
+        resent = storescu(bridge.port, directory, timeout=300)
+        assert resent.returncode == 0, resent.stdout[-2000:]
+        complete = wait_for(
+            lambda: [s for s in imaging_studies(fresh_fhir_server, study_uid) if s["numberOfInstances"] == INSTANCES],
+            timeout=60,
+            what=f"the ImagingStudy with all {INSTANCES} instances",
+        )
+        wait_for(
+            lambda: (bridge.study_row(study_uid) or {}).get("publish_state") == "published",
+            timeout=30,
+            what="the study to be published",
+        )
+        versions = fresh_fhir_server.versions("ImagingStudy", study_uid)
+        counts = fresh_fhir_server.request_counts()
+        print(f"after the restart and re-send: {versions} versions, {counts}")
+        assert len(imaging_studies(fresh_fhir_server, study_uid)) == 1, "a second resource for the same study"
+        assert published_instance_uids(complete[0]) == bridge.instance_uids(study_uid)
+        assert counts["PUT ImagingStudy"] == versions, "a PUT that changed nothing"
     finally:
         bridge.close()

@@ -7,7 +7,6 @@ The figures printed here (seconds to publish after the outage ends) are quoted i
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.bridge_process import BridgeProcess, wait_for
+from tests.support.bridge_process import BridgeProcess, log_events, wait_for
 from tests.support.dcmtk import storescu
 from tests.support.fault_proxy import HttpFaultProxy, Pass, Reset, Respond, Slow
 from tests.support.fhir_server import FhirTestServer
@@ -47,18 +46,6 @@ def make_bridge(tmp_path: Path, database_url: str, proxy: HttpFaultProxy) -> Bri
 
 def imaging_studies(server: FhirTestServer, study_uid: str) -> list[dict[str, Any]]:
     return server.search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
-
-
-def log_events(log: str, event: str) -> list[dict[str, Any]]:
-    return [entry for line in log.splitlines() if (entry := _json(line)) and entry.get("event") == event]
-
-
-def _json(line: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        return None  # e.g. a traceback line
-    return value if isinstance(value, dict) else None
 
 
 def test_each_fhir_fault_is_retried_with_backoff_honouring_retry_after_and_writes_one_version(

@@ -12,6 +12,7 @@ Waiting is done by polling a condition with a timeout (``wait_for``), never by s
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -42,6 +43,19 @@ def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def log_events(log: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log entries of ``log`` (a bridge's output) whose ``event`` is ``event``."""
+    return [entry for line in log.splitlines() if (entry := _json(line)) and entry.get("event") == event]
+
+
+def _json(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None  # e.g. a traceback line
+    return value if isinstance(value, dict) else None
 
 
 def free_port() -> int:

@@ -166,6 +166,8 @@ def test_every_problem_is_listed_at_once_with_its_key_path() -> None:
         ("dicom", {"port": -1}, "dicom.port", "greater than or equal to 0"),
         # port that is not a number
         ("dicom", {"port": "dicom"}, "dicom.port", "valid integer"),
+        # a negative drain time on SIGTERM
+        ("dicom", {"shutdown_drain_seconds": -1}, "dicom.shutdown_drain_seconds", "greater than or equal to 0"),
         # max_delay below quiet: the study could never be quiet long enough
         ("debounce", {"quiet_seconds": 30, "max_delay_seconds": 29}, "debounce", "must not be below quiet_seconds"),
         # a connection type outside endpoint-connection-type codes we support
