@@ -70,9 +70,40 @@ class SeriesAttributes:
     sending_ae_title: str = ""
 
 
+class RejectionReason(enum.StrEnum):
+    """The IHE IOCM rejection note titles (Key Object Selection Document Title, CID 7010, scheme DCM)."""
+
+    QUALITY = "113001"  # Rejected for Quality Reasons
+    PATIENT_SAFETY = "113037"  # Rejected for Patient Safety Reasons
+    INCORRECT_WORKLIST_ENTRY = "113038"  # Incorrect Modality Worklist Entry
+    RETENTION_EXPIRED = "113039"  # Data Retention Policy Expired
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectedReference:
+    """One instance a rejection note withdraws, as the note's evidence sequence states it."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectionNote:
+    """An IHE IOCM rejection note: it withdraws the instances it references and is not an instance itself."""
+
+    note_uid: str  # the note's own SOP Instance UID
+    reason: RejectionReason
+    references: tuple[RejectedReference, ...]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InstanceRecord:
-    """What one received instance contributes to the index."""
+    """What one received instance contributes to the index.
+
+    When ``rejection_note`` is set the instance is an IHE IOCM rejection note: the index applies it (removes
+    what it references) and does not list it as an instance.
+    """
 
     study: StudyAttributes
     series: SeriesAttributes
@@ -81,6 +112,7 @@ class InstanceRecord:
     instance_number: int | None = None
     image_laterality: str = ""  # ImageLaterality (R, L, U, B)
     title: str = ""  # ContentLabel, else DocumentTitle, else the ConceptNameCodeSequence meaning
+    rejection_note: RejectionNote | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +131,14 @@ class SeriesSnapshot:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StudyWithdrawal:
+    """Why a study has no instance left: IHE IOCM rejection notes withdrew every one it had."""
+
+    reasons: tuple[RejectionReason, ...]  # of every rejection recorded for the study, sorted
+    modalities: tuple[str, ...]  # of the series the rejected instances were in, sorted
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StudySnapshot:
     """Everything the index holds for one study, in a stable order (series, then instances, by UID)."""
 
@@ -106,6 +146,7 @@ class StudySnapshot:
     series: tuple[SeriesSnapshot, ...]
     change_seq: int
     published_hash: str | None = None
+    withdrawal: StudyWithdrawal | None = None  # set when rejection notes withdrew every instance
 
     @property
     def study_uid(self) -> str:
@@ -122,3 +163,5 @@ class RecordOutcome(enum.Enum):
     NEW = "new"  # the instance was not in the index
     UPDATED = "updated"  # known instance, but an indexed attribute changed
     UNCHANGED = "unchanged"  # a re-send with nothing new: the study's due time is left alone
+    REJECTED = "rejected"  # an instance a rejection note withdrew, sent again: stays out of the index
+    REJECTION_NOTE = "rejection_note"  # an IOCM rejection note, applied: what it references is withdrawn

@@ -17,7 +17,15 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from pacs_bridge.errors import InvalidInstanceError
-from pacs_bridge.records import CodedConcept, InstanceRecord, SeriesAttributes, StudyAttributes
+from pacs_bridge.records import (
+    CodedConcept,
+    InstanceRecord,
+    RejectedReference,
+    RejectionNote,
+    RejectionReason,
+    SeriesAttributes,
+    StudyAttributes,
+)
 
 # Every attribute extract_instance reads. The DICOM listener reads only these from the wire (and stops
 # before the pixel data), so adding an attribute here is all it takes to make it available.
@@ -59,6 +67,8 @@ HEADER_KEYWORDS: tuple[str, ...] = (
     "ConceptNameCodeSequence",
     "DocumentTitle",
     "ContentLabel",
+    # IHE IOCM rejection notes: the instances a Key Object Selection withdraws (nested items are read whole).
+    "CurrentRequestedProcedureEvidenceSequence",
 )
 
 
@@ -269,6 +279,60 @@ def _modality(ds: Dataset) -> str:
     return modality
 
 
+KEY_OBJECT_SELECTION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def _rejection_reason(ds: Dataset) -> RejectionReason | None:
+    """The IOCM rejection reason a Key Object Selection's document title states; ``None`` for any other title
+    (Of Interest, For Teaching ...), which makes it an ordinary instance."""
+    titles = _read_codes(ds, "ConceptNameCodeSequence")
+    if not titles or titles[0].scheme != "DCM":
+        return None
+    try:
+        return RejectionReason(titles[0].code)
+    except ValueError:
+        return None
+
+
+def _rejected_references(ds: Dataset) -> tuple[RejectedReference, ...]:
+    """Study -> ReferencedSeriesSequence -> ReferencedSOPSequence of CurrentRequestedProcedureEvidenceSequence."""
+    references = []
+    for study_item in _sequence_items(ds, "CurrentRequestedProcedureEvidenceSequence"):
+        study_uid = _required_uid(study_item, "StudyInstanceUID")
+        for series_item in _sequence_items(study_item, "ReferencedSeriesSequence"):
+            series_uid = _required_uid(series_item, "SeriesInstanceUID")
+            for instance_item in _sequence_items(series_item, "ReferencedSOPSequence"):
+                references.append(
+                    RejectedReference(
+                        study_uid=study_uid,
+                        series_uid=series_uid,
+                        sop_instance_uid=_required_uid(instance_item, "ReferencedSOPInstanceUID"),
+                    )
+                )
+    if not references:
+        keyword = "CurrentRequestedProcedureEvidenceSequence"
+        raise InvalidInstanceError(keyword, _tag_text(keyword), "references no instance; a rejection note needs one")
+    unique: dict[str, RejectedReference] = {}
+    for reference in references:  # an instance listed twice: its first mention counts
+        unique.setdefault(reference.sop_instance_uid, reference)
+    return tuple(unique.values())
+
+
+def extract_rejection_note(ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str) -> RejectionNote | None:
+    """The IHE IOCM rejection note ``ds`` is, or ``None`` when it is not one.
+
+    A rejection note is a Key Object Selection Document whose title (ConceptNameCodeSequence) is one of the
+    four DCM rejection codes. Raises ``InvalidInstanceError`` when it references no instance or a referenced
+    UID is malformed.
+    """
+    if sop_class_uid != KEY_OBJECT_SELECTION_SOP_CLASS:
+        return None
+    reason = _rejection_reason(ds)
+    if reason is None:
+        return None
+    return RejectionNote(note_uid=sop_instance_uid, reason=reason, references=_rejected_references(ds))
+
+
 def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceRecord:
     """Map one received dataset to its ``InstanceRecord``; ``sending_ae_title`` is the calling AE title of the
     association it came on (not in the dataset), recorded with the series.
@@ -317,4 +381,5 @@ def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceReco
         instance_number=_optional_integer(ds, "InstanceNumber"),
         image_laterality=_read_text(ds, "ImageLaterality").upper(),
         title=_instance_title(ds),
+        rejection_note=extract_rejection_note(ds, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid),
     )

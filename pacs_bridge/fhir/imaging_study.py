@@ -32,7 +32,14 @@ from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.patient import PatientMode, patient_identifier
 from pacs_bridge.fhir.person_name import render_person_name
 from pacs_bridge.fhir.resource import FhirResource, fhir_id_for_uid
-from pacs_bridge.records import InstanceSnapshot, SeriesSnapshot, StudyAttributes, StudySnapshot
+from pacs_bridge.records import (
+    InstanceSnapshot,
+    RejectionReason,
+    SeriesSnapshot,
+    StudyAttributes,
+    StudySnapshot,
+    StudyWithdrawal,
+)
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DICOM_MODALITY_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -66,6 +73,25 @@ class MappingSettings:
     profile: str = ""
     # How subject finds the Patient (fhir/patient.py); the builder only takes the reference resolved for it.
     patient_mode: PatientMode = "identifier"
+
+
+# ImagingStudy.status once IHE IOCM rejection notes withdrew every instance of the study (docs/mapping.md).
+# entered-in-error: the study should never have existed as such (wrong patient, wrong order); cancelled: it
+# existed, but none of it is available any more (poor quality, retention expired).
+_STATUS_WHEN_WITHDRAWN = {
+    RejectionReason.PATIENT_SAFETY: "entered-in-error",
+    RejectionReason.INCORRECT_WORKLIST_ENTRY: "entered-in-error",
+    RejectionReason.QUALITY: "cancelled",
+    RejectionReason.RETENTION_EXPIRED: "cancelled",
+}
+
+
+def study_status(withdrawal: StudyWithdrawal | None) -> str:
+    """``available``; for a withdrawn study ``entered-in-error`` if any of its notes says so, else ``cancelled``."""
+    if withdrawal is None:
+        return "available"
+    statuses = {_STATUS_WHEN_WITHDRAWN[reason] for reason in withdrawal.reasons}
+    return "entered-in-error" if "entered-in-error" in statuses else "cancelled"
 
 
 def _oid(uid: str) -> str:
@@ -226,9 +252,11 @@ def build_imaging_study(
         resource["meta"] = {"profile": [PROFILE_URLS[settings.profile]]}
     resource |= {
         "identifier": [{"use": "official", "system": DICOM_UID_SYSTEM, "value": _oid(study.study_uid)}],
-        "status": "available",
+        "status": study_status(snapshot.withdrawal),
     }
     modalities = list(dict.fromkeys(series.attributes.modality for series in snapshot.series))
+    if not modalities and snapshot.withdrawal is not None:  # no series left: the modalities it had
+        modalities = list(snapshot.withdrawal.modalities)
     if modalities:
         resource["modality"] = [shape.coded(_modality_coding(code)) for code in modalities]
     resource["subject"] = _subject(study, settings, patient_reference)

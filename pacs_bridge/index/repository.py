@@ -15,24 +15,30 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Row, Table, bindparam, func, or_, select, text, update
+import structlog
+from sqlalchemy import Connection, Engine, Row, Table, bindparam, delete, exists, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, UnknownStudyError
 from pacs_bridge.index.engine import READ_ONLY_OPTION
-from pacs_bridge.index.models import EndpointPublication, Instance, PublishState, Series, Study
+from pacs_bridge.index.models import EndpointPublication, Instance, PublishState, RejectedInstance, Series, Study
 from pacs_bridge.publish.debounce import DebounceSettings, due_at
 from pacs_bridge.records import (
     InstanceRecord,
     InstanceSnapshot,
     RecordOutcome,
+    RejectionNote,
+    RejectionReason,
     SeriesAttributes,
     SeriesSnapshot,
     StudyAttributes,
     StudySnapshot,
+    StudyWithdrawal,
 )
+
+log = structlog.get_logger("pacs_bridge.index")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,11 +60,18 @@ _STUDY_FIELDS = tuple(f.name for f in fields(StudyAttributes) if f.name != "stud
 _SERIES_FIELDS = tuple(f.name for f in fields(SeriesAttributes) if f.name != "series_uid")
 
 
-_INSTANCE_FIELDS = tuple(f.name for f in fields(InstanceRecord) if f.name not in ("study", "series"))
+_INSTANCE_FIELDS = tuple(f.name for f in fields(InstanceRecord) if f.name not in ("study", "series", "rejection_note"))
 
 _studies = cast(Table, Study.__table__)
 _series = cast(Table, Series.__table__)
 _instances = cast(Table, Instance.__table__)
+_rejected = cast(Table, RejectedInstance.__table__)
+# UIDs per IN (...) list: well under SQLite's and PostgreSQL's bound-parameter limits.
+_UID_CHUNK = 500
+
+
+class _RejectedInstanceError(Exception):
+    """Internal: the instance being recorded was rejected by an IOCM note; its transaction is rolled back."""
 
 
 # Study attributes an instance may simply not carry: a presentation state or dose report made later, by
@@ -98,25 +111,39 @@ class _IngestStatements:
     """The hot path's statements, built once (SQLAlchemy caches their compiled form)."""
 
     def __init__(self, insert: Any) -> None:
-        self.lock_study = (
-            select(
-                _studies.c.id,
-                _studies.c.change_seq,
-                _studies.c.publish_state,
-                _studies.c.first_change_at,
-                *(_studies.c[name] for name in _STUDY_FIELDS),
-            )
-            .where(_studies.c.study_uid == bindparam("uid"))
+        study_columns = (
+            _studies.c.id,
+            _studies.c.study_uid,
+            _studies.c.change_seq,
+            _studies.c.publish_state,
+            _studies.c.first_change_at,
+            *(_studies.c[name] for name in _STUDY_FIELDS),
+        )
+        self.lock_study = select(*study_columns).where(_studies.c.study_uid == bindparam("uid")).with_for_update()
+        self.lock_studies_by_id = (
+            select(*study_columns)
+            .where(_studies.c.id.in_(bindparam("ids", expanding=True)))
+            .order_by(_studies.c.study_uid)
             .with_for_update()
         )
+        # The rejected-instance check rides on this statement (no extra round trip per instance); it runs after
+        # the study lock is held, so on PostgreSQL it sees a rejection note committed while we waited for it.
         self.select_series = select(
-            _series.c.id, _series.c.study_id, *(_series.c[name] for name in _SERIES_FIELDS)
+            _series.c.id,
+            _series.c.study_id,
+            *(_series.c[name] for name in _SERIES_FIELDS),
+            select(_rejected.c.id)
+            .where(_rejected.c.sop_instance_uid == bindparam("sop_uid"))
+            .scalar_subquery()
+            .label("rejected_id"),
         ).where(_series.c.series_uid == bindparam("uid"))
         self.select_instance = select(
             _instances.c.id, _instances.c.series_id, *(_instances.c[name] for name in _INSTANCE_FIELDS)
         ).where(_instances.c.sop_instance_uid == bindparam("uid"))
         # INSERT ... ON CONFLICT DO NOTHING: a concurrent association may have inserted the same key.
         self.insert_study = insert(_studies).on_conflict_do_nothing()
+        self.create_study = insert(_studies).on_conflict_do_nothing().returning(_studies.c.id)
+        self.insert_rejected = insert(_rejected).on_conflict_do_nothing()
         self.insert_series = insert(_series).on_conflict_do_nothing()
         # RETURNING tells a new row from a conflict on both backends (rowcount does not, on psycopg).
         self.insert_instance = insert(_instances).on_conflict_do_nothing().returning(_instances.c.id)
@@ -162,9 +189,22 @@ class Index:
 
         This is the per-C-STORE hot path, so it runs on a Core connection with statements built once: in the
         usual case (a new instance of a known study and series) it costs four statements and one commit.
+
+        An IHE IOCM rejection note (``record.rejection_note``) is applied instead of indexed: see
+        ``_apply_rejection_note``. An instance a note rejected is not indexed again (``RecordOutcome.REJECTED``).
         """
-        with self._translated_errors(), self._engine.begin() as connection:
-            return self._record(connection, record, received_at)
+        if record.rejection_note is not None:
+            return self._apply_rejection_note(record.rejection_note, received_at)
+        try:
+            with self._translated_errors(), self._engine.begin() as connection:
+                return self._record(connection, record, received_at)
+        except _RejectedInstanceError:
+            log.info(
+                "rejected_instance_received",
+                study_uid=record.study.study_uid,
+                sop_instance_uid=record.sop_instance_uid,
+            )
+            return RecordOutcome.REJECTED
 
     def _record(self, connection: Connection, record: InstanceRecord, received_at: datetime) -> RecordOutcome:
         statements = self._statements
@@ -176,12 +216,15 @@ class Index:
         study_changes = _changed(study, record.study, _STUDY_FIELDS)
 
         series_uid = record.series.series_uid
-        series = connection.execute(statements.select_series, {"uid": series_uid}).first()
+        series_keys = {"uid": series_uid, "sop_uid": record.sop_instance_uid}
+        series = connection.execute(statements.select_series, series_keys).first()
         series_changes: dict[str, Any] = {}
         if series is None:
             values = {name: getattr(record.series, name) for name in _SERIES_FIELDS}
             connection.execute(statements.insert_series, {"study_id": study.id, "series_uid": series_uid, **values})
-            series = connection.execute(statements.select_series, {"uid": series_uid}).one()
+            series = connection.execute(statements.select_series, series_keys).one()
+        if series.rejected_id is not None:
+            raise _RejectedInstanceError  # rolls back whatever this instance created or changed
         if series.study_id != study.id:
             other = connection.execute(select(_studies.c.study_uid).where(_studies.c.id == series.study_id)).scalar()
             raise ConflictingInstanceError(
@@ -248,6 +291,101 @@ class Index:
             # A refused study gets a fresh chance when it changes.
             values.update(attempts=0, next_attempt_at=None)
         return values
+
+    # ---- IHE IOCM rejection notes ---------------------------------------------------------------------------
+
+    def _apply_rejection_note(self, note: RejectionNote, received_at: datetime) -> RecordOutcome:
+        """Withdraw what an IOCM rejection note references, in one transaction; the note itself is not indexed.
+
+        Every referenced SOP Instance UID is recorded as rejected (so a later arrival stays out), even one
+        never received; indexed ones are deleted, then series left empty, and each study that lost instances
+        is changed (``change_seq`` + 1, new due time) so the publisher sends it again. A note sent again, or
+        one naming only unknown instances, changes no study.
+
+        Concurrency: each referenced study's row is locked first (created if absent, and removed again if it
+        stays empty), and ``record_instance`` locks the same row before its rejected check. So a note and an
+        instance of one study arriving together at two bridges sharing PostgreSQL are serialised: either the
+        instance is indexed first and the note deletes it, or the note commits first and the instance sees
+        the rejection. Studies are locked in Study Instance UID order, so two notes cannot deadlock.
+        """
+        with self._translated_errors(), self._engine.begin() as connection:
+            statements = self._statements
+            locked: dict[int, Row[Any]] = {}
+            created: set[int] = set()
+            for study_uid in sorted({reference.study_uid for reference in note.references}):
+                inserted = connection.execute(statements.create_study, {"study_uid": study_uid}).first()
+                study = connection.execute(statements.lock_study, {"uid": study_uid}).one()
+                locked[study.id] = study
+                if inserted is not None:
+                    created.add(study.id)
+            indexed = self._indexed_instances(connection, [ref.sop_instance_uid for ref in note.references])
+            others = sorted({row.study_id for row in indexed.values()} - locked.keys())
+            if others:  # instances indexed under another study than the note says: withdrawn all the same
+                for study in connection.execute(statements.lock_studies_by_id, {"ids": others}):
+                    locked[study.id] = study
+            connection.execute(
+                statements.insert_rejected,
+                [
+                    {
+                        "sop_instance_uid": reference.sop_instance_uid,
+                        "study_uid": row.study_uid if row is not None else reference.study_uid,
+                        "series_uid": row.series_uid if row is not None else reference.series_uid,
+                        "modality": row.modality if row is not None else "",
+                        "reason_code": note.reason.value,
+                        "note_uid": note.note_uid,
+                        "rejected_at": received_at,
+                    }
+                    for reference in note.references
+                    for row in [indexed.get(reference.sop_instance_uid)]
+                ],
+            )
+            instance_ids = [row.id for row in indexed.values()]
+            for chunk in _chunks(instance_ids):
+                connection.execute(delete(_instances).where(_instances.c.id.in_(chunk)))
+            for chunk in _chunks(sorted({row.series_id for row in indexed.values()})):
+                connection.execute(
+                    delete(_series)
+                    .where(_series.c.id.in_(chunk))
+                    .where(~exists().where(_instances.c.series_id == _series.c.id))
+                )
+            changed = sorted({row.study_id for row in indexed.values()})
+            for study_id in changed:
+                connection.execute(
+                    statements.update_study, {"_id": study_id, **self._change_noted(locked[study_id], received_at)}
+                )
+            for chunk in _chunks(sorted(created)):
+                connection.execute(delete(_studies).where(_studies.c.id.in_(chunk)))
+        log.info(
+            "rejection_note_applied",
+            note_uid=note.note_uid,
+            reason=note.reason.value,
+            referenced=len(note.references),
+            removed=len(instance_ids),
+            changed_studies=[locked[study_id].study_uid for study_id in changed],
+        )
+        return RecordOutcome.REJECTION_NOTE
+
+    @staticmethod
+    def _indexed_instances(connection: Connection, sop_instance_uids: list[str]) -> dict[str, Any]:
+        """Where each of these SOP Instance UIDs is indexed (instance, series and study rows), by UID."""
+        found: dict[str, Any] = {}
+        for chunk in _chunks(sop_instance_uids):
+            rows = connection.execute(
+                select(
+                    _instances.c.id,
+                    _instances.c.sop_instance_uid,
+                    _instances.c.series_id,
+                    _series.c.series_uid,
+                    _series.c.modality,
+                    _series.c.study_id,
+                    _studies.c.study_uid,
+                )
+                .join(_series, _series.c.id == _instances.c.series_id)
+                .join(_studies, _studies.c.id == _series.c.study_id)
+                .where(_instances.c.sop_instance_uid.in_(chunk))
+            )
+            found.update((row.sop_instance_uid, row) for row in rows)
+        return found
 
     # ---- publishing -----------------------------------------------------------------------------------------
 
@@ -331,12 +469,30 @@ class Index:
                 for row in series_rows
             ]
             series_snapshots.sort(key=_series_order)
+            withdrawal = None
+            if not instances_by_series:  # only rejection notes leave a study row without instances
+                withdrawal = self._withdrawal(session, study_uid)
             return StudySnapshot(
                 attributes=attributes,
                 series=tuple(series_snapshots),
                 change_seq=study.change_seq,
                 published_hash=study.published_hash,
+                withdrawal=withdrawal,
             )
+
+    @staticmethod
+    def _withdrawal(session: Session, study_uid: str) -> StudyWithdrawal | None:
+        rows = session.execute(
+            select(RejectedInstance.reason_code, RejectedInstance.modality)
+            .where(RejectedInstance.study_uid == study_uid)
+            .distinct()
+        ).all()
+        if not rows:
+            return None
+        return StudyWithdrawal(
+            reasons=tuple(sorted({RejectionReason(row.reason_code) for row in rows})),
+            modalities=tuple(sorted({row.modality for row in rows if row.modality})),
+        )
 
     def mark_published(
         self,
@@ -533,6 +689,11 @@ def _study_status(study: Study) -> StudyStatus:
         last_error=study.last_error,
         published_at=study.published_at,
     )
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), _UID_CHUNK):
+        yield values[start : start + _UID_CHUNK]
 
 
 def _series_order(series: SeriesSnapshot) -> tuple[bool, int, str]:
