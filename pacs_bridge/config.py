@@ -356,6 +356,8 @@ class PublishConfig(_Section):
     retry_base_seconds: float = Field(default=5.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=0, ge=0)  # 0: retry retryable failures without limit
+    # While studies wait out a backoff, probe the FHIR server this often; once it answers they are retried.
+    probe_seconds: float = Field(default=15.0, gt=0)
     include_instances: bool = True  # false: series without their instance lists (counts stay)
 
 

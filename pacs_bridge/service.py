@@ -183,6 +183,7 @@ class BridgeService:
             max_attempts=config.publish.max_attempts,
             observer=self.metrics,
             lease=timedelta(seconds=self._publish_lease(config)),
+            probe_interval=timedelta(seconds=config.publish.probe_seconds),
         )
         self._scheduler = PublishScheduler(self._tick, interval=timedelta(seconds=config.debounce.tick_seconds))
         self._heartbeat = PassHeartbeat(

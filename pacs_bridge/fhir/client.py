@@ -185,6 +185,10 @@ class FhirClient:
             if exc.http_status not in (404, 410):
                 raise
 
+    def probe(self) -> None:
+        """GET ``[base]/metadata``: returns when the server answers it, raises ``PublishError`` otherwise."""
+        self._exchange("GET", f"{self._base_url}/metadata")
+
     def _exchange(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """One request; failures raise ``PublishError`` classified like PUTs (retryable or not)."""
         try:

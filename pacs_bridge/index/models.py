@@ -110,6 +110,8 @@ class Study(Base):
     publish_state: Mapped[str] = mapped_column(String(16), default=PublishState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed attempts since the last success
     next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # backoff after a failure
+    # The server asked for no retry before this (Retry-After): a recovery probe never wakes the study earlier.
+    retry_not_before: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime)  # publish lease
     claimed_by: Mapped[str | None] = mapped_column(String(128))

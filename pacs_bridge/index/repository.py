@@ -525,15 +525,44 @@ class Index:
                 study.due_at = None
                 study.first_change_at = None
 
-    def mark_retry(self, study_uid: str, *, error: str, next_attempt_at: datetime) -> int:
-        """Record a failed attempt that may pass by itself; the study stays pending. Returns the attempt count."""
+    def mark_retry(
+        self, study_uid: str, *, error: str, next_attempt_at: datetime, not_before: datetime | None = None
+    ) -> int:
+        """Record a failed attempt that may pass by itself; the study stays pending. Returns the attempt count.
+
+        ``not_before``: the server asked for no retry before then (Retry-After); ``wake_backed_off`` keeps it.
+        """
         with self._unit_of_work() as session:
             study = self._locked_study(session, study_uid)
             study.attempts += 1
             study.last_error = error
             study.next_attempt_at = next_attempt_at
+            study.retry_not_before = not_before
             self._release(study)
             return study.attempts
+
+    def backed_off_count(self, now: datetime) -> int:
+        """Pending studies waiting out a backoff (``next_attempt_at`` still ahead)."""
+        with self._unit_of_work(read_only=True) as session:
+            return int(
+                session.execute(
+                    select(func.count())
+                    .select_from(Study)
+                    .where(Study.publish_state == PublishState.PENDING.value, Study.next_attempt_at > now)
+                ).scalar_one()
+            )
+
+    def wake_backed_off(self, now: datetime) -> int:
+        """Make every study waiting out a backoff due now, except where the server asked for a later retry
+        (Retry-After). For when the FHIR server answers again. Returns how many were woken."""
+        with self._unit_of_work() as session:
+            result = session.execute(
+                update(Study)
+                .where(Study.publish_state == PublishState.PENDING.value, Study.next_attempt_at > now)
+                .where(or_(Study.retry_not_before.is_(None), Study.retry_not_before <= now))
+                .values(next_attempt_at=now)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def mark_failed(self, study_uid: str, *, change_seq: int, error: str) -> None:
         """Record a refusal that will not pass by itself. A change newer than ``change_seq`` keeps it pending."""

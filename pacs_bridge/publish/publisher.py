@@ -58,10 +58,13 @@ class Publisher:
         observer: BridgeObserver | None = None,
         max_attempts: int = 0,
         validate: Callable[[FhirResource], None] | None = None,
+        probe_interval: timedelta = timedelta(seconds=15),
     ) -> None:
         """``max_attempts``: after this many failed attempts in a row a retryable failure marks the study
         failed too; 0 retries without limit. ``validate`` raises ``PublishError`` for a resource that must not be
-        sent; by default each resource is validated against the FHIR models of ``mapping.fhir_version``."""
+        sent; by default each resource is validated against the FHIR models of ``mapping.fhir_version``.
+        ``probe_interval``: while studies wait out a backoff and nothing else is due, the server is probed this
+        often; when it answers, they are retried at once (``_probe_while_backed_off``)."""
         self._validate = validate or functools.partial(
             validate_resource,
             fhir_version=mapping.fhir_version,
@@ -83,14 +86,41 @@ class Publisher:
             for settings in mapping.endpoints
         }
         self._endpoints_confirmed: dict[str, str] = {}
+        self._probe_interval = probe_interval
+        self._last_probe_at: datetime | None = None
         self._patients = PatientResolver(fhir, mapping, validate=self._validate)
 
     def run_once(self) -> dict[str, PublishOutcome]:
         """Publish every study due now (in batches); returns each claimed study's outcome. Never raises."""
         try:
-            return self._run_batches()
+            outcomes = self._run_batches()
+            if not outcomes:
+                self._probe_while_backed_off()
+            return outcomes
         finally:
             self._observer.publish_pass_completed()
+
+    def _probe_while_backed_off(self) -> None:
+        """When studies wait out a backoff (up to ``publish.retry_max_seconds``) after the server failed, ask it
+        every ``probe_interval`` whether it answers again (GET metadata); once it does, retry them now rather
+        than at the end of their backoff. Studies the server itself told to wait (Retry-After, 429) keep it."""
+        now = self._clock()
+        if self._last_probe_at is not None and now - self._last_probe_at < self._probe_interval:
+            return
+        self._last_probe_at = now
+        try:
+            if self._index.backed_off_count(now) == 0:
+                return
+            self._fhir.probe()
+            woken = self._index.wake_backed_off(self._clock())
+        except IndexUnavailableError as exc:
+            log.error("probe_failed", error=str(exc))
+            return
+        except PublishError as exc:
+            log.debug("fhir_server_still_unavailable", error=str(exc))
+            return
+        if woken:
+            log.info("fhir_server_answers_again", studies_retried_now=woken)
 
     def _run_batches(self) -> dict[str, PublishOutcome]:
         outcomes: dict[str, PublishOutcome] = {}
@@ -224,7 +254,15 @@ class Publisher:
                 timedelta(seconds=error.retry_after_seconds) if error.retry_after_seconds is not None else None
             )
             delay = retry_delay(attempt, self._retry, retry_after=retry_after, random_fraction=self._random_fraction())
-            self._index.mark_retry(study_uid, error=str(error), next_attempt_at=self._clock() + delay)
+            next_attempt_at = self._clock() + delay
+            # The server asked us to slow down: a probe that finds it answering must not bring the retry forward.
+            asked_to_wait = retry_after is not None or error.http_status == 429
+            self._index.mark_retry(
+                study_uid,
+                error=str(error),
+                next_attempt_at=next_attempt_at,
+                not_before=next_attempt_at if asked_to_wait else None,
+            )
             log.warning(
                 "publish_retry_scheduled",
                 study_uid=study_uid,

@@ -159,3 +159,46 @@ def test_pending_studies_survive_an_outage_and_a_restart_and_publish_once_when_i
         assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 3}
     finally:
         bridge.close()
+
+
+def test_a_long_backoff_ends_when_the_server_answers_again_not_when_it_runs_out(
+    tmp_path: Path, database_url: str, proxy: HttpFaultProxy, fresh_fhir_server: FhirTestServer
+):
+    """With a 60 s first backoff, a study that failed while the server refused connections is published soon
+    after the server is back: the bridge probes it (GET metadata) every 0.5 s and retries once it answers."""
+    proxy.refuse()
+    bridge = BridgeProcess(
+        tmp_path,
+        database_url=database_url,
+        fhir_base_url=f"{proxy.root_url}/fhir",
+        fhir_timeout_seconds=FHIR_TIMEOUT,
+        retry_base_seconds=60,
+        retry_max_seconds=600,
+        extra={"publish": {"probe_seconds": 0.5}},
+    )
+    study_uid = new_study_uid()
+    write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 3)])
+    try:
+        bridge.start()
+        assert storescu(bridge.port, tmp_path / "study").returncode == 0
+        row = wait_for(
+            lambda: (found := bridge.study_row(study_uid)) and found["attempts"] >= 1 and found,
+            timeout=30,
+            what="a failed attempt",
+        )
+        backoff_seconds = (row["next_attempt_at"] - row["last_change_at"]).total_seconds()
+        assert backoff_seconds > 40, "the first retry waits out the 60 s base backoff (jitter 20 %)"
+
+        outage_ended = time.monotonic()
+        proxy.restore()
+        wait_for(
+            lambda: (found := bridge.study_row(study_uid)) and found["publish_state"] == "published",
+            timeout=backoff_seconds - 10,
+            what="the study published before its backoff ran out",
+        )
+        seconds = time.monotonic() - outage_ended
+        print(f"published {seconds:.2f} s after the outage ended (backoff {backoff_seconds:.0f} s)")
+        assert len(log_events(bridge.log(), "fhir_server_answers_again")) == 1
+        assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 1}
+    finally:
+        bridge.close()

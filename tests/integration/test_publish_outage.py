@@ -101,3 +101,56 @@ def test_without_max_attempts_a_study_stays_pending_through_any_number_of_failur
     proxy.restore()
     assert unbounded.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
     assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 1}
+
+
+PROBE = timedelta(seconds=1)
+
+
+def test_once_the_server_answers_a_probe_backed_off_studies_are_retried_at_once(
+    index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, fresh_fhir_server
+):
+    """Refused connections put the study in a 10 s backoff; a probe while refused changes nothing; the first
+    probe after the server is back makes it due at once, well before its backoff ends."""
+    proxy.refuse()
+    probing = publisher(index, http, proxy, clock, probe_interval=PROBE)
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    assert probing.run_once() == {uid("1"): PublishOutcome.RETRY_SCHEDULED}
+    backoff_ends = study_row(engine).next_attempt_at
+
+    clock.advance(PROBE)
+    assert probing.run_once() == {}  # probed, refused: still waiting
+    assert study_row(engine).next_attempt_at == backoff_ends
+
+    proxy.restore()
+    clock.advance(PROBE)
+    assert probing.run_once() == {}  # probed, answered: due now
+    assert study_row(engine).next_attempt_at == clock()
+    assert probing.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
+    assert clock() < backoff_ends
+    assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 1}
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Respond(503, retry_after="120"), Respond(429)],
+    ids=["503-retry-after", "429-without-retry-after"],
+)
+def test_a_probe_never_brings_forward_a_retry_the_server_asked_to_delay(
+    index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, fault: Respond
+):
+    """Retry-After, or a 429 (throttling), is the server's own request: a probe that finds it answering
+    leaves the study's next attempt where it was."""
+    proxy.outage(fault)
+    probing = publisher(index, http, proxy, clock, probe_interval=PROBE)
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    assert probing.run_once() == {uid("1"): PublishOutcome.RETRY_SCHEDULED}
+    next_attempt = study_row(engine).next_attempt_at
+
+    proxy.restore()
+    clock.advance(PROBE)
+    assert probing.run_once() == {}
+
+    assert study_row(engine).next_attempt_at == next_attempt
+    assert next_attempt is not None and next_attempt > clock()
