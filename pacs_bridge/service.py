@@ -25,6 +25,8 @@ from sqlalchemy import Engine
 from pacs_bridge import __version__
 from pacs_bridge.config import Config
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings, server_tls_context
+from pacs_bridge.dicom.workers import ListenerPool
+from pacs_bridge.errors import PacsBridgeError
 from pacs_bridge.fhir.auth import AuthSettings, SecretSource, TlsSettings, make_auth, make_ssl_context
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
@@ -129,6 +131,24 @@ def open_index(config: Config, *, config_path: str = "FILE") -> tuple[Engine, In
     return engine, Index(engine, DebounceSettings(quiet_period=config.quiet_period, max_delay=config.max_delay))
 
 
+def listener_settings(config: Config) -> ListenerSettings:
+    dicom = config.dicom
+    return ListenerSettings(
+        ae_title=dicom.ae_title,
+        bind=dicom.bind,
+        port=dicom.port,
+        max_associations=dicom.max_associations,
+        network_timeout_seconds=dicom.network_timeout_seconds,
+        # A connection that never completes its association request (a scanner, a sender that died
+        # mid-PDU) holds one of max_associations until this runs out: no longer than a silent one.
+        acse_timeout_seconds=min(dicom.network_timeout_seconds, 30.0),
+        allowed_calling_aets=dicom.calling_ae_rules(),
+        tls=server_tls_context(dicom.tls.certificate, dicom.tls.private_key, dicom.tls.client_ca)
+        if dicom.tls.enabled
+        else None,
+    )
+
+
 class PassHeartbeat:
     """When publishing passes start and end, to tell a ticking scheduler from a stopped or stuck one."""
 
@@ -189,26 +209,18 @@ class BridgeService:
         self._heartbeat = PassHeartbeat(
             stale_after=max(60.0, 5 * config.debounce.tick_seconds), lease=self._publish_lease(config)
         )
-        dicom = config.dicom
-        self.listener = DicomListener(
-            ListenerSettings(
-                ae_title=dicom.ae_title,
-                bind=dicom.bind,
-                port=dicom.port,
-                max_associations=dicom.max_associations,
-                network_timeout_seconds=dicom.network_timeout_seconds,
-                # A connection that never completes its association request (a scanner, a sender that died
-                # mid-PDU) holds one of max_associations until this runs out: no longer than a silent one.
-                acse_timeout_seconds=min(dicom.network_timeout_seconds, 30.0),
-                allowed_calling_aets=dicom.calling_ae_rules(),
-                tls=server_tls_context(dicom.tls.certificate, dicom.tls.private_key, dicom.tls.client_ca)
-                if dicom.tls.enabled
-                else None,
-            ),
-            self.index,
-            clock=utc_now,
-            observer=self.metrics,
-        )
+        self._failure: str | None = None
+        self.listener: DicomListener | ListenerPool
+        if config.dicom.listener_processes > 1:
+            self.listener = ListenerPool(
+                listener_settings(config),
+                processes=config.dicom.listener_processes,
+                worker_config=config.model_dump_json(),
+                observer=self.metrics,
+                on_failure=self._fail,
+            )
+        else:
+            self.listener = DicomListener(listener_settings(config), self.index, clock=utc_now, observer=self.metrics)
         self._health: HealthServer | None = None
         if config.http is not None:
             self._health = HealthServer(
@@ -273,6 +285,11 @@ class BridgeService:
         self.engine.dispose()
         log.info("bridge_stopped")
 
+    def _fail(self, reason: str) -> None:
+        """Stop the whole bridge, exiting non-zero (a listener process died): systemd restarts it whole."""
+        self._failure = reason
+        self._stop_requested.set()
+
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
         log.info("stop_requested", signal=signal.Signals(signum).name)
         self._stop_requested.set()
@@ -286,3 +303,5 @@ class BridgeService:
             self._stop_requested.wait()
         finally:
             self.stop()
+        if self._failure is not None:
+            raise PacsBridgeError(self._failure)

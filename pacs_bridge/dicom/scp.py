@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 from pydicom.datadict import keyword_for_tag
@@ -30,6 +30,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason
 from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
@@ -215,6 +216,32 @@ def _acknowledge_quickly(event: Any) -> None:
         transport.socket = QuickAckSocket(raw, polling)
 
 
+class _HandedOverServer(ThreadedAssociationServer):
+    """pynetdicom's association server without a listening socket of its own.
+
+    With ``dicom.listener_processes`` above 1 the main process accepts every connection and hands it to a
+    listener process (``dicom/workers.py``), which passes it to ``process_request`` exactly as pynetdicom's
+    own accept loop would: one thread per association, the same events and handlers. Nothing is bound or
+    listened on; ``request_done`` is called when an association's thread ends, so the main process knows how
+    many each listener process still serves.
+    """
+
+    request_done: Callable[[], None] | None = None
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.request_done is not None:
+                self.request_done()
+
+
 class _AssociationStats:
     """Per-association counters for the closing log event."""
 
@@ -255,6 +282,7 @@ class DicomListener:
         self._observer: BridgeObserver = observer or NullObserver()
         self._stats = _AssociationStats()
         self._server: Any = None
+        self._handed_over = False
         self._ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -289,7 +317,9 @@ class DicomListener:
             return self._settings.port
         return int(self._server.server_address[1])
 
-    def start(self) -> None:
+    def start(self, *, handed_over: Callable[[], None] | None = None) -> None:
+        """Listen on the configured address; or, with ``handed_over`` (called as each association ends),
+        listen on nothing and serve the connections passed to ``adopt``."""
         # Received datasets over a few MB spill to an anonymous temporary file (see dicom/spool.py): a 1 GB
         # tomosynthesis object then costs the bridge kilobytes of memory, a 10 kB CT slice nothing extra.
         install_spilling_buffers()
@@ -305,6 +335,14 @@ class DicomListener:
             (evt.EVT_ABORTED, self._handle_closed),
             (evt.EVT_REJECTED, self._handle_rejected),
         ]
+        if handed_over is not None:
+            server = cast(
+                _HandedOverServer,
+                self._ae.make_server((self._settings.bind, 0), evt_handlers=handlers, server_class=_HandedOverServer),
+            )
+            server.request_done = handed_over
+            self._server, self._handed_over = server, True
+            return
         self._server = self._ae.start_server(
             (self._settings.bind, self._settings.port),
             block=False,
@@ -325,18 +363,40 @@ class DicomListener:
         if server is None:
             return
         self._server = None
-        # socketserver's own shutdown (not pynetdicom's, which also aborts associations): leave the accept
-        # loop, then close the listening socket so new associations are refused while the open ones finish.
-        socketserver.BaseServer.shutdown(server)
-        server.socket.close()
+        if not self._handed_over:
+            # socketserver's own shutdown (not pynetdicom's, which also aborts associations): leave the accept
+            # loop, then close the listening socket so new associations are refused while the open ones finish.
+            socketserver.BaseServer.shutdown(server)
+            server.socket.close()
         deadline = time.monotonic() + drain_timeout_seconds
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         remaining = server.active_associations
         for assoc in remaining:
             assoc.abort()
-        server.shutdown()
+        if self._handed_over:
+            server.server_close()  # it never served, so socketserver's shutdown() would wait for ever
+        else:
+            server.shutdown()
         log.info("listener_stopped", aborted_associations=len(remaining))
+
+    def adopt(self, connection: socket.socket, address: tuple[str, int]) -> None:
+        """Serve one connection accepted elsewhere (after ``start(handed_over=...)``), as pynetdicom's accept
+        loop would: TLS first when configured, then a thread for the association."""
+        server = self._server
+        if server is None or not self._handed_over:
+            connection.close()
+            raise RuntimeError("the listener does not take handed-over connections")
+        if self._settings.tls is not None:
+            try:
+                connection = self._settings.tls.wrap_socket(connection, server_side=True)
+            except OSError as exc:  # as pynetdicom's accept loop does: drop it, keep serving the others
+                log.warning("tls_handshake_failed", peer=f"{address[0]}:{address[1]}", error=str(exc))
+                connection.close()
+                if server.request_done is not None:
+                    server.request_done()
+                return
+        server.process_request(connection, address)
 
     # ---- handlers: each one catches everything, so nothing a peer sends can stop the listener ----
 
