@@ -139,7 +139,7 @@ class AdaptivePolling:
     C-STORE may wait up to that long before it is read: on one association that latency, not CPU, bounds the
     rate. Polling fast all the time would burn CPU on every idle association (measured: about 5 % of a core
     each at 0.2 ms), so the fast delay applies only within ``idle_after`` seconds of the last receive.
-    Relies on pynetdicom's ``DULServiceProvider._run_loop_delay`` (pynetdicom is pinned below 4); without that
+    Relies on pynetdicom's ``DULServiceProvider._run_loop_delay`` (pynetdicom is pinned to 3.0.x); without that
     attribute nothing changes.
     """
 

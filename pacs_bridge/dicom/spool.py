@@ -78,7 +78,7 @@ class SpillingBuffer(io.BytesIO):
 def install(threshold: int = DEFAULT_THRESHOLD) -> None:
     """Make every DIMSE message pynetdicom receives collect its dataset in a ``SpillingBuffer``.
 
-    Relies on ``DIMSEMessage.__init__`` setting ``self.data_set = BytesIO()`` (pynetdicom is pinned below 4;
+    Relies on ``DIMSEMessage.__init__`` setting ``self.data_set = BytesIO()`` (pynetdicom is pinned to 3.0.x;
     a test pins this behaviour). Installing twice only changes the threshold.
     """
     from pynetdicom import dimse_messages

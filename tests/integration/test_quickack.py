@@ -10,8 +10,10 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -127,3 +129,64 @@ def test_listener_sockets_steer_the_dul_loop_of_their_association(index: Index, 
         assoc.release()
     finally:
         running.stop(drain_timeout_seconds=5)
+
+
+def test_every_receive_of_an_association_goes_through_the_wrapper_from_its_request_on(
+    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pins the adaptation to what pynetdicom (3.0.x) does: its DUL reads the A-ASSOCIATE-RQ and every PDU after
+    it with ``recv`` on the socket EVT_CONN_OPEN let us wrap, each followed by a re-arm. If pynetdicom read
+    through another method (``recv_into``, ``makefile``...), wrapped later, or kept the socket elsewhere, the
+    wrapper would pass that through silently and Nagle-on senders would stall again: this test fails instead."""
+    received: list[bytes] = []
+    rearms = [0]
+    passed_through: set[str] = set()
+    original_recv, original_rearm, original_getattr = (
+        QuickAckSocket.recv,
+        QuickAckSocket._rearm,
+        QuickAckSocket.__getattr__,
+    )
+
+    def recv(self: QuickAckSocket, bufsize: int, flags: int = 0) -> bytes:
+        data = original_recv(self, bufsize, flags)
+        received.append(data)
+        return data
+
+    def rearm(self: QuickAckSocket) -> None:
+        rearms[0] += 1
+        original_rearm(self)
+
+    def getattr_(self: QuickAckSocket, name: str) -> Any:
+        passed_through.add(name)
+        return original_getattr(self, name)
+
+    monkeypatch.setattr(QuickAckSocket, "recv", recv)
+    monkeypatch.setattr(QuickAckSocket, "_rearm", rearm)
+    monkeypatch.setattr(QuickAckSocket, "__getattr__", getattr_)
+    running = DicomListener(
+        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=lambda: datetime.now(UTC)
+    )
+    running.start()
+    try:
+        study_uid = new_study_uid()
+        (path,) = write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 1)])
+        dataset = dcmread(path)
+        ae = AE()  # pynetdicom as a sender leaves Nagle on
+        ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="PACS_BRIDGE")
+        assert assoc.is_established
+        (acceptor,) = running._server.active_associations
+        assert type(acceptor.dul.socket.socket) is QuickAckSocket
+        assert assoc.send_c_store(dataset).Status == 0x0000
+        assoc.release()
+        deadline = time.monotonic() + 10
+        while running._server.active_associations and time.monotonic() < deadline:
+            threading.Event().wait(0.02)
+    finally:
+        running.stop(drain_timeout_seconds=5)
+    assert received and received[0][:1] == b"\x01"  # the first read is the A-ASSOCIATE-RQ's PDU header
+    pdu_types = {data[0] for data in received if len(data) == 6}  # pynetdicom reads each PDU header alone
+    assert {0x01, 0x04, 0x05} <= pdu_types  # association request, P-DATA (C-STORE), release request
+    assert rearms[0] >= len(received) + 1  # once when wrapped, then after every receive
+    assert not passed_through & {"recv_into", "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into", "makefile"}
+    assert index.load_snapshot(study_uid).number_of_instances == 1
