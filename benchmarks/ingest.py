@@ -27,6 +27,7 @@ Run from the repository root::
     python benchmarks/ingest.py --associations 4
     python benchmarks/ingest.py --pixel-bytes 525312         # 526 kB instances (760 per run by default)
     python benchmarks/ingest.py --nagle                      # sender leaves Nagle on (200 instances)
+    python benchmarks/ingest.py --associations 4 --listener-processes 1,2    # bridge with 1, then 2 processes
     python benchmarks/ingest.py --commit HEAD                # the bridge as committed, not the working tree
 
 The temporary directory (files sent, storage areas, SQLite databases) is made under ``TMPDIR``: put it on the
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -443,10 +445,13 @@ def run_orthanc(workload: Workload, run_number: int) -> float:
     return elapsed
 
 
-def bridge_config(*, port: int, database_url: str) -> dict[str, Any]:
+def bridge_config(*, port: int, database_url: str, listener_processes: int = 1) -> dict[str, Any]:
     """A bridge on 127.0.0.1:``port`` whose publisher never runs during a benchmark run."""
+    dicom: dict[str, Any] = {"ae_title": CALLED_AE, "bind": "127.0.0.1", "port": port}
+    if listener_processes > 1:
+        dicom["listener_processes"] = listener_processes
     return {
-        "dicom": {"ae_title": CALLED_AE, "bind": "127.0.0.1", "port": port},
+        "dicom": dicom,
         "database": {"url": database_url},
         # Nothing listens there; with an hour of quiet period no study becomes due anyway.
         "fhir": {"base_url": f"http://127.0.0.1:{free_port()}/fhir", "timeout_seconds": 5},
@@ -462,13 +467,15 @@ def run_bridge(
     label: str,
     database: Callable[[int], contextlib.AbstractContextManager[str]],
     count_instances: Callable[[str], int],
+    listener_processes: int = 1,
 ) -> float:
     import yaml
 
     with database(run_number) as database_url:
         port = free_port()
         config_path = workload.workdir / f"{label}-{run_number}.yaml"
-        config_path.write_text(yaml.safe_dump(bridge_config(port=port, database_url=database_url)))
+        config = bridge_config(port=port, database_url=database_url, listener_processes=listener_processes)
+        config_path.write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "pacs_bridge", "run", "--config", str(config_path)]
         log_path = workload.workdir / f"{label}-{run_number}.log"
         name = f"pacs-bridge ({label})"
@@ -683,8 +690,8 @@ def issue_targets(targets: Sequence[Target], *, instances: int, nagle: bool) -> 
     """Issue 6's ingest targets against this run's medians, met or not."""
     medians = {t.key: statistics.median(instances / s for s in t.seconds) for t in targets}
     lines = []
-    for key in ("sqlite", "postgresql"):
-        if key not in medians:
+    for key in medians:
+        if not key.startswith(("sqlite", "postgresql")):
             continue
         if nagle and "bare" in medians:
             ratio = medians[key] / medians["bare"]
@@ -710,6 +717,13 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _process_counts(text: str) -> tuple[int, ...]:
+    counts = tuple(_at_least_one(part.strip()) for part in text.split(",") if part.strip())
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected N or N,N,..., got {text!r}")
+    return counts
 
 
 def _peers(text: str) -> tuple[str, ...]:
@@ -754,6 +768,14 @@ def _parser() -> argparse.ArgumentParser:
         "e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test",
     )
     parser.add_argument(
+        "--listener-processes",
+        type=_process_counts,
+        default=(1,),
+        metavar="N[,N...]",
+        help="the bridge's dicom.listener_processes; several values measure the bridge once for each, e.g. 1,2 "
+        "(default 1)",
+    )
+    parser.add_argument(
         "--nagle",
         action="store_true",
         help="run storescu without TCP_NODELAY, as senders that leave Nagle on do (issue 6, target 2)",
@@ -784,25 +806,35 @@ def make_targets(args: argparse.Namespace, workload: Workload) -> list[Target]:
     available: dict[str, tuple[str, Callable[[int], float]]] = {
         "storescp": ("dcmtk storescp", lambda n: run_storescp(workload, n)),
         "orthanc": ("orthanc", lambda n: run_orthanc(workload, n)),
-        "sqlite": (
-            "bridge sqlite",
-            lambda n: run_bridge(
-                workload, n, label="sqlite", database=sqlite_database(workdir), count_instances=count_sqlite_instances
-            ),
-        ),
         "bare": ("bare pynetdicom", lambda n: run_bare(workload, n)),
     }
+    databases: dict[str, tuple[Callable[[int], contextlib.AbstractContextManager[str]], Callable[[str], int]]] = {
+        "sqlite": (sqlite_database(workdir), count_sqlite_instances)
+    }
     if args.postgres:
-        postgres = postgres_database(args.postgres)
-        available["postgresql"] = (
-            "bridge postgresql",
-            lambda n: run_bridge(
-                workload, n, label="postgresql", database=postgres, count_instances=count_postgres_instances
-            ),
-        )
-    return [
-        Target(key=k, name=available[k][0], run=available[k][1]) for k in PEERS if k in args.peers and k in available
-    ]
+        databases["postgresql"] = (postgres_database(args.postgres), count_postgres_instances)
+    targets = []
+    for key in PEERS:
+        if key not in args.peers:
+            continue
+        if key in available:
+            targets.append(Target(key=key, name=available[key][0], run=available[key][1]))
+        elif key in databases:
+            database, count = databases[key]
+            for processes in args.listener_processes:
+                # "sqlite" is one listener process; "sqlite x2" two, and so on.
+                suffix = f" x{processes}" if processes > 1 else ""
+
+                run = functools.partial(
+                    run_bridge,
+                    workload,
+                    label=key + suffix.replace(" ", "-"),
+                    database=database,
+                    count_instances=count,
+                    listener_processes=processes,
+                )
+                targets.append(Target(key=key + suffix, name=f"bridge {key}{suffix}", run=run))
+    return targets
 
 
 def benchmark(args: argparse.Namespace) -> None:
