@@ -32,6 +32,7 @@ from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs_bridge.dicom import reactor
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason
 from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
 from pacs_bridge.dicom.spool import SpillingBuffer
@@ -323,6 +324,8 @@ class DicomListener:
         # Received datasets over a few MB spill to an anonymous temporary file (see dicom/spool.py): a 1 GB
         # tomosynthesis object then costs the bridge kilobytes of memory, a 10 kB CT slice nothing extra.
         install_spilling_buffers()
+        # Association reactors wake when a DIMSE message arrives rather than after their 1 ms sleep.
+        reactor.install()
         # pynetdicom's standard handlers log every DIMSE message, and to do so read each received dataset
         # whole (getvalue), spilled or not; our own association and instance events replace them.
         _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
@@ -441,6 +444,7 @@ class DicomListener:
     def _handle_connection_opened(event: Any) -> None:
         try:
             _acknowledge_quickly(event)
+            reactor.attach(event.assoc)
         except Exception:  # an optimisation: never a reason to drop the connection
             log.exception("quickack_failed")
 
