@@ -33,6 +33,7 @@ from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.http import HealthServer
 from pacs_bridge.index.engine import make_engine
+from pacs_bridge.index.group_commit import GroupCommit
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.metrics import BridgeMetrics
@@ -220,7 +221,9 @@ class BridgeService:
                 on_failure=self._fail,
             )
         else:
-            self.listener = DicomListener(listener_settings(config), self.index, clock=utc_now, observer=self.metrics)
+            self.listener = DicomListener(
+                listener_settings(config), GroupCommit(self.index), clock=utc_now, observer=self.metrics
+            )
         self._health: HealthServer | None = None
         if config.http is not None:
             self._health = HealthServer(

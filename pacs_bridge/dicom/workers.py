@@ -332,6 +332,7 @@ def run_worker(slot: int, channel: socket.socket, config_json: str) -> int:
     main process is gone), then drain and return 0."""
     from pacs_bridge.config import Config
     from pacs_bridge.index.engine import make_engine
+    from pacs_bridge.index.group_commit import GroupCommit
     from pacs_bridge.index.repository import Index
     from pacs_bridge.logs import configure_logging
     from pacs_bridge.publish.debounce import DebounceSettings
@@ -354,7 +355,7 @@ def run_worker(slot: int, channel: socket.socket, config_json: str) -> int:
     engine = make_engine(config.database.url)  # the main process has prepared the schema
     index = Index(engine, DebounceSettings(quiet_period=config.quiet_period, max_delay=config.max_delay))
     observer = ChannelObserver(channel)
-    listener = DicomListener(settings, index, clock=lambda: datetime.now(UTC), observer=observer)
+    listener = DicomListener(settings, GroupCommit(index), clock=lambda: datetime.now(UTC), observer=observer)
     listener.start(handed_over=lambda: observer.send({"kind": "done"}))
 
     def flush_regularly() -> None:

@@ -206,6 +206,25 @@ class Index:
             )
             return RecordOutcome.REJECTED
 
+    def record_instances(self, batch: Sequence[tuple[InstanceRecord, datetime]]) -> list[RecordOutcome | Exception]:
+        """Index several instances in one transaction: one commit (one fsync) for all, for group commit across
+        associations (``index/group_commit.py``). Each gets its outcome, or the exception ``record_instance``
+        would have raised for it: if any of them fails, the transaction is rolled back and each is recorded
+        on its own, so one bad instance never fails the others. Rejection notes are always applied alone."""
+        if len(batch) > 1 and all(record.rejection_note is None for record, _ in batch):
+            try:
+                with self._translated_errors(), self._engine.begin() as connection:
+                    return [self._record(connection, record, received_at) for record, received_at in batch]
+            except Exception:
+                pass
+        outcomes: list[RecordOutcome | Exception] = []
+        for record, received_at in batch:
+            try:
+                outcomes.append(self.record_instance(record, received_at=received_at))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
     def _record(self, connection: Connection, record: InstanceRecord, received_at: datetime) -> RecordOutcome:
         statements = self._statements
         study_uid = record.study.study_uid

@@ -1,0 +1,121 @@
+"""Group commit (index/group_commit.py) on the real index: instances waiting behind a commit share the next one."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from sqlalchemy import Engine
+
+from pacs_bridge.errors import ConflictingInstanceError
+from pacs_bridge.index.group_commit import GroupCommit
+from pacs_bridge.index.repository import Index
+from pacs_bridge.records import InstanceRecord, RecordOutcome
+from tests.conftest import FakeClock
+from tests.integration.test_index import record, study_row
+from tests.support.bridge_process import wait_for
+
+Outcome = RecordOutcome | Exception
+
+
+class HeldIndex:
+    """The index, with its first ``record_instances`` call held until ``release``: the others pile up meanwhile."""
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[int] = []
+
+    def record_instances(self, batch: Sequence[tuple[InstanceRecord, datetime]]) -> list[Outcome]:
+        self.batches.append(len(batch))
+        if len(self.batches) == 1:
+            self.entered.set()
+            self.release.wait(30)
+        return self._index.record_instances(batch)
+
+
+def run_concurrently(
+    group: GroupCommit, held: HeldIndex, first: InstanceRecord, others: list[InstanceRecord], clock: FakeClock
+) -> tuple[Outcome, list[Outcome]]:
+    """``first`` leads a commit that is held; ``others`` arrive meanwhile; then the commit is let go."""
+    results: dict[int, Outcome] = {}
+
+    def send(number: int, item: InstanceRecord) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                results[number] = group.record_instance(item, received_at=clock())
+            except Exception as exc:
+                results[number] = exc
+
+        return run
+
+    threads = [threading.Thread(target=send(0, first))]
+    threads[0].start()
+    assert held.entered.wait(30)
+    for number, item in enumerate(others, start=1):
+        threads.append(threading.Thread(target=send(number, item)))
+        threads[-1].start()
+    wait_for(lambda: len(group._waiting) == len(others), timeout=30, what="the others to wait behind the commit")
+    held.release.set()
+    for thread in threads:
+        thread.join(30)
+    return results[0], [results[number] for number in range(1, len(others) + 1)]
+
+
+def test_instances_arriving_during_a_commit_share_the_next_transaction(
+    index: Index, engine: Engine, clock: FakeClock
+) -> None:
+    """One commit runs while three instances arrive: those three are committed together, each is NEW, and the
+    study counts one change per instance, as if each had been committed alone."""
+    held = HeldIndex(index)
+    group = GroupCommit(held)  # type: ignore[arg-type]
+    others = [record(instance=f"1.1.{number}", number=number) for number in (2, 3, 4)]
+    first, rest = run_concurrently(group, held, record(instance="1.1.1"), others, clock)
+    assert first is RecordOutcome.NEW
+    assert rest == [RecordOutcome.NEW] * 3
+    assert held.batches == [1, 3]
+    assert (group.batches, group.largest_batch) == (2, 3)
+    assert study_row(engine).change_seq == 4
+    # A single caller commits alone, at once, without any other thread.
+    assert group.record_instance(record(instance="1.1.5", number=5), received_at=clock()) is RecordOutcome.NEW
+    assert held.batches == [1, 3, 1]
+
+
+def test_one_bad_instance_in_a_batch_fails_alone(index: Index, engine: Engine, clock: FakeClock) -> None:
+    """An instance whose UID is already indexed in another series is refused; the two beside it in its batch
+    are indexed all the same."""
+    index.record_instance(record(series="1.9", instance="1.9.1"), received_at=clock())
+    held = HeldIndex(index)
+    group = GroupCommit(held)  # type: ignore[arg-type]
+    others = [record(instance="1.1.2", number=2), record(instance="1.9.1"), record(instance="1.1.3", number=3)]
+    first, rest = run_concurrently(group, held, record(instance="1.1.1"), others, clock)
+    assert first is RecordOutcome.NEW
+    assert rest[0] is RecordOutcome.NEW and rest[2] is RecordOutcome.NEW
+    assert isinstance(rest[1], ConflictingInstanceError)
+    assert held.batches == [1, 3]
+    assert study_row(engine).change_seq == 4  # 1.9.1, then 1.1.1, 1.1.2, 1.1.3
+
+
+def test_many_threads_at_once_index_every_instance_once(index: Index, engine: Engine, clock: FakeClock) -> None:
+    """Eight threads recording 20 instances each through one GroupCommit: all 160 indexed, none twice."""
+    group = GroupCommit(index)
+    failures: list[BaseException] = []
+    threads = 8
+
+    def send(thread: int) -> None:
+        try:
+            for number in range(1, 21):
+                item = record(series=f"1.{thread + 1}", instance=f"1.{thread + 1}.{number}", number=number)
+                assert group.record_instance(item, received_at=clock()) is RecordOutcome.NEW
+        except BaseException as exc:
+            failures.append(exc)
+
+    workers = [threading.Thread(target=send, args=(thread,)) for thread in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert failures == []
+    assert study_row(engine).change_seq == threads * 20
