@@ -39,7 +39,7 @@ from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.metrics import BridgeMetrics
 from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher
-from pacs_bridge.publish.scheduler import PublishScheduler
+from pacs_bridge.publish.scheduler import PublishScheduler, run_pass_on_time
 from pacs_bridge.systemd import notify
 
 log = structlog.get_logger("pacs_bridge.service")
@@ -237,6 +237,7 @@ class BridgeService:
                 render_metrics=self.metrics.render,
             )
         self._watchdog_stop = threading.Event()
+        self._stopping = threading.Event()  # cuts short a pass waiting for a study to fall due
 
     @staticmethod
     def _publish_lease(config: Config) -> float:
@@ -247,7 +248,7 @@ class BridgeService:
     def _tick(self) -> None:
         self._heartbeat.pass_started()
         try:
-            self.publisher.run_once()
+            run_pass_on_time(self.publisher, tick_seconds=self._config.debounce.tick_seconds, stopping=self._stopping)
         finally:
             self._heartbeat.pass_ended()
 
@@ -279,6 +280,7 @@ class BridgeService:
         log.info("bridge_stopping")
         notify("STOPPING=1")
         self._watchdog_stop.set()
+        self._stopping.set()
         self.listener.stop(drain_timeout_seconds=self._config.dicom.shutdown_drain_seconds)
         self._scheduler.stop()
         if self._health is not None:

@@ -16,7 +16,21 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Connection, Engine, Row, Table, bindparam, delete, exists, func, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    Table,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -559,6 +573,17 @@ class Index:
             study.retry_not_before = not_before
             self._release(study)
             return study.attempts
+
+    def next_due_at(self) -> datetime | None:
+        """When the earliest study with something to publish falls due: its debounce ``due_at``, or its backoff
+        ``next_attempt_at`` when that is later. None when nothing waits to be published."""
+        becomes_due = case(
+            (Study.next_attempt_at > Study.due_at, Study.next_attempt_at),
+            else_=Study.due_at,
+        )
+        with self._unit_of_work(read_only=True) as session:
+            earliest = session.execute(select(func.min(becomes_due)).where(Study.due_at.is_not(None))).scalar()
+        return cast("datetime | None", earliest)  # UtcDateTime's result processing: aware UTC
 
     def backed_off_count(self, now: datetime) -> int:
         """Pending studies waiting out a backoff (``next_attempt_at`` still ahead)."""

@@ -100,6 +100,15 @@ class Publisher:
         finally:
             self._observer.publish_pass_completed()
 
+    def seconds_until_next_due(self) -> float | None:
+        """How long until the earliest waiting study falls due (0 if one is due now); None when none waits or
+        the index cannot say. Lets the caller run the next pass on time rather than at its next tick."""
+        try:
+            next_due = self._index.next_due_at()
+        except IndexUnavailableError:
+            return None
+        return None if next_due is None else max(0.0, (next_due - self._clock()).total_seconds())
+
     def _probe_while_backed_off(self) -> None:
         """When studies wait out a backoff (up to ``publish.retry_max_seconds``) after the server failed, ask it
         every ``probe_interval`` whether it answers again (GET metadata); once it does, retry them now rather

@@ -6,13 +6,30 @@ pass delay the next tick instead of piling passes up.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 PUBLISH_JOB_ID = "publish-due-studies"
+
+
+class _Passes(Protocol):
+    def run_once(self) -> Any: ...
+
+    def seconds_until_next_due(self) -> float | None: ...
+
+
+def run_pass_on_time(publisher: _Passes, *, tick_seconds: float, stopping: threading.Event) -> None:
+    """One tick: a publishing pass, then, when a study falls due before the next tick, a wait until then and a
+    second pass. A quiet study is so published when its quiet period ends, not up to a tick later; the tick
+    stays the longest a pass waits. ``stopping`` cuts the wait short (no second pass then)."""
+    publisher.run_once()
+    wait = publisher.seconds_until_next_due()
+    if wait is not None and wait < tick_seconds and not stopping.wait(wait):
+        publisher.run_once()
 
 
 class PublishScheduler:

@@ -154,3 +154,28 @@ def test_a_probe_never_brings_forward_a_retry_the_server_asked_to_delay(
 
     assert study_row(engine).next_attempt_at == next_attempt
     assert next_attempt is not None and next_attempt > clock()
+
+
+def test_the_next_due_time_is_the_quiet_period_then_the_backoff(
+    index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock
+):
+    """What the scheduler waits for between ticks: nothing; the end of the quiet period; then, after a failed
+    attempt, the end of the backoff; then nothing once published."""
+    probing = publisher(index, http, proxy, clock)
+    assert probing.seconds_until_next_due() is None
+
+    index.record_instance(record(), received_at=clock())
+    assert probing.seconds_until_next_due() == QUIET.total_seconds()
+
+    proxy.refuse()
+    clock.advance(QUIET)
+    assert probing.run_once() == {uid("1"): PublishOutcome.RETRY_SCHEDULED}
+    backoff_ends = study_row(engine).next_attempt_at
+    assert backoff_ends is not None
+    assert probing.seconds_until_next_due() == (backoff_ends - clock()).total_seconds() > 0
+
+    proxy.restore()
+    clock.advance(backoff_ends - clock())
+    assert probing.seconds_until_next_due() == 0.0
+    assert probing.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
+    assert probing.seconds_until_next_due() is None
