@@ -11,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_bridge.config import Config
 from pacs_bridge.errors import PublishError
+from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.schema import head_revision
 
@@ -82,3 +83,30 @@ def check_fhir_server(config: Config, http: httpx.Client) -> CheckResult:
     if config.fhir.auth.mode in ("oauth2_client_credentials", "smart_backend_services"):
         detail += f"; token obtained from {config.fhir.auth.token_url}"
     return CheckResult(name="fhir", ok=True, detail=detail)
+
+
+# An identifier no Patient has: the probe search must answer, and should match nothing.
+PROBE_PATIENT_ID = "pacs-bridge-check-config-probe"
+
+
+def check_patient_search(config: Config, http: httpx.Client) -> CheckResult | None:
+    """With ``patient.mode`` lookup or create, search Patients by identifier the way the bridge does (``POST
+    Patient/_search``), so a client without read access to Patient fails here rather than at the first study.
+    Creating is not tried: it would write. None when the mode needs no search."""
+    if config.patient.mode not in ("lookup", "create"):
+        return None
+    system = config.patient.identifier_system or next(iter(config.patient.issuers.values()), "")
+    url = f"{config.fhir.base_url}/Patient/_search"
+    try:
+        matches = FhirClient(http, base_url=config.fhir.base_url).search(
+            "Patient", {"identifier": f"{system}|{PROBE_PATIENT_ID}"}, in_body=True
+        )
+    except PublishError as exc:
+        hint = ""
+        if exc.http_status in (401, 403):
+            hint = f"; patient.mode {config.patient.mode} needs the client to be allowed to search Patients"
+        return CheckResult(name="patient", ok=False, detail=f"POST {url}: {exc}{hint}")
+    detail = f"POST {url} by identifier: answered ({len(matches)} matches for a probe identifier)"
+    if config.patient.mode == "create":
+        detail += "; creating Patients is not tried (it would write)"
+    return CheckResult(name="patient", ok=True, detail=detail)

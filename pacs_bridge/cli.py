@@ -181,7 +181,7 @@ def _migrate(config: Config) -> None:
 
 
 def _check_online(config: Config) -> None:
-    from pacs_bridge.checks import CheckResult, check_database, check_fhir_server
+    from pacs_bridge.checks import CheckResult, check_database, check_fhir_server, check_patient_search
     from pacs_bridge.service import open_fhir_http
 
     results = [check_database(config)]
@@ -192,6 +192,8 @@ def _check_online(config: Config) -> None:
     else:
         with http, token_http:
             results.append(check_fhir_server(config, http))
+            if results[-1].ok and (patient := check_patient_search(config, http)) is not None:
+                results.append(patient)
     for result in results:
         print(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {result.detail}")
     if not all(result.ok for result in results):

@@ -11,6 +11,7 @@ import yaml
 from pacs_bridge.cli import main
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.schema import head_revision, prepare_schema
+from tests.support.fault_proxy import HttpFaultProxy, Pass, Respond
 from tests.support.fhir_server import FhirTestServer
 from tests.support.schema import alembic_upgrade, current_revision
 
@@ -72,3 +73,45 @@ def test_outdated_schema_fails_naming_migrate(
     assert "pacs-bridge migrate" in out
     assert current_revision(engine) == "0001"
     engine.dispose()
+
+
+def test_patient_lookup_checks_that_patients_can_be_searched(
+    database_url: str, fhir_server: FhirTestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """patient.mode lookup: a Patient search by identifier, as the bridge makes it, must answer."""
+    code, out = check_online(
+        tmp_path,
+        capsys,
+        database={"url": database_url},
+        fhir={"base_url": fhir_server.base_url},
+        patient={"mode": "lookup", "identifier_system": "urn:oid:1.2.3.4"},
+    )
+    assert code == 0, out
+    assert f"ok   patient: POST {fhir_server.base_url}/Patient/_search by identifier: answered (0 matches" in out
+
+
+def test_a_client_refused_patient_search_fails_with_what_the_mode_needs(
+    database_url: str, fhir_server: FhirTestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """The server answers metadata but refuses the Patient search (403): FAIL naming what create needs."""
+    with HttpFaultProxy(upstream_port=fhir_server.port) as proxy:
+        proxy.program(Pass(), Respond(403, body="not allowed to read Patient"))
+        code, out = check_online(
+            tmp_path,
+            capsys,
+            database={"url": database_url},
+            fhir={"base_url": f"{proxy.root_url}/fhir"},
+            patient={"mode": "create", "identifier_system": "urn:oid:1.2.3.4"},
+        )
+    assert code == 1
+    assert "ok   fhir: " in out
+    assert "FAIL patient: POST " in out and "HTTP 403" in out
+    assert "patient.mode create needs the client to be allowed to search Patients" in out
+
+
+def test_identifier_mode_makes_no_patient_request(
+    database_url: str, fhir_server: FhirTestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    code, out = check_online(tmp_path, capsys, database={"url": database_url}, fhir={"base_url": fhir_server.base_url})
+    assert code == 0, out
+    assert "patient:" not in out
