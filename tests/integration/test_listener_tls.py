@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,3 +80,41 @@ def test_client_certificate_is_required_when_client_ca_is_set(running: DicomList
     )
     assert with_certificate.returncode == 0, with_certificate.stdout + with_certificate.stderr
     assert dcmtk_run("echoscu", running.port, "+tla", "+cf", str(pki.ca_pem)).returncode != 0
+
+
+def serve_one_handed_over(listener: DicomListener) -> tuple[int, threading.Thread]:
+    """A socket that accepts one connection and hands it to ``listener``, as the main process does for its
+    listener processes (dicom/workers.py); returns its port and the accepting thread."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        with server:
+            connection, address = server.accept()
+            listener.adopt(connection, address)
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    return int(server.getsockname()[1]), thread
+
+
+def test_a_handed_over_connection_is_served_over_tls_and_reported_done(index: Index, pki: Pki, tmp_path: Path) -> None:
+    """A listener process's listener: TLS is negotiated on the adopted connection, the instance is stored, and
+    the end of the association is reported; a plain TCP sender is dropped and reported done too."""
+    listener = tls_listener(index, pki, verify_clients=False)
+    done = threading.Semaphore(0)
+    listener.start(handed_over=done.release)
+    try:
+        path = write_file(make_dataset(), tmp_path / "one.dcm")
+        port, thread = serve_one_handed_over(listener)
+        result = dcmtk_run("storescu", port, "+tla", "+cf", str(pki.ca_pem), files=(path,))
+        thread.join(30)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert done.acquire(timeout=30)
+        port, thread = serve_one_handed_over(listener)
+        assert dcmtk_run("echoscu", port).returncode != 0
+        thread.join(30)
+        assert done.acquire(timeout=30)
+        assert listener.is_accepting
+    finally:
+        listener.stop(drain_timeout_seconds=5)
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
