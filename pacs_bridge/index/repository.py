@@ -224,12 +224,17 @@ class Index:
         """Index several instances in one transaction: one commit (one fsync) for all, for group commit across
         associations (``index/group_commit.py``). Each gets its outcome, or the exception ``record_instance``
         would have raised for it: if any of them fails, the transaction is rolled back and each is recorded
-        on its own, so one bad instance never fails the others. Rejection notes are always applied alone."""
+        on its own, so one bad instance never fails the others; when the database itself fails, all get its
+        ``IndexUnavailableError`` at once. Rejection notes are always applied alone."""
         if len(batch) > 1 and all(record.rejection_note is None for record, _ in batch):
             try:
                 with self._translated_errors(), self._engine.begin() as connection:
                     return [self._record(connection, record, received_at) for record, received_at in batch]
-            except Exception:
+            except IndexUnavailableError as exc:
+                # The database failed (down, locked past the busy timeout, full), not an instance: all get the
+                # error now rather than wait for it again one by one.
+                return [exc] * len(batch)
+            except Exception:  # each one again, alone, reports its own error
                 pass
         outcomes: list[RecordOutcome | Exception] = []
         for record, received_at in batch:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import Engine
 
-from pacs_bridge.errors import ConflictingInstanceError
+from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
+from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.group_commit import GroupCommit
 from pacs_bridge.index.repository import Index
+from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import InstanceRecord, RecordOutcome
-from tests.conftest import FakeClock
+from tests.conftest import MAX_DELAY, QUIET, FakeClock
 from tests.integration.test_index import record, study_row
 from tests.support.bridge_process import wait_for
 
@@ -119,3 +122,21 @@ def test_many_threads_at_once_index_every_instance_once(index: Index, engine: En
         worker.join(120)
     assert failures == []
     assert study_row(engine).change_seq == threads * 20
+
+
+def test_a_failing_database_fails_the_whole_batch_at_once(database_url: str, tmp_path: Path, clock: FakeClock) -> None:
+    """When the database cannot be written, every instance of a batch gets the same IndexUnavailableError: the
+    batch is not retried instance by instance (on SQLite each retry could wait out the busy timeout again)."""
+    if database_url.startswith("sqlite"):
+        broken_url = f"sqlite:///{tmp_path / 'missing-dir' / 'index.db'}"
+    else:
+        broken_url = "postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2"
+    broken = make_engine(broken_url)
+    try:
+        outcomes = Index(broken, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY)).record_instances(
+            [(record(instance="1.1.1"), clock()), (record(instance="1.1.2", number=2), clock())]
+        )
+    finally:
+        broken.dispose()
+    assert isinstance(outcomes[0], IndexUnavailableError)
+    assert outcomes[1] is outcomes[0]
