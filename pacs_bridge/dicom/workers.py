@@ -50,7 +50,7 @@ from typing import Any
 import structlog
 
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
-from pacs_bridge.observe import BridgeObserver
+from pacs_bridge.observe import BridgeObserver, NullObserver
 
 log = structlog.get_logger("pacs_bridge.dicom")
 
@@ -275,8 +275,9 @@ class ListenerPool:
         return statuses
 
 
-class ChannelObserver:
-    """A listener process's ``BridgeObserver``: reports to the main process over the socket pair."""
+class ChannelObserver(NullObserver):
+    """A listener process's ``BridgeObserver``: reports to the main process over the socket pair (a listener
+    process does not publish, so the publishing events stay the null observer's)."""
 
     def __init__(self, channel: socket.socket) -> None:
         self._channel = channel
@@ -305,15 +306,6 @@ class ChannelObserver:
         if results:
             rows = [[status, ae, count, size] for (status, ae), (count, size) in results.items()]
             self.send({"kind": "stored", "results": rows})
-
-    def publish_attempted(self, *, http_status: int | None, outcome: str) -> None:
-        pass
-
-    def study_published(self, *, seconds_since_last_change: float) -> None:
-        pass
-
-    def publish_pass_completed(self) -> None:
-        pass
 
 
 def _add_listener_fields(slot: int) -> Callable[[Any, str, Any], Any]:
