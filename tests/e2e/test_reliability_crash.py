@@ -88,6 +88,25 @@ def imaging_studies(server: FhirTestServer, study_uid: str) -> list[dict[str, An
     return server.search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
 
 
+def resend_until_published(
+    bridge: BridgeProcess, directory: Path, server: FhirTestServer, study_uid: str
+) -> list[dict[str, Any]]:
+    """The modality's re-send of the whole study, then the ImagingStudy holding all of it, once published."""
+    resent = storescu(bridge.port, directory, timeout=300)
+    assert resent.returncode == 0, resent.stdout[-2000:]
+    complete = wait_for(
+        lambda: [s for s in imaging_studies(server, study_uid) if s["numberOfInstances"] == INSTANCES],
+        timeout=60,
+        what=f"the ImagingStudy with all {INSTANCES} instances",
+    )
+    wait_for(
+        lambda: (bridge.study_row(study_uid) or {}).get("publish_state") == "published",
+        timeout=30,
+        what="the study to be published",
+    )
+    return complete
+
+
 def test_kill_9_mid_send_loses_no_acknowledged_instance_and_the_resend_completes_one_resource(
     bridge: BridgeProcess, big_study: tuple[str, Path], fresh_fhir_server: FhirTestServer, tmp_path: Path
 ):
@@ -121,18 +140,7 @@ def test_kill_9_mid_send_loses_no_acknowledged_instance_and_the_resend_completes
     assert published_instance_uids(first[0]) == indexed, "published differs from what the index held"
     assert first[0]["numberOfInstances"] == len(indexed)
 
-    resent = storescu(bridge.port, directory, timeout=300)
-    assert resent.returncode == 0, resent.stdout[-2000:]
-    complete = wait_for(
-        lambda: [s for s in imaging_studies(fresh_fhir_server, study_uid) if s["numberOfInstances"] == INSTANCES],
-        timeout=60,
-        what=f"the ImagingStudy with all {INSTANCES} instances",
-    )
-    wait_for(
-        lambda: (bridge.study_row(study_uid) or {}).get("publish_state") == "published",
-        timeout=30,
-        what="the study to be published",
-    )
+    complete = resend_until_published(bridge, directory, fresh_fhir_server, study_uid)
     assert len(imaging_studies(fresh_fhir_server, study_uid)) == 1, "a second resource for the same study"
     versions = fresh_fhir_server.versions("ImagingStudy", study_uid)
     counts = fresh_fhir_server.request_counts()
@@ -210,18 +218,7 @@ def test_sigterm_when_the_send_outlasts_the_drain_aborts_it_and_loses_no_acknowl
         assert acked <= indexed, f"acknowledged but not indexed: {sorted(acked - indexed)[:5]}"
 
         bridge.start()
-        resent = storescu(bridge.port, directory, timeout=300)
-        assert resent.returncode == 0, resent.stdout[-2000:]
-        complete = wait_for(
-            lambda: [s for s in imaging_studies(fresh_fhir_server, study_uid) if s["numberOfInstances"] == INSTANCES],
-            timeout=60,
-            what=f"the ImagingStudy with all {INSTANCES} instances",
-        )
-        wait_for(
-            lambda: (bridge.study_row(study_uid) or {}).get("publish_state") == "published",
-            timeout=30,
-            what="the study to be published",
-        )
+        complete = resend_until_published(bridge, directory, fresh_fhir_server, study_uid)
         versions = fresh_fhir_server.versions("ImagingStudy", study_uid)
         counts = fresh_fhir_server.request_counts()
         print(f"after the restart and re-send: {versions} versions, {counts}")
