@@ -8,6 +8,8 @@ objects, and the same order (hence the same content hash) on SQLite and PostgreS
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -162,6 +164,19 @@ class _IngestStatements:
         # RETURNING tells a new row from a conflict on both backends (rowcount does not, on psycopg).
         self.insert_instance = insert(_instances).on_conflict_do_nothing().returning(_instances.c.id)
         self.update_study = update(_studies).where(_studies.c.id == bindparam("_id"))
+
+
+_locks_guard = threading.Lock()
+_named_locks: dict[str, threading.Lock] = {}
+
+
+@contextmanager
+def _process_locks(name: str) -> Iterator[None]:
+    """The in-process lock called ``name`` (created on first use; a handful of names at most in practice)."""
+    with _locks_guard:
+        lock = _named_locks.setdefault(name, threading.Lock())
+    with lock:
+        yield
 
 
 class Index:
@@ -578,6 +593,24 @@ class Index:
             study.retry_not_before = not_before
             self._release(study)
             return study.attempts
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Hold the lock called ``name`` while the block runs, against every bridge sharing this database, for
+        work outside the database that must not run twice at once (creating a study's Patient).
+
+        PostgreSQL: a transaction-scoped advisory lock on a 64-bit hash of ``name``, released by the commit
+        that ends the block (or when the connection drops). SQLite: a lock in this process, the one that
+        publishes from a SQLite index.
+        """
+        if self._dialect != "postgresql":
+            with _process_locks(name):
+                yield
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+        with self._translated_errors(), self._engine.begin() as connection:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+            yield
 
     def next_due_at(self) -> datetime | None:
         """When the earliest study with something to publish falls due: its debounce ``due_at``, or its backoff

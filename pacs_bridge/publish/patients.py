@@ -19,8 +19,10 @@ refusal (4xx) marks the study failed with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import structlog
 
@@ -44,12 +46,17 @@ class PatientResolver:
         mapping: MappingSettings,
         *,
         validate: Callable[[FhirResource], None] | None = None,
+        exclusive: Callable[[str], AbstractContextManager[None]] | None = None,
     ) -> None:
         """``validate`` raises ``PublishError`` for a Patient that must not be sent; by default the FHIR models
-        of ``mapping.fhir_version`` check it."""
+        of ``mapping.fhir_version`` check it. ``exclusive(name)`` holds a lock across the bridges sharing the
+        index (``Index.exclusive``) around each conditional create, so two bridges publishing two studies of
+        one new patient at once do not both create a Patient (servers differ in whether ``If-None-Exist`` is
+        atomic); without it nothing is held."""
         self._fhir = fhir
         self._mapping = mapping
         self._validate = validate or functools.partial(validate_resource, fhir_version=mapping.fhir_version)
+        self._exclusive = exclusive or (lambda _name: contextlib.nullcontext())
 
     def reference(self, study: StudyAttributes, *, create: bool = True) -> str | None:
         """``Patient/<id>`` for the study's patient; ``None``: subject stays a reference by identifier.
@@ -83,7 +90,8 @@ class PatientResolver:
         patient = build_patient(study, identifier)
         self._validate(patient)  # an invalid Patient is not sent: the study is marked failed with the reason
         try:
-            result = self._fhir.create(patient, if_none_exist=if_none_exist(search))
+            with self._exclusive(f"create Patient {search}"):
+                result = self._fhir.create(patient, if_none_exist=if_none_exist(search))
         except PublishError as exc:
             if exc.http_status == 412:  # several Patients carry the identifier: which one is not ours to choose
                 log.warning(

@@ -88,7 +88,7 @@ class Publisher:
         self._endpoints_confirmed: dict[str, str] = {}
         self._probe_interval = probe_interval
         self._last_probe_at: datetime | None = None
-        self._patients = PatientResolver(fhir, mapping, validate=self._validate)
+        self._patients = PatientResolver(fhir, mapping, validate=self._validate, exclusive=index.exclusive)
 
     def run_once(self) -> dict[str, PublishOutcome]:
         """Publish every study due now (in batches); returns each claimed study's outcome. Never raises."""
