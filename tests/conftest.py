@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
@@ -15,6 +16,7 @@ from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.debounce import DebounceSettings
+from tests.support.fault_proxy import HttpFaultProxy
 from tests.support.fhir_server import FhirTestServer
 from tests.support.private_postgres import PrivatePostgres
 
@@ -105,6 +107,20 @@ def fhir_server_r5() -> Iterator[FhirTestServer]:
     tests/fhir_server/server.mjs): tests check what it stored against the R5 models themselves."""
     with FhirTestServer(env={"FHIR_RELEASE": "R5"}) as server:
         yield server
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    """An HTTP client for FhirClient in tests; proxy settings from the environment are ignored (loopback only)."""
+    with httpx.Client(timeout=10, trust_env=False) as client:
+        yield client
+
+
+@pytest.fixture
+def proxy(fresh_fhir_server: FhirTestServer) -> Iterator[HttpFaultProxy]:
+    """The fault-injecting proxy (tests/support/fault_proxy.py) in front of the emptied FHIR server."""
+    with HttpFaultProxy(upstream_port=fresh_fhir_server.port) as running:
+        yield running
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,6 @@ pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
 RETRY_BASE = 0.2
 RETRY_MAX = 2.0
 FHIR_TIMEOUT = 1.0
-
-
-@pytest.fixture
-def proxy(fresh_fhir_server: FhirTestServer) -> Iterator[HttpFaultProxy]:
-    with HttpFaultProxy(upstream_port=fresh_fhir_server.port) as running:
-        yield running
 
 
 def make_bridge(tmp_path: Path, database_url: str, proxy: HttpFaultProxy) -> BridgeProcess:

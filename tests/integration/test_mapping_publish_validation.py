@@ -4,7 +4,6 @@ an invalid resource is never sent and its study is marked failed with the reason
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from datetime import timedelta
 from io import BytesIO
 
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.fhir_server
 WADO = EndpointSettings(id="pacs-wado-rs", connection_type="dicom-wado-rs", address="https://pacs.example.org/wado")
 MAPPING = MappingSettings(endpoints=(WADO,), patient_identifier_system="urn:oid:1.2.3.4")
 RETRY = RetrySettings(base=timedelta(seconds=10), cap=timedelta(minutes=5), jitter_fraction=0.0)
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=10, trust_env=False) as client:
-        yield client
 
 
 def publisher_for(

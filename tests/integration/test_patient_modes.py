@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import timedelta
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 from structlog.testing import capture_logs
 
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.fhir.patient import PatientMode
-from pacs_bridge.index.models import Study
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.debounce import RetrySettings
 from pacs_bridge.publish.patients import PatientResolver
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from pacs_bridge.reconcile import reconcile
 from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
 from tests.conftest import QUIET, FakeClock
+from tests.integration.test_publish_outage import publisher as outage_publisher
+from tests.integration.test_publish_outage import study_row
+from tests.integration.test_publisher import RETRY
 from tests.support.fault_proxy import HttpFaultProxy, Pass, Respond
 from tests.support.fhir_server import FhirTestServer
 from tests.support.patients import SYSTEM, patients_with, seed_patient
@@ -30,7 +29,6 @@ from tests.support.studies import uid
 
 pytestmark = pytest.mark.fhir_server
 
-RETRY = RetrySettings(base=timedelta(seconds=10), cap=timedelta(minutes=5), jitter_fraction=0.0)
 JANE = StudyAttributes(
     study_uid=uid("1"),
     patient_id="PAT-0001",
@@ -42,12 +40,6 @@ JANE = StudyAttributes(
 
 def mapping(mode: PatientMode, **kwargs: Any) -> MappingSettings:
     return MappingSettings(patient_identifier_system=SYSTEM, patient_mode=mode, **kwargs)
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=10, trust_env=False) as client:
-        yield client
 
 
 def resolver(http: httpx.Client, server: FhirTestServer, mode: PatientMode, **kwargs: Any) -> PatientResolver:
@@ -230,27 +222,8 @@ def record(patient_name: str = "Doe^Jane") -> InstanceRecord:
     )
 
 
-@pytest.fixture
-def proxy(fresh_fhir_server: FhirTestServer) -> Iterator[HttpFaultProxy]:
-    with HttpFaultProxy(upstream_port=fresh_fhir_server.port) as running:
-        yield running
-
-
 def publisher(index: Index, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock) -> Publisher:
-    return Publisher(
-        index=index,
-        fhir=FhirClient(http, base_url=f"{proxy.root_url}/fhir"),
-        mapping=mapping("create"),
-        retry=RETRY,
-        clock=clock,
-        claimer="test",
-        random_fraction=lambda: 0.5,
-    )
-
-
-def study_row(engine: Engine) -> Study:
-    with Session(engine) as session:
-        return session.scalars(select(Study)).one()
+    return outage_publisher(index, http, proxy, clock, mapping=mapping("create"))
 
 
 def test_a_failed_patient_create_is_retried_like_any_publish_failure(

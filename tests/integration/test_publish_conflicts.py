@@ -3,7 +3,6 @@ server, the index on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -22,12 +21,6 @@ from tests.support.fhir_server import FhirTestServer
 from tests.support.studies import uid
 
 pytestmark = pytest.mark.fhir_server
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=10) as client:
-        yield client
 
 
 @pytest.fixture

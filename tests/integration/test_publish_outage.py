@@ -3,7 +3,6 @@ and PostgreSQL, a fake clock to move through the backoff."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import httpx
@@ -18,34 +17,21 @@ from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from tests.conftest import QUIET, FakeClock
 from tests.integration.test_publisher import MAPPING, RETRY, record
 from tests.support.fault_proxy import HttpFaultProxy, Respond
-from tests.support.fhir_server import FhirTestServer
 from tests.support.studies import uid
 
 pytestmark = pytest.mark.fhir_server
 
 
-@pytest.fixture
-def proxy(fresh_fhir_server: FhirTestServer) -> Iterator[HttpFaultProxy]:
-    with HttpFaultProxy(upstream_port=fresh_fhir_server.port) as running:
-        yield running
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=10) as client:
-        yield client
-
-
 def publisher(index: Index, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, **kwargs) -> Publisher:
+    """A publisher writing through the fault proxy; ``kwargs`` override its settings (``mapping`` included)."""
+    options = {"mapping": MAPPING, "retry": RETRY, **kwargs}
     return Publisher(
         index=index,
         fhir=FhirClient(http, base_url=f"{proxy.root_url}/fhir"),
-        mapping=MAPPING,
-        retry=RETRY,
         clock=clock,
         claimer="test",
         random_fraction=lambda: 0.5,
-        **kwargs,
+        **options,
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import httpx
@@ -37,12 +36,6 @@ def record(study: str = "1", series: int = 1, instance: int = 1) -> InstanceReco
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         instance_number=instance,
     )
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=10) as client:
-        yield client
 
 
 def make_publisher(index: Index, http: httpx.Client, base_url: str, clock: FakeClock, **kwargs) -> Publisher:
