@@ -309,9 +309,13 @@ class _AssociationStats:
             return self._stored.pop(id(assoc), 0), self._refused.pop(id(assoc), 0)
 
 
+def _calling_ae(event: Any) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
+
+
 def _peer(event: Any) -> dict[str, Any]:
     requestor = event.assoc.requestor
-    return {"calling_ae": str(requestor.ae_title).strip(), "peer": f"{requestor.address}:{requestor.port}"}
+    return {"calling_ae": _calling_ae(event), "peer": f"{requestor.address}:{requestor.port}"}
 
 
 class DicomListener:
@@ -454,15 +458,16 @@ class DicomListener:
     def handle_store(self, event: Any) -> Dataset:
         """C-STORE: index the instance, then answer. Success only after the commit."""
         sop_instance_uid = ""
+        calling_ae = _calling_ae(event)
         try:
             sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
             dataset = _received_header(event)
-            record = extract_instance(dataset, sending_ae_title=_peer(event)["calling_ae"])
+            record = extract_instance(dataset, sending_ae_title=calling_ae)
             outcome = self._sink.record_instance(record, received_at=self._clock())
         except Exception as exc:
             status = status_for_error(exc)
             self._stats.count(event.assoc, stored=False)
-            self._observe_instance(event, status)
+            self._observe_instance(event, status, calling_ae)
             fields = {**_peer(event), "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}"}
             if status is StoreStatus.PROCESSING_FAILURE:
                 log.exception("instance_rejected", **fields, error=str(exc))
@@ -470,20 +475,20 @@ class DicomListener:
                 log.warning("instance_rejected", **fields, error=str(exc))
             return status_dataset(status, str(exc))
         self._stats.count(event.assoc, stored=True)
-        self._observe_instance(event, StoreStatus.SUCCESS)
+        self._observe_instance(event, StoreStatus.SUCCESS, calling_ae)
         log.debug(
             "instance_stored",
             study_uid=record.study.study_uid,
             sop_instance_uid=record.sop_instance_uid,
             outcome=outcome.value,
-            calling_ae=_peer(event)["calling_ae"],
+            calling_ae=calling_ae,
         )
         return status_dataset(StoreStatus.SUCCESS)
 
-    def _observe_instance(self, event: Any, status: StoreStatus) -> None:
+    def _observe_instance(self, event: Any, status: StoreStatus, calling_ae: str) -> None:
         try:
             self._observer.instance_received(
-                status=int(status), calling_ae=_peer(event)["calling_ae"], size_bytes=_received_size(event)
+                status=int(status), calling_ae=calling_ae, size_bytes=_received_size(event)
             )
         except Exception:  # metrics must never change the answer a sender gets
             log.exception("metrics_failed")
