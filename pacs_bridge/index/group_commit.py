@@ -68,6 +68,8 @@ class GroupCommit:
         """Commit what is waiting (the leader's own instance first among it), then pass the lead on."""
         with self._lock:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+        # Whatever happens, every waiter of this batch gets an outcome and is woken: none may wait forever.
+        outcomes: list[RecordOutcome | Exception] = [RuntimeError("the group commit was interrupted")] * len(batch)
         try:
             outcomes = self._index.record_instances([(w.record, w.received_at) for w in batch])
         except Exception as exc:  # record_instances reports per instance; this is only a last resort
@@ -80,8 +82,8 @@ class GroupCommit:
                     following.wake.set()
                 else:
                     self._committing = False
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        for waiting, outcome in zip(batch, outcomes, strict=True):
-            waiting.outcome = outcome
-            waiting.wake.set()
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
+            for waiting, outcome in zip(batch, outcomes, strict=True):
+                waiting.outcome = outcome
+                waiting.wake.set()

@@ -243,8 +243,15 @@ class Index:
         ``IndexUnavailableError`` at once. Rejection notes are always applied alone."""
         if len(batch) > 1 and all(record.rejection_note is None for record, _ in batch):
             try:
+                # Studies are locked in UID order, whatever order the instances came in: two listener processes
+                # committing batches that share studies then wait for each other instead of deadlocking.
+                by_study = sorted(range(len(batch)), key=lambda position: batch[position][0].study.study_uid)
+                recorded: dict[int, RecordOutcome | Exception] = {}
                 with self._translated_errors(), self._engine.begin() as connection:
-                    return [self._record(connection, record, received_at) for record, received_at in batch]
+                    for position in by_study:
+                        record, received_at = batch[position]
+                        recorded[position] = self._record(connection, record, received_at)
+                return [recorded[position] for position in range(len(batch))]
             except IndexUnavailableError as exc:
                 # The database failed (down, locked past the busy timeout, full), not an instance: all get the
                 # error now rather than wait for it again one by one.
