@@ -336,8 +336,10 @@ def run_worker(slot: int, channel: socket.socket, config_json: str) -> int:
     structlog.configure(processors=[processors[0], _add_listener_fields(slot), *processors[1:]])
 
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _signum, _frame: stop.set())
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())  # from the main process, which stops us
+    # Ctrl-C in a terminal reaches the whole process group: the main process alone acts on it and stops the
+    # listener processes in order, so none exits first and makes a clean stop look like a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     settings = listener_settings(config)
     settings = dataclasses.replace(
