@@ -167,16 +167,26 @@ class _IngestStatements:
 
 
 _locks_guard = threading.Lock()
-_named_locks: dict[str, threading.Lock] = {}
+_named_locks: dict[str, tuple[threading.Lock, int]] = {}  # name -> (its lock, how many hold or wait for it)
 
 
 @contextmanager
-def _process_locks(name: str) -> Iterator[None]:
-    """The in-process lock called ``name`` (created on first use; a handful of names at most in practice)."""
+def _process_lock(name: str) -> Iterator[None]:
+    """The in-process lock called ``name``, forgotten once nobody holds or waits for it (names hold PatientIDs:
+    they are not kept)."""
     with _locks_guard:
-        lock = _named_locks.setdefault(name, threading.Lock())
-    with lock:
-        yield
+        lock, users = _named_locks.get(name, (threading.Lock(), 0))
+        _named_locks[name] = (lock, users + 1)
+    try:
+        with lock:
+            yield
+    finally:
+        with _locks_guard:
+            lock, users = _named_locks[name]
+            if users == 1:
+                del _named_locks[name]
+            else:
+                _named_locks[name] = (lock, users - 1)
 
 
 class Index:
@@ -611,7 +621,7 @@ class Index:
         publishes from a SQLite index.
         """
         if self._dialect != "postgresql":
-            with _process_locks(name):
+            with _process_lock(name):
                 yield
             return
         key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)

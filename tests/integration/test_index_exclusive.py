@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from pacs_bridge.fhir.client import CreateResult
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.fhir.resource import FhirResource
+from pacs_bridge.index import repository
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
 from pacs_bridge.publish.debounce import DebounceSettings
@@ -105,3 +106,10 @@ def test_locks_of_different_names_do_not_wait_for_each_other(index: Index, secon
     finally:
         release.set()
         holder.join()
+
+
+def test_no_lock_name_is_kept_once_released(index: Index, second_index: Index) -> None:
+    """Lock names carry PatientIDs: once nobody holds or waits for a lock, the process forgets its name."""
+    create_at_once([index, second_index], SlowServer())
+
+    assert repository._named_locks == {}
