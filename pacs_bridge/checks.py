@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs_bridge.config import Config
 from pacs_bridge.errors import PublishError
 from pacs_bridge.fhir.client import FhirClient
+from pacs_bridge.fhir.patient import identifier_search
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.schema import head_revision
 
@@ -96,10 +97,11 @@ def check_patient_search(config: Config, http: httpx.Client) -> CheckResult | No
     if config.patient.mode not in ("lookup", "create"):
         return None
     system = config.patient.identifier_system or next(iter(config.patient.issuers.values()), "")
+    search = identifier_search({"system": system, "value": PROBE_PATIENT_ID})  # escaped as the bridge sends it
     url = f"{config.fhir.base_url}/Patient/_search"
     try:
         matches = FhirClient(http, base_url=config.fhir.base_url).search(
-            "Patient", {"identifier": f"{system}|{PROBE_PATIENT_ID}"}, in_body=True
+            "Patient", {"identifier": search or ""}, in_body=True
         )
     except PublishError as exc:
         hint = ""
