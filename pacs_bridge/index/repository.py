@@ -23,6 +23,7 @@ from sqlalchemy import (
     Engine,
     Row,
     Table,
+    and_,
     bindparam,
     case,
     delete,
@@ -630,37 +631,37 @@ class Index:
             yield
 
     def next_due_at(self) -> datetime | None:
-        """When the earliest study with something to publish falls due: its debounce ``due_at``, or its backoff
-        ``next_attempt_at`` when that is later. None when nothing waits to be published."""
-        becomes_due = case(
-            (Study.next_attempt_at > Study.due_at, Study.next_attempt_at),
-            else_=Study.due_at,
-        )
+        """When the earliest study with something to publish can be claimed: the latest of its debounce
+        ``due_at``, its backoff ``next_attempt_at`` and another pass's lease ``claimed_until`` (the conditions of
+        ``claim_due_studies``). None when nothing waits to be published."""
+
+        def later(first: Any, second: Any) -> Any:
+            return case((second > first, second), else_=first)
+
+        claimable_at = later(later(Study.due_at, Study.next_attempt_at), Study.claimed_until)
         with self._unit_of_work(read_only=True) as session:
-            earliest = session.execute(select(func.min(becomes_due)).where(Study.due_at.is_not(None))).scalar()
+            earliest = session.execute(select(func.min(claimable_at)).where(Study.due_at.is_not(None))).scalar()
         return cast("datetime | None", earliest)  # UtcDateTime's result processing: aware UTC
 
-    def backed_off_count(self, now: datetime) -> int:
-        """Pending studies waiting out a backoff (``next_attempt_at`` still ahead)."""
+    @staticmethod
+    def _wakeable(now: datetime) -> Any:
+        """Pending studies waiting out a backoff that the server did not ask for (no Retry-After, no 429)."""
+        return and_(
+            Study.publish_state == PublishState.PENDING.value,
+            Study.next_attempt_at > now,
+            or_(Study.retry_not_before.is_(None), Study.retry_not_before <= now),
+        )
+
+    def wakeable_count(self, now: datetime) -> int:
+        """How many studies ``wake_backed_off`` would make due now."""
         with self._unit_of_work(read_only=True) as session:
-            return int(
-                session.execute(
-                    select(func.count())
-                    .select_from(Study)
-                    .where(Study.publish_state == PublishState.PENDING.value, Study.next_attempt_at > now)
-                ).scalar_one()
-            )
+            return int(session.execute(select(func.count()).select_from(Study).where(self._wakeable(now))).scalar_one())
 
     def wake_backed_off(self, now: datetime) -> int:
         """Make every study waiting out a backoff due now, except where the server asked for a later retry
-        (Retry-After). For when the FHIR server answers again. Returns how many were woken."""
+        (Retry-After, 429). For when the FHIR server answers again. Returns how many were woken."""
         with self._unit_of_work() as session:
-            result = session.execute(
-                update(Study)
-                .where(Study.publish_state == PublishState.PENDING.value, Study.next_attempt_at > now)
-                .where(or_(Study.retry_not_before.is_(None), Study.retry_not_before <= now))
-                .values(next_attempt_at=now)
-            )
+            result = session.execute(update(Study).where(self._wakeable(now)).values(next_attempt_at=now))
             return int(getattr(result, "rowcount", 0) or 0)
 
     def mark_failed(self, study_uid: str, *, change_seq: int, error: str) -> None:

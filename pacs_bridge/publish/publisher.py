@@ -118,7 +118,7 @@ class Publisher:
             return
         self._last_probe_at = now
         try:
-            if self._index.backed_off_count(now) == 0:
+            if self._index.wakeable_count(now) == 0:
                 return
             self._fhir.probe()
             woken = self._index.wake_backed_off(self._clock())

@@ -165,3 +165,17 @@ def test_the_next_due_time_is_the_quiet_period_then_the_backoff(
     assert probing.seconds_until_next_due() == 0.0
     assert probing.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
     assert probing.seconds_until_next_due() is None
+
+
+def test_a_study_another_pass_has_claimed_falls_due_when_its_lease_ends(
+    index: Index, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock
+):
+    """Claimed by another bridge (or a pass that crashed), a due study cannot be claimed before the lease
+    ends: the scheduler is not told to run an extra pass for it now."""
+    probing = publisher(index, http, proxy, clock)
+    index.record_instance(record(), received_at=clock())
+    clock.advance(QUIET)
+    lease = timedelta(minutes=5)
+    assert [c.study_uid for c in index.claim_due_studies(clock(), limit=1, lease=lease, claimer="other")] == [uid("1")]
+
+    assert probing.seconds_until_next_due() == lease.total_seconds()
