@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
 from pacs_bridge.errors import ConfigError
 from pacs_bridge.fhir.endpoint import CONNECTION_TYPES, IHE_IMR_CONNECTION_TYPES
+from pacs_bridge.fhir.patient import PatientMode
 
 _AE_TITLE = re.compile(r"[\x20-\x5B\x5D-\x7E]{1,16}")  # PS3.5 AE VR: no backslash, no control characters
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -314,7 +315,7 @@ class EndpointConfig(_Section):
 class PatientConfig(_Section):
     # identifier: subject by identifier only; lookup: the server's Patient with that identifier; create: that
     # Patient, created when absent (docs/mapping.md). lookup and create need an identifier system.
-    mode: Literal["identifier", "lookup", "create"] = "identifier"
+    mode: PatientMode = "identifier"
     identifier_system: str = ""
     # IssuerOfPatientID -> identifier system, for sites whose PatientIDs come from several issuers.
     issuers: dict[str, str] = {}

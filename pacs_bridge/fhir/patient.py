@@ -25,7 +25,6 @@ from pacs_bridge.fhir.resource import FhirResource
 from pacs_bridge.records import StudyAttributes
 
 PatientMode = Literal["identifier", "lookup", "create"]
-PATIENT_MODES: tuple[PatientMode, ...] = ("identifier", "lookup", "create")
 
 # PatientSex (0010,0040) enumerated values -> FHIR administrative-gender. Another non-empty value says the sex
 # is stated but not one DICOM defines: "unknown". Empty (Type 2, not known to the modality): no gender.
