@@ -129,7 +129,12 @@ def open_index(config: Config, *, config_path: str = "FILE") -> tuple[Engine, In
     except BaseException:
         engine.dispose()
         raise
-    return engine, Index(engine, DebounceSettings(quiet_period=config.quiet_period, max_delay=config.max_delay))
+    return engine, index_on(engine, config)
+
+
+def index_on(engine: Engine, config: Config) -> Index:
+    """The index on ``engine`` with the configured debounce (the schema is the caller's business)."""
+    return Index(engine, DebounceSettings(quiet_period=config.quiet_period, max_delay=config.max_delay))
 
 
 def listener_settings(config: Config) -> ListenerSettings:

@@ -44,7 +44,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -325,10 +324,8 @@ def run_worker(slot: int, channel: socket.socket, config_json: str) -> int:
     from pacs_bridge.config import Config
     from pacs_bridge.index.engine import make_engine
     from pacs_bridge.index.group_commit import GroupCommit
-    from pacs_bridge.index.repository import Index
     from pacs_bridge.logs import configure_logging
-    from pacs_bridge.publish.debounce import DebounceSettings
-    from pacs_bridge.service import listener_settings
+    from pacs_bridge.service import index_on, listener_settings, utc_now
 
     config = Config.model_validate_json(config_json)
     configure_logging(config.logging.level, config.logging.format)
@@ -347,9 +344,8 @@ def run_worker(slot: int, channel: socket.socket, config_json: str) -> int:
         max_associations=per_process_associations(settings.max_associations, config.dicom.listener_processes),
     )
     engine = make_engine(config.database.url)  # the main process has prepared the schema
-    index = Index(engine, DebounceSettings(quiet_period=config.quiet_period, max_delay=config.max_delay))
     observer = ChannelObserver(channel)
-    listener = DicomListener(settings, GroupCommit(index), clock=lambda: datetime.now(UTC), observer=observer)
+    listener = DicomListener(settings, GroupCommit(index_on(engine, config)), clock=utc_now, observer=observer)
     listener.start(handed_over=lambda: observer.send({"kind": "done"}))
 
     def flush_regularly() -> None:
