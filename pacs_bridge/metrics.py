@@ -85,8 +85,8 @@ class BridgeMetrics:
     def association_closed(self) -> None:
         self._open_associations.dec()
 
-    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int) -> None:
-        self._store_results.labels(status=f"0x{status:04X}", calling_ae=calling_ae).inc()
+    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int, count: int = 1) -> None:
+        self._store_results.labels(status=f"0x{status:04X}", calling_ae=calling_ae).inc(count)
         self._bytes_received.inc(size_bytes)
 
     def publish_attempted(self, *, http_status: int | None, outcome: str) -> None:

@@ -14,7 +14,10 @@ class BridgeObserver(Protocol):
 
     def association_closed(self) -> None: ...
 
-    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int) -> None: ...
+    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int, count: int = 1) -> None:
+        """``count`` instances with this status from this AE, ``size_bytes`` in all (a listener process reports
+        its instances in batches)."""
+        ...
 
     def publish_attempted(self, *, http_status: int | None, outcome: str) -> None: ...
 
@@ -32,7 +35,7 @@ class NullObserver:
     def association_closed(self) -> None:
         pass
 
-    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int) -> None:
+    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int, count: int = 1) -> None:
         pass
 
     def publish_attempted(self, *, http_status: int | None, outcome: str) -> None:

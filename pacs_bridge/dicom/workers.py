@@ -206,11 +206,9 @@ class ListenerPool:
             self._observer.association_closed()
         elif kind == "stored":
             for status, calling_ae, count, size_bytes in report["results"]:
-                for index in range(count):
-                    # The bytes of a batch are reported once, on its first count.
-                    self._observer.instance_received(
-                        status=status, calling_ae=calling_ae, size_bytes=size_bytes if index == 0 else 0
-                    )
+                self._observer.instance_received(
+                    status=status, calling_ae=calling_ae, size_bytes=size_bytes, count=count
+                )
 
     def _accept_loop(self) -> None:
         listening = self._socket
@@ -293,10 +291,10 @@ class ChannelObserver(NullObserver):
     def association_closed(self) -> None:
         self.send({"kind": "closed"})
 
-    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int) -> None:
+    def instance_received(self, *, status: int, calling_ae: str, size_bytes: int, count: int = 1) -> None:
         with self._lock:
             entry = self._results.setdefault((status, calling_ae), [0, 0])
-            entry[0] += 1
+            entry[0] += count
             entry[1] += size_bytes
 
     def flush(self) -> None:
