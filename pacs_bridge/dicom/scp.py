@@ -335,7 +335,6 @@ class DicomListener:
         self._observer: BridgeObserver = observer or NullObserver()
         self._stats = _AssociationStats()
         self._server: Any = None
-        self._handed_over = False
         self._ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -396,7 +395,7 @@ class DicomListener:
                 self._ae.make_server((self._settings.bind, 0), evt_handlers=handlers, server_class=_HandedOverServer),
             )
             server.request_done = handed_over
-            self._server, self._handed_over = server, True
+            self._server = server
             return
         self._server = self._ae.start_server(
             (self._settings.bind, self._settings.port),
@@ -418,7 +417,8 @@ class DicomListener:
         if server is None:
             return
         self._server = None
-        if not self._handed_over:
+        handed_over = isinstance(server, _HandedOverServer)
+        if not handed_over:
             # socketserver's own shutdown (not pynetdicom's, which also aborts associations): leave the accept
             # loop, then close the listening socket so new associations are refused while the open ones finish.
             socketserver.BaseServer.shutdown(server)
@@ -429,7 +429,7 @@ class DicomListener:
         remaining = server.active_associations
         for assoc in remaining:
             assoc.abort()
-        if self._handed_over:
+        if handed_over:
             server.server_close()  # it never served, so socketserver's shutdown() would wait for ever
         else:
             server.shutdown()
@@ -439,7 +439,7 @@ class DicomListener:
         """Serve one connection accepted elsewhere (after ``start(handed_over=...)``), as pynetdicom's accept
         loop would: TLS first when configured, then a thread for the association."""
         server = self._server
-        if server is None or not self._handed_over:
+        if not isinstance(server, _HandedOverServer):
             connection.close()
             raise RuntimeError("the listener does not take handed-over connections")
         if self._settings.tls is not None:
