@@ -1,4 +1,6 @@
-"""Wake pynetdicom's association reactor as soon as a DIMSE message arrives, instead of after its 1 ms sleep.
+"""pynetdicom's two loops per association wait for work instead of polling for it.
+
+**The association reactor** is woken as soon as a DIMSE message arrives, instead of after its 1 ms sleep.
 
 Each association's reactor thread (``Association._run_reactor`` in pynetdicom 3.0) loops on
 ``time.sleep(0.001)`` and then looks for a complete DIMSE message that its DUL thread has queued. A C-STORE
@@ -11,19 +13,38 @@ paid once per instance (about 0.5 ms on average, against ~3-5 ms per instance in
 where it waits on an event instead, for the same millisecond at most. ``attach`` (at EVT_CONN_OPEN) swaps the
 association's DIMSE message queue for one that sets that event on every ``put``. The reactor so behaves as
 before, only woken early when there is something to serve; a missed wake-up costs at most the old 1 ms.
+
+**The DUL thread** (``DULServiceProvider.run_reactor``) reads PDUs from the socket and sends those the
+association queues; whenever a pass finds nothing to do it sleeps ``_run_loop_delay`` (1 ms). Each PDU
+received and each response to send therefore waits up to a millisecond, which on one association bounds the
+rate, and every idle association wakes a thousand times a second. ``attach`` gives the DUL an ``eventfd``
+that its outgoing queue (``to_provider_queue``) writes on every ``put``; the stand-in ``time`` put into
+``pynetdicom.dul`` turns that thread's sleep into a ``poll`` on the socket and the eventfd, for at most
+``DUL_LONGEST_WAIT`` (its ARTIM timer and its stop flag are looked at on every pass, as before). The eventfd
+is level-triggered, so a PDU queued between the DUL's look at the queue and its wait is never missed. Plain
+TCP sockets only: a TLS socket may hold decrypted bytes that ``poll`` does not see, and keeps the 1 ms
+sleeps.
+
 pynetdicom is pinned to 3.0.x; ``tests/integration/test_reactor_wakeup.py`` fails if this stops applying.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import select
+import socket
 import threading
 import time
+import weakref
 from types import ModuleType
 from typing import Any
 
 REACTOR_SLEEP = 0.001  # the literal in pynetdicom 3.0's Association._run_reactor
 _WAKEUP_ATTRIBUTE = "_pacs_bridge_wakeup"
+DUL_LONGEST_WAIT_MS = 50  # a waiting DUL thread still looks at its ARTIM timer and stop flag this often
+_POLL_IN = select.POLLIN | select.POLLPRI
 
 
 class _WakingQueue(queue.Queue[Any]):
@@ -60,15 +81,104 @@ class ReactorClock:
         return getattr(self._time, name)
 
 
+class _WakingProviderQueue(queue.Queue[Any]):
+    """The DUL's queue of primitives to send; every ``put`` also wakes the DUL thread."""
+
+    def __init__(self, wakeup: DulWakeup) -> None:
+        super().__init__()
+        self._wakeup = wakeup
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wakeup.wake()
+
+
+class DulWakeup:
+    """What one DUL thread waits on: its socket, and an eventfd written whenever it has something to send."""
+
+    __slots__ = ("__weakref__", "_closer", "_event_fd", "_lock", "_poller", "_socket", "_socket_fd", "polls", "woken")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+        self._socket_fd = sock.fileno()
+        self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Closed when the DUL loop ends, or with this object if the loop ends another way (it runs once).
+        self._closer = weakref.finalize(self, os.close, self._event_fd)
+        self._lock = threading.Lock()
+        self._poller = select.poll()
+        self._poller.register(self._socket_fd, _POLL_IN)
+        self._poller.register(self._event_fd, _POLL_IN)
+        self.polls = 0  # waits begun (tests read these counters; not worth a lock)
+        self.woken = 0  # waits ended early, by a PDU or a primitive to send
+
+    def wake(self) -> None:
+        with self._lock:  # never write to a closed eventfd's number, which may belong to another file by now
+            if self._event_fd >= 0:
+                os.eventfd_write(self._event_fd, 1)
+
+    def wait(self, dul: Any, seconds: float) -> None:
+        """Sleep like the DUL would, but only until its socket is readable or a primitive is queued."""
+        transport = getattr(dul, "socket", None)
+        stopping = (
+            getattr(dul, "_kill_thread", True)
+            or transport is None
+            or transport.socket is None
+            or getattr(transport, "_is_connected", True) is False  # pynetdicom no longer reads it
+        )
+        if stopping or self._event_fd < 0 or self._socket.fileno() != self._socket_fd:
+            self.close()  # the loop ends or the connection is closed: the plain sleep from here on
+            time.sleep(seconds)
+            return
+        self.polls += 1
+        events = self._poller.poll(DUL_LONGEST_WAIT_MS)
+        if any(fd == self._event_fd for fd, _ in events):
+            self.woken += 1
+            with self._lock:
+                if self._event_fd >= 0:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._event_fd)
+        elif events:
+            self.woken += 1
+
+    def close(self) -> None:
+        with self._lock:
+            if self._event_fd >= 0:
+                self._poller.unregister(self._event_fd)
+                self._event_fd = -1
+                self._closer()
+
+
+class DulClock:
+    """Stands in for the ``time`` module inside ``pynetdicom.dul``; see the module docstring."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self._time = module
+
+    def sleep(self, seconds: float) -> None:
+        dul = threading.current_thread()
+        wakeup = getattr(dul, _WAKEUP_ATTRIBUTE, None)
+        if wakeup is None or seconds != getattr(dul, "_run_loop_delay", None):
+            self._time.sleep(seconds)
+            return
+        wakeup.wait(dul, seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._time, name)
+
+
 def install() -> ReactorClock:
-    """Make pynetdicom's association reactors wakeable (idempotent); returns the clock in place."""
-    from pynetdicom import association
+    """Make pynetdicom's association reactors and DUL threads wakeable (idempotent); returns the association
+    reactors' clock."""
+    from pynetdicom import association, dul
 
     module: Any = association
     clock = module.time
     if not isinstance(clock, ReactorClock):
         clock = ReactorClock(time)
         module.time = clock
+    dul_module: Any = dul
+    if not isinstance(dul_module.time, DulClock):
+        dul_module.time = DulClock(time)
     return clock
 
 
@@ -82,4 +192,32 @@ def attach(assoc: Any) -> bool:
     wakeup = threading.Event()
     dimse.msg_queue = _WakingQueue(wakeup)  # type: ignore[union-attr]
     setattr(assoc, _WAKEUP_ATTRIBUTE, wakeup)
+    _attach_dul(getattr(assoc, "dul", None))
+    return True
+
+
+def detach(assoc: Any) -> None:
+    """``assoc``'s connection is closed (EVT_CONN_CLOSE, on its DUL thread): close its DUL's eventfd now rather
+    than when the association is collected. Its thread, if it loops once more, sleeps plainly."""
+    wakeup = getattr(getattr(assoc, "dul", None), _WAKEUP_ATTRIBUTE, None)
+    if isinstance(wakeup, DulWakeup):
+        wakeup.close()
+
+
+def _attach_dul(dul: Any) -> bool:
+    """Let ``dul``'s thread wait on its socket and its outgoing queue (before the thread starts)."""
+    if not hasattr(os, "eventfd") or not isinstance(dul, threading.Thread) or dul.is_alive():
+        return False
+    provider: Any = dul
+    outgoing = getattr(dul, "to_provider_queue", None)
+    transport = getattr(dul, "socket", None)
+    raw = getattr(transport, "socket", None)
+    raw = getattr(raw, "wrapped", raw)  # the plain socket under the listener's QuickAckSocket
+    if type(outgoing) is not queue.Queue or not outgoing.empty() or type(raw) is not socket.socket:
+        return False
+    if not isinstance(getattr(dul, "_run_loop_delay", None), float):
+        return False
+    wakeup = DulWakeup(raw)
+    provider.to_provider_queue = _WakingProviderQueue(wakeup)
+    setattr(provider, _WAKEUP_ATTRIBUTE, wakeup)
     return True

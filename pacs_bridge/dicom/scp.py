@@ -133,78 +133,6 @@ def _received_size(event: Any) -> int:
         return 0
 
 
-class BusyAssociations:
-    """How many associations of this process are polling fast now (shared by their ``AdaptivePolling``)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def change(self, delta: int) -> None:
-        with self._lock:
-            self.count = max(self.count + delta, 0)
-
-
-_BUSY_ASSOCIATIONS = BusyAssociations()
-
-
-class AdaptivePolling:
-    """Lets pynetdicom's DUL thread poll fast while the peer is sending, and slowly once it has gone quiet.
-
-    The DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever its last poll found nothing, so each PDU of a
-    C-STORE may wait up to that long before it is read: on one association that latency, not CPU, bounds the
-    rate. Polling fast all the time would burn CPU on every idle association (measured: about 5 % of a core
-    each at 0.2 ms), so the fast delay applies only within ``idle_after`` seconds of the last receive, and
-    only while no other association of the process is receiving too: with several at once the process is
-    bound by CPU and the GIL, not by latency, and fast polls cost throughput (measured with 4 associations:
-    about 0.8 ms more CPU per instance and ~15 % fewer instances per second than 1 ms polls).
-    Relies on pynetdicom's ``DULServiceProvider._run_loop_delay`` (pynetdicom is pinned to 3.0.x); without that
-    attribute nothing changes.
-    """
-
-    BUSY_DELAY = 0.0001
-    IDLE_AFTER = 0.05
-
-    __slots__ = ("_busy", "_clock", "_dul", "_idle_delay", "_last_receive", "_others")
-
-    def __init__(
-        self,
-        dul: Any,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        busy_associations: BusyAssociations = _BUSY_ASSOCIATIONS,
-    ) -> None:
-        self._dul = dul
-        self._clock = clock
-        self._others = busy_associations
-        self._idle_delay: float = dul._run_loop_delay
-        self._last_receive = 0.0
-        self._busy = False
-
-    def received(self) -> None:
-        self._last_receive = self._clock()
-        if not self._busy:
-            self._busy = True
-            self._others.change(+1)
-        self._steer()
-
-    def polled(self) -> None:
-        if self._busy and self._clock() - self._last_receive > self.IDLE_AFTER:
-            self._busy = False
-            self._others.change(-1)
-        self._steer()
-
-    def closed(self) -> None:
-        """The association's socket is closing: it no longer counts as receiving."""
-        if self._busy:
-            self._busy = False
-            self._others.change(-1)
-
-    def _steer(self) -> None:
-        fast = self._busy and self._others.count == 1
-        self._dul._run_loop_delay = self.BUSY_DELAY if fast else self._idle_delay
-
-
 class QuickAckSocket:
     """A TCP socket that acknowledges every receive at once (Linux ``TCP_QUICKACK``, re-armed after each recv).
 
@@ -214,11 +142,10 @@ class QuickAckSocket:
     hence the re-arm. Everything else passes through to the wrapped socket (``select`` uses ``fileno``).
     """
 
-    __slots__ = ("_polling", "_socket")
+    __slots__ = ("_socket",)
 
-    def __init__(self, sock: socket.socket, polling: AdaptivePolling | None = None) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self._socket = sock
-        self._polling = polling
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # our responses go out at once too
         self._rearm()
 
@@ -229,26 +156,14 @@ class QuickAckSocket:
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = self._socket.recv(bufsize, flags)
         self._rearm()
-        if self._polling is not None:
-            self._polling.received()
         return data
 
-    def fileno(self) -> int:
-        # pynetdicom polls the socket with select(), which calls fileno(): the moment to notice idleness.
-        if self._polling is not None:
-            self._polling.polled()
+    @property
+    def wrapped(self) -> socket.socket:
+        return self._socket
+
+    def fileno(self) -> int:  # select() and poll() call it; __getattr__ would too, only slower
         return self._socket.fileno()
-
-    def shutdown(self, how: int) -> None:
-        # pynetdicom shuts the socket down before closing it, and skips the close if shutdown raises.
-        if self._polling is not None:
-            self._polling.closed()
-        self._socket.shutdown(how)
-
-    def close(self) -> None:
-        if self._polling is not None:
-            self._polling.closed()
-        self._socket.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._socket, name)
@@ -261,8 +176,7 @@ def _acknowledge_quickly(event: Any) -> None:
     raw = transport.socket
     # TLS sockets keep their own class: pynetdicom checks isinstance(SSLSocket) for pending bytes.
     if _TCP_QUICKACK and type(raw) is socket.socket and raw.type == socket.SOCK_STREAM:
-        polling = AdaptivePolling(dul) if isinstance(getattr(dul, "_run_loop_delay", None), float) else None
-        transport.socket = QuickAckSocket(raw, polling)
+        transport.socket = QuickAckSocket(raw)
 
 
 class _HandedOverServer(ThreadedAssociationServer):
@@ -375,13 +289,14 @@ class DicomListener:
         # Received datasets over a few MB spill to an anonymous temporary file (see dicom/spool.py): a 1 GB
         # tomosynthesis object then costs the bridge kilobytes of memory, a 10 kB CT slice nothing extra.
         install_spilling_buffers()
-        # Association reactors wake when a DIMSE message arrives rather than after their 1 ms sleep.
+        # pynetdicom's association reactors and DUL threads wait for work instead of polling every millisecond.
         reactor.install()
         # pynetdicom's standard handlers log every DIMSE message, and to do so read each received dataset
         # whole (getvalue), spilled or not; our own association and instance events replace them.
         _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_connection_opened),
+            (evt.EVT_CONN_CLOSE, self._handle_connection_closed),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_ESTABLISHED, self._handle_established),
@@ -500,6 +415,13 @@ class DicomListener:
             reactor.attach(event.assoc)
         except Exception:  # an optimisation: never a reason to drop the connection
             log.exception("quickack_failed")
+
+    @staticmethod
+    def _handle_connection_closed(event: Any) -> None:
+        try:
+            reactor.detach(event.assoc)
+        except Exception:
+            log.exception("reactor_detach_failed")
 
     @staticmethod
     def _handle_echo(event: Any) -> int:

@@ -15,10 +15,8 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacs_bridge.dicom import scp
-from pacs_bridge.dicom.scp import AdaptivePolling, BusyAssociations, DicomListener, ListenerSettings, QuickAckSocket
+from pacs_bridge.dicom.scp import DicomListener, ListenerSettings, QuickAckSocket
 from pacs_bridge.index.repository import Index
 from tests.support.dcmtk import require_dcmtk
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
@@ -83,79 +81,6 @@ def test_storescu_with_nagle_on_stores_a_series(index: Index, tmp_path: Path):
         running.stop(drain_timeout_seconds=5)
     assert result.returncode == 0, result.stdout + result.stderr
     assert index.load_snapshot(study_uid).number_of_instances == 20
-
-
-class _DulLoop:
-    """The one attribute of pynetdicom's DUL thread that AdaptivePolling steers."""
-
-    def __init__(self) -> None:
-        self._run_loop_delay = 0.001
-
-
-def test_polling_is_fast_while_receiving_and_back_to_idle_after_a_quiet_spell():
-    """A receive switches the DUL loop to 0.1 ms polls; 50 ms without one restores its own 1 ms."""
-    now = [100.0]
-    dul = _DulLoop()
-    polling = AdaptivePolling(dul, clock=lambda: now[0], busy_associations=BusyAssociations())
-    polling.polled()
-    assert dul._run_loop_delay == 0.001
-    polling.received()
-    assert dul._run_loop_delay == AdaptivePolling.BUSY_DELAY
-    now[0] += 0.04
-    polling.polled()
-    assert dul._run_loop_delay == AdaptivePolling.BUSY_DELAY
-    now[0] += 0.02
-    polling.polled()
-    assert dul._run_loop_delay == 0.001
-
-
-def test_polling_is_fast_only_while_a_single_association_is_receiving() -> None:
-    """Two associations receiving at once both poll at the idle 1 ms (CPU-bound, not latency-bound); once one
-    goes quiet or closes, the other polls fast again."""
-    now = [100.0]
-    busy = BusyAssociations()
-    first, second = _DulLoop(), _DulLoop()
-    first_polling = AdaptivePolling(first, clock=lambda: now[0], busy_associations=busy)
-    second_polling = AdaptivePolling(second, clock=lambda: now[0], busy_associations=busy)
-    first_polling.received()
-    assert first._run_loop_delay == AdaptivePolling.BUSY_DELAY
-    second_polling.received()
-    first_polling.polled()
-    assert (first._run_loop_delay, second._run_loop_delay, busy.count) == (0.001, 0.001, 2)
-    second_polling.closed()
-    first_polling.polled()
-    assert (first._run_loop_delay, busy.count) == (AdaptivePolling.BUSY_DELAY, 1)
-    now[0] += 0.06
-    first_polling.polled()
-    second_polling.closed()  # twice changes nothing
-    assert (first._run_loop_delay, busy.count) == (0.001, 0)
-
-
-def test_listener_sockets_steer_the_dul_loop_of_their_association(index: Index, tmp_path: Path):
-    """On a real association the DUL loop polls fast during a send and slowly once it is over."""
-    running = DicomListener(
-        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=lambda: datetime.now(UTC)
-    )
-    running.start()
-    try:
-        ae = AE()
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", running.port, ae_title="PACS_BRIDGE")
-        assert assoc.is_established
-        (acceptor,) = [a for a in running._server.active_associations]
-        assert assoc.send_c_echo().Status == 0x0000
-        assert acceptor.dul._run_loop_delay == AdaptivePolling.BUSY_DELAY
-        deadline = time.monotonic() + 5
-        while acceptor.dul._run_loop_delay != 0.001 and time.monotonic() < deadline:
-            threading.Event().wait(0.02)
-        assert acceptor.dul._run_loop_delay == 0.001
-        assoc.release()
-        deadline = time.monotonic() + 10
-        while running._server.active_associations and time.monotonic() < deadline:
-            threading.Event().wait(0.02)
-    finally:
-        running.stop(drain_timeout_seconds=5)
-    assert scp._BUSY_ASSOCIATIONS.count == 0  # a closed association no longer counts as receiving
 
 
 def test_every_receive_of_an_association_goes_through_the_wrapper_from_its_request_on(

@@ -1,15 +1,20 @@
-"""pynetdicom's association reactor is woken by each DIMSE message (dicom/reactor.py), on real associations."""
+"""pynetdicom's association reactor and DUL thread wait for work instead of polling (dicom/reactor.py)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom import dcmread
-from pynetdicom import AE, association
+from pynetdicom import AE, association, dul
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom import reactor
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
@@ -61,3 +66,108 @@ def test_each_c_store_wakes_the_reactor_of_its_association(index: Index, tmp_pat
         running.stop(drain_timeout_seconds=5)
     assert woken >= STORES
     assert index.load_snapshot(study_uid).number_of_instances == STORES
+
+
+def test_the_dul_sleep_and_queue_are_the_ones_the_adaptation_replaces() -> None:
+    """pynetdicom 3.0's DUL loop sleeps ``self._run_loop_delay`` on ``dul.time`` when a pass found nothing, and
+    its outgoing queue is a plain ``queue.Queue`` made in ``__init__``: if either changes, this fails."""
+    source = Path(dul.__file__).read_text(encoding="utf-8")
+    loop_body = source.split("def run_reactor(self)", 1)[1].split("\n    def ", 1)[0]
+    assert "time.sleep(self._run_loop_delay)" in loop_body
+    assert "self._process_recv_primitive()" in loop_body and "self._is_transport_event()" in loop_body
+    assert 'self.to_provider_queue: "_QueueType" = queue.Queue()' in source
+    assert "\nimport time\n" in source
+
+
+class _Transport:
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.socket = sock
+
+
+class _Dul:
+    """What ``DulWakeup.wait`` reads of pynetdicom's DUL thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = _Transport(sock)
+        self._kill_thread = False
+
+
+@pytest.fixture
+def socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, peer = socket.socketpair()
+    try:
+        yield ours, peer
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_a_waiting_dul_thread_wakes_for_a_queued_primitive_or_a_received_pdu(
+    socket_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A wake-up given before the wait is not lost (the eventfd keeps it); bytes on the socket end the wait too;
+    with neither, the wait runs out (and counts no wake-up)."""
+    ours, peer = socket_pair
+    wakeup = reactor.DulWakeup(ours)
+    loop = _Dul(ours)
+    wakeup.wake()
+    wakeup.wait(loop, 0.001)
+    assert wakeup.woken == 1
+    wakeup.wait(loop, 0.001)  # the wake-up was consumed: this one runs out
+    assert wakeup.woken == 1
+    peer.sendall(b"\x04")
+    wakeup.wait(loop, 0.001)
+    assert (wakeup.woken, wakeup.polls) == (2, 3)
+    wakeup.close()
+
+
+def test_a_stopping_dul_thread_closes_its_eventfd_and_sleeps_plainly(
+    socket_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, _ = socket_pair
+    open_before = len(os.listdir("/proc/self/fd"))
+    wakeup = reactor.DulWakeup(ours)
+    assert len(os.listdir("/proc/self/fd")) == open_before + 1
+    loop = _Dul(ours)
+    loop._kill_thread = True
+    wakeup.wait(loop, 0.001)
+    wakeup.wake()  # a late put on the queue writes nothing anywhere
+    assert wakeup.polls == 0
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_an_idle_association_waits_and_its_eventfd_goes_with_it(index: Index, tmp_path: Path) -> None:
+    """The acceptor's DUL thread waits on its socket and its queue: half a second of silence costs it about ten
+    waits (stock pynetdicom polls every millisecond: ~500), each C-ECHO wakes it, and once the association is
+    released its eventfd is closed."""
+    running = DicomListener(
+        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=lambda: datetime.now(UTC)
+    )
+    running.start()
+    open_before = len(os.listdir("/proc/self/fd"))
+    try:
+        ae = AE()
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="PACS_BRIDGE")
+        assert assoc.is_established
+        (acceptor,) = running._server.active_associations
+        wakeup = getattr(acceptor.dul, reactor._WAKEUP_ATTRIBUTE)
+        assert isinstance(wakeup, reactor.DulWakeup)
+        assert isinstance(acceptor.dul.to_provider_queue, reactor._WakingProviderQueue)
+        assert not hasattr(assoc.dul, reactor._WAKEUP_ATTRIBUTE)  # our own SCU is left alone
+        polls_before = wakeup.polls
+        threading.Event().wait(0.5)
+        assert wakeup.polls - polls_before <= 0.5 * 1000 / reactor.DUL_LONGEST_WAIT_MS + 5
+        woken_before = wakeup.woken
+        for _ in range(STORES):
+            assert assoc.send_c_echo().Status == 0x0000
+        assert wakeup.woken - woken_before >= 2 * STORES  # each request read, each response sent
+        assoc.release()
+        deadline = time.monotonic() + 10
+        while running._server.active_associations and time.monotonic() < deadline:
+            threading.Event().wait(0.02)
+        acceptor.dul.join(5)
+    finally:
+        running.stop(drain_timeout_seconds=5)
+    assert wakeup._event_fd == -1
+    assert len(os.listdir("/proc/self/fd")) <= open_before
