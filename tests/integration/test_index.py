@@ -15,7 +15,14 @@ from pacs_bridge.index.models import PublishState, Study
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.debounce import DebounceSettings
-from pacs_bridge.records import InstanceRecord, RecordOutcome, SeriesAttributes, StudyAttributes
+from pacs_bridge.records import (
+    CodedConcept,
+    InstanceRecord,
+    InstanceSnapshot,
+    RecordOutcome,
+    SeriesAttributes,
+    StudyAttributes,
+)
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
 from tests.support.studies import uid
 
@@ -57,6 +64,61 @@ def test_identical_resend_changes_nothing(index: Index, engine: Engine, clock: F
     assert index.record_instance(record(), received_at=clock()) is RecordOutcome.UNCHANGED
     row = study_row(engine)
     assert (row.change_seq, row.due_at) == (1, clock() - timedelta(seconds=20) + QUIET)
+
+
+def test_every_kind_of_column_reads_back_as_recorded_and_an_identical_resend_changes_nothing(
+    index: Index, engine: Engine, clock: FakeClock
+):
+    """The per-instance statements run on the driver's cursor with SQLAlchemy's type processors: tuples, coded
+    concepts, non-ASCII names, integers and times are written as the ORM reads them, and compared the same way
+    on a re-send (else every re-send would count as a change)."""
+    procedure = CodedConcept(code="RPID17", scheme="RADLEX", meaning="CT chest", scheme_version="4.1")
+    full = InstanceRecord(
+        study=StudyAttributes(
+            study_uid=uid("1"),
+            patient_id="PAT-1",
+            patient_name="Müller^Jürgen",
+            reading_physicians=("Ödön^Ada", "Lee^Bo"),
+            procedure_codes=(procedure,),
+            reasons=("cough", "fever"),
+            reason_codes=(CodedConcept(code="49727002", scheme="SCT", meaning="Cough"),),
+        ),
+        series=SeriesAttributes(
+            series_uid=uid("1.1"),
+            modality="CT",
+            series_number=3,
+            performing_physicians=("Ng^Al",),
+            operators=("Roe^Jo", "Doe^Jane"),
+            sending_ae_title="MODALITY",
+        ),
+        sop_instance_uid=uid("1.1.1"),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        instance_number=7,
+        image_laterality="L",
+        title="Localizer",
+    )
+    assert index.record_instance(full, received_at=clock()) is RecordOutcome.NEW
+    clock.advance(timedelta(seconds=5))
+    assert index.record_instance(full, received_at=clock()) is RecordOutcome.UNCHANGED
+    snapshot = index.load_snapshot(uid("1"))
+    assert snapshot.attributes == full.study
+    (series,) = snapshot.series
+    assert series.attributes == full.series
+    assert series.instances == (
+        InstanceSnapshot(
+            sop_instance_uid=uid("1.1.1"),
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            instance_number=7,
+            image_laterality="L",
+            title="Localizer",
+        ),
+    )
+    row = study_row(engine)
+    assert (row.change_seq, row.first_change_at, row.last_change_at) == (
+        1,
+        clock() - timedelta(seconds=5),
+        row.first_change_at,
+    )
 
 
 def test_changed_attribute_of_a_known_instance_counts_as_a_change(index: Index, engine: Engine, clock: FakeClock):
