@@ -32,7 +32,7 @@ from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs_bridge.dicom import reactor
+from pacs_bridge.dicom import reactor, store_response
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason
 from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
 from pacs_bridge.dicom.spool import SpillingBuffer
@@ -291,6 +291,8 @@ class DicomListener:
         install_spilling_buffers()
         # pynetdicom's association reactors and DUL threads wait for work instead of polling every millisecond.
         reactor.install()
+        # Plain C-STORE responses are encoded in one step, not through a pydicom Dataset of the command set.
+        store_response.install()
         # pynetdicom's standard handlers log every DIMSE message, and to do so read each received dataset
         # whole (getvalue), spilled or not; our own association and instance events replace them.
         _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
