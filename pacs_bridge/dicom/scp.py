@@ -22,6 +22,7 @@ from io import BytesIO
 from typing import Any, Protocol, cast
 
 import structlog
+from pydicom import config as pydicom_config
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -296,6 +297,10 @@ class DicomListener:
         # pynetdicom's standard handlers log every DIMSE message, and to do so read each received dataset
         # whole (getvalue), spilled or not; our own association and instance events replace them.
         _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+        # pydicom checks every value it decodes (DIMSE command sets included) against its VR and warns; extraction
+        # checks what the index needs itself (dicom/extract.py), so those checks cost CPU per instance and only
+        # ever produced warnings.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_connection_opened),
             (evt.EVT_CONN_CLOSE, self._handle_connection_closed),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
@@ -128,6 +129,23 @@ def test_bytes_that_are_not_dicom_do_not_stop_the_listener(listener: DicomListen
         with contextlib.suppress(TimeoutError, ConnectionResetError):
             raw.recv(1024)
     assert echoscu(listener.port).returncode == 0
+
+
+def test_a_value_pydicom_would_warn_about_is_stored_as_sent(listener: DicomListener, index: Index, tmp_path: Path):
+    """pydicom's value checks are off in the listener (extraction checks what the index needs): a description
+    longer than LO allows is stored, neither refused nor warned about (the test run turns warnings into errors,
+    so a warning in the handler would have refused it)."""
+    description = "CT chest abdomen pelvis " * 4  # 96 characters; LO allows 64
+    settings = pydicom_config.settings
+    previous = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom_config.IGNORE  # let the test write it
+    try:
+        path = write_file(make_dataset(StudyDescription=description), tmp_path / "long.dcm")
+    finally:
+        settings.reading_validation_mode = previous
+    result = storescu(listener.port, [path])
+    assert "Received Store Response (Success)" in result.stdout + result.stderr
+    assert index.load_snapshot(uid("1")).attributes.study_description == description.strip()
 
 
 def test_dcmtk_storescu_sends_a_multi_series_study(listener: DicomListener, index: Index, tmp_path: Path):
