@@ -12,7 +12,7 @@ import hashlib
 import threading
 from collections import defaultdict, namedtuple
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, UnknownStudyError
-from pacs_bridge.index.engine import READ_ONLY_OPTION
+from pacs_bridge.index.engine import READ_ONLY_OPTION, writer_queue
 from pacs_bridge.index.models import EndpointPublication, Instance, PublishState, RejectedInstance, Series, Study
 from pacs_bridge.publish.debounce import DebounceSettings, due_at
 from pacs_bridge.records import (
@@ -294,6 +294,7 @@ class Index:
         self._dialect = engine.dialect.name
         self._statements = _IngestStatements(postgresql.insert if self._dialect == "postgresql" else sqlite.insert)
         self._driver = _DriverIngest(self._statements, engine.dialect)
+        self._writers = writer_queue(engine)
         self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
 
     @contextmanager
@@ -305,6 +306,14 @@ class Index:
                 f"the index database failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                 "check that the database in `database.url` is running, writable and not full"
             ) from exc
+
+    @contextmanager
+    def _ingest_transaction(self) -> Iterator[Connection]:
+        """The transaction of the per-instance path; on SQLite it first waits its turn among writers."""
+        with self._translated_errors():
+            turn = self._writers.turn() if self._writers is not None else nullcontext()
+            with turn, self._engine.begin() as connection:
+                yield connection
 
     @contextmanager
     def _unit_of_work(self, *, read_only: bool = False) -> Iterator[Session]:
@@ -330,7 +339,7 @@ class Index:
         if record.rejection_note is not None:
             return self._apply_rejection_note(record.rejection_note, received_at)
         try:
-            with self._translated_errors(), self._engine.begin() as connection:
+            with self._ingest_transaction() as connection:
                 return self._record(connection, record, received_at)
         except _RejectedInstanceError:
             log.info(
@@ -352,7 +361,7 @@ class Index:
                 # committing batches that share studies then wait for each other instead of deadlocking.
                 by_study = sorted(range(len(batch)), key=lambda position: batch[position][0].study.study_uid)
                 recorded: dict[int, RecordOutcome | Exception] = {}
-                with self._translated_errors(), self._engine.begin() as connection:
+                with self._ingest_transaction() as connection:
                     for position in by_study:
                         record, received_at = batch[position]
                         recorded[position] = self._record(connection, record, received_at)

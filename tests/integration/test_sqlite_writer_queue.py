@@ -1,0 +1,63 @@
+"""Writers of one SQLite file take turns in the kernel (index/engine.py WriterQueue), as listener processes do."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pacs_bridge.index.engine import make_engine, writer_queue
+from pacs_bridge.index.repository import Index
+from pacs_bridge.index.schema import prepare_schema
+from pacs_bridge.publish.debounce import DebounceSettings
+from pacs_bridge.records import InstanceRecord, RecordOutcome, SeriesAttributes, StudyAttributes
+from tests.conftest import MAX_DELAY, QUIET
+from tests.support.studies import uid
+
+
+def record(instance: str) -> InstanceRecord:
+    return InstanceRecord(
+        study=StudyAttributes(study_uid=uid("1")),
+        series=SeriesAttributes(series_uid=uid("1.1"), modality="CT"),
+        sop_instance_uid=uid(instance),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+    )
+
+
+def test_a_writer_waits_for_the_turn_another_holds_then_records(tmp_path: Path) -> None:
+    """Two indexes on two engines (two listener processes, as far as the lock is concerned) share one file: an
+    instance arriving while the other holds the turn is recorded as soon as the turn is given back."""
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    debounce = DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY)
+    first_engine, second_engine = make_engine(url), make_engine(url)
+    prepare_schema(first_engine, upgrade=True)
+    first, second = Index(first_engine, debounce), Index(second_engine, debounce)
+    queue = writer_queue(first_engine)
+    assert queue is not None
+    outcomes: list[RecordOutcome] = []
+    done = threading.Event()
+
+    def record_second() -> None:
+        outcomes.append(second.record_instance(record("1.1.2"), received_at=datetime.now(UTC)))
+        done.set()
+
+    try:
+        with queue.turn():
+            writer = threading.Thread(target=record_second)
+            writer.start()
+            assert not done.wait(0.3)  # it waits for the turn, not in SQLite's busy handler
+        assert done.wait(10)
+        writer.join()
+        assert first.record_instance(record("1.1.1"), received_at=datetime.now(UTC)) is RecordOutcome.NEW
+        assert outcomes == [RecordOutcome.NEW]
+        assert first.load_snapshot(uid("1")).number_of_instances == 2
+        assert (tmp_path / "index.db-writers").exists()
+    finally:
+        first_engine.dispose()
+        second_engine.dispose()
+
+
+def test_only_an_sqlite_file_has_a_writer_queue(tmp_path: Path) -> None:
+    assert writer_queue(make_engine("sqlite://")) is None
+    assert writer_queue(make_engine("postgresql://postgres@127.0.0.1:5432/test")) is None
+    assert writer_queue(make_engine(f"sqlite:///{tmp_path / 'index.db'}")) is not None
