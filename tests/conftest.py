@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -107,6 +108,19 @@ def fhir_server_r5() -> Iterator[FhirTestServer]:
     tests/fhir_server/server.mjs): tests check what it stored against the R5 models themselves."""
     with FhirTestServer(env={"FHIR_RELEASE": "R5"}) as server:
         yield server
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected TCP pair on 127.0.0.1: (client, accepted)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        try:
+            yield client, accepted
+        finally:
+            client.close()
+            accepted.close()
 
 
 @pytest.fixture

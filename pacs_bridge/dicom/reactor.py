@@ -20,7 +20,7 @@ received and each response to send therefore waits up to a millisecond, which on
 rate, and every idle association wakes a thousand times a second. ``attach`` gives the DUL an ``eventfd``
 that its outgoing queue (``to_provider_queue``) writes on every ``put``; the stand-in ``time`` put into
 ``pynetdicom.dul`` turns that thread's sleep into a ``poll`` on the socket and the eventfd, for at most
-``DUL_LONGEST_WAIT`` (its ARTIM timer and its stop flag are looked at on every pass, as before). The eventfd
+``DUL_LONGEST_WAIT_MS`` (its ARTIM timer and its stop flag are looked at on every pass, as before). The eventfd
 is level-triggered, so a PDU queued between the DUL's look at the queue and its wait is never missed. Plain
 TCP sockets only: a TLS socket may hold decrypted bytes that ``poll`` does not see, and keeps the 1 ms
 sleeps.
@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -48,15 +49,16 @@ _POLL_IN = select.POLLIN | select.POLLPRI
 
 
 class _WakingQueue(queue.Queue[Any]):
-    """The DIMSE provider's message queue; every ``put`` also sets the association's wake-up event."""
+    """A queue that wakes whoever waits for it on every ``put``: the DIMSE provider's message queue (sets the
+    association reactor's event), the DUL's outgoing queue (writes its eventfd)."""
 
-    def __init__(self, wakeup: threading.Event) -> None:
+    def __init__(self, wake: Callable[[], None]) -> None:
         super().__init__()
-        self._wakeup = wakeup
+        self._wake = wake
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        self._wakeup.set()
+        self._wake()
 
 
 class ReactorClock:
@@ -81,18 +83,6 @@ class ReactorClock:
         return getattr(self._time, name)
 
 
-class _WakingProviderQueue(queue.Queue[Any]):
-    """The DUL's queue of primitives to send; every ``put`` also wakes the DUL thread."""
-
-    def __init__(self, wakeup: DulWakeup) -> None:
-        super().__init__()
-        self._wakeup = wakeup
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        self._wakeup.wake()
-
-
 class DulWakeup:
     """What one DUL thread waits on: its socket, and an eventfd written whenever it has something to send."""
 
@@ -102,7 +92,7 @@ class DulWakeup:
         self._socket = sock
         self._socket_fd = sock.fileno()
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        # Closed when the DUL loop ends, or with this object if the loop ends another way (it runs once).
+        # Closed by close() (at EVT_CONN_CLOSE, or when the loop stops), else with this object (it runs once).
         self._closer = weakref.finalize(self, os.close, self._event_fd)
         self._lock = threading.Lock()
         self._poller = select.poll()
@@ -190,7 +180,7 @@ def attach(assoc: Any) -> bool:
     if not isinstance(assoc, threading.Thread) or type(messages) is not queue.Queue or not messages.empty():
         return False
     wakeup = threading.Event()
-    dimse.msg_queue = _WakingQueue(wakeup)  # type: ignore[union-attr]
+    dimse.msg_queue = _WakingQueue(wakeup.set)  # type: ignore[union-attr]
     setattr(assoc, _WAKEUP_ATTRIBUTE, wakeup)
     _attach_dul(getattr(assoc, "dul", None))
     return True
@@ -218,6 +208,6 @@ def _attach_dul(dul: Any) -> bool:
     if not isinstance(getattr(dul, "_run_loop_delay", None), float):
         return False
     wakeup = DulWakeup(raw)
-    provider.to_provider_queue = _WakingProviderQueue(wakeup)
+    provider.to_provider_queue = _WakingQueue(wakeup.wake)
     setattr(provider, _WAKEUP_ATTRIBUTE, wakeup)
     return True

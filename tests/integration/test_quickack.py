@@ -7,7 +7,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,18 +21,6 @@ from tests.support.dcmtk import require_dcmtk
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
-
-
-@pytest.fixture
-def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        client = socket.create_connection(server.getsockname())
-        accepted, _ = server.accept()
-        try:
-            yield client, accepted
-        finally:
-            client.close()
-            accepted.close()
 
 
 def test_wrapped_socket_turns_nagle_off_and_rearms_quickack_after_every_recv(

@@ -6,12 +6,10 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pydicom import dcmread
 from pynetdicom import AE, association, dul
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -92,22 +90,12 @@ class _Dul:
         self._kill_thread = False
 
 
-@pytest.fixture
-def socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    ours, peer = socket.socketpair()
-    try:
-        yield ours, peer
-    finally:
-        ours.close()
-        peer.close()
-
-
 def test_a_waiting_dul_thread_wakes_for_a_queued_primitive_or_a_received_pdu(
-    socket_pair: tuple[socket.socket, socket.socket],
+    tcp_pair: tuple[socket.socket, socket.socket],
 ) -> None:
     """A wake-up given before the wait is not lost (the eventfd keeps it); bytes on the socket end the wait too;
     with neither, the wait runs out (and counts no wake-up)."""
-    ours, peer = socket_pair
+    peer, ours = tcp_pair
     wakeup = reactor.DulWakeup(ours)
     loop = _Dul(ours)
     wakeup.wake()
@@ -122,9 +110,9 @@ def test_a_waiting_dul_thread_wakes_for_a_queued_primitive_or_a_received_pdu(
 
 
 def test_a_stopping_dul_thread_closes_its_eventfd_and_sleeps_plainly(
-    socket_pair: tuple[socket.socket, socket.socket],
+    tcp_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    ours, _ = socket_pair
+    _, ours = tcp_pair
     open_before = len(os.listdir("/proc/self/fd"))
     wakeup = reactor.DulWakeup(ours)
     assert len(os.listdir("/proc/self/fd")) == open_before + 1
@@ -153,7 +141,7 @@ def test_an_idle_association_waits_and_its_eventfd_goes_with_it(index: Index, tm
         (acceptor,) = running._server.active_associations
         wakeup = getattr(acceptor.dul, reactor._WAKEUP_ATTRIBUTE)
         assert isinstance(wakeup, reactor.DulWakeup)
-        assert isinstance(acceptor.dul.to_provider_queue, reactor._WakingProviderQueue)
+        assert isinstance(acceptor.dul.to_provider_queue, reactor._WakingQueue)
         assert not hasattr(assoc.dul, reactor._WAKEUP_ATTRIBUTE)  # our own SCU is left alone
         polls_before = wakeup.polls
         threading.Event().wait(0.5)
