@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,6 @@ from tests.support.studies import SeriesSpec, make_dataset, uid, write_file, wri
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@pytest.fixture
-def listener(index: Index) -> Iterator[DicomListener]:
-    running = DicomListener(ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=utc_now)
-    running.start()
-    yield running
-    running.stop(drain_timeout_seconds=5)
 
 
 def encoded_as(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:

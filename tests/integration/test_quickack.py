@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +12,9 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings, QuickAckSocket
+from pacs_bridge.dicom.scp import DicomListener, QuickAckSocket
 from pacs_bridge.index.repository import Index
+from tests.support.associations import wait_for_associations_to_end
 from tests.support.dcmtk import require_dcmtk
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
 
@@ -38,40 +36,33 @@ def test_wrapped_socket_turns_nagle_off_and_rearms_quickack_after_every_recv(
     assert wrapped.fileno() == accepted.fileno()  # select() and the rest pass through
 
 
-def test_storescu_with_nagle_on_stores_a_series(index: Index, tmp_path: Path):
+def test_storescu_with_nagle_on_stores_a_series(listener: DicomListener, index: Index, tmp_path: Path):
     """DCMTK storescu run without TCP_NODELAY (Nagle on, as Debian builds it) gets success for every instance."""
-    running = DicomListener(
-        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=lambda: datetime.now(UTC)
+    study_uid = new_study_uid()
+    write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 20)])
+    environment = {key: value for key, value in os.environ.items() if key != "TCP_NODELAY"}
+    result = subprocess.run(
+        [
+            require_dcmtk("storescu"),
+            "-aec",
+            "PACS_BRIDGE",
+            "+sd",
+            "127.0.0.1",
+            str(listener.port),
+            str(tmp_path / "study"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+        check=False,
     )
-    running.start()
-    try:
-        study_uid = new_study_uid()
-        write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 20)])
-        environment = {key: value for key, value in os.environ.items() if key != "TCP_NODELAY"}
-        result = subprocess.run(
-            [
-                require_dcmtk("storescu"),
-                "-aec",
-                "PACS_BRIDGE",
-                "+sd",
-                "127.0.0.1",
-                str(running.port),
-                str(tmp_path / "study"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=environment,
-            check=False,
-        )
-    finally:
-        running.stop(drain_timeout_seconds=5)
     assert result.returncode == 0, result.stdout + result.stderr
     assert index.load_snapshot(study_uid).number_of_instances == 20
 
 
 def test_every_receive_of_an_association_goes_through_the_wrapper_from_its_request_on(
-    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    listener: DicomListener, index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pins the adaptation to what pynetdicom (3.0.x) does: its DUL reads the A-ASSOCIATE-RQ and every PDU after
     it with ``recv`` on the socket EVT_CONN_OPEN let us wrap, each followed by a re-arm. If pynetdicom read
@@ -102,27 +93,18 @@ def test_every_receive_of_an_association_goes_through_the_wrapper_from_its_reque
     monkeypatch.setattr(QuickAckSocket, "recv", recv)
     monkeypatch.setattr(QuickAckSocket, "_rearm", rearm)
     monkeypatch.setattr(QuickAckSocket, "__getattr__", getattr_)
-    running = DicomListener(
-        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=lambda: datetime.now(UTC)
-    )
-    running.start()
-    try:
-        study_uid = new_study_uid()
-        (path,) = write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 1)])
-        dataset = dcmread(path)
-        ae = AE()  # pynetdicom as a sender leaves Nagle on
-        ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", running.port, ae_title="PACS_BRIDGE")
-        assert assoc.is_established
-        (acceptor,) = running._server.active_associations
-        assert type(acceptor.dul.socket.socket) is QuickAckSocket
-        assert assoc.send_c_store(dataset).Status == 0x0000
-        assoc.release()
-        deadline = time.monotonic() + 10
-        while running._server.active_associations and time.monotonic() < deadline:
-            threading.Event().wait(0.02)
-    finally:
-        running.stop(drain_timeout_seconds=5)
+    study_uid = new_study_uid()
+    (path,) = write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 1)])
+    dataset = dcmread(path)
+    ae = AE()  # pynetdicom as a sender leaves Nagle on
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
+    assert assoc.is_established
+    (acceptor,) = listener._server.active_associations
+    assert type(acceptor.dul.socket.socket) is QuickAckSocket
+    assert assoc.send_c_store(dataset).Status == 0x0000
+    assoc.release()
+    wait_for_associations_to_end(listener)
     assert received and received[0][:1] == b"\x01"  # the first read is the A-ASSOCIATE-RQ's PDU header
     pdu_types = {data[0] for data in received if len(data) == 6}  # pynetdicom reads each PDU header alone
     assert {0x01, 0x04, 0x05} <= pdu_types  # association request, P-DATA (C-STORE), release request

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,9 @@ from pynetdicom import AE, association, dul
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom import reactor
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
+from tests.support.associations import wait_for_associations_to_end
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
 
 STORES = 5
@@ -31,37 +30,30 @@ def test_the_reactor_sleep_is_the_one_the_adaptation_replaces() -> None:
     assert "\nimport time\n" in source
 
 
-def test_each_c_store_wakes_the_reactor_of_its_association(index: Index, tmp_path: Path) -> None:
+def test_each_c_store_wakes_the_reactor_of_its_association(
+    listener: DicomListener, index: Index, tmp_path: Path
+) -> None:
     """Five C-STOREs on one association: the acceptor's message queue is the waking one, and its reactor was
     woken at least once per request rather than only finding them after its sleeps."""
-    running = DicomListener(
-        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=lambda: datetime.now(UTC)
-    )
-    running.start()
     clock = reactor.install()
     module: Any = association
     assert module.time is clock
     study_uid = new_study_uid()
     paths = write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", STORES)])
     datasets = [dcmread(path) for path in paths]
-    try:
-        ae = AE()
-        ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", running.port, ae_title="PACS_BRIDGE")
-        assert assoc.is_established
-        (acceptor,) = running._server.active_associations
-        assert isinstance(acceptor.dimse.msg_queue, reactor._WakingQueue)
-        assert not isinstance(assoc.dimse.msg_queue, reactor._WakingQueue)  # our own SCU is left alone
-        woken_before = clock.woken
-        for dataset in datasets:
-            assert assoc.send_c_store(dataset).Status == 0x0000
-        woken = clock.woken - woken_before
-        assoc.release()
-        deadline = time.monotonic() + 10
-        while running._server.active_associations and time.monotonic() < deadline:
-            threading.Event().wait(0.02)
-    finally:
-        running.stop(drain_timeout_seconds=5)
+    ae = AE()
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
+    assert assoc.is_established
+    (acceptor,) = listener._server.active_associations
+    assert isinstance(acceptor.dimse.msg_queue, reactor._WakingQueue)
+    assert not isinstance(assoc.dimse.msg_queue, reactor._WakingQueue)  # our own SCU is left alone
+    woken_before = clock.woken
+    for dataset in datasets:
+        assert assoc.send_c_store(dataset).Status == 0x0000
+    woken = clock.woken - woken_before
+    assoc.release()
+    wait_for_associations_to_end(listener)
     assert woken >= STORES
     assert index.load_snapshot(study_uid).number_of_instances == STORES
 
@@ -124,38 +116,29 @@ def test_a_stopping_dul_thread_closes_its_eventfd_and_sleeps_plainly(
     assert len(os.listdir("/proc/self/fd")) == open_before
 
 
-def test_an_idle_association_waits_and_its_eventfd_goes_with_it(index: Index, tmp_path: Path) -> None:
+def test_an_idle_association_waits_and_its_eventfd_goes_with_it(listener: DicomListener) -> None:
     """The acceptor's DUL thread waits on its socket and its queue: half a second of silence costs it about ten
     waits (stock pynetdicom polls every millisecond: ~500), C-ECHOs end its waits, and once the association is
     released its eventfd is closed."""
-    running = DicomListener(
-        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=lambda: datetime.now(UTC)
-    )
-    running.start()
     open_before = len(os.listdir("/proc/self/fd"))
-    try:
-        ae = AE()
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", running.port, ae_title="PACS_BRIDGE")
-        assert assoc.is_established
-        (acceptor,) = running._server.active_associations
-        wakeup = getattr(acceptor.dul, reactor._WAKEUP_ATTRIBUTE)
-        assert isinstance(wakeup, reactor.DulWakeup)
-        assert isinstance(acceptor.dul.to_provider_queue, reactor._WakingQueue)
-        assert not hasattr(assoc.dul, reactor._WAKEUP_ATTRIBUTE)  # our own SCU is left alone
-        polls_before = wakeup.polls
-        threading.Event().wait(0.5)
-        assert wakeup.polls - polls_before <= 0.5 * 1000 / reactor.DUL_LONGEST_WAIT_MS + 5
-        woken_before = wakeup.woken
-        for _ in range(STORES):
-            assert assoc.send_c_echo().Status == 0x0000
-        assert wakeup.woken > woken_before  # its waits were ended by the requests and responses
-        assoc.release()
-        deadline = time.monotonic() + 10
-        while running._server.active_associations and time.monotonic() < deadline:
-            threading.Event().wait(0.02)
-        acceptor.dul.join(5)
-    finally:
-        running.stop(drain_timeout_seconds=5)
+    ae = AE()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
+    assert assoc.is_established
+    (acceptor,) = listener._server.active_associations
+    wakeup = getattr(acceptor.dul, reactor._WAKEUP_ATTRIBUTE)
+    assert isinstance(wakeup, reactor.DulWakeup)
+    assert isinstance(acceptor.dul.to_provider_queue, reactor._WakingQueue)
+    assert not hasattr(assoc.dul, reactor._WAKEUP_ATTRIBUTE)  # our own SCU is left alone
+    polls_before = wakeup.polls
+    threading.Event().wait(0.5)
+    assert wakeup.polls - polls_before <= 0.5 * 1000 / reactor.DUL_LONGEST_WAIT_MS + 5
+    woken_before = wakeup.woken
+    for _ in range(STORES):
+        assert assoc.send_c_echo().Status == 0x0000
+    assert wakeup.woken > woken_before  # its waits were ended by the requests and responses
+    assoc.release()
+    wait_for_associations_to_end(listener)
+    acceptor.dul.join(5)
     assert wakeup._event_fd == -1
     assert len(os.listdir("/proc/self/fd")) <= open_before
