@@ -18,6 +18,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from pynetdicom.dimse_primitives import C_STORE
+
 _C_STORE_RSP = 0x8001  # CommandField
 _NO_DATA_SET = 0x0101  # CommandDataSetType
 _LAST_COMMAND_FRAGMENT = b"\x03"  # message control header: command, last fragment
@@ -52,8 +54,6 @@ def encode_store_response(*, message_id: int, sop_class_uid: str, sop_instance_u
 
 def plain_store_response(primitive: Any) -> bytes | None:
     """``primitive`` encoded, when it is a C-STORE response that ``encode_store_response`` covers; else None."""
-    from pynetdicom.dimse_primitives import C_STORE
-
     if type(primitive) is not C_STORE:
         return None
     message_id, status = primitive.MessageIDBeingRespondedTo, primitive.Status
