@@ -30,6 +30,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom import _config as _pynetdicom_config
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -180,6 +181,20 @@ def _acknowledge_quickly(event: Any) -> None:
         transport.socket = QuickAckSocket(raw)
 
 
+class SharedContexts(list[PresentationContext]):
+    """The listener's supported presentation contexts, shared by every association instead of copied for each.
+
+    pynetdicom deep-copies the server's supported contexts for each association it accepts
+    (``RequestHandler._create_association``): for the 171 contexts of 45 transfer syntaxes each that the listener
+    supports, ~50 ms of CPU under the GIL per association, stalling every other association of the process
+    meanwhile. Negotiation only reads them (``negotiate_as_acceptor`` answers with new contexts), so a copy
+    of the list itself is all each association gets.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        return list(self)
+
+
 class _HandedOverServer(ThreadedAssociationServer):
     """pynetdicom's association server without a listening socket of its own.
 
@@ -311,10 +326,16 @@ class DicomListener:
             (evt.EVT_ABORTED, self._handle_closed),
             (evt.EVT_REJECTED, self._handle_rejected),
         ]
+        contexts = SharedContexts(self._ae.supported_contexts)
         if handed_over is not None:
             server = cast(
                 _HandedOverServer,
-                self._ae.make_server((self._settings.bind, 0), evt_handlers=handlers, server_class=_HandedOverServer),
+                self._ae.make_server(
+                    (self._settings.bind, 0),
+                    contexts=contexts,
+                    evt_handlers=handlers,
+                    server_class=_HandedOverServer,
+                ),
             )
             server.request_done = handed_over
             self._server = server
@@ -322,6 +343,7 @@ class DicomListener:
         self._server = self._ae.start_server(
             (self._settings.bind, self._settings.port),
             block=False,
+            contexts=contexts,
             evt_handlers=handlers,
             ssl_context=self._settings.tls,
         )
