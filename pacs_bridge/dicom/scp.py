@@ -9,6 +9,7 @@ index). Success is answered only after the sink has committed; every failure bec
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import socketserver
 import ssl
@@ -45,6 +46,8 @@ from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 
 log = structlog.get_logger("pacs_bridge.dicom")
+_stdlib_log = logging.getLogger("pacs_bridge.dicom")  # the logger structlog's filter_by_level asks
+_SUCCESS = int(StoreStatus.SUCCESS)
 
 _LAST_HEADER_TAG = max(HEADER_TAGS)
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only; elsewhere the wrapper is not installed
@@ -399,7 +402,7 @@ class DicomListener:
 
     # ---- handlers: each one catches everything, so nothing a peer sends can stop the listener ----
 
-    def handle_store(self, event: Any) -> Dataset:
+    def handle_store(self, event: Any) -> Dataset | int:
         """C-STORE: index the instance, then answer. Success only after the commit."""
         sop_instance_uid = ""
         calling_ae = _calling_ae(event)
@@ -420,14 +423,15 @@ class DicomListener:
             return status_dataset(status, str(exc))
         self._stats.count(event.assoc, stored=True)
         self._observe_instance(event, StoreStatus.SUCCESS, calling_ae)
-        log.debug(
-            "instance_stored",
-            study_uid=record.study.study_uid,
-            sop_instance_uid=record.sop_instance_uid,
-            outcome=outcome.value,
-            calling_ae=calling_ae,
-        )
-        return status_dataset(StoreStatus.SUCCESS)
+        if _stdlib_log.isEnabledFor(logging.DEBUG):  # structlog would build the event only to drop it
+            log.debug(
+                "instance_stored",
+                study_uid=record.study.study_uid,
+                sop_instance_uid=record.sop_instance_uid,
+                outcome=outcome.value,
+                calling_ae=calling_ae,
+            )
+        return _SUCCESS  # a bare status: pynetdicom reads no dataset for it
 
     def _observe_instance(self, event: Any, status: StoreStatus, calling_ae: str) -> None:
         try:

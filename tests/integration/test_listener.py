@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -22,6 +25,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
+from pacs_bridge.logs import configure_logging
 from pacs_bridge.publish.debounce import DebounceSettings
 from tests.conftest import MAX_DELAY, QUIET
 from tests.support.dcmtk import echoscu, storescu
@@ -55,6 +59,32 @@ def test_stored_instance_is_indexed_before_success_is_answered(listener: DicomLi
     assoc.release()
     assert status.Status == 0x0000
     assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+@pytest.fixture
+def logging_at_debug(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """The bridge's logging set up at debug level (its events captured by ``caplog``); the previous set-up
+    afterwards."""
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    configure_logging("debug", "json")
+    caplog.set_level(logging.DEBUG, logger="pacs_bridge.dicom")
+    yield caplog
+    structlog.configure(**structlog_config)
+    root.handlers[:], root.level = root_handlers, root_level
+
+
+def test_at_debug_level_each_stored_instance_is_logged(
+    listener: DicomListener, index: Index, logging_at_debug: pytest.LogCaptureFixture
+):
+    assoc = associate(listener.port)
+    assert assoc.send_c_store(encoded_as(make_dataset())).Status == 0x0000
+    assoc.release()
+    events = [record.msg for record in logging_at_debug.records if isinstance(record.msg, dict)]
+    (stored,) = [event for event in events if event["event"] == "instance_stored"]
+    assert stored["study_uid"] == uid("1")
+    assert stored["outcome"] == "new"
 
 
 def test_dataset_without_study_uid_is_refused_and_the_association_goes_on(listener: DicomListener, index: Index):
