@@ -1,18 +1,20 @@
 """pynetdicom's two loops per association wait for work instead of polling for it.
 
-**The association reactor** is woken as soon as a DIMSE message arrives, instead of after its 1 ms sleep.
+**The association reactor** waits for a DIMSE message or a release or abort, instead of polling every 1 ms.
 
 Each association's reactor thread (``Association._run_reactor`` in pynetdicom 3.0) loops on
-``time.sleep(0.001)`` and then looks for a complete DIMSE message that its DUL thread has queued. A C-STORE
-that arrives just after the reactor went to sleep waits out the rest of that millisecond before our handler
-runs; on one association, where the sender waits for each response before the next request, that latency is
-paid once per instance (about 0.5 ms on average, against ~3-5 ms per instance in all).
+``time.sleep(0.001)`` and then looks for a complete DIMSE message that its DUL thread has queued, and for an
+A-RELEASE or A-ABORT that its DUL passed up. A request that arrives just after the reactor went to sleep
+waits out the rest of that millisecond, and every association, busy or idle, takes the GIL a thousand times a
+second to look (C-STOREs no longer pass through this loop at all: see ``inline_store``).
 
 ``install`` puts a stand-in for the ``time`` module into ``pynetdicom.association``: its ``sleep`` is
 ``time.sleep`` for every caller except the reactor's 1 ms sleep on an association that ``attach`` prepared,
-where it waits on an event instead, for the same millisecond at most. ``attach`` (at EVT_CONN_OPEN) swaps the
-association's DIMSE message queue for one that sets that event on every ``put``. The reactor so behaves as
-before, only woken early when there is something to serve; a missed wake-up costs at most the old 1 ms.
+where it waits on an event instead, for at most ``REACTOR_LONGEST_WAIT`` (its stop flag, its DUL thread and its
+network timeout are still looked at that often). ``attach`` (at EVT_CONN_OPEN) swaps the association's DIMSE
+message queue and its DUL's queue to the user (``to_user_queue``: release and abort) for ones that set that
+event on every ``put``. The event is cleared before the reactor looks at the queues, so nothing put after
+that look is missed: it ends the next wait at once.
 
 **The DUL thread** (``DULServiceProvider.run_reactor``) reads PDUs from the socket and sends those the
 association queues; whenever a pass finds nothing to do it sleeps ``_run_loop_delay`` (1 ms). Each PDU
@@ -43,6 +45,7 @@ from types import ModuleType
 from typing import Any
 
 REACTOR_SLEEP = 0.001  # the literal in pynetdicom 3.0's Association._run_reactor
+REACTOR_LONGEST_WAIT = 0.05  # a waiting association reactor still looks at its stop flag and timers this often
 _WAKEUP_ATTRIBUTE = "_pacs_bridge_wakeup"
 DUL_LONGEST_WAIT_MS = 50  # a waiting DUL thread still looks at its ARTIM timer and stop flag this often
 _POLL_IN = select.POLLIN | select.POLLPRI
@@ -66,16 +69,18 @@ class ReactorClock:
 
     def __init__(self, module: ModuleType) -> None:
         self._time = module
-        self.woken = 0  # reactor sleeps cut short by a message (tests read it; not worth a lock)
+        self.waits = 0  # reactor waits begun (tests read these counters; not worth a lock)
+        self.woken = 0  # reactor waits cut short by a message, a release or an abort
 
     def sleep(self, seconds: float) -> None:
         wakeup = getattr(threading.current_thread(), _WAKEUP_ATTRIBUTE, None)
         if wakeup is None or seconds != REACTOR_SLEEP:
             self._time.sleep(seconds)
             return
-        if wakeup.wait(seconds):
-            # Cleared after the message was queued: the reactor takes it now. A message queued between the
-            # wait and the clear is in the queue already and is taken too, or at the latest after 1 ms.
+        self.waits += 1
+        if wakeup.wait(REACTOR_LONGEST_WAIT):
+            # Cleared before the reactor looks at its queues: what was put before is taken in this pass, what is
+            # put after sets the event again.
             wakeup.clear()
             self.woken += 1
 
@@ -173,16 +178,21 @@ def install() -> ReactorClock:
 
 
 def attach(assoc: Any) -> bool:
-    """Let ``assoc``'s reactor be woken by its DIMSE messages (at EVT_CONN_OPEN, before any is received).
-    Returns False, changing nothing, when the association does not look like pynetdicom 3.0's."""
+    """Let ``assoc``'s reactor be woken by its DIMSE messages, releases and aborts (at EVT_CONN_OPEN, before any
+    is received). Returns False, changing nothing, when the association does not look like pynetdicom 3.0's."""
     dimse = getattr(assoc, "dimse", None)
     messages = getattr(dimse, "msg_queue", None)
-    if not isinstance(assoc, threading.Thread) or type(messages) is not queue.Queue or not messages.empty():
+    provider = getattr(assoc, "dul", None)
+    to_user = getattr(provider, "to_user_queue", None)
+    if not isinstance(assoc, threading.Thread) or not all(
+        type(waiting) is queue.Queue and waiting.empty() for waiting in (messages, to_user)
+    ):
         return False
     wakeup = threading.Event()
     dimse.msg_queue = _WakingQueue(wakeup.set)  # type: ignore[union-attr]
+    provider.to_user_queue = _WakingQueue(wakeup.set)  # type: ignore[union-attr]
     setattr(assoc, _WAKEUP_ATTRIBUTE, wakeup)
-    _attach_dul(getattr(assoc, "dul", None))
+    _attach_dul(provider)
     return True
 
 

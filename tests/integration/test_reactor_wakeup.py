@@ -8,15 +8,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pynetdicom import AE, association, dul
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom import reactor
 from pacs_bridge.dicom.scp import DicomListener
-from pacs_bridge.index.repository import Index
 from tests.support.associations import wait_for_associations_to_end
-from tests.support.studies import SeriesSpec, new_study_uid, write_study
 
 STORES = 5
 
@@ -30,32 +27,48 @@ def test_the_reactor_sleep_is_the_one_the_adaptation_replaces() -> None:
     assert "\nimport time\n" in source
 
 
-def test_each_c_store_wakes_the_reactor_of_its_association(
-    listener: DicomListener, index: Index, tmp_path: Path
-) -> None:
-    """Five C-STOREs on one association: the acceptor's message queue is the waking one, and its reactor was
-    woken at least once per request rather than only finding them after its sleeps."""
+def test_each_request_pynetdicom_serves_wakes_the_reactor_of_its_association(listener: DicomListener) -> None:
+    """Five C-ECHOs on one association (C-STOREs are served on the DUL thread, see dicom/inline_store.py): the
+    acceptor's message queue is the waking one, and its reactor was woken at least once per request rather
+    than only finding them after its sleeps."""
     clock = reactor.install()
     module: Any = association
     assert module.time is clock
-    study_uid = new_study_uid()
-    paths = write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", STORES)])
-    datasets = [dcmread(path) for path in paths]
     ae = AE()
-    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
     assert assoc.is_established
     (acceptor,) = listener._server.active_associations
     assert isinstance(acceptor.dimse.msg_queue, reactor._WakingQueue)
     assert not isinstance(assoc.dimse.msg_queue, reactor._WakingQueue)  # our own SCU is left alone
     woken_before = clock.woken
-    for dataset in datasets:
-        assert assoc.send_c_store(dataset).Status == 0x0000
+    for _ in range(STORES):
+        assert assoc.send_c_echo().Status == 0x0000
     woken = clock.woken - woken_before
     assoc.release()
     wait_for_associations_to_end(listener)
     assert woken >= STORES
-    assert index.load_snapshot(study_uid).number_of_instances == STORES
+
+
+def test_an_idle_association_reactor_waits_and_a_release_wakes_it(listener: DicomListener) -> None:
+    """Half a second of silence costs the acceptor's reactor about ten waits (stock pynetdicom: ~500 polls);
+    the peer's A-RELEASE, passed up by its DUL, ends the wait it is in."""
+    clock = reactor.install()
+    ae = AE()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
+    assert assoc.is_established
+    (acceptor,) = listener._server.active_associations
+    assert isinstance(acceptor.dul.to_user_queue, reactor._WakingQueue)
+    threading.Event().wait(0.05)
+    waits_before = clock.waits
+    threading.Event().wait(0.5)
+    assert clock.waits - waits_before <= 30  # 0.5 / REACTOR_LONGEST_WAIT, and room for a slow machine
+    woken_before = clock.woken
+    assoc.release()
+    wait_for_associations_to_end(listener)
+    assert clock.woken > woken_before
+    assert acceptor.is_released
 
 
 def test_the_dul_sleep_and_queue_are_the_ones_the_adaptation_replaces() -> None:
