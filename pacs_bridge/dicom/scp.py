@@ -35,7 +35,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs_bridge.dicom import reactor, store_response
+from pacs_bridge.dicom import inline_store, reactor, store_response
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason
 from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
 from pacs_bridge.dicom.spool import SpillingBuffer
@@ -312,6 +312,8 @@ class DicomListener:
         reactor.install()
         # Plain C-STORE responses are encoded in one step, not through a pydicom Dataset of the command set.
         store_response.install()
+        # C-STOREs are served on the thread that read them, their command sets read in one step.
+        inline_store.install()
         # pynetdicom's standard handlers log every DIMSE message, and to do so read each received dataset
         # whole (getvalue), spilled or not; our own association and instance events replace them.
         _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
@@ -446,6 +448,7 @@ class DicomListener:
         try:
             _acknowledge_quickly(event)
             reactor.attach(event.assoc)
+            inline_store.attach(event.assoc)
         except Exception:  # an optimisation: never a reason to drop the connection
             log.exception("quickack_failed")
 

@@ -1,0 +1,278 @@
+"""C-STORE requests served on the DUL thread that read them, without pynetdicom's DIMSE message machinery.
+
+For every P-DATA-TF it receives, pynetdicom's DUL thread runs the state machine's DT-2 action: the DIMSE
+provider collects the fragments, decodes the command set into a pydicom ``Dataset``, converts that element by
+element into a ``C_STORE`` primitive and queues it for the association's own thread. That thread wakes, looks
+up the service class, builds a response primitive, calls the EVT_C_STORE handler, encodes the response and
+queues it back to the DUL thread, which wakes once more to send it. Per 10 kB instance that is about 0.15 ms
+of decoding alone and four thread hand-overs under the GIL, paid by every association of the process.
+
+``install`` replaces the DT-2 action. On an association that ``attach`` prepared, a C-STORE request is taken
+apart here instead: command fragments are collected and the command set read with ``struct`` (implicit VR
+little endian, PS3.7 6.3.1), dataset fragments go into a ``SpillingBuffer``, and once the last one is in, the
+EVT_C_STORE handler bound to the association is triggered on this thread with a ``C_STORE`` primitive and the
+presentation context, as pynetdicom's Storage SCP triggers it. A plain response (a bare status, see
+``store_response``) is written to the socket at once; a status dataset goes through pynetdicom's ``send_msg``.
+
+Anything else goes pynetdicom's way unchanged, fragment by fragment: C-ECHO and every other message, a
+C-STORE under a context or SOP class pynetdicom would not serve as storage, one whose command set lacks a
+required field or carries one that does not decode, anything during release, every association with a
+handler bound to the DIMSE or PDU events this path does not raise, and everything while pynetdicom is set to
+write received datasets to files itself (``STORE_RECV_CHUNKED_DATASET``). The sender waits for each response
+before its next request (no asynchronous operations are negotiated), so answers cannot overtake each other.
+pynetdicom is pinned to 3.0.x; ``tests/integration/test_inline_store.py`` fails if this stops applying.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Any
+
+import structlog
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom import evt, fsm
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+
+from pacs_bridge.dicom import store_response
+from pacs_bridge.dicom.spool import SpillingBuffer
+
+log = structlog.get_logger("pacs_bridge.dicom")
+
+_ATTACHED = "_pacs_bridge_inline_store"
+_INSTALLED = "_pacs_bridge_inline_dt_2"
+_COMMAND_FRAGMENT = 0x01  # message control header bits (PS3.8 E.2)
+_LAST_FRAGMENT = 0x02
+_C_STORE_RQ = 0x0001
+_NO_DATA_SET = 0x0101
+_HANDLER_FAILED = 0xC211  # the status pynetdicom's Storage SCP answers when the handler raises
+_P_DATA_TF = 0x04
+_LAST_COMMAND_FRAGMENT = b"\x03"
+_IMPLICIT_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+# Events this path does not raise: an association with a handler bound to one of them is left to pynetdicom.
+_OBSERVED_EVENTS = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_SENT, evt.EVT_DATA_SENT)
+
+
+def command_elements(encoded: bytes) -> dict[int, bytes]:
+    """The elements of an encoded command set (group 0000, implicit VR little endian) by element number.
+
+    Raises ``ValueError`` when the bytes are not a sequence of whole group-0000 elements."""
+    elements: dict[int, bytes] = {}
+    position, end = 0, len(encoded)
+    while position < end:
+        if end - position < _IMPLICIT_ELEMENT.size:
+            raise ValueError("the command set ends inside an element header")
+        group, element, length = _IMPLICIT_ELEMENT.unpack_from(encoded, position)
+        position += _IMPLICIT_ELEMENT.size
+        if group != 0x0000 or length > end - position:
+            raise ValueError(f"({group:04X},{element:04X}) is not a whole command element")
+        elements[element] = encoded[position : position + length]
+        position += length
+    return elements
+
+
+def _text(value: bytes) -> str:
+    return value.rstrip(b"\x00 ").decode("ascii")
+
+
+def _unsigned_short(value: bytes | None) -> int | None:
+    return _US.unpack(value)[0] if value is not None and len(value) == _US.size else None
+
+
+def store_request(elements: dict[int, bytes]) -> C_STORE | None:
+    """The C-STORE request these command elements describe, or None for any other message or a command set
+    pynetdicom should judge itself (a required field missing, a value its primitive would refuse)."""
+    if _unsigned_short(elements.get(0x0100)) != _C_STORE_RQ:
+        return None
+    message_id = _unsigned_short(elements.get(0x0110))
+    priority = _unsigned_short(elements.get(0x0700))
+    data_set_type = _unsigned_short(elements.get(0x0800))
+    sop_class, sop_instance = elements.get(0x0002), elements.get(0x1000)
+    if message_id is None or priority is None or sop_class is None or sop_instance is None:
+        return None
+    if data_set_type is None or data_set_type == _NO_DATA_SET:
+        return None
+    request = C_STORE()
+    try:
+        request.MessageID = message_id
+        request.Priority = priority
+        request.AffectedSOPClassUID = _text(sop_class)
+        request.AffectedSOPInstanceUID = _text(sop_instance)
+        originator_ae, originator_id = elements.get(0x1030), elements.get(0x1031)
+        if originator_ae is not None:
+            request.MoveOriginatorApplicationEntityTitle = _text(originator_ae)
+        if originator_id is not None:
+            move_message_id = _unsigned_short(originator_id)
+            if move_message_id is None:
+                return None
+            request.MoveOriginatorMessageID = move_message_id
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+    return request
+
+
+def _p_data_tf(context_id: int, pdv: bytes) -> bytes:
+    """A P-DATA-TF PDU of one presentation data value item (PS3.8 9.3.5)."""
+    item = struct.pack(">LB", len(pdv) + 1, context_id) + pdv
+    return struct.pack(">BBL", _P_DATA_TF, 0x00, len(item)) + item
+
+
+class InlineStore:
+    """One association's C-STOREs, collected and served on its DUL thread (see the module docstring)."""
+
+    __slots__ = ("_command", "_context", "_context_id", "_dataset", "_forwarding", "_request", "served")
+
+    def __init__(self) -> None:
+        self._command = bytearray()
+        self._request: C_STORE | None = None
+        self._context: Any = None
+        self._context_id = 0
+        self._dataset: SpillingBuffer | None = None
+        self._forwarding = False  # the message being received is pynetdicom's
+        self.served = 0  # C-STOREs served here (tests read it)
+
+    def receive(self, dul: Any, pdu: Any) -> None:
+        """Take in one received P-DATA-TF PDU."""
+        for item in pdu.presentation_data_value_items:
+            context_id, data = item.presentation_context_id, item.presentation_data_value
+            if self._forwarding or not data:
+                self._forward(dul, context_id, data)
+                continue
+            header = data[0]
+            if header & _COMMAND_FRAGMENT:
+                if self._request is not None:  # a new command inside a dataset: pynetdicom's to judge
+                    self._give_up(dul)
+                    self._forward(dul, context_id, data)
+                    continue
+                self._command += data[1:]
+                if header & _LAST_FRAGMENT:
+                    self._command_received(dul, context_id)
+            elif self._request is None:  # a dataset fragment without a command: pynetdicom's to judge
+                self._forward(dul, context_id, data)
+            else:
+                assert self._dataset is not None
+                self._dataset.write(memoryview(data)[1:])
+                if header & _LAST_FRAGMENT:
+                    self._serve(dul)
+
+    def _command_received(self, dul: Any, context_id: int) -> None:
+        command, self._command = bytes(self._command), bytearray()
+        assoc = dul.assoc
+        context = assoc._accepted_cx.get(context_id)
+        request = None
+        if context is not None and self._serves(assoc):
+            try:
+                request = store_request(command_elements(command))
+            except ValueError:
+                request = None
+        if request is None or not _is_storage(assoc, request):
+            self._forward(dul, context_id, _LAST_COMMAND_FRAGMENT + command)
+            return
+        request._context_id = context_id
+        self._dataset = SpillingBuffer()
+        request.DataSet = self._dataset
+        self._request, self._context, self._context_id = request, context, context_id
+
+    @staticmethod
+    def _serves(assoc: Any) -> bool:
+        if assoc._sent_release or not assoc.get_handlers(evt.EVT_C_STORE):
+            return False
+        return not any(assoc.get_handlers(event) for event in _OBSERVED_EVENTS)
+
+    def _serve(self, dul: Any) -> None:
+        request, context, context_id = self._request, self._context, self._context_id
+        assert request is not None and self._dataset is not None
+        dataset, self._request, self._dataset = self._dataset, None, None
+        assoc = dul.assoc
+        try:
+            status: Any = evt.trigger(assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
+        except Exception:  # as pynetdicom's Storage SCP: a failure status, and the association goes on
+            log.exception("store_handler_failed", sop_instance_uid=str(request.AffectedSOPInstanceUID))
+            status = _HANDLER_FAILED
+        finally:
+            dataset.close()
+        self.served += 1
+        if not assoc.is_established:  # the handler, or a stop meanwhile, ended the association
+            return
+        if type(status) is int:
+            encoded = store_response.encode_store_response(
+                message_id=request.MessageID,  # type: ignore[arg-type]
+                sop_class_uid=request.AffectedSOPClassUID,  # type: ignore[arg-type]
+                sop_instance_uid=request.AffectedSOPInstanceUID,  # type: ignore[arg-type]
+                status=status,
+            )
+            maximum = assoc.dimse.maximum_pdu_size
+            if not maximum or len(encoded) + 6 <= maximum:
+                dul.socket.send(_p_data_tf(context_id, _LAST_COMMAND_FRAGMENT + encoded))
+                return
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.AffectedSOPClassUID = request.AffectedSOPClassUID
+        response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+        response = StorageServiceClass(assoc).validate_status(status, response)
+        assoc.dimse.send_msg(response, context_id)
+
+    def _give_up(self, dul: Any) -> None:
+        """Drop a half-received request: pynetdicom takes the stream from here."""
+        if self._dataset is not None:
+            self._dataset.close()
+        self._request, self._dataset = None, None
+
+    def _forward(self, dul: Any, context_id: int, data: bytes) -> None:
+        """Hand one presentation data value to pynetdicom's DIMSE provider, as its DT-2 would."""
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.append((context_id, data))
+        dimse = dul.assoc.dimse
+        dimse.receive_primitive(primitive)
+        self._forwarding = dimse.message is not None  # pynetdicom resets it once the message is complete
+
+
+def _is_storage(assoc: Any, request: C_STORE) -> bool:
+    """Whether pynetdicom would serve ``request`` with the stock Storage SCP."""
+    if pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE or pynetdicom_config.STORE_RECV_CHUNKED_DATASET:
+        return False
+    sop_class = request.AffectedSOPClassUID
+    if sop_class in assoc.acceptor.accepted_common_extended:
+        return False
+    service_class = uid_to_service_class(sop_class)  # type: ignore[arg-type]
+    return isinstance(service_class, type) and service_class.SCP is StorageServiceClass.SCP
+
+
+def _inline_dt_2(dul: Any) -> str:
+    """The state machine's DT-2 (Sta6 + Evt10: P-DATA-TF received), serving C-STOREs inline when attached."""
+    pdu = dul._recv_pdu.get(False)
+    inline = getattr(dul, _ATTACHED, None)
+    if isinstance(inline, InlineStore):
+        inline.receive(dul, pdu)
+    else:
+        dul.assoc.dimse.receive_primitive(pdu.to_primitive())
+    return "Sta6"
+
+
+def install() -> None:
+    """Replace the state machine's DT-2 action (idempotent; unattached associations behave as before)."""
+    description, action, state = fsm.ACTIONS["DT-2"]
+    if getattr(action, _INSTALLED, False):
+        return
+    setattr(_inline_dt_2, _INSTALLED, True)
+    fsm.ACTIONS["DT-2"] = (description, _inline_dt_2, state)
+
+
+def attach(assoc: Any) -> bool:
+    """Serve ``assoc``'s C-STOREs inline (at EVT_CONN_OPEN, before any P-DATA-TF is received). Returns False,
+    changing nothing, when its DUL does not look like pynetdicom 3.0's."""
+    dul = getattr(assoc, "dul", None)
+    if not isinstance(dul, threading.Thread) or not hasattr(dul, "_recv_pdu"):
+        return False
+    setattr(dul, _ATTACHED, InlineStore())
+    return True
+
+
+def attached(assoc: Any) -> InlineStore | None:
+    """The inline store of ``assoc``, if attached."""
+    inline = getattr(getattr(assoc, "dul", None), _ATTACHED, None)
+    return inline if isinstance(inline, InlineStore) else None

@@ -1,0 +1,139 @@
+"""C-STOREs served on the DUL thread that read them (dicom/inline_store.py), on real associations."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt, fsm
+
+from pacs_bridge.dicom import inline_store
+from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.index.repository import Index
+from tests.support.associations import wait_for_associations_to_end
+from tests.support.dcmtk import storescu
+from tests.support.studies import SeriesSpec, new_study_uid, write_study
+
+
+def test_the_dt_2_action_is_the_one_the_adaptation_replaces() -> None:
+    """pynetdicom 3.0 runs DT-2 for a P-DATA-TF received in Sta6 and hands the PDU to its DIMSE provider: if a
+    release changes either, this fails."""
+    assert fsm.TRANSITION_TABLE[("Evt10", "Sta6")] == "DT-2"
+    source = inspect.getsource(fsm.DT_2)
+    assert "pdu = dul._recv_pdu.get(False)" in source
+    assert 'dul.assoc.dimse.receive_primitive(cast("P_DATA", pdu.to_primitive()))' in source
+    inline_store.install()
+    assert fsm.ACTIONS["DT-2"][1] is inline_store._inline_dt_2
+
+
+def study(tmp_path: Path, instances: int) -> tuple[str, list[Dataset]]:
+    study_uid = new_study_uid()
+    paths = write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", instances)])
+    return study_uid, [dcmread(path) for path in paths]
+
+
+def associate(port: int, dataset: Dataset) -> Any:
+    ae = AE()
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE")
+    assert assoc.is_established
+    return assoc
+
+
+def test_stores_are_served_inline_and_an_echo_and_a_refusal_still_take_pynetdicoms_way(
+    listener: DicomListener, index: Index, tmp_path: Path
+) -> None:
+    study_uid, datasets = study(tmp_path, 3)
+    without_study = copy.deepcopy(datasets[0])
+    del without_study.StudyInstanceUID
+    assoc = associate(listener.port, datasets[0])
+    (acceptor,) = listener._server.active_associations
+    served = inline_store.attached(acceptor)
+    assert served is not None
+    assert assoc.send_c_store(datasets[0]).Status == 0x0000
+    assert assoc.send_c_echo().Status == 0x0000
+    refused = assoc.send_c_store(without_study)
+    assert [assoc.send_c_store(dataset).Status for dataset in datasets[1:]] == [0x0000, 0x0000]
+    assoc.release()
+    wait_for_associations_to_end(listener)
+    assert refused.Status == 0xC000 and "StudyInstanceUID" in refused.ErrorComment
+    assert served.served == 4
+    assert index.load_snapshot(study_uid).number_of_instances == 3
+
+
+@pytest.fixture
+def small_pdu_listener(index: Index) -> Iterator[DicomListener]:
+    """A listener that takes PDUs of at most 128 bytes: every request arrives in many fragments."""
+    running = DicomListener(
+        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, max_pdu_size=128),
+        index,
+        clock=lambda: datetime.now(UTC),
+    )
+    running.start()
+    yield running
+    running.stop(drain_timeout_seconds=5)
+
+
+def test_a_request_cut_into_many_fragments_is_put_back_together(
+    small_pdu_listener: DicomListener, index: Index, tmp_path: Path
+) -> None:
+    """Command sets and datasets of 128-byte PDUs: every instance is stored whole."""
+    study_uid, datasets = study(tmp_path, 3)
+    assoc = associate(small_pdu_listener.port, datasets[0])
+    (acceptor,) = small_pdu_listener._server.active_associations
+    assert [assoc.send_c_store(dataset).Status for dataset in datasets] == [0x0000] * 3
+    assoc.release()
+    wait_for_associations_to_end(small_pdu_listener)
+    assert inline_store.attached(acceptor).served == 3  # type: ignore[union-attr]
+    snapshot = index.load_snapshot(study_uid)
+    assert {instance.sop_instance_uid for series in snapshot.series for instance in series.instances} == {
+        dataset.SOPInstanceUID for dataset in datasets
+    }
+
+
+def test_an_association_someone_observes_is_left_to_pynetdicom(
+    listener: DicomListener, index: Index, tmp_path: Path
+) -> None:
+    """A handler bound to EVT_DIMSE_RECV expects pynetdicom's decoded messages: that association's stores go
+    pynetdicom's way, and still succeed."""
+    study_uid, datasets = study(tmp_path, 2)
+    assoc = associate(listener.port, datasets[0])
+    (acceptor,) = listener._server.active_associations
+    received: list[Any] = []
+    acceptor.bind(evt.EVT_DIMSE_RECV, lambda event: received.append(event.message))
+    assert [assoc.send_c_store(dataset).Status for dataset in datasets] == [0x0000] * 2
+    assoc.release()
+    wait_for_associations_to_end(listener)
+    assert inline_store.attached(acceptor).served == 0  # type: ignore[union-attr]
+    assert len(received) == 2
+    assert index.load_snapshot(study_uid).number_of_instances == 2
+
+
+def test_dcmtk_storescu_is_served_inline(listener: DicomListener, index: Index, tmp_path: Path) -> None:
+    served: list[inline_store.InlineStore] = []
+    original = inline_store.attach
+
+    def recording(assoc: Any) -> bool:
+        attached = original(assoc)
+        served.append(inline_store.attached(assoc))  # type: ignore[arg-type]
+        return attached
+
+    inline_store.attach = recording  # type: ignore[assignment]
+    try:
+        study_uid = new_study_uid()
+        write_study(tmp_path / "study", study_uid, [SeriesSpec("MR", 5)])
+        result = storescu(listener.port, tmp_path / "study")
+    finally:
+        inline_store.attach = original  # type: ignore[assignment]
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_for_associations_to_end(listener)
+    assert [store.served for store in served] == [5]
+    assert index.load_snapshot(study_uid).number_of_instances == 5
