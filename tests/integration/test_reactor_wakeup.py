@@ -15,7 +15,7 @@ from pacs_bridge.dicom import reactor
 from pacs_bridge.dicom.scp import DicomListener
 from tests.support.associations import wait_for_associations_to_end
 
-STORES = 5
+REQUESTS = 5
 
 
 def test_the_reactor_sleep_is_the_one_the_adaptation_replaces() -> None:
@@ -27,6 +27,16 @@ def test_the_reactor_sleep_is_the_one_the_adaptation_replaces() -> None:
     assert "\nimport time\n" in source
 
 
+def verification_association(listener: DicomListener) -> tuple[Any, Any]:
+    """A Verification association with ``listener``: our requestor and the listener's acceptor."""
+    ae = AE()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
+    assert assoc.is_established
+    (acceptor,) = listener._server.active_associations
+    return assoc, acceptor
+
+
 def test_each_request_pynetdicom_serves_wakes_the_reactor_of_its_association(listener: DicomListener) -> None:
     """Five C-ECHOs on one association (C-STOREs are served on the DUL thread, see dicom/inline_store.py): the
     acceptor's message queue is the waking one, and its reactor was woken at least once per request rather
@@ -34,31 +44,23 @@ def test_each_request_pynetdicom_serves_wakes_the_reactor_of_its_association(lis
     clock = reactor.install()
     module: Any = association
     assert module.time is clock
-    ae = AE()
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
-    assert assoc.is_established
-    (acceptor,) = listener._server.active_associations
+    assoc, acceptor = verification_association(listener)
     assert isinstance(acceptor.dimse.msg_queue, reactor._WakingQueue)
     assert not isinstance(assoc.dimse.msg_queue, reactor._WakingQueue)  # our own SCU is left alone
     woken_before = clock.woken
-    for _ in range(STORES):
+    for _ in range(REQUESTS):
         assert assoc.send_c_echo().Status == 0x0000
     woken = clock.woken - woken_before
     assoc.release()
     wait_for_associations_to_end(listener)
-    assert woken >= STORES
+    assert woken >= REQUESTS
 
 
 def test_an_idle_association_reactor_waits_and_a_release_wakes_it(listener: DicomListener) -> None:
     """Half a second of silence costs the acceptor's reactor about ten waits (stock pynetdicom: ~500 polls);
     the peer's A-RELEASE, passed up by its DUL, ends the wait it is in."""
     clock = reactor.install()
-    ae = AE()
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
-    assert assoc.is_established
-    (acceptor,) = listener._server.active_associations
+    assoc, acceptor = verification_association(listener)
     assert isinstance(acceptor.dul.to_user_queue, reactor._WakingQueue)
     threading.Event().wait(0.05)
     waits_before = clock.waits
@@ -134,11 +136,7 @@ def test_an_idle_association_waits_and_its_eventfd_goes_with_it(listener: DicomL
     waits (stock pynetdicom polls every millisecond: ~500), C-ECHOs end its waits, and once the association is
     released its eventfd is closed."""
     open_before = len(os.listdir("/proc/self/fd"))
-    ae = AE()
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
-    assert assoc.is_established
-    (acceptor,) = listener._server.active_associations
+    assoc, acceptor = verification_association(listener)
     wakeup = getattr(acceptor.dul, reactor._WAKEUP_ATTRIBUTE)
     assert isinstance(wakeup, reactor.DulWakeup)
     assert isinstance(acceptor.dul.to_provider_queue, reactor._WakingQueue)
@@ -147,7 +145,7 @@ def test_an_idle_association_waits_and_its_eventfd_goes_with_it(listener: DicomL
     threading.Event().wait(0.5)
     assert wakeup.polls - polls_before <= 0.5 * 1000 / reactor.DUL_LONGEST_WAIT_MS + 5
     woken_before = wakeup.woken
-    for _ in range(STORES):
+    for _ in range(REQUESTS):
         assert assoc.send_c_echo().Status == 0x0000
     assert wakeup.woken > woken_before  # its waits were ended by the requests and responses
     assoc.release()
