@@ -7,11 +7,12 @@ up the service class, builds a response primitive, calls the EVT_C_STORE handler
 queues it back to the DUL thread, which wakes once more to send it. Per 10 kB instance that is about 0.15 ms
 of decoding alone and four thread hand-overs under the GIL, paid by every association of the process.
 
-``install`` replaces the DT-2 action. On an association that ``attach`` prepared, a C-STORE request is taken
-apart here instead: command fragments are collected and the command set read with ``struct`` (implicit VR
-little endian, PS3.7 6.3.1), dataset fragments go into a ``SpillingBuffer``, and once the last one is in, the
-EVT_C_STORE handler bound to the association is triggered on this thread with a ``C_STORE`` primitive and the
-presentation context, as pynetdicom's Storage SCP triggers it. A plain response (a bare status, see
+``install`` replaces the DT-2 action. On an association that ``attach`` prepared and the listener then let in
+(``admit``, at EVT_ESTABLISHED), a C-STORE request is taken apart here instead: command fragments are
+collected and the command set read with ``struct`` (implicit VR little endian, PS3.7 6.3.1), dataset
+fragments go into a ``SpillingBuffer``, and once the last one is in, the EVT_C_STORE handler bound to the
+association is triggered on this thread with a ``C_STORE`` primitive and the presentation context, as
+pynetdicom's Storage SCP triggers it. A plain response (a bare status, see
 ``store_response``) is written to the socket at once; a status dataset goes through pynetdicom's ``send_msg``.
 
 Anything else goes pynetdicom's way unchanged, fragment by fragment: C-ECHO and every other message, a
@@ -124,9 +125,13 @@ def _p_data_tf(context_id: int, pdv: bytes) -> bytes:
 class InlineStore:
     """One association's C-STOREs, collected and served on its DUL thread (see the module docstring)."""
 
-    __slots__ = ("_command", "_context", "_context_id", "_dataset", "_forwarding", "_request", "served")
+    __slots__ = ("_command", "_context", "_context_id", "_dataset", "_forwarding", "_request", "admitted", "served")
 
     def __init__(self) -> None:
+        # pynetdicom sends the A-ASSOCIATE-AC before it runs the EVT_ESTABLISHED handlers, where the listener
+        # may still refuse the peer (calling AE pinned to other addresses): until ``admit``, every request takes
+        # pynetdicom's way, which the association thread serves only after those handlers.
+        self.admitted = False
         self._command = bytearray()
         self._request: C_STORE | None = None
         self._context: Any = None
@@ -139,7 +144,7 @@ class InlineStore:
         """Take in one received P-DATA-TF PDU."""
         for item in pdu.presentation_data_value_items:
             context_id, data = item.presentation_context_id, item.presentation_data_value
-            if self._forwarding or not data:
+            if self._forwarding or not data or not self.admitted:
                 self._forward(dul, context_id, data)
                 continue
             header = data[0]
@@ -270,6 +275,13 @@ def attach(assoc: Any) -> bool:
         return False
     setattr(dul, _ATTACHED, InlineStore())
     return True
+
+
+def admit(assoc: Any) -> None:
+    """Serve ``assoc``'s C-STOREs inline from now on: the listener has let it in (EVT_ESTABLISHED)."""
+    inline = attached(assoc)
+    if inline is not None:
+        inline.admitted = True
 
 
 def attached(assoc: Any) -> InlineStore | None:

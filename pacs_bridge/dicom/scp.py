@@ -476,6 +476,7 @@ class DicomListener:
                 log.warning("association_refused", **peer, reason=reason)
                 event.assoc.abort()
                 return
+            inline_store.admit(event.assoc)
             log.info("association_established", **peer)
         except Exception:  # logging must never take a handler down
             log.exception("association_log_failed")

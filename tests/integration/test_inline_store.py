@@ -137,3 +137,24 @@ def test_dcmtk_storescu_is_served_inline(listener: DicomListener, index: Index, 
     wait_for_associations_to_end(listener)
     assert [store.served for store in served] == [5]
     assert index.load_snapshot(study_uid).number_of_instances == 5
+
+
+def test_until_the_listener_admits_the_association_its_stores_take_pynetdicoms_way(
+    listener: DicomListener, index: Index, tmp_path: Path
+) -> None:
+    """pynetdicom accepts before the EVT_ESTABLISHED handlers run, and those may still refuse the peer: a store
+    arriving before admission is left to the association thread, which serves it only after them."""
+    study_uid, datasets = study(tmp_path, 2)
+    assoc = associate(listener.port, datasets[0])
+    (acceptor,) = listener._server.active_associations
+    inline = inline_store.attached(acceptor)
+    assert inline is not None and inline.admitted  # the listener let it in
+    inline.admitted = False  # as in the moment between the A-ASSOCIATE-AC and the EVT_ESTABLISHED handlers
+    assert assoc.send_c_store(datasets[0]).Status == 0x0000
+    assert inline.served == 0
+    inline_store.admit(acceptor)
+    assert assoc.send_c_store(datasets[1]).Status == 0x0000
+    assert inline.served == 1
+    assoc.release()
+    wait_for_associations_to_end(listener)
+    assert index.load_snapshot(study_uid).number_of_instances == 2
