@@ -150,7 +150,7 @@ class InlineStore:
             header = data[0]
             if header & _COMMAND_FRAGMENT:
                 if self._request is not None:  # a new command inside a dataset: pynetdicom's to judge
-                    self._give_up(dul)
+                    self._give_up()
                     self._forward(dul, context_id, data)
                     continue
                 self._command += data[1:]
@@ -203,7 +203,7 @@ class InlineStore:
         self.served += 1
         if not assoc.is_established:  # the handler, or a stop meanwhile, ended the association
             return
-        if type(status) is int:
+        if type(status) is int and 0 <= status <= 0xFFFF:
             encoded = store_response.encode_store_response(
                 message_id=request.MessageID,  # type: ignore[arg-type]
                 sop_class_uid=request.AffectedSOPClassUID,  # type: ignore[arg-type]
@@ -211,7 +211,7 @@ class InlineStore:
                 status=status,
             )
             maximum = assoc.dimse.maximum_pdu_size
-            if not maximum or len(encoded) + 6 <= maximum:
+            if not maximum or len(encoded) + 6 <= maximum:  # else pynetdicom fragments it
                 dul.socket.send(_p_data_tf(context_id, _LAST_COMMAND_FRAGMENT + encoded))
                 return
         response = C_STORE()
@@ -221,7 +221,7 @@ class InlineStore:
         response = StorageServiceClass(assoc).validate_status(status, response)
         assoc.dimse.send_msg(response, context_id)
 
-    def _give_up(self, dul: Any) -> None:
+    def _give_up(self) -> None:
         """Drop a half-received request: pynetdicom takes the stream from here."""
         if self._dataset is not None:
             self._dataset.close()
