@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option read by the SQLite "begin" hook: read-only units of work start a deferred transaction,
@@ -42,10 +43,15 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection: Connection) -> None:
         # Writers take the write lock up front (BEGIN IMMEDIATE): a deferred transaction that reads and then
         # writes can fail with SQLITE_BUSY at once when another writer got in between, busy_timeout or not.
-        if connection.get_execution_options().get(READ_ONLY_OPTION):
-            connection.exec_driver_sql("BEGIN")
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        statement = "BEGIN" if connection.get_execution_options().get(READ_ONLY_OPTION) else "BEGIN IMMEDIATE"
+        # Straight on the driver: through exec_driver_sql, SQLAlchemy's statement and result bookkeeping cost
+        # more CPU than the BEGIN itself, once per indexed instance. Its errors still reach callers as
+        # SQLAlchemy's (a locked database past busy_timeout: OperationalError).
+        dbapi = engine.dialect.loaded_dbapi
+        try:
+            connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
+        except dbapi.Error as exc:
+            raise DBAPIError.instance(statement, None, exc, dbapi.Error) from exc
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
