@@ -46,6 +46,7 @@ from typing import Any
 
 REACTOR_SLEEP = 0.001  # the literal in pynetdicom 3.0's Association._run_reactor
 REACTOR_LONGEST_WAIT = 0.05  # a waiting association reactor still looks at its stop flag and timers this often
+KILL_SLEEP = 0.01  # the literal in pynetdicom 3.0's Association.kill, between looks at whether its DUL has stopped
 _WAKEUP_ATTRIBUTE = "_pacs_bridge_wakeup"
 DUL_LONGEST_WAIT_MS = 50  # a waiting DUL thread still looks at its ARTIM timer and stop flag this often
 _POLL_IN = select.POLLIN | select.POLLPRI
@@ -74,6 +75,12 @@ class ReactorClock:
 
     def sleep(self, seconds: float) -> None:
         wakeup = getattr(threading.current_thread(), _WAKEUP_ATTRIBUTE, None)
+        if wakeup is not None and seconds == KILL_SLEEP:
+            # A released or aborted association waits for its DUL to stop, which it does once the peer has closed
+            # the connection: looking each millisecond frees its slot (max_associations) at once, not up to 10 ms
+            # later. The reactor, woken by the release, gets here before the peer has closed more often than not.
+            self._time.sleep(REACTOR_SLEEP)
+            return
         if wakeup is None or seconds != REACTOR_SLEEP:
             self._time.sleep(seconds)
             return

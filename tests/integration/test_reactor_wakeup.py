@@ -19,11 +19,14 @@ REQUESTS = 5
 
 
 def test_the_reactor_sleep_is_the_one_the_adaptation_replaces() -> None:
-    """pynetdicom 3.0's reactor sleeps exactly ``REACTOR_SLEEP`` on ``association.time``: if a release changes
-    the literal or the import, the adaptation stops applying and this fails."""
+    """pynetdicom 3.0's reactor sleeps exactly ``REACTOR_SLEEP`` on ``association.time``, and ``kill`` waits for
+    its DUL in ``KILL_SLEEP`` steps: if a release changes a literal or the import, the adaptation stops applying
+    and this fails."""
     source = Path(association.__file__).read_text(encoding="utf-8")
     reactor_body = source.split("def _run_reactor(self)", 1)[1].split("\n    def ", 1)[0]
     assert f"time.sleep({reactor.REACTOR_SLEEP})" in reactor_body
+    kill_body = source.split("    def kill(self)", 1)[1].split("\n    def ", 1)[0]
+    assert f"time.sleep({reactor.KILL_SLEEP})" in kill_body and "self.dul.stop_dul()" in kill_body
     assert "\nimport time\n" in source
 
 
