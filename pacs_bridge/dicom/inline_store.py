@@ -51,7 +51,7 @@ _C_STORE_RQ = 0x0001
 _NO_DATA_SET = 0x0101
 _HANDLER_FAILED = 0xC211  # the status pynetdicom's Storage SCP answers when the handler raises
 _P_DATA_TF = 0x04
-_LAST_COMMAND_FRAGMENT = b"\x03"
+_LAST_COMMAND_FRAGMENT = b"\x03"  # message control header: command, last fragment
 _IMPLICIT_ELEMENT = struct.Struct("<HHI")
 _US = struct.Struct("<H")
 # Events this path does not raise: an association with a handler bound to one of them is left to pynetdicom.
@@ -125,7 +125,7 @@ def _p_data_tf(context_id: int, pdv: bytes) -> bytes:
 class InlineStore:
     """One association's C-STOREs, collected and served on its DUL thread (see the module docstring)."""
 
-    __slots__ = ("_command", "_context", "_context_id", "_dataset", "_forwarding", "_request", "admitted", "served")
+    __slots__ = ("_command", "_context", "_dataset", "_forwarding", "_request", "admitted", "served")
 
     def __init__(self) -> None:
         # pynetdicom sends the A-ASSOCIATE-AC before it runs the EVT_ESTABLISHED handlers, where the listener
@@ -134,8 +134,7 @@ class InlineStore:
         self.admitted = False
         self._command = bytearray()
         self._request: C_STORE | None = None
-        self._context: Any = None
-        self._context_id = 0
+        self._context: Any = None  # the accepted presentation context of the request being received
         self._dataset: SpillingBuffer | None = None
         self._forwarding = False  # the message being received is pynetdicom's
         self.served = 0  # C-STOREs served here (tests read it)
@@ -180,7 +179,7 @@ class InlineStore:
         request._context_id = context_id
         self._dataset = SpillingBuffer()
         request.DataSet = self._dataset
-        self._request, self._context, self._context_id = request, context, context_id
+        self._request, self._context = request, context
 
     @staticmethod
     def _serves(assoc: Any) -> bool:
@@ -189,7 +188,7 @@ class InlineStore:
         return not any(assoc.get_handlers(event) for event in _OBSERVED_EVENTS)
 
     def _serve(self, dul: Any) -> None:
-        request, context, context_id = self._request, self._context, self._context_id
+        request, context = self._request, self._context
         assert request is not None and self._dataset is not None
         dataset, self._request, self._dataset = self._dataset, None, None
         assoc = dul.assoc
@@ -203,23 +202,24 @@ class InlineStore:
         self.served += 1
         if not assoc.is_established:  # the handler, or a stop meanwhile, ended the association
             return
-        if type(status) is int and 0 <= status <= 0xFFFF:
-            encoded = store_response.encode_store_response(
+        pdv = None
+        if type(status) is int:  # a bare status; a status dataset goes pynetdicom's way
+            pdv = store_response.plain_response_pdv(
                 message_id=request.MessageID,  # type: ignore[arg-type]
                 sop_class_uid=request.AffectedSOPClassUID,  # type: ignore[arg-type]
                 sop_instance_uid=request.AffectedSOPInstanceUID,  # type: ignore[arg-type]
                 status=status,
+                max_pdu=assoc.dimse.maximum_pdu_size,
             )
-            maximum = assoc.dimse.maximum_pdu_size
-            if not maximum or len(encoded) + 6 <= maximum:  # else pynetdicom fragments it
-                dul.socket.send(_p_data_tf(context_id, _LAST_COMMAND_FRAGMENT + encoded))
-                return
+        if pdv is not None:
+            dul.socket.send(_p_data_tf(context.context_id, pdv))
+            return
         response = C_STORE()
         response.MessageIDBeingRespondedTo = request.MessageID
         response.AffectedSOPClassUID = request.AffectedSOPClassUID
         response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
         response = StorageServiceClass(assoc).validate_status(status, response)
-        assoc.dimse.send_msg(response, context_id)
+        assoc.dimse.send_msg(response, context.context_id)
 
     def _give_up(self) -> None:
         """Drop a half-received request: pynetdicom takes the stream from here."""
@@ -247,14 +247,15 @@ def _is_storage(assoc: Any, request: C_STORE) -> bool:
     return isinstance(service_class, type) and service_class.SCP is StorageServiceClass.SCP
 
 
+_STOCK_DT_2 = fsm.DT_2
+
+
 def _inline_dt_2(dul: Any) -> str:
     """The state machine's DT-2 (Sta6 + Evt10: P-DATA-TF received), serving C-STOREs inline when attached."""
-    pdu = dul._recv_pdu.get(False)
     inline = getattr(dul, _ATTACHED, None)
-    if isinstance(inline, InlineStore):
-        inline.receive(dul, pdu)
-    else:
-        dul.assoc.dimse.receive_primitive(pdu.to_primitive())
+    if not isinstance(inline, InlineStore):
+        return _STOCK_DT_2(dul)
+    inline.receive(dul, dul._recv_pdu.get(False))
     return "Sta6"
 
 

@@ -52,9 +52,28 @@ def encode_store_response(*, message_id: int, sop_class_uid: str, sop_instance_u
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
-def plain_store_response(primitive: Any) -> bytes | None:
-    """``primitive`` encoded, when it is a C-STORE response that ``encode_store_response`` covers; else None."""
-    if type(primitive) is not C_STORE:
+def plain_response_pdv(
+    *, message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int, max_pdu: int
+) -> bytes | None:
+    """The one presentation data value (message control header and command set) of a C-STORE response without
+    optional fields, or None to leave it to pynetdicom: a value that does not encode (pynetdicom validates and
+    reports), or too large for the peer's maximum PDU (0: no limit; pynetdicom fragments it)."""
+    try:
+        encoded = encode_store_response(
+            message_id=message_id, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, status=status
+        )
+    except (UnicodeEncodeError, struct.error):
+        return None
+    if max_pdu and len(encoded) + _PDV_OVERHEAD > max_pdu:
+        return None
+    return _LAST_COMMAND_FRAGMENT + encoded
+
+
+def store_response_pdv(primitive: Any, *, max_pdu: int, observed: bool) -> bytes | None:
+    """``plain_response_pdv`` for ``primitive``, or None to leave it to pynetdicom: not a C-STORE response,
+    one with ErrorComment or OffendingElement, or ``observed`` (an EVT_DIMSE_SENT handler expects pynetdicom's
+    message object)."""
+    if observed or type(primitive) is not C_STORE:
         return None
     message_id, status = primitive.MessageIDBeingRespondedTo, primitive.Status
     sop_class_uid, sop_instance_uid = primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID
@@ -62,22 +81,13 @@ def plain_store_response(primitive: Any) -> bytes | None:
         return None
     if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
         return None
-    try:
-        return encode_store_response(
-            message_id=message_id, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, status=status
-        )
-    except (UnicodeEncodeError, struct.error):  # left to pynetdicom, which validates and reports
-        return None
-
-
-def store_response_pdv(primitive: Any, *, max_pdu: int, observed: bool) -> bytes | None:
-    """The one presentation data value (message control header and command set) to send for ``primitive``, or
-    None to leave it to pynetdicom: not a plain C-STORE response, too large for the peer's maximum PDU (0: no
-    limit), or ``observed`` (an EVT_DIMSE_SENT handler expects pynetdicom's message object)."""
-    encoded = None if observed else plain_store_response(primitive)
-    if encoded is None or (max_pdu and len(encoded) + _PDV_OVERHEAD > max_pdu):
-        return None
-    return _LAST_COMMAND_FRAGMENT + encoded
+    return plain_response_pdv(
+        message_id=message_id,
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        status=status,
+        max_pdu=max_pdu,
+    )
 
 
 def install() -> None:
