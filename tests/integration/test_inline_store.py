@@ -117,7 +117,9 @@ def test_an_association_someone_observes_is_left_to_pynetdicom(
     assert index.load_snapshot(study_uid).number_of_instances == 2
 
 
-def test_dcmtk_storescu_is_served_inline(listener: DicomListener, index: Index, tmp_path: Path) -> None:
+def test_dcmtk_storescu_is_served_inline(
+    listener: DicomListener, index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     served: list[inline_store.InlineStore] = []
     original = inline_store.attach
 
@@ -126,13 +128,10 @@ def test_dcmtk_storescu_is_served_inline(listener: DicomListener, index: Index, 
         served.append(inline_store.attached(assoc))  # type: ignore[arg-type]
         return attached
 
-    inline_store.attach = recording  # type: ignore[assignment]
-    try:
-        study_uid = new_study_uid()
-        write_study(tmp_path / "study", study_uid, [SeriesSpec("MR", 5)])
-        result = storescu(listener.port, tmp_path / "study")
-    finally:
-        inline_store.attach = original  # type: ignore[assignment]
+    monkeypatch.setattr(inline_store, "attach", recording)
+    study_uid = new_study_uid()
+    write_study(tmp_path / "study", study_uid, [SeriesSpec("MR", 5)])
+    result = storescu(listener.port, tmp_path / "study")
     assert result.returncode == 0, result.stdout + result.stderr
     wait_for_associations_to_end(listener)
     assert [store.served for store in served] == [5]
