@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+from sqlalchemy import event
+
+from pacs_bridge.errors import IndexUnavailableError
+from pacs_bridge.index import engine as engine_module
 from pacs_bridge.index.engine import make_engine, writer_queue
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
@@ -61,3 +67,49 @@ def test_only_an_sqlite_file_has_a_writer_queue(tmp_path: Path) -> None:
     assert writer_queue(make_engine("sqlite://")) is None
     assert writer_queue(make_engine("postgresql://postgres@127.0.0.1:5432/test")) is None
     assert writer_queue(make_engine(f"sqlite:///{tmp_path / 'index.db'}")) is not None
+
+
+def test_ingest_checks_out_one_connection_for_all_its_instances(tmp_path: Path) -> None:
+    """Per C-STORE, a pool checkout and checkin cost more CPU than the instance's statements: the index keeps
+    one connection for ingest on an SQLite file (its transactions take turns anyway)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    prepare_schema(engine, upgrade=True)
+    index = Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+    checkouts: list[object] = []
+    event.listen(engine, "checkout", lambda *_: checkouts.append(None))
+    try:
+        for number in range(1, 6):
+            assert index.record_instance(record(f"1.1.{number}"), received_at=datetime.now(UTC)) is RecordOutcome.NEW
+        batch = [(record(f"1.1.{number}"), datetime.now(UTC)) for number in range(6, 9)]
+        assert index.record_instances(batch) == [RecordOutcome.NEW] * 3
+        assert len(checkouts) == 1
+        assert index.load_snapshot(uid("1")).number_of_instances == 8
+    finally:
+        engine.dispose()
+
+
+def test_after_the_database_failed_ingest_goes_on_with_a_new_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction that failed in the database gives its connection back: the next instance is recorded on a
+    fresh one, once the database can be written again."""
+    monkeypatch.setattr(engine_module, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    path = tmp_path / "index.db"
+    engine = make_engine(f"sqlite:///{path}")
+    prepare_schema(engine, upgrade=True)
+    index = Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+    checkouts: list[object] = []
+    event.listen(engine, "checkout", lambda *_: checkouts.append(None))
+    other_writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        assert index.record_instance(record("1.1.1"), received_at=datetime.now(UTC)) is RecordOutcome.NEW
+        other_writer.execute("BEGIN IMMEDIATE")  # a writer outside the queue holds the lock past the busy timeout
+        with pytest.raises(IndexUnavailableError, match="database is locked"):
+            index.record_instance(record("1.1.2"), received_at=datetime.now(UTC))
+        other_writer.execute("ROLLBACK")
+        assert index.record_instance(record("1.1.2"), received_at=datetime.now(UTC)) is RecordOutcome.NEW
+        assert len(checkouts) == 2
+        assert index.load_snapshot(uid("1")).number_of_instances == 2
+    finally:
+        other_writer.close()
+        engine.dispose()
