@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -76,6 +77,7 @@ class BridgeMetrics:
             registry=self.registry,
         )
         self.registry.register(_StudyStateCollector(count_by_state))
+        self._store_result_counters: dict[tuple[int, str], Any] = {}  # (status, calling AE) -> its child
         self._lock = threading.Lock()
         self.last_pass_monotonic: float | None = None
 
@@ -86,7 +88,13 @@ class BridgeMetrics:
         self._open_associations.dec()
 
     def instance_received(self, *, status: int, calling_ae: str, size_bytes: int, count: int = 1) -> None:
-        self._store_results.labels(status=f"0x{status:04X}", calling_ae=calling_ae).inc(count)
+        # Once per C-STORE: the labelled child is looked up by a plain dict, not by labels() (which validates
+        # and formats its arguments, under a lock).
+        counter = self._store_result_counters.get((status, calling_ae))
+        if counter is None:
+            counter = self._store_results.labels(status=f"0x{status:04X}", calling_ae=calling_ae)
+            self._store_result_counters[(status, calling_ae)] = counter
+        counter.inc(count)
         self._bytes_received.inc(size_bytes)
 
     def publish_attempted(self, *, http_status: int | None, outcome: str) -> None:
