@@ -26,8 +26,11 @@ pynetdicom is pinned to 3.0.x; ``tests/integration/test_inline_store.py`` fails 
 
 from __future__ import annotations
 
+import functools
+import socket
 import struct
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -53,9 +56,13 @@ _HANDLER_FAILED = 0xC211  # the status pynetdicom's Storage SCP answers when the
 _P_DATA_TF = 0x04
 _LAST_COMMAND_FRAGMENT = b"\x03"  # message control header: command, last fragment
 _IMPLICIT_ELEMENT = struct.Struct("<HHI")
+_PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
+_ITEM_HEADER = struct.Struct(">LB")  # presentation data value item: length, presentation context ID
 _US = struct.Struct("<H")
 # Events this path does not raise: an association with a handler bound to one of them is left to pynetdicom.
 _OBSERVED_EVENTS = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_SENT, evt.EVT_DATA_SENT)
+# Events raised while pynetdicom reads and acts on a PDU: with a handler bound to one, it reads every PDU itself.
+_OBSERVED_ON_READ = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
 
 
 def command_elements(encoded: bytes) -> dict[int, bytes]:
@@ -125,7 +132,7 @@ def _p_data_tf(context_id: int, pdv: bytes) -> bytes:
 class InlineStore:
     """One association's C-STOREs, collected and served on its DUL thread (see the module docstring)."""
 
-    __slots__ = ("_command", "_context", "_dataset", "_forwarding", "_request", "admitted", "served")
+    __slots__ = ("_command", "_context", "_dataset", "_forwarding", "_request", "admitted", "pdus_read", "served")
 
     def __init__(self) -> None:
         # pynetdicom sends the A-ASSOCIATE-AC before it runs the EVT_ESTABLISHED handlers, where the listener
@@ -137,12 +144,12 @@ class InlineStore:
         self._context: Any = None  # the accepted presentation context of the request being received
         self._dataset: SpillingBuffer | None = None
         self._forwarding = False  # the message being received is pynetdicom's
-        self.served = 0  # C-STOREs served here (tests read it)
+        self.served = 0  # C-STOREs served here (tests read these counters)
+        self.pdus_read = 0  # P-DATA-TF PDUs read by _read_pdu_data rather than by pynetdicom
 
-    def receive(self, dul: Any, pdu: Any) -> None:
-        """Take in one received P-DATA-TF PDU."""
-        for item in pdu.presentation_data_value_items:
-            context_id, data = item.presentation_context_id, item.presentation_data_value
+    def receive(self, dul: Any, items: Iterable[tuple[int, bytes | memoryview]]) -> None:
+        """Take in the presentation data value items of one received P-DATA-TF PDU, as (context ID, value)."""
+        for context_id, data in items:
             if self._forwarding or not data or not self.admitted:
                 self._forward(dul, context_id, data)
                 continue
@@ -227,10 +234,10 @@ class InlineStore:
             self._dataset.close()
         self._request, self._dataset = None, None
 
-    def _forward(self, dul: Any, context_id: int, data: bytes) -> None:
+    def _forward(self, dul: Any, context_id: int, data: bytes | memoryview) -> None:
         """Hand one presentation data value to pynetdicom's DIMSE provider, as its DT-2 would."""
         primitive = P_DATA()
-        primitive.presentation_data_value_list.append((context_id, data))
+        primitive.presentation_data_value_list.append((context_id, bytes(data)))
         dimse = dul.assoc.dimse
         dimse.receive_primitive(primitive)
         self._forwarding = dimse.message is not None  # pynetdicom resets it once the message is complete
@@ -255,8 +262,74 @@ def _inline_dt_2(dul: Any) -> str:
     inline = getattr(dul, _ATTACHED, None)
     if not isinstance(inline, InlineStore):
         return _STOCK_DT_2(dul)
-    inline.receive(dul, dul._recv_pdu.get(False))
+    items = dul._recv_pdu.get(False).presentation_data_value_items
+    inline.receive(dul, ((item.presentation_context_id, item.presentation_data_value) for item in items))
     return "Sta6"
+
+
+def presentation_data_values(body: memoryview) -> list[tuple[int, memoryview]] | None:
+    """The presentation data value items of a P-DATA-TF PDU's body (PS3.8 9.3.5) as (context ID, value), or
+    None when the body is not a sequence of whole items."""
+    items = []
+    position, end = 0, len(body)
+    while position < end:
+        if end - position < _ITEM_HEADER.size:
+            return None
+        length, context_id = _ITEM_HEADER.unpack_from(body, position)
+        position += _ITEM_HEADER.size
+        if length < 1 or length - 1 > end - position:
+            return None
+        items.append((context_id, body[position : position + length - 1]))
+        position += length - 1
+    return items
+
+
+def _read_pdu_data(dul: Any, inline: InlineStore) -> None:
+    """Stands in for the DUL's ``_read_pdu_data`` on an attached association: a P-DATA-TF received in Sta6 is
+    read in one piece and its items handed to ``inline`` straight away (what the state machine's DT-2 would do
+    with it), without decoding it into pynetdicom's PDU objects and without the event queue. Anything else, and
+    anything while an event is queued or an observer would miss something, is pynetdicom's own read."""
+    transport = dul.socket
+    sock = transport.socket
+    plain = getattr(sock, "wrapped", sock)
+    assoc = dul.assoc
+    if (
+        not inline.admitted
+        or type(plain) is not socket.socket  # TLS: the bytes waiting are not the socket's
+        or dul.state_machine.current_state != "Sta6"
+        or not dul.event_queue.empty()  # what is queued goes first
+        or any(assoc.get_handlers(event) for event in _OBSERVED_ON_READ)
+    ):
+        type(dul)._read_pdu_data(dul)
+        return
+    try:
+        header = plain.recv(_PDU_HEADER.size, socket.MSG_PEEK)
+    except OSError:
+        header = b""
+    if len(header) < _PDU_HEADER.size or header[0] != _P_DATA_TF:
+        type(dul)._read_pdu_data(dul)
+        return
+    _, _, length = _PDU_HEADER.unpack(header)
+    pdu = bytearray(_PDU_HEADER.size + length)
+    view = memoryview(pdu)
+    received = 0
+    try:
+        while received < len(pdu):
+            count = sock.recv_into(view[received:])
+            if not count:
+                raise ConnectionError(f"the connection closed {received} bytes into a {len(pdu)}-byte PDU")
+            received += count
+    except (OSError, TimeoutError) as exc:
+        log.warning("connection_closed_in_pdu", error=str(exc))
+        dul.event_queue.put("Evt17")  # transport connection closed, as pynetdicom's own read reports it
+        return
+    items = presentation_data_values(view[_PDU_HEADER.size :])
+    if items is None:
+        log.warning("invalid_p_data_tf", length=length)
+        dul.event_queue.put("Evt19")  # invalid PDU, as pynetdicom's own read reports it
+        return
+    inline.pdus_read += 1
+    inline.receive(dul, items)
 
 
 def install() -> None:
@@ -274,7 +347,10 @@ def attach(assoc: Any) -> bool:
     dul = getattr(assoc, "dul", None)
     if not isinstance(dul, threading.Thread) or not hasattr(dul, "_recv_pdu"):
         return False
-    setattr(dul, _ATTACHED, InlineStore())
+    inline = InlineStore()
+    setattr(dul, _ATTACHED, inline)
+    provider: Any = dul
+    provider._read_pdu_data = functools.partial(_read_pdu_data, dul, inline)  # shadows the method
     return True
 
 

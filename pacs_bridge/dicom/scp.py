@@ -163,6 +163,11 @@ class QuickAckSocket:
         self._rearm()
         return data
 
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        count = self._socket.recv_into(buffer, nbytes, flags)
+        self._rearm()
+        return count
+
     @property
     def wrapped(self) -> socket.socket:
         return self._socket

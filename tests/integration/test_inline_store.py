@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import struct
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt, fsm
+from pynetdicom import AE, dul, evt, fsm
 
 from pacs_bridge.dicom import inline_store
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
@@ -31,6 +33,16 @@ def test_the_dt_2_action_is_the_one_the_adaptation_replaces() -> None:
     assert 'dul.assoc.dimse.receive_primitive(cast("P_DATA", pdu.to_primitive()))' in source
     inline_store.install()
     assert fsm.ACTIONS["DT-2"][1] is inline_store._inline_dt_2
+
+
+def test_the_dul_reads_every_pdu_through_the_method_the_adaptation_shadows() -> None:
+    """pynetdicom 3.0's DUL thread reads a PDU by calling ``self._read_pdu_data()`` when its socket is readable,
+    and that read queues the PDU for the state machine: the attached association's own read stands in there."""
+    source = inspect.getsource(dul.DULServiceProvider._is_transport_event)
+    assert source.count("self._read_pdu_data()") == 2
+    read = inspect.getsource(dul.DULServiceProvider._read_pdu_data)
+    assert "self.socket.recv(6)" in read
+    assert "self.event_queue.put(event)" in read and "self._recv_pdu.put(pdu)" in read
 
 
 def study(tmp_path: Path, instances: int) -> tuple[str, list[Dataset]]:
@@ -66,6 +78,7 @@ def test_stores_are_served_inline_and_an_echo_and_a_refusal_still_take_pynetdico
     wait_for_associations_to_end(listener)
     assert refused.Status == 0xC000 and "StudyInstanceUID" in refused.ErrorComment
     assert served.served == 4
+    assert served.pdus_read >= 5  # every P-DATA-TF was read whole, the echo's too (then handed to pynetdicom)
     assert index.load_snapshot(study_uid).number_of_instances == 3
 
 
@@ -157,3 +170,44 @@ def test_until_the_listener_admits_the_association_its_stores_take_pynetdicoms_w
     assoc.release()
     wait_for_associations_to_end(listener)
     assert index.load_snapshot(study_uid).number_of_instances == 2
+
+
+def test_an_association_someone_observes_reading_pdus_is_read_by_pynetdicom(
+    listener: DicomListener, index: Index, tmp_path: Path
+) -> None:
+    """A handler bound to EVT_PDU_RECV expects pynetdicom's decoded PDUs: that association's PDUs are read by
+    pynetdicom, and its stores still served inline."""
+    study_uid, datasets = study(tmp_path, 2)
+    assoc = associate(listener.port, datasets[0])
+    (acceptor,) = listener._server.active_associations
+    pdus: list[Any] = []
+    acceptor.bind(evt.EVT_PDU_RECV, lambda event: pdus.append(event.pdu))
+    assert [assoc.send_c_store(dataset).Status for dataset in datasets] == [0x0000] * 2
+    assoc.release()
+    wait_for_associations_to_end(listener)
+    inline = inline_store.attached(acceptor)
+    assert inline is not None and inline.pdus_read == 0 and inline.served == 2
+    assert len(pdus) >= 3  # the two stores' P-DATA-TFs and the release request
+    assert index.load_snapshot(study_uid).number_of_instances == 2
+
+
+def test_a_p_data_tf_whose_item_overruns_it_aborts_the_association_not_the_listener(
+    listener: DicomListener, index: Index, tmp_path: Path
+) -> None:
+    """An invalid P-DATA-TF is what pynetdicom calls an invalid PDU (Evt19): the association is aborted, nothing
+    is indexed, and the next association is served."""
+    study_uid, datasets = study(tmp_path, 1)
+    assoc = associate(listener.port, datasets[0])
+    (acceptor,) = listener._server.active_associations
+    item = struct.pack(">LB", 500, 1) + b"\x03"  # an item claiming 500 bytes in a 6-byte body
+    assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(item)) + item)
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert assoc.is_aborted
+    wait_for_associations_to_end(listener)
+    assert inline_store.attached(acceptor).served == 0  # type: ignore[union-attr]
+    again = associate(listener.port, datasets[0])
+    assert again.send_c_store(datasets[0]).Status == 0x0000
+    again.release()
+    assert index.load_snapshot(study_uid).number_of_instances == 1

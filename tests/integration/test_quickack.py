@@ -65,14 +65,16 @@ def test_every_receive_of_an_association_goes_through_the_wrapper_from_its_reque
     listener: DicomListener, index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pins the adaptation to what pynetdicom (3.0.x) does: its DUL reads the A-ASSOCIATE-RQ and every PDU after
-    it with ``recv`` on the socket EVT_CONN_OPEN let us wrap, each followed by a re-arm. If pynetdicom read
-    through another method (``recv_into``, ``makefile``...), wrapped later, or kept the socket elsewhere, the
-    wrapper would pass that through silently and Nagle-on senders would stall again: this test fails instead."""
+    it with ``recv`` on the socket EVT_CONN_OPEN let us wrap, each followed by a re-arm; the inline store reads a
+    P-DATA-TF with ``recv_into`` on the same wrapper. If pynetdicom read through another method (``recvmsg``,
+    ``makefile``...), wrapped later, or kept the socket elsewhere, the wrapper would pass that through silently
+    and Nagle-on senders would stall again: this test fails instead."""
     received: list[bytes] = []
     rearms = [0]
     passed_through: set[str] = set()
-    original_recv, original_rearm, original_getattr = (
+    original_recv, original_recv_into, original_rearm, original_getattr = (
         QuickAckSocket.recv,
+        QuickAckSocket.recv_into,
         QuickAckSocket._rearm,
         QuickAckSocket.__getattr__,
     )
@@ -81,6 +83,11 @@ def test_every_receive_of_an_association_goes_through_the_wrapper_from_its_reque
         data = original_recv(self, bufsize, flags)
         received.append(data)
         return data
+
+    def recv_into(self: QuickAckSocket, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        count = original_recv_into(self, buffer, nbytes, flags)
+        received.append(bytes(memoryview(buffer)[:count]))
+        return count
 
     def rearm(self: QuickAckSocket) -> None:
         rearms[0] += 1
@@ -91,6 +98,7 @@ def test_every_receive_of_an_association_goes_through_the_wrapper_from_its_reque
         return original_getattr(self, name)
 
     monkeypatch.setattr(QuickAckSocket, "recv", recv)
+    monkeypatch.setattr(QuickAckSocket, "recv_into", recv_into)
     monkeypatch.setattr(QuickAckSocket, "_rearm", rearm)
     monkeypatch.setattr(QuickAckSocket, "__getattr__", getattr_)
     study_uid = new_study_uid()
@@ -107,7 +115,8 @@ def test_every_receive_of_an_association_goes_through_the_wrapper_from_its_reque
     wait_for_associations_to_end(listener)
     assert received and received[0][:1] == b"\x01"  # the first read is the A-ASSOCIATE-RQ's PDU header
     pdu_types = {data[0] for data in received if len(data) == 6}  # pynetdicom reads each PDU header alone
-    assert {0x01, 0x04, 0x05} <= pdu_types  # association request, P-DATA (C-STORE), release request
+    assert {0x01, 0x05} <= pdu_types  # association request, release request
+    assert any(data[:1] == b"\x04" and len(data) > 6 for data in received)  # the C-STORE, read whole
     assert rearms[0] >= len(received) + 1  # once when wrapped, then after every receive
-    assert not passed_through & {"recv_into", "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into", "makefile"}
+    assert not passed_through & {"recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into", "makefile"}
     assert index.load_snapshot(study_uid).number_of_instances == 1

@@ -1,5 +1,5 @@
-"""The command sets of received C-STORE requests, read in one step (dicom/inline_store.py): the same request
-pynetdicom's own decoding makes of them, or None where pynetdicom should judge."""
+"""The command sets of received C-STORE requests and the items of P-DATA-TF PDUs, read in one step
+(dicom/inline_store.py): what pynetdicom's own decoding makes of them, or None where pynetdicom should judge."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from io import BytesIO
 import pytest
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 
-from pacs_bridge.dicom.inline_store import command_elements, store_request
+from pacs_bridge.dicom.inline_store import command_elements, presentation_data_values, store_request
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -92,3 +94,34 @@ def test_a_command_set_cut_short_is_refused(cut: int) -> None:
 def test_an_element_outside_the_command_group_is_refused() -> None:
     with pytest.raises(ValueError, match=r"\(0008,0018\)"):
         command_elements(b"\x08\x00\x18\x00\x02\x00\x00\x001\x00")
+
+
+def p_data_tf_body(*items: tuple[int, bytes]) -> memoryview:
+    """The body of a P-DATA-TF (after its 6-byte header) as pynetdicom's SCU encodes these items."""
+    pdu = P_DATA_TF()
+    for context_id, value in items:
+        item = PresentationDataValueItem()
+        item.presentation_context_id, item.presentation_data_value = context_id, value
+        pdu.presentation_data_value_items.append(item)
+    return memoryview(pdu.encode())[6:]
+
+
+def test_the_items_of_a_p_data_tf_read_as_pynetdicom_encodes_them() -> None:
+    body = p_data_tf_body((1, b"\x03" + b"command"), (3, b"\x00" + bytes(300)), (3, b"\x02"))
+    items = presentation_data_values(body)
+    assert items is not None
+    assert [(context_id, bytes(value)) for context_id, value in items] == [
+        (1, b"\x03command"),
+        (3, b"\x00" + bytes(300)),
+        (3, b"\x02"),
+    ]
+
+
+@pytest.mark.parametrize("cut", [1, 4, 5, 9])
+def test_a_p_data_tf_cut_inside_an_item_is_refused(cut: int) -> None:
+    body = p_data_tf_body((1, b"\x03" + b"command"))
+    assert presentation_data_values(body[: len(body) - cut]) is None
+
+
+def test_an_item_too_short_to_hold_its_context_id_is_refused() -> None:
+    assert presentation_data_values(memoryview(b"\x00\x00\x00\x00\x01")) is None
