@@ -8,10 +8,12 @@ dataset was read from the wire, so malformed numbers never depend on pydicom's v
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
@@ -72,6 +74,7 @@ HEADER_KEYWORDS: tuple[str, ...] = (
 )
 
 
+@functools.cache
 def _tag_of(keyword: str) -> int:
     tag = tag_for_keyword(keyword)
     if tag is None:  # a typo in HEADER_KEYWORDS: a programming error, caught by the unit tests
@@ -81,6 +84,7 @@ def _tag_of(keyword: str) -> int:
 
 HEADER_TAGS: tuple[int, ...] = tuple(sorted(_tag_of(keyword) for keyword in HEADER_KEYWORDS))
 
+_ESC = b"\x1b"  # starts an ISO 2022 escape sequence (PS3.5 6.1.2.5)
 MAX_UID_LENGTH = 64
 # PS3.5 9.1: components of digits separated by dots. Leading zeros inside a component are a violation that
 # real archives tolerate, so they are accepted; letters, spaces, empty components and over-long values are not.
@@ -124,11 +128,23 @@ def _read_ascii(ds: Dataset, keyword: str) -> str:
     return text.strip(" \x00")
 
 
+def _is_plain_ascii(value: bytes) -> bool:
+    """Whether ``value`` reads the same as ASCII in every character set DICOM allows, and as the same text in
+    every text VR: bytes below 0x80, no ISO 2022 escape (only escapes switch sets), and no "=" (which separates
+    a person name's component groups, of which pydicom drops the empty ones)."""
+    return value.isascii() and _ESC not in value and b"=" not in value
+
+
 def _read_text(ds: Dataset, keyword: str) -> str:
-    """A text value (LO, SH) decoded with the dataset's Specific Character Set, without its padding."""
+    """A text value (LO, SH, PN, CS) decoded with the dataset's Specific Character Set, without its padding; the
+    first value of a multi-valued one."""
     tag = _tag_of(keyword)
-    if tag not in ds:
+    raw = ds.get_item(tag)
+    if raw is None:
         return ""
+    if isinstance(raw, RawDataElement) and type(raw.value) is bytes and _is_plain_ascii(raw.value):
+        # Decoded here, without pydicom's conversion: this runs for every text of every C-STORE.
+        return raw.value.decode("ascii").split("\\", 1)[0].strip(" \x00")
     try:
         value = ds[tag].value
     except Exception as exc:  # undecodable bytes in the dataset's character set

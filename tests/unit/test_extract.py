@@ -16,8 +16,11 @@ from io import BytesIO
 from typing import Any, BinaryIO, cast
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -518,3 +521,40 @@ def test_names_and_descriptions_are_decoded_with_the_specific_character_set(
 
     assert record.study.referring_physician == expected
     assert record.series.performing_physicians == (expected,)
+
+
+ASCII_TEXT = st.text(
+    alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F, exclude_characters="\x1b"),  # no ISO 2022 escape
+    max_size=24,
+)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    character_set=st.sampled_from([b"", b"ISO_IR 100", b"ISO_IR 192", b"\\ISO 2022 IR 87", b"ISO_IR 13", b"GB18030"]),
+    name=ASCII_TEXT,
+    description=ASCII_TEXT,
+    accession=ASCII_TEXT,
+    body_part=ASCII_TEXT,
+)
+@example(character_set=b"", name="Doe^John=", description="A=B", accession="", body_part="")  # empty group
+@example(character_set=b"ISO_IR 100", name="=Doe", description="CT\\chest", accession="\\", body_part="\t")
+def test_ascii_text_read_straight_from_the_wire_reads_as_pydicom_decodes_it(
+    lenient_pydicom: None, character_set: bytes, name: str, description: str, accession: str, body_part: str
+) -> None:
+    """Text values of ASCII bytes are decoded without pydicom's conversion: whatever the character set, padding,
+    backslashes, "=" or control characters, the record is the one pydicom's own decoding gives (which would
+    warn about the control characters, hence lenient)."""
+    raw_values = {
+        "SpecificCharacterSet": padded(character_set),
+        "PatientName": padded(name.encode()),
+        "StudyDescription": padded(description.encode()),
+        "AccessionNumber": padded(accession.encode()),
+        "BodyPartExamined": padded(body_part.encode()),
+    }
+    wire = from_wire(make_dataset(), **raw_values)
+    decoded_by_pydicom = from_wire(make_dataset(), **raw_values)
+    for element in decoded_by_pydicom:  # iterating converts every raw element with pydicom's decoding
+        assert not isinstance(element, RawDataElement)
+
+    assert extract_instance(wire) == extract_instance(decoded_by_pydicom)
