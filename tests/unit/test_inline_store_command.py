@@ -6,6 +6,7 @@ from __future__ import annotations
 from io import BytesIO
 
 import pytest
+from pydicom.uid import UID
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
@@ -49,6 +50,34 @@ def test_a_store_request_reads_as_pynetdicom_reads_it(sop_instance_uid: str, mes
     assert (request.MessageID, request.Priority) == (message_id, 2)
     assert (request.AffectedSOPClassUID, request.AffectedSOPInstanceUID) == (CT_IMAGE_STORAGE, sop_instance_uid)
     assert request.MoveOriginatorApplicationEntityTitle is None and request.MoveOriginatorMessageID is None
+
+
+def test_a_store_request_holds_what_pynetdicoms_setters_would_store() -> None:
+    """Conformant UIDs are stored without the setters' validation, in the attributes the setters write
+    (pynetdicom 3.0): the request is indistinguishable from one built through them."""
+    request = store_request(command_elements(encoded_command(store("1.2.3.0.45"))))
+    assert request is not None
+    assert vars(request) == vars(store("1.2.3.0.45", DataSet=None))
+    assert type(request.AffectedSOPInstanceUID) is UID and type(request.AffectedSOPClassUID) is UID
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom's, as the setter validates
+@pytest.mark.parametrize("non_conformant", ["1.02.3", "01.2.3", "1.2.3a", "1..2"])
+def test_a_non_conformant_uid_is_judged_by_pynetdicoms_setter(non_conformant: str) -> None:
+    """Leading zeros, a letter, an empty component: pynetdicom's setter accepts the UID with a warning, and the
+    request carries it as a request pynetdicom decoded would."""
+    elements = command_elements(encoded_command(store()))
+    elements[0x1000] = non_conformant.encode() + b"\x00" * (len(non_conformant) % 2)
+    request = store_request(elements)
+    assert request is not None and request.AffectedSOPInstanceUID == non_conformant
+
+
+@pytest.mark.filterwarnings("ignore:The value length")  # pydicom's, as the setter validates
+def test_a_uid_over_64_characters_is_left_to_pynetdicom() -> None:
+    """The setter refuses it, so pynetdicom answers the request."""
+    elements = command_elements(encoded_command(store()))
+    elements[0x1000] = b"1." * 32 + b"1\x00"
+    assert store_request(elements) is None
 
 
 def test_a_store_request_of_a_c_move_carries_its_originator() -> None:
