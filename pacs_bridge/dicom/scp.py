@@ -15,20 +15,14 @@ import socketserver
 import ssl
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from io import BytesIO
 from typing import Any, Protocol, cast
 
 import structlog
 from pydicom import config as pydicom_config
-from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.presentation import PresentationContext
@@ -37,11 +31,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_bridge.dicom import inline_store, reactor, store_response
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason
-from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
+from pacs_bridge.dicom.extract import extract_instance
+from pacs_bridge.dicom.header import read_header
 from pacs_bridge.dicom.spool import SpillingBuffer
 from pacs_bridge.dicom.spool import install as install_spilling_buffers
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
-from pacs_bridge.errors import InvalidInstanceError
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 
@@ -49,7 +43,6 @@ log = structlog.get_logger("pacs_bridge.dicom")
 _stdlib_log = logging.getLogger("pacs_bridge.dicom")  # the logger structlog's filter_by_level asks
 _SUCCESS = int(StoreStatus.SUCCESS)
 
-_LAST_HEADER_TAG = max(HEADER_TAGS)
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only; elsewhere the wrapper is not installed
 
 
@@ -69,45 +62,6 @@ class ListenerSettings:
     max_pdu_size: int = 0  # 0: unlimited
     allowed_calling_aets: tuple[CallingAeRule, ...] = ()  # empty: any
     tls: ssl.SSLContext | None = None  # DICOM TLS when set (see server_tls_context)
-
-
-def read_header(encoded: BytesIO, transfer_syntax: UID) -> Dataset:
-    """Decode only the header elements ``extract`` reads, stopping before anything after them (pixel data)."""
-    stream: BytesIO = encoded
-    stream.seek(0)
-    if transfer_syntax.is_deflated:
-        stream = BytesIO(zlib.decompress(encoded.getvalue(), -zlib.MAX_WBITS))
-    try:
-        dataset = read_dataset(
-            stream,
-            transfer_syntax.is_implicit_VR,
-            transfer_syntax.is_little_endian,
-            stop_when=lambda tag, _vr, _length: tag > _LAST_HEADER_TAG,
-            specific_tags=list(HEADER_TAGS),
-        )
-    except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
-        raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    return refuse_truncated(dataset)
-
-
-def refuse_truncated(dataset: Dataset) -> Dataset:
-    """``dataset``, unless the stream ended inside one of its values.
-
-    pydicom hands back whatever it could read of a value cut short, and a cut UID may still look valid (one
-    cut after "1.2.3.4" of "1.2.3.4.5" is a UID): indexed, it would put the instance in a series or study
-    that does not exist. Raises ``InvalidInstanceError`` naming the element instead.
-    """
-    for tag in dataset.keys():  # noqa: SIM118 - iterating the Dataset itself would decode every element
-        raw = dataset.get_item(tag)
-        if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes) or raw.length == 0xFFFFFFFF:
-            continue
-        if len(raw.value) < raw.length:
-            raise InvalidInstanceError(
-                keyword_for_tag(tag) or "",
-                f"({tag.group:04X},{tag.element:04X})",
-                f"truncated: the dataset ends inside this value ({len(raw.value)} of {raw.length} bytes)",
-            )
-    return dataset
 
 
 def server_tls_context(certificate: str, private_key: str, client_ca: str = "") -> ssl.SSLContext:

@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs_bridge.dicom.extract import extract_instance
-from pacs_bridge.dicom.scp import read_header
+from pacs_bridge.dicom.header import read_header
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings

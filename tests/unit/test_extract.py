@@ -29,7 +29,7 @@ from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from pacs_bridge.dicom.extract import HEADER_KEYWORDS, HEADER_TAGS, MODALITY_WHEN_ABSENT, extract_instance
-from pacs_bridge.dicom.scp import read_header
+from pacs_bridge.dicom.header import read_header
 from pacs_bridge.errors import InvalidInstanceError
 from pacs_bridge.records import CodedConcept, InstanceRecord, SeriesAttributes, StudyAttributes
 from tests.support.studies import make_dataset, uid

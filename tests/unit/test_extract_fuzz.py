@@ -15,7 +15,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs_bridge.dicom.extract import extract_instance
-from pacs_bridge.dicom.scp import read_header
+from pacs_bridge.dicom.header import read_header
 from pacs_bridge.errors import InvalidInstanceError
 from tests.support.studies import make_dataset
 

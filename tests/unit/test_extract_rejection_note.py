@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian
 
 from pacs_bridge.dicom.extract import extract_instance
-from pacs_bridge.dicom.scp import read_header
+from pacs_bridge.dicom.header import read_header
 from pacs_bridge.errors import InvalidInstanceError
 from pacs_bridge.records import RejectedReference, RejectionNote, RejectionReason
 from tests.support.rejection_notes import make_rejection_note

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs_bridge.dicom.extract import extract_instance
-from pacs_bridge.dicom.scp import read_header
+from pacs_bridge.dicom.header import read_header
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
 from pacs_bridge.records import InstanceRecord, InstanceSnapshot, SeriesSnapshot, StudySnapshot

@@ -9,7 +9,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from pacs_bridge.dicom.scp import read_header
+from pacs_bridge.dicom.header import read_header
 from pacs_bridge.errors import InvalidInstanceError
 from tests.support.studies import make_dataset
 
