@@ -7,6 +7,13 @@ up the service class, builds a response primitive, calls the EVT_C_STORE handler
 queues it back to the DUL thread, which wakes once more to send it. Per 10 kB instance that is about 0.15 ms
 of decoding alone and four thread hand-overs under the GIL, paid by every association of the process.
 
+``attach`` also stands in for the DUL's ``_read_pdu_data`` on the association: a P-DATA-TF received while
+established (Sta6) with no other event queued is peeked at, read into one buffer (``recv_into``) and its items
+handed to this association's ``InlineStore`` at once, as DT-2 would, instead of being read 4 kB at a time,
+decoded into pynetdicom's PDU and item objects, queued as an event and taken back out on the DUL's next pass.
+Other PDUs, TLS sockets, PDUs over ``LARGEST_PDU_READ_WHOLE`` and associations with a handler bound to the
+PDU, data or state machine events are read by pynetdicom as before.
+
 ``install`` replaces the DT-2 action. On an association that ``attach`` prepared and the listener then let in
 (``admit``, at EVT_ESTABLISHED), a C-STORE request is taken apart here instead: command fragments are
 collected and the command set read with ``struct`` (implicit VR little endian, PS3.7 6.3.1), dataset
@@ -61,6 +68,9 @@ _IMPLICIT_ELEMENT = struct.Struct("<HHI")
 _CONFORMANT_UID = re.compile(rb"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _MAX_UID_LENGTH = 64
 _PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
+# The buffer for a PDU read whole is allocated from its header's length, before the bytes arrive: a longer one
+# (a peer may announce up to 4 GiB when no maximum is negotiated) is left to pynetdicom's read.
+LARGEST_PDU_READ_WHOLE = 1 << 20
 _ITEM_HEADER = struct.Struct(">LB")  # presentation data value item: length, presentation context ID
 _US = struct.Struct("<H")
 # Events this path does not raise: an association with a handler bound to one of them is left to pynetdicom.
@@ -331,10 +341,13 @@ def _read_pdu_data(dul: Any, inline: InlineStore) -> None:
         header = plain.recv(_PDU_HEADER.size, socket.MSG_PEEK)
     except OSError:
         header = b""
-    if len(header) < _PDU_HEADER.size or header[0] != _P_DATA_TF:
+    if len(header) < _PDU_HEADER.size:
         type(dul)._read_pdu_data(dul)
         return
-    _, _, length = _PDU_HEADER.unpack(header)
+    pdu_type, _, length = _PDU_HEADER.unpack(header)
+    if pdu_type != _P_DATA_TF or length > LARGEST_PDU_READ_WHOLE:
+        type(dul)._read_pdu_data(dul)  # pynetdicom's read grows its buffer as the bytes arrive
+        return
     pdu = bytearray(_PDU_HEADER.size + length)
     view = memoryview(pdu)
     received = 0

@@ -191,6 +191,22 @@ def test_an_association_someone_observes_reading_pdus_is_read_by_pynetdicom(
     assert index.load_snapshot(study_uid).number_of_instances == 2
 
 
+def test_a_pdu_longer_than_what_is_read_whole_is_read_by_pynetdicom(
+    listener: DicomListener, index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its buffer would be allocated before its bytes arrive: pynetdicom reads it, the store is served inline."""
+    monkeypatch.setattr(inline_store, "LARGEST_PDU_READ_WHOLE", 64)
+    study_uid, datasets = study(tmp_path, 1)
+    assoc = associate(listener.port, datasets[0])
+    (acceptor,) = listener._server.active_associations
+    assert assoc.send_c_store(datasets[0]).Status == 0x0000
+    assoc.release()
+    wait_for_associations_to_end(listener)
+    inline = inline_store.attached(acceptor)
+    assert inline is not None and inline.served == 1 and inline.pdus_read == 0
+    assert index.load_snapshot(study_uid).number_of_instances == 1
+
+
 def test_a_p_data_tf_whose_item_overruns_it_aborts_the_association_not_the_listener(
     listener: DicomListener, index: Index, tmp_path: Path
 ) -> None:
