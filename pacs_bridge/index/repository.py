@@ -12,11 +12,11 @@ import hashlib
 import threading
 import weakref
 from collections import defaultdict, namedtuple
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import structlog
 from sqlalchemy import (
@@ -57,6 +57,7 @@ from pacs_bridge.records import (
 )
 
 log = structlog.get_logger("pacs_bridge.index")
+_Result = TypeVar("_Result")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -284,6 +285,15 @@ def _process_lock(name: str) -> Iterator[None]:
                 _named_locks[name] = (lock, users - 1)
 
 
+def _close_for_good(connection: Connection) -> None:
+    """Close ``connection`` and its driver connection, not only give it back to the pool: by the time an index is
+    collected its engine may have been disposed, and a connection given back to a disposed pool is never
+    closed."""
+    if not connection.closed:  # a connection a failed transaction gave back is closed already
+        connection.invalidate()
+        connection.close()
+
+
 class Index:
     """Durable index of received instances and the publish state of their studies."""
 
@@ -297,6 +307,8 @@ class Index:
         self._driver = _DriverIngest(self._statements, engine.dialect)
         self._writers = writer_queue(engine)
         self._kept_connection: Connection | None = None  # see _ingest_connection
+        self._keeps_connection = self._writers is not None or self._dialect == "postgresql"
+        self._ingest_lock = threading.Lock()  # ingest transactions' turns where there is no writer queue
         self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
 
     @contextmanager
@@ -311,14 +323,14 @@ class Index:
 
     @contextmanager
     def _ingest_transaction(self) -> Iterator[Connection]:
-        """The transaction of the per-instance path. On an SQLite file it first waits its turn among writers,
-        and runs on the connection this index keeps for ingest (see ``_ingest_connection``)."""
+        """The transaction of the per-instance path, on the connection this index keeps for ingest (see
+        ``_ingest_connection``). On an SQLite file it first waits its turn among writers."""
         with self._translated_errors():
-            if self._writers is None:
+            if not self._keeps_connection:
                 with self._engine.begin() as connection:
                     yield connection
                 return
-            with self._writers.turn():
+            with self._writers.turn() if self._writers is not None else self._ingest_lock:
                 connection = self._ingest_connection()
                 try:
                     with connection.begin():
@@ -330,18 +342,35 @@ class Index:
                     raise
 
     def _ingest_connection(self) -> Connection:
-        """The connection every ingest transaction on an SQLite file runs on, checked out once.
+        """The connection every ingest transaction runs on, checked out once (SQLite files and PostgreSQL).
 
-        Checking a connection out of the pool and back in (with its reset) for every C-STORE cost more CPU under
-        the GIL than the four statements of the instance. One connection is enough: ingest transactions take
-        the writer queue's turn, so they run one at a time in a process, and on the turn's thread. It goes back
-        to the pool when this index is collected or when a transaction on it fails.
+        Checking a connection out of the pool and back in for every C-STORE cost more CPU under the GIL than
+        the four statements of the instance, and on PostgreSQL two more round trips (the pool's ping before,
+        its rollback after). One connection is enough: ingest transactions take turns (the writer queue on
+        SQLite, a lock on PostgreSQL; group commit in front of the index already leads one at a time). It goes
+        back to the pool when a transaction on it fails in the database, and is closed when this index is
+        collected.
         """
         connection = self._kept_connection
         if connection is None:
             connection = self._kept_connection = self._engine.connect()
-            weakref.finalize(self, connection.close)
+            weakref.finalize(self, _close_for_good, connection)
         return connection
+
+    def _in_ingest_transaction(self, work: Callable[[Connection], _Result]) -> _Result:
+        """``work`` done in one ingest transaction. On PostgreSQL, when the kept connection fails (the server
+        restarted, or closed it after an idle timeout, while the pool's ping would have noticed), the whole
+        transaction was rolled back and ``work`` is done once more on a new connection."""
+        retry = self._dialect == "postgresql" and self._kept_connection is not None
+        try:
+            with self._ingest_transaction() as connection:
+                return work(connection)
+        except IndexUnavailableError as exc:
+            if not retry:
+                raise
+            log.info("ingest_connection_replaced", error=str(exc.__cause__ or exc))
+        with self._ingest_transaction() as connection:
+            return work(connection)
 
     @contextmanager
     def _unit_of_work(self, *, read_only: bool = False) -> Iterator[Session]:
@@ -367,8 +396,7 @@ class Index:
         if record.rejection_note is not None:
             return self._apply_rejection_note(record.rejection_note, received_at)
         try:
-            with self._ingest_transaction() as connection:
-                return self._record(connection, record, received_at)
+            return self._in_ingest_transaction(lambda connection: self._record(connection, record, received_at))
         except _RejectedInstanceError:
             log.info(
                 "rejected_instance_received",
@@ -388,12 +416,15 @@ class Index:
                 # Studies are locked in UID order, whatever order the instances came in: two listener processes
                 # committing batches that share studies then wait for each other instead of deadlocking.
                 by_study = sorted(range(len(batch)), key=lambda position: batch[position][0].study.study_uid)
-                recorded: dict[int, RecordOutcome | Exception] = {}
-                with self._ingest_transaction() as connection:
+
+                def record_all(connection: Connection) -> list[RecordOutcome | Exception]:
+                    recorded: dict[int, RecordOutcome | Exception] = {}
                     for position in by_study:
                         record, received_at = batch[position]
                         recorded[position] = self._record(connection, record, received_at)
-                return [recorded[position] for position in range(len(batch))]
+                    return [recorded[position] for position in range(len(batch))]
+
+                return self._in_ingest_transaction(record_all)
             except IndexUnavailableError as exc:
                 # The database failed (down, locked past the busy timeout, full), not an instance: all get the
                 # error now rather than wait for it again one by one.

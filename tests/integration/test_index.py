@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select, text
 
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
 from pacs_bridge.index.engine import make_engine
@@ -323,3 +323,38 @@ def test_snapshot_of_an_unknown_study_says_so(index: Index):
 
     with pytest.raises(UnknownStudyError, match=f"study {uid('404')} is not in the index"):
         index.load_snapshot(uid("404"))
+
+
+def test_ingest_checks_out_one_connection_for_all_its_instances(index: Index, engine: Engine, clock: FakeClock) -> None:
+    """Per C-STORE, a pool checkout and checkin (and PostgreSQL's ping and reset round trips) cost more than the
+    instance's statements: the index keeps one connection for ingest, alone and in batches."""
+    checkouts: list[object] = []
+    event.listen(engine, "checkout", lambda *_: checkouts.append(None))
+    for number in range(1, 6):
+        assert index.record_instance(record(instance=f"1.1.{number}"), received_at=clock()) is RecordOutcome.NEW
+    batch = [(record(instance=f"1.1.{number}"), clock()) for number in range(6, 9)]
+    assert index.record_instances(batch) == [RecordOutcome.NEW] * 3
+    assert len(checkouts) == 1
+    assert index.load_snapshot(uid("1")).number_of_instances == 8
+
+
+@pytest.mark.postgresql
+def test_a_kept_connection_the_server_closed_is_replaced_and_the_instance_recorded(
+    postgres_schema_url: str, clock: FakeClock
+) -> None:
+    """After a PostgreSQL restart or an idle timeout the kept connection is gone: the instance is recorded on a
+    new one, not refused."""
+    engine = make_engine(postgres_schema_url)
+    prepare_schema(engine)
+    index = Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+    try:
+        assert index.record_instance(record(instance="1.1.1"), received_at=clock()) is RecordOutcome.NEW
+        kept = index._kept_connection
+        assert kept is not None
+        kept_pid = kept.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
+        with engine.connect() as admin:
+            assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": kept_pid}).scalar()
+        assert index.record_instance(record(instance="1.1.2"), received_at=clock()) is RecordOutcome.NEW
+        assert index.load_snapshot(uid("1")).number_of_instances == 2
+    finally:
+        engine.dispose()

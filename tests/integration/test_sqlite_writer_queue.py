@@ -69,25 +69,6 @@ def test_only_an_sqlite_file_has_a_writer_queue(tmp_path: Path) -> None:
     assert writer_queue(make_engine(f"sqlite:///{tmp_path / 'index.db'}")) is not None
 
 
-def test_ingest_checks_out_one_connection_for_all_its_instances(tmp_path: Path) -> None:
-    """Per C-STORE, a pool checkout and checkin cost more CPU than the instance's statements: the index keeps
-    one connection for ingest on an SQLite file (its transactions take turns anyway)."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
-    prepare_schema(engine, upgrade=True)
-    index = Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
-    checkouts: list[object] = []
-    event.listen(engine, "checkout", lambda *_: checkouts.append(None))
-    try:
-        for number in range(1, 6):
-            assert index.record_instance(record(f"1.1.{number}"), received_at=datetime.now(UTC)) is RecordOutcome.NEW
-        batch = [(record(f"1.1.{number}"), datetime.now(UTC)) for number in range(6, 9)]
-        assert index.record_instances(batch) == [RecordOutcome.NEW] * 3
-        assert len(checkouts) == 1
-        assert index.load_snapshot(uid("1")).number_of_instances == 8
-    finally:
-        engine.dispose()
-
-
 def test_after_the_database_failed_ingest_goes_on_with_a_new_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
