@@ -51,6 +51,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from pacs_bridge.dicom import store_response
+from pacs_bridge.dicom.extract import MAX_UID_LENGTH
 from pacs_bridge.dicom.spool import SpillingBuffer
 
 log = structlog.get_logger("pacs_bridge.dicom")
@@ -66,7 +67,6 @@ _P_DATA_TF = 0x04
 _LAST_COMMAND_FRAGMENT = b"\x03"  # message control header: command, last fragment
 _IMPLICIT_ELEMENT = struct.Struct("<HHI")
 _CONFORMANT_UID = re.compile(rb"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-_MAX_UID_LENGTH = 64
 _PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
 # The buffer for a PDU read whole is allocated from its header's length, before the bytes arrive: a longer one
 # (a peer may announce up to 4 GiB when no maximum is negotiated) is left to pynetdicom's read.
@@ -114,7 +114,7 @@ def _conformant_instance_uid(value: bytes) -> UID | None:
     """``value`` (a UI value, NUL-padded) as a UID when it is conformant (PS3.5 9.1: at most 64 characters,
     components of digits without leading zeros), else None."""
     text = value.rstrip(b"\x00 ")
-    if len(text) > _MAX_UID_LENGTH or _CONFORMANT_UID.fullmatch(text) is None:
+    if len(text) > MAX_UID_LENGTH or _CONFORMANT_UID.fullmatch(text) is None:
         return None
     return UID(text.decode("ascii"))
 
@@ -160,8 +160,8 @@ def store_request(elements: dict[int, bytes]) -> C_STORE | None:
 
 def _p_data_tf(context_id: int, pdv: bytes) -> bytes:
     """A P-DATA-TF PDU of one presentation data value item (PS3.8 9.3.5)."""
-    item = struct.pack(">LB", len(pdv) + 1, context_id) + pdv
-    return struct.pack(">BBL", _P_DATA_TF, 0x00, len(item)) + item
+    item = _ITEM_HEADER.pack(len(pdv) + 1, context_id) + pdv
+    return _PDU_HEADER.pack(_P_DATA_TF, 0x00, len(item)) + item
 
 
 class InlineStore:
