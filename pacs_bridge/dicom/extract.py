@@ -110,6 +110,13 @@ def _read_value(ds: Dataset, keyword: str) -> Any:
         raise InvalidInstanceError(keyword, _tag_text(keyword), f"cannot be decoded ({exc})") from exc
 
 
+def _first_ascii_value(value: bytes) -> str:
+    """The first of the backslash-separated values in ``value``, decoded as ASCII, without its padding.
+
+    Raises ``UnicodeDecodeError`` when ``value`` holds a byte above 0x7F."""
+    return value.decode("ascii").split("\\", 1)[0].strip(" \x00")
+
+
 def _read_ascii(ds: Dataset, keyword: str) -> str:
     """An ASCII-only value (UI, CS, DA, TM, IS) without its padding; the first value of a multi-valued one."""
     value = _read_value(ds, keyword)
@@ -117,15 +124,12 @@ def _read_ascii(ds: Dataset, keyword: str) -> str:
         return ""
     if isinstance(value, bytes):
         try:
-            text = value.decode("ascii")
+            return _first_ascii_value(value)
         except UnicodeDecodeError as exc:
             raise InvalidInstanceError(keyword, _tag_text(keyword), f"holds non-ASCII bytes {value[:32]!r}") from exc
-        text = text.split("\\", 1)[0]
-    elif isinstance(value, MultiValue | list):
-        text = str(value[0]) if len(value) else ""
-    else:
-        text = str(value)
-    return text.strip(" \x00")
+    if isinstance(value, MultiValue | list):
+        return str(value[0]).strip(" \x00") if len(value) else ""
+    return str(value).strip(" \x00")
 
 
 def _is_plain_ascii(value: bytes) -> bool:
@@ -144,7 +148,7 @@ def _read_text(ds: Dataset, keyword: str) -> str:
         return ""
     if isinstance(raw, RawDataElement) and type(raw.value) is bytes and _is_plain_ascii(raw.value):
         # Decoded here, without pydicom's conversion: this runs for every text of every C-STORE.
-        return raw.value.decode("ascii").split("\\", 1)[0].strip(" \x00")
+        return _first_ascii_value(raw.value)
     try:
         value = ds[tag].value
     except Exception as exc:  # undecodable bytes in the dataset's character set
