@@ -112,21 +112,28 @@ def test_a_request_cut_into_many_fragments_is_put_back_together(
     }
 
 
+def two_stores_observed(listener: DicomListener, tmp_path: Path, event: Any) -> tuple[str, Any, list[Any]]:
+    """Two stores, each answered success, on an association whose acceptor has a handler bound to ``event``
+    from before the first; returns the study UID, the acceptor and the events the handler got."""
+    study_uid, datasets = study(tmp_path, 2)
+    assoc = associate(listener.port, datasets[0])
+    (acceptor,) = listener._server.active_associations
+    observed: list[Any] = []
+    acceptor.bind(event, observed.append)
+    assert [assoc.send_c_store(dataset).Status for dataset in datasets] == [0x0000] * 2
+    assoc.release()
+    wait_for_associations_to_end(listener)
+    return study_uid, acceptor, observed
+
+
 def test_an_association_someone_observes_is_left_to_pynetdicom(
     listener: DicomListener, index: Index, tmp_path: Path
 ) -> None:
     """A handler bound to EVT_DIMSE_RECV expects pynetdicom's decoded messages: that association's stores go
     pynetdicom's way, and still succeed."""
-    study_uid, datasets = study(tmp_path, 2)
-    assoc = associate(listener.port, datasets[0])
-    (acceptor,) = listener._server.active_associations
-    received: list[Any] = []
-    acceptor.bind(evt.EVT_DIMSE_RECV, lambda event: received.append(event.message))
-    assert [assoc.send_c_store(dataset).Status for dataset in datasets] == [0x0000] * 2
-    assoc.release()
-    wait_for_associations_to_end(listener)
+    study_uid, acceptor, messages = two_stores_observed(listener, tmp_path, evt.EVT_DIMSE_RECV)
     assert inline_store.attached(acceptor).served == 0  # type: ignore[union-attr]
-    assert len(received) == 2
+    assert len(messages) == 2
     assert index.load_snapshot(study_uid).number_of_instances == 2
 
 
@@ -177,14 +184,7 @@ def test_an_association_someone_observes_reading_pdus_is_read_by_pynetdicom(
 ) -> None:
     """A handler bound to EVT_PDU_RECV expects pynetdicom's decoded PDUs: that association's PDUs are read by
     pynetdicom, and its stores still served inline."""
-    study_uid, datasets = study(tmp_path, 2)
-    assoc = associate(listener.port, datasets[0])
-    (acceptor,) = listener._server.active_associations
-    pdus: list[Any] = []
-    acceptor.bind(evt.EVT_PDU_RECV, lambda event: pdus.append(event.pdu))
-    assert [assoc.send_c_store(dataset).Status for dataset in datasets] == [0x0000] * 2
-    assoc.release()
-    wait_for_associations_to_end(listener)
+    study_uid, acceptor, pdus = two_stores_observed(listener, tmp_path, evt.EVT_PDU_RECV)
     inline = inline_store.attached(acceptor)
     assert inline is not None and inline.pdus_read == 0 and inline.served == 2
     assert len(pdus) >= 3  # the two stores' P-DATA-TFs and the release request
