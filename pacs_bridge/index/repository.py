@@ -136,9 +136,14 @@ class _DriverStatement:
     ``cursor.execute``. The transaction stays SQLAlchemy's: the cursor belongs to the connection of an open
     ``engine.begin()`` (BEGIN IMMEDIATE on SQLite, commit, rollback, pool). Insert columns left out of
     ``column_keys`` get their column's scalar default, as SQLAlchemy would give them.
+
+    Result columns with a type processor are decoded once per distinct value: the instances of a study read the
+    same JSON lists and the same ``first_change_at`` from its row again and again, so the raw values of those
+    columns are compared with the last row's and, when equal, its decoded values are reused (the processors are
+    pure and their values immutable: tuples, frozen dataclasses, datetimes).
     """
 
-    __slots__ = ("_parameters", "_positional", "_result_processors", "_row", "sql")
+    __slots__ = ("_decoded", "_parameters", "_positional", "_processed", "_row", "sql")
 
     def __init__(self, statement: Any, dialect: Any, column_keys: Sequence[str] | None = None) -> None:
         compiled = statement.compile(dialect=dialect, column_keys=list(column_keys) if column_keys else None)
@@ -159,9 +164,10 @@ class _DriverStatement:
             self._parameters.append((name, fallback, processor))
         columns = list(statement.exported_columns) if statement.exported_columns else []
         self._row: Any = namedtuple("_DriverRow", [column.key for column in columns]) if columns else None
-        self._result_processors = [
-            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
-        ]
+        processors = [column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns]
+        # (position, processor) of the columns to decode; the last raw values of those and their decoded values
+        self._processed = [(position, processor) for position, processor in enumerate(processors) if processor]
+        self._decoded: tuple[tuple[Any, ...], list[Any]] | None = None
 
     def _bound(self, values: dict[str, Any]) -> Any:
         bound: list[Any] = []
@@ -181,10 +187,17 @@ class _DriverStatement:
         row = cursor.fetchone()
         if row is None or self._row is None:
             return None
-        return self._row._make(
-            value if processor is None else processor(value)
-            for value, processor in zip(row, self._result_processors, strict=True)
-        )
+        if not self._processed:
+            return self._row._make(row)
+        raw = tuple([row[position] for position, _ in self._processed])
+        decoded = self._decoded
+        if decoded is None or decoded[0] != raw:
+            decoded = (raw, [processor(row[position]) for position, processor in self._processed])
+            self._decoded = decoded  # one assignment: a concurrent reader sees the old pair or the new
+        columns = list(row)
+        for (position, _), value in zip(self._processed, decoded[1], strict=True):
+            columns[position] = value
+        return self._row._make(columns)
 
 
 _REQUIRED = object()

@@ -131,6 +131,30 @@ def test_changed_attribute_of_a_known_instance_counts_as_a_change(index: Index, 
     assert (row.change_seq, row.due_at, row.study_description) == (2, clock() + QUIET, "CT chest with contrast")
 
 
+def test_interleaved_studies_are_each_compared_with_their_own_row(index: Index, engine: Engine, clock: FakeClock):
+    """The study row's JSON-held and time columns are decoded once per distinct value and reused while they
+    repeat: instances of two studies arriving in turn are each compared with their own study's values, so
+    neither counts as a change until a list really differs."""
+
+    def instance_of(study: str, number: int, reasons: tuple[str, ...]) -> InstanceRecord:
+        base = record(study, f"{study}.1", f"{study}.1.{number}", number=number)
+        return replace(base, study=replace(base.study, reasons=reasons, reading_physicians=(f"Doe^{study}",)))
+
+    for number in (1, 2):
+        index.record_instance(instance_of("1", number, ("cough",)), received_at=clock())
+        index.record_instance(instance_of("2", number, ("fever",)), received_at=clock())
+    resent = [
+        index.record_instance(instance_of(study, number, reasons), received_at=clock())
+        for number in (1, 2)
+        for study, reasons in (("1", ("cough",)), ("2", ("fever",)))
+    ]
+    assert resent == [RecordOutcome.UNCHANGED] * 4
+    assert index.record_instance(instance_of("1", 1, ("fever",)), received_at=clock()) is RecordOutcome.UPDATED
+    assert index.record_instance(instance_of("2", 1, ("fever",)), received_at=clock()) is RecordOutcome.UNCHANGED
+    assert (study_row(engine, "1").reasons, study_row(engine, "1").change_seq) == (("fever",), 3)
+    assert (study_row(engine, "2").reasons, study_row(engine, "2").change_seq) == (("fever",), 2)
+
+
 def test_a_study_that_keeps_changing_is_due_no_later_than_max_delay(index: Index, engine: Engine, clock: FakeClock):
     """Instances every 10 s never let the study go quiet; it is due max_delay after the first one."""
     first = clock()
