@@ -74,29 +74,47 @@ class WriterQueue:
     not the work, bounded the rate. A writer that holds this queue's turn (a ``threading.Lock`` in the process,
     then ``flock`` on ``<database>-writers`` across processes) is woken by the kernel the moment the previous
     one is done. Writers that skip the queue still work: they wait for the database lock as before.
+
+    The thread holding the turn may ask for it again (group commit takes the turn before it takes its batch,
+    then records the batch in a transaction that asks for it too): it has it at once, and the turn is given
+    back when the outermost ``turn`` ends.
     """
 
     def __init__(self, path: str) -> None:
         self._path = f"{path}-writers"
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread holding the turn
         self._fd = -1
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
+        if self._holder == threading.get_ident():
+            yield
+            return
         with self._lock:
-            if self._fd < 0:
-                with contextlib.suppress(OSError):
-                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            if self._fd < 0:
-                # No file beside the database (its directory is missing or read-only): SQLite's own lock still
-                # keeps writers apart, and opening the database reports what is wrong.
-                yield
-                return
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._holder = threading.get_ident()
             try:
-                yield
+                with self._turn_across_processes():
+                    yield
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._holder = None
+
+    @contextlib.contextmanager
+    def _turn_across_processes(self) -> Iterator[None]:
+        """The ``flock`` on ``<database>-writers`` (called with the in-process lock held)."""
+        if self._fd < 0:
+            with contextlib.suppress(OSError):
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self._fd < 0:
+            # No file beside the database (its directory is missing or read-only): SQLite's own lock still
+            # keeps writers apart, and opening the database reports what is wrong.
+            yield
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 def writer_queue(engine: Engine) -> WriterQueue | None:

@@ -11,7 +11,8 @@ nothing). Instances arriving while a commit runs wait; when it ends, the first o
 which takes all that are waiting, in one transaction (``Index.record_instances``). Each thread returns only
 after the transaction holding its instance has committed, with its own outcome or error, so the rule "success
 only after the commit" holds instance by instance. One bad instance makes the batch fall back to one
-transaction each; it never fails the others.
+transaction each; it never fails the others. The leader takes its batch once it holds the index's writer turn,
+so that with several listener processes on one SQLite file, what arrives while another process commits joins it.
 """
 
 from __future__ import annotations
@@ -65,16 +66,26 @@ class GroupCommit:
         return outcome
 
     def _lead(self) -> None:
-        """Commit what is waiting (the leader's own instance first among it), then pass the lead on."""
-        with self._lock:
-            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-        # Whatever happens, every waiter of this batch gets an outcome and is woken: none may wait forever.
-        outcomes: list[RecordOutcome | Exception] = [RuntimeError("the group commit was interrupted")] * len(batch)
+        """Commit what is waiting (the leader's own instance first among it), then pass the lead on.
+
+        The batch is taken once the index's writer turn is ours (``Index.writer_turn``): while another listener
+        process commits to the same SQLite file, what arrives here joins this commit instead of the next one.
+        """
+        batch: list[_Waiting] = []
+        outcomes: list[RecordOutcome | Exception] | None = None
+        failure: Exception = RuntimeError("the group commit was interrupted")
         try:
-            outcomes = self._index.record_instances([(w.record, w.received_at) for w in batch])
+            with self._index.writer_turn():
+                batch = self._take_batch()
+                outcomes = self._index.record_instances([(w.record, w.received_at) for w in batch])
         except Exception as exc:  # record_instances reports per instance; this is only a last resort
-            outcomes = [exc] * len(batch)
+            failure = exc
         finally:
+            # Whatever happens, every waiter of this batch gets an outcome and is woken: none may wait forever.
+            if not batch:  # the turn itself failed: the leader's own instance is still waiting with the others
+                batch = self._take_batch()
+            if outcomes is None:
+                outcomes = [failure] * len(batch)
             with self._lock:
                 if self._waiting:
                     following = self._waiting[0]
@@ -87,3 +98,8 @@ class GroupCommit:
             for waiting, outcome in zip(batch, outcomes, strict=True):
                 waiting.outcome = outcome
                 waiting.wake.set()
+
+    def _take_batch(self) -> list[_Waiting]:
+        with self._lock:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+        return batch

@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections import defaultdict, namedtuple
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -321,7 +321,8 @@ class Index:
         self._writers = writer_queue(engine)
         self._kept_connection: Connection | None = None  # see _ingest_connection
         self._keeps_connection = self._writers is not None or self._dialect == "postgresql"
-        self._ingest_lock = threading.Lock()  # ingest transactions' turns where there is no writer queue
+        # Ingest transactions' turns where there is no writer queue; reentrant like the queue's (see writer_turn).
+        self._ingest_lock = threading.RLock()
         self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
 
     @contextmanager
@@ -334,6 +335,18 @@ class Index:
                 "check that the database in `database.url` is running, writable and not full"
             ) from exc
 
+    def writer_turn(self) -> AbstractContextManager[Any]:
+        """The turn of ingest transactions, for a caller that gathers what to record while it waits for it.
+
+        Group commit takes it before it takes its batch: on an SQLite file shared by listener processes the
+        turn is often held by another process, and whatever arrives meanwhile joins the batch instead of
+        waiting for the next commit. The thread holding it may record (``record_instances``), which asks for
+        the turn again and has it at once.
+        """
+        if not self._keeps_connection:
+            return nullcontext()
+        return self._writers.turn() if self._writers is not None else self._ingest_lock
+
     @contextmanager
     def _ingest_transaction(self) -> Iterator[Connection]:
         """The transaction of the per-instance path, on the connection this index keeps for ingest (see
@@ -343,7 +356,7 @@ class Index:
                 with self._engine.begin() as connection:
                     yield connection
                 return
-            with self._writers.turn() if self._writers is not None else self._ingest_lock:
+            with self.writer_turn():
                 connection = self._ingest_connection()
                 try:
                     with connection.begin():

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
-from pacs_bridge.index.engine import make_engine
+from pacs_bridge.index.engine import make_engine, writer_queue
 from pacs_bridge.index.group_commit import GroupCommit
 from pacs_bridge.index.repository import Index
+from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
@@ -30,6 +33,9 @@ class HeldIndex:
         self.release = threading.Event()
         self.entered = threading.Event()
         self.batches: list[int] = []
+
+    def writer_turn(self) -> AbstractContextManager[Any]:
+        return self._index.writer_turn()
 
     def record_instances(self, batch: Sequence[tuple[InstanceRecord, datetime]]) -> list[Outcome]:
         self.batches.append(len(batch))
@@ -84,6 +90,42 @@ def test_instances_arriving_during_a_commit_share_the_next_transaction(
     # A single caller commits alone, at once, without any other thread.
     assert group.record_instance(record(instance="1.1.5", number=5), received_at=clock()) is RecordOutcome.NEW
     assert held.batches == [1, 3, 1]
+
+
+def test_instances_arriving_while_another_process_commits_join_the_waiting_leaders_batch(tmp_path: Path) -> None:
+    """On an SQLite file shared by listener processes, a leader that waits for the writer turn another process
+    holds takes its batch only once the turn is its own: the two instances that arrived meanwhile are committed
+    with its own, in one transaction, not in the next."""
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    this_engine, other_engine = make_engine(url), make_engine(url)
+    try:
+        prepare_schema(this_engine, upgrade=True)
+        index = Index(this_engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+        group = GroupCommit(index)
+        other_process = writer_queue(other_engine)
+        assert other_process is not None
+        outcomes: list[Outcome] = []
+
+        def send(number: int) -> threading.Thread:
+            item = record(instance=f"1.1.{number}", number=number)
+            thread = threading.Thread(
+                target=lambda: outcomes.append(group.record_instance(item, received_at=datetime.now(UTC)))
+            )
+            thread.start()
+            return thread
+
+        with other_process.turn():
+            senders = [send(1)]
+            wait_for(lambda: group._committing, timeout=30, what="the first instance to lead a commit")
+            senders += [send(2), send(3)]
+            wait_for(lambda: len(group._waiting) == 3, timeout=30, what="all three to wait for the turn")
+        for sender in senders:
+            sender.join(30)
+        assert outcomes == [RecordOutcome.NEW] * 3
+        assert (group.batches, group.largest_batch) == (1, 3)
+    finally:
+        this_engine.dispose()
+        other_engine.dispose()
 
 
 def test_one_bad_instance_in_a_batch_fails_alone(index: Index, engine: Engine, clock: FakeClock) -> None:

@@ -94,3 +94,25 @@ def test_after_the_database_failed_ingest_goes_on_with_a_new_connection(
     finally:
         other_writer.close()
         engine.dispose()
+
+
+def test_the_thread_holding_the_turn_has_it_again_and_keeps_it_until_the_outer_turn_ends(tmp_path: Path) -> None:
+    """Group commit takes the turn, then records in a transaction that asks for it again: that thread has it at
+    once, and another process's writer waits until the outer turn is given back, not the inner one."""
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    this_queue, other_queue = writer_queue(make_engine(url)), writer_queue(make_engine(url))
+    assert this_queue is not None and other_queue is not None
+    other_had_it = threading.Event()
+
+    def other_writer() -> None:
+        with other_queue.turn():
+            other_had_it.set()
+
+    with this_queue.turn():
+        with this_queue.turn():
+            pass
+        other = threading.Thread(target=other_writer)
+        other.start()
+        assert not other_had_it.wait(0.3)
+    assert other_had_it.wait(10)
+    other.join()
