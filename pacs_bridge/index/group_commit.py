@@ -18,6 +18,7 @@ so that with several listener processes on one SQLite file, what arrives while a
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from pacs_bridge.index.repository import Index
@@ -70,21 +71,31 @@ class GroupCommit:
 
         The batch is taken once the index's writer turn is ours (``Index.writer_turn``): while another listener
         process commits to the same SQLite file, what arrives here joins this commit instead of the next one.
+        What arrives while the batch's statements run joins it too, where the index allows it (``joining``).
         """
         batch: list[_Waiting] = []
-        outcomes: list[RecordOutcome | Exception] | None = None
+        outcomes: Sequence[RecordOutcome | Exception] | None = None
         failure: Exception = RuntimeError("the group commit was interrupted")
+
+        def joining(may_join: Callable[[InstanceRecord], bool]) -> list[tuple[InstanceRecord, datetime]]:
+            with self._lock:
+                joined = [waiting for waiting in self._waiting if may_join(waiting.record)][: MAX_BATCH - len(batch)]
+                if joined:
+                    self._waiting = [waiting for waiting in self._waiting if waiting not in joined]
+            batch.extend(joined)
+            return [(waiting.record, waiting.received_at) for waiting in joined]
+
         try:
             with self._index.writer_turn():
                 batch = self._take_batch()
-                outcomes = self._index.record_instances([(w.record, w.received_at) for w in batch])
+                outcomes = self._index.record_instances([(w.record, w.received_at) for w in batch], joining=joining)
         except Exception as exc:  # record_instances reports per instance; this is only a last resort
             failure = exc
         finally:
             # Whatever happens, every waiter of this batch gets an outcome and is woken: none may wait forever.
             if not batch:  # the turn itself failed: the leader's own instance is still waiting with the others
                 batch = self._take_batch()
-            if outcomes is None:
+            if outcomes is None or len(outcomes) != len(batch):
                 outcomes = [failure] * len(batch)
             with self._lock:
                 if self._waiting:

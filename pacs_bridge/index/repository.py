@@ -58,6 +58,9 @@ from pacs_bridge.records import (
 
 log = structlog.get_logger("pacs_bridge.index")
 _Result = TypeVar("_Result")
+_Received = tuple[InstanceRecord, datetime]  # an instance and when it was received
+# Asked by a batch's transaction for waiting instances that may join it (see Index.record_instances).
+Joining = Callable[[Callable[[InstanceRecord], bool]], Sequence[_Received]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -431,34 +434,67 @@ class Index:
             )
             return RecordOutcome.REJECTED
 
-    def record_instances(self, batch: Sequence[tuple[InstanceRecord, datetime]]) -> list[RecordOutcome | Exception]:
+    def record_instances(
+        self, batch: Sequence[_Received], *, joining: Joining | None = None
+    ) -> list[RecordOutcome | Exception]:
         """Index several instances in one transaction: one commit (one fsync) for all, for group commit across
         associations (``index/group_commit.py``). Each gets its outcome, or the exception ``record_instance``
         would have raised for it: if any of them fails, the transaction is rolled back and each is recorded
         on its own, so one bad instance never fails the others; when the database itself fails, all get its
-        ``IndexUnavailableError`` at once. Rejection notes are always applied alone."""
-        if len(batch) > 1 and all(record.rejection_note is None for record, _ in batch):
-            try:
-                # Studies are locked in UID order, whatever order the instances came in: two listener processes
-                # committing batches that share studies then wait for each other instead of deadlocking.
-                by_study = sorted(range(len(batch)), key=lambda position: batch[position][0].study.study_uid)
+        ``IndexUnavailableError`` at once. Rejection notes are always applied alone.
 
-                def record_all(connection: Connection) -> list[RecordOutcome | Exception]:
-                    recorded: dict[int, RecordOutcome | Exception] = {}
-                    for position in by_study:
-                        record, received_at = batch[position]
-                        recorded[position] = self._record(connection, record, received_at)
-                    return [recorded[position] for position in range(len(batch))]
+        ``joining`` (PostgreSQL): once the batch is recorded, and until it returns nothing, it is asked for
+        instances that arrived meanwhile and join this transaction before its commit; it takes only those its
+        argument accepts: instances of a study the transaction has locked already (locking another now, out of
+        UID order, could deadlock with another bridge). While a bridge waits for a study another holds, what
+        arrives for it then shares its commit. The outcomes are those of ``batch``, then those of the instances
+        that joined, in the order they joined. An SQLite file needs none of it: the leader of a batch gathers
+        what arrives while it waits for the writer turn (``writer_turn``), and joining later only made the
+        turn longer (4 % fewer instances a second with two listener processes).
+        """
+        if self._dialect != "postgresql":
+            joining = None
+        received = list(batch)  # grows with the instances that join
+        if any(record.rejection_note is not None for record, _ in batch) or (len(batch) < 2 and joining is None):
+            return self._record_each_alone(received)
 
-                return self._in_ingest_transaction(record_all)
-            except IndexUnavailableError as exc:
-                # The database failed (down, locked past the busy timeout, full), not an instance: all get the
-                # error now rather than wait for it again one by one.
-                return [exc] * len(batch)
-            except Exception:  # each one again, alone, reports its own error
-                pass
+        def record_all(connection: Connection) -> list[RecordOutcome | Exception]:
+            # Run again from the start when a kept PostgreSQL connection is replaced: those that joined the
+            # first attempt are recorded again with the others (they are no longer waiting to join).
+            recorded: dict[int, RecordOutcome | Exception] = {}
+            locked: set[str] = set()
+            # Studies are locked in UID order, whatever order the instances came in: two listener processes
+            # committing batches that share studies then wait for each other instead of deadlocking.
+            todo = sorted(range(len(received)), key=lambda position: received[position][0].study.study_uid)
+            while todo:
+                for position in todo:
+                    record, received_at = received[position]
+                    recorded[position] = self._record(connection, record, received_at)
+                    locked.add(record.study.study_uid)
+                if joining is None:
+                    break
+                joined = joining(self._may_join(locked))
+                todo = list(range(len(received), len(received) + len(joined)))
+                received.extend(joined)
+            return [recorded[position] for position in range(len(received))]
+
+        try:
+            return self._in_ingest_transaction(record_all)
+        except IndexUnavailableError as exc:
+            # The database failed (down, locked past the busy timeout, full), not an instance: all get the
+            # error now rather than wait for it again one by one.
+            return [exc] * len(received)
+        except Exception:  # each one again, alone, reports its own error
+            return self._record_each_alone(received)
+
+    @staticmethod
+    def _may_join(locked: set[str]) -> Callable[[InstanceRecord], bool]:
+        """Which waiting instances may join a transaction that has locked the studies ``locked``."""
+        return lambda record: record.rejection_note is None and record.study.study_uid in locked
+
+    def _record_each_alone(self, received: Sequence[_Received]) -> list[RecordOutcome | Exception]:
         outcomes: list[RecordOutcome | Exception] = []
-        for record, received_at in batch:
+        for record, received_at in received:
             try:
                 outcomes.append(self.record_instance(record, received_at=received_at))
             except Exception as exc:

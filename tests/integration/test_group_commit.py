@@ -9,24 +9,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine
 
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
 from pacs_bridge.index.engine import make_engine, writer_queue
 from pacs_bridge.index.group_commit import GroupCommit
-from pacs_bridge.index.repository import Index
+from pacs_bridge.index.repository import Index, Joining
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
 from tests.integration.test_index import record, study_row
 from tests.support.bridge_process import wait_for
+from tests.support.studies import uid
 
 Outcome = RecordOutcome | Exception
 
 
 class HeldIndex:
-    """The index, with its first ``record_instances`` call held until ``release``: the others pile up meanwhile."""
+    """The index, with its first ``record_instances`` call held until ``release``: the others pile up meanwhile.
+    That first commit takes no one else in (as if its statements had run before the others arrived)."""
 
     def __init__(self, index: Index) -> None:
         self._index = index
@@ -37,12 +40,13 @@ class HeldIndex:
     def writer_turn(self) -> AbstractContextManager[Any]:
         return self._index.writer_turn()
 
-    def record_instances(self, batch: Sequence[tuple[InstanceRecord, datetime]]) -> list[Outcome]:
+    def record_instances(self, batch: Sequence[tuple[InstanceRecord, datetime]], *, joining: Joining) -> list[Outcome]:
         self.batches.append(len(batch))
         if len(self.batches) == 1:
             self.entered.set()
             self.release.wait(30)
-        return self._index.record_instances(batch)
+            return self._index.record_instances(batch)
+        return self._index.record_instances(batch, joining=joining)
 
 
 def run_concurrently(
@@ -182,3 +186,60 @@ def test_a_failing_database_fails_the_whole_batch_at_once(database_url: str, tmp
         broken.dispose()
     assert isinstance(outcomes[0], IndexUnavailableError)
     assert outcomes[1] is outcomes[0]
+
+
+class JoinWatchingIndex:
+    """The index; when its first transaction asks who joins, it first lets ``arrive`` send more instances."""
+
+    def __init__(self, index: Index, arrive: Callable[[], None]) -> None:
+        self._index = index
+        self._arrive = arrive
+
+    def writer_turn(self) -> AbstractContextManager[Any]:
+        return self._index.writer_turn()
+
+    def record_instances(self, batch: Sequence[tuple[InstanceRecord, datetime]], *, joining: Joining) -> list[Outcome]:
+        def joining_after_arrivals(
+            may_join: Callable[[InstanceRecord], bool],
+        ) -> Sequence[tuple[InstanceRecord, datetime]]:
+            arrive, self._arrive = self._arrive, lambda: None
+            arrive()
+            return joining(may_join)
+
+        return self._index.record_instances(batch, joining=joining_after_arrivals)
+
+
+@pytest.mark.postgresql
+def test_on_postgresql_instances_arriving_during_the_statements_join_the_commit(
+    postgres_schema_url: str, clock: FakeClock
+) -> None:
+    """A bridge on PostgreSQL records its batch (its study locked); two instances of that study arriving before
+    the commit join it: one transaction, three instances, each NEW."""
+    engine = make_engine(postgres_schema_url)
+    prepare_schema(engine)
+    senders: list[threading.Thread] = []
+    outcomes: list[Outcome] = []
+
+    def send(number: int) -> None:
+        item = record(instance=f"1.1.{number}", number=number)
+        senders.append(
+            threading.Thread(target=lambda: outcomes.append(group.record_instance(item, received_at=clock())))
+        )
+        senders[-1].start()
+
+    def two_arrive() -> None:
+        send(2)
+        send(3)
+        wait_for(lambda: len(group._waiting) == 2, timeout=30, what="two instances to wait for the commit")
+
+    try:
+        index = Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+        group = GroupCommit(JoinWatchingIndex(index, two_arrive))  # type: ignore[arg-type]
+        assert group.record_instance(record(instance="1.1.1"), received_at=clock()) is RecordOutcome.NEW
+        for sender in senders:
+            sender.join(30)
+        assert outcomes == [RecordOutcome.NEW] * 2
+        assert (group.batches, group.largest_batch) == (1, 3)
+        assert index.load_snapshot(uid("1")).number_of_instances == 3
+    finally:
+        engine.dispose()

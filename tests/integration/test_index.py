@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, event, select, text
@@ -380,5 +381,68 @@ def test_a_kept_connection_the_server_closed_is_replaced_and_the_instance_record
             assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": kept_pid}).scalar()
         assert index.record_instance(record(instance="1.1.2"), received_at=clock()) is RecordOutcome.NEW
         assert index.load_snapshot(uid("1")).number_of_instances == 2
+    finally:
+        engine.dispose()
+
+
+def test_waiting_instances_of_a_study_the_batch_locked_join_its_transaction_on_postgresql(
+    index: Index, engine: Engine, clock: FakeClock
+) -> None:
+    """On PostgreSQL a bridge waiting for a study's row lock gathers nothing meanwhile: once its batch is
+    recorded, instances that arrived for a study it has locked join its transaction (one commit); one of another
+    study does not (locking it now, out of UID order, could deadlock with another bridge). SQLite's writer turn
+    gathers instead, and nobody is asked."""
+    offered = [
+        [(record(instance="1.1.2", number=2), clock()), (record("2", "2.1", "2.1.1"), clock())],
+        [(record(instance="1.1.3", number=3), clock())],
+        [],
+    ]
+    asked: list[list[bool]] = []
+
+    def joining(may_join: Callable[[InstanceRecord], bool]) -> list[tuple[InstanceRecord, datetime]]:
+        waiting = offered.pop(0)
+        asked.append([may_join(item) for item, _ in waiting])
+        return [(item, at) for item, at in waiting if may_join(item)]
+
+    commits: list[object] = []
+    event.listen(engine, "commit", lambda *_: commits.append(None))
+    outcomes = index.record_instances([(record(instance="1.1.1"), clock())], joining=joining)
+    if engine.dialect.name == "postgresql":
+        assert asked == [[True, False], [True], []]
+        assert outcomes == [RecordOutcome.NEW] * 3
+        assert (len(commits), index.load_snapshot(uid("1")).number_of_instances) == (1, 3)
+        assert study_row(engine).change_seq == 3
+    else:
+        assert (asked, outcomes) == ([], [RecordOutcome.NEW])
+
+
+@pytest.mark.postgresql
+def test_instances_that_joined_are_recorded_again_when_the_kept_connection_is_replaced(
+    postgres_schema_url: str, clock: FakeClock
+) -> None:
+    """The server closes the kept connection while an instance joins a batch: the transaction is run again on a
+    new connection with that instance too (it waits for this commit, no longer for one of its own)."""
+    engine = make_engine(postgres_schema_url)
+    prepare_schema(engine)
+    index = Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+    offered = [[(record(instance="1.1.3", number=3), clock())]]
+
+    def joining_as_the_server_closes_the_connection(_: object) -> list[tuple[InstanceRecord, datetime]]:
+        if not offered:
+            return []
+        kept = index._kept_connection
+        assert kept is not None
+        kept_pid = kept.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
+        with engine.connect() as admin:
+            assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": kept_pid}).scalar()
+        return offered.pop()
+
+    try:
+        assert index.record_instance(record(instance="1.1.1"), received_at=clock()) is RecordOutcome.NEW
+        outcomes = index.record_instances(
+            [(record(instance="1.1.2", number=2), clock())], joining=joining_as_the_server_closes_the_connection
+        )
+        assert outcomes == [RecordOutcome.NEW, RecordOutcome.NEW]
+        assert index.load_snapshot(uid("1")).number_of_instances == 3
     finally:
         engine.dispose()
