@@ -16,7 +16,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 
 from pacs_bridge.errors import InvalidInstanceError
 from pacs_bridge.records import (
@@ -75,14 +75,17 @@ HEADER_KEYWORDS: tuple[str, ...] = (
 
 
 @functools.cache
-def _tag_of(keyword: str) -> int:
+@functools.cache
+def _tag_of(keyword: str) -> BaseTag:
+    """The tag of ``keyword``, as a ``BaseTag``: a dataset looks that up without converting it (every element
+    read of every C-STORE)."""
     tag = tag_for_keyword(keyword)
     if tag is None:  # a typo in HEADER_KEYWORDS: a programming error, caught by the unit tests
         raise KeyError(keyword)
-    return int(tag)
+    return BaseTag(tag)
 
 
-HEADER_TAGS: tuple[int, ...] = tuple(sorted(_tag_of(keyword) for keyword in HEADER_KEYWORDS))
+HEADER_TAGS: tuple[int, ...] = tuple(sorted(int(_tag_of(keyword)) for keyword in HEADER_KEYWORDS))
 
 _ESC = b"\x1b"  # starts an ISO 2022 escape sequence (PS3.5 6.1.2.5)
 MAX_UID_LENGTH = 64
