@@ -15,6 +15,7 @@ then pydicom reads the stream, with all its leniency and checks, as before.
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from io import BytesIO
@@ -54,20 +55,20 @@ def read_header(encoded: BinaryIO, transfer_syntax: UID) -> Dataset:
         stream = BytesIO(zlib.decompress(stream.read(), -zlib.MAX_WBITS))
         stream.seek(0)
     try:
-        dataset = None
         if transfer_syntax.is_little_endian:
             start = stream.read(SCANNED_BYTES)
             complete = len(start) < SCANNED_BYTES
-            dataset = scan_header(start, implicit_vr=transfer_syntax.is_implicit_VR, complete=complete)
+            scanned = scan_header(start, implicit_vr=transfer_syntax.is_implicit_VR, complete=complete)
+            if scanned is not None:
+                return scanned  # whole values only: nothing for refuse_truncated to find
             stream.seek(0)
-        if dataset is None:
-            dataset = read_dataset(
-                stream,
-                transfer_syntax.is_implicit_VR,
-                transfer_syntax.is_little_endian,
-                stop_when=lambda tag, _vr, _length: tag > LAST_HEADER_TAG,
-                specific_tags=list(HEADER_TAGS),
-            )
+        dataset = read_dataset(
+            stream,
+            transfer_syntax.is_implicit_VR,
+            transfer_syntax.is_little_endian,
+            stop_when=lambda tag, _vr, _length: tag > LAST_HEADER_TAG,
+            specific_tags=list(HEADER_TAGS),
+        )
     except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
         raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
     return refuse_truncated(dataset)
@@ -109,17 +110,26 @@ def scan_header(data: bytes, *, implicit_vr: bool, complete: bool) -> Dataset | 
         position = value_at + length
         if tag not in _WANTED:
             continue
-        if value_at + length > end and not complete:
-            return None  # the value goes on past what was looked at
+        if value_at + length > end:
+            # The value goes on past what was looked at, or the dataset ends inside it: pydicom reads it, and
+            # refuse_truncated names the element. A scanned dataset holds whole values only.
+            return None
         value: Any = data[value_at : value_at + length] if length else empty_value_for_VR(vr, raw=True)
         elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, value_at, implicit_vr, True)
     dataset = Dataset(elements)
     encoding: Any = default_encoding
     character_set = elements.get(BaseTag(_SPECIFIC_CHARACTER_SET))
     if character_set is not None:
-        encoding = convert_encodings(convert_raw_data_element(character_set).value)
+        encoding = list(_encodings(character_set.value, character_set.VR, implicit_vr))
     dataset.set_original_encoding(implicit_vr, True, encoding)
     return dataset
+
+
+@functools.lru_cache(maxsize=64)  # senders state one or two character sets, again in every instance
+def _encodings(value: bytes | None, vr: str | None, implicit_vr: bool) -> tuple[str, ...]:
+    """The Python encodings of a Specific Character Set value, as pydicom converts the raw element."""
+    element = RawDataElement(BaseTag(_SPECIFIC_CHARACTER_SET), vr, len(value or b""), value, 0, implicit_vr, True)
+    return tuple(convert_encodings(convert_raw_data_element(element).value))
 
 
 def _looks_explicit(data: bytes) -> bool:

@@ -18,6 +18,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from pacs_bridge.dicom import header
 from pacs_bridge.dicom.extract import HEADER_TAGS, extract_instance
 from pacs_bridge.dicom.header import LAST_HEADER_TAG, read_header, scan_header
+from pacs_bridge.errors import InvalidInstanceError
 from tests.support.studies import make_dataset
 from tests.unit.test_extract_fuzz import FUZZ, mutated
 
@@ -110,3 +111,25 @@ def test_a_mutated_dataset_is_scanned_as_pydicom_reads_it_or_left_to_pydicom(cas
             return
         by_pydicom = read_by_pydicom(data, syntax)
     assert same_header(scanned, by_pydicom)
+
+
+def test_a_dataset_ending_inside_a_header_value_is_left_to_pydicom_which_names_the_element() -> None:
+    """A scanned header holds whole values only, so ``read_header`` trusts it as it is; a value cut short is
+    pydicom's to read, and the refusal names it."""
+    data = encoded(make_dataset(), ExplicitVRLittleEndian)
+    cut = data[: data.index(make_dataset().SeriesInstanceUID.encode()) + 10]
+    assert scan_header(cut, implicit_vr=False, complete=True) is None
+    with pytest.raises(InvalidInstanceError, match=r"^SeriesInstanceUID \(0020,000E\): truncated"):
+        read_header(BytesIO(cut), UID(ExplicitVRLittleEndian))
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_each_dataset_keeps_its_own_character_set_when_several_alternate(syntax: str) -> None:
+    """The encodings of a Specific Character Set are worked out once per value and reused: datasets stating
+    different ones, in turn, each get theirs, as pydicom's reader gives them."""
+    for character_set in ("ISO_IR 100", "ISO_IR 192", "ISO_IR 100", "", "ISO 2022 IR 6\\ISO 2022 IR 87"):
+        ds = make_dataset()
+        ds.SpecificCharacterSet = character_set
+        data = encoded(ds, syntax)
+        scanned = scan_header(data, implicit_vr=UID(syntax).is_implicit_VR, complete=True)
+        assert scanned is not None and same_header(scanned, read_by_pydicom(data, syntax)), character_set
