@@ -35,6 +35,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -209,7 +210,7 @@ _REQUIRED = object()
 class _IngestStatements:
     """The hot path's statements, built once (SQLAlchemy caches their compiled form)."""
 
-    def __init__(self, insert: Any) -> None:
+    def __init__(self, insert: Any, *, postgres: bool) -> None:
         study_columns = (
             _studies.c.id,
             _studies.c.study_uid,
@@ -246,7 +247,45 @@ class _IngestStatements:
         self.insert_series = insert(_series).on_conflict_do_nothing()
         # RETURNING tells a new row from a conflict on both backends (rowcount does not, on psycopg).
         self.insert_instance = insert(_instances).on_conflict_do_nothing().returning(_instances.c.id)
+        # On SQLite a statement is a call into the library, and this one's many bound values cost more than the
+        # statement it saves (callgrind: 602k -> 660k instructions per instance); on PostgreSQL it saves a round trip.
+        self.insert_into_known_series = self._insert_into_known_series(insert) if postgres else None
         self.update_study = update(_studies).where(_studies.c.id == bindparam("_id"))
+
+    @staticmethod
+    def _insert_into_known_series(insert: Any) -> Any:
+        """The usual C-STORE in one statement (PostgreSQL) instead of two round trips: insert the instance into
+        its series when that series exists in this study, states exactly the record's series attributes, and the
+        instance was not rejected. It returns the new row's id; nothing when any of that does not hold (or the
+        instance is indexed already), and the instance then takes the full path (read the series, compare,
+        insert). It runs after the study's lock is held, so it sees a rejection note committed meanwhile.
+
+        PostgreSQL types a bound value in a select list on its own (a NULL as text, which it will not assign to
+        an integer column), so the inserted values are cast to their columns' types.
+        """
+
+        def value(name: str, type_: Any) -> Any:
+            return sql_cast(bindparam(name, type_=type_), type_)
+
+        inserted = select(
+            _series.c.id,
+            value("received_at", _instances.c.received_at.type),
+            *(value(name, _instances.c[name].type) for name in _INSTANCE_FIELDS),
+        ).where(
+            _series.c.series_uid == bindparam("series_uid"),
+            _series.c.study_id == bindparam("study_id"),
+            *(
+                _series.c[name].is_not_distinct_from(bindparam(f"series_{name}", type_=_series.c[name].type))
+                for name in _SERIES_FIELDS
+            ),
+            ~exists().where(_rejected.c.sop_instance_uid == bindparam("sop_instance_uid")),
+        )
+        return (
+            insert(_instances)
+            .from_select(["series_id", "received_at", *_INSTANCE_FIELDS], inserted)
+            .on_conflict_do_nothing()
+            .returning(_instances.c.id)
+        )
 
 
 class _DriverIngest:
@@ -265,6 +304,11 @@ class _DriverIngest:
             statements.insert_instance, dialect, ["series_id", "received_at", *_INSTANCE_FIELDS]
         )
         self.select_instance = _DriverStatement(statements.select_instance, dialect)
+        self.insert_into_known_series = (
+            _DriverStatement(statements.insert_into_known_series, dialect)
+            if statements.insert_into_known_series is not None
+            else None
+        )
         self._study_updates: dict[frozenset[str], _DriverStatement] = {}
 
     def update_study(self, values: dict[str, Any]) -> _DriverStatement:
@@ -319,7 +363,8 @@ class Index:
         self._write_sessions = sessionmaker(engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
         self._dialect = engine.dialect.name
-        self._statements = _IngestStatements(postgresql.insert if self._dialect == "postgresql" else sqlite.insert)
+        postgres = self._dialect == "postgresql"
+        self._statements = _IngestStatements(postgresql.insert if postgres else sqlite.insert, postgres=postgres)
         self._driver = _DriverIngest(self._statements, engine.dialect)
         self._writers = writer_queue(engine)
         self._kept_connection: Connection | None = None  # see _ingest_connection
@@ -512,6 +557,19 @@ class Index:
         study_changes = _changed(study, record.study, _STUDY_FIELDS)
 
         series_uid = record.series.series_uid
+        if driver.insert_into_known_series is not None:
+            known_series = {
+                "series_uid": series_uid,
+                "study_id": study.id,
+                "received_at": received_at,
+                **{f"series_{name}": getattr(record.series, name) for name in _SERIES_FIELDS},
+                **{name: getattr(record, name) for name in _INSTANCE_FIELDS},
+            }
+            if driver.insert_into_known_series.first(cursor, known_series) is not None:
+                values = {"_id": study.id, **study_changes, **self._change_noted(study, received_at)}
+                driver.update_study(values).execute(cursor, values)
+                return RecordOutcome.NEW
+
         series_keys = {"uid": series_uid, "sop_uid": record.sop_instance_uid}
         series = driver.select_series.first(cursor, series_keys)
         series_changes: dict[str, Any] = {}

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, select, text
@@ -446,3 +447,21 @@ def test_instances_that_joined_are_recorded_again_when_the_kept_connection_is_re
         assert index.load_snapshot(uid("1")).number_of_instances == 3
     finally:
         engine.dispose()
+
+
+def test_a_new_instance_that_states_its_series_differently_updates_the_series(index: Index, clock: FakeClock) -> None:
+    """A new instance whose series attributes differ from the indexed ones is indexed and updates the series (on
+    PostgreSQL it takes the full path, not the one-statement insert into an unchanged series); the next one,
+    stating the same, is indexed as it is."""
+
+    def instance(number: int, **series_fields: Any) -> InstanceRecord:
+        base = record(instance=f"1.1.{number}", number=number)
+        return replace(base, series=replace(base.series, **series_fields))
+
+    index.record_instance(instance(1, series_description="Axial"), received_at=clock())
+    for number in (2, 3):
+        changed = instance(number, series_description="Axial 1 mm", operators=("Roe^Jo",))
+        assert index.record_instance(changed, received_at=clock()) is RecordOutcome.NEW
+    (series,) = index.load_snapshot(uid("1")).series
+    assert (series.attributes.series_description, series.attributes.operators) == ("Axial 1 mm", ("Roe^Jo",))
+    assert [item.sop_instance_uid for item in series.instances] == [uid(f"1.1.{number}") for number in (1, 2, 3)]
