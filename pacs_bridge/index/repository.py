@@ -566,8 +566,7 @@ class Index:
                 **{name: getattr(record, name) for name in _INSTANCE_FIELDS},
             }
             if driver.insert_into_known_series.first(cursor, known_series) is not None:
-                values = {"_id": study.id, **study_changes, **self._change_noted(study, received_at)}
-                driver.update_study(values).execute(cursor, values)
+                self._update_changed_study(cursor, study, study_changes, received_at)
                 return RecordOutcome.NEW
 
         series_keys = {"uid": series_uid, "sop_uid": record.sop_instance_uid}
@@ -594,9 +593,15 @@ class Index:
         if outcome is RecordOutcome.UNCHANGED and (study_changes or series_changes):
             outcome = RecordOutcome.UPDATED
         if outcome is not RecordOutcome.UNCHANGED:
-            values = {"_id": study.id, **study_changes, **self._change_noted(study, received_at)}
-            driver.update_study(values).execute(cursor, values)
+            self._update_changed_study(cursor, study, study_changes, received_at)
         return outcome
+
+    def _update_changed_study(
+        self, cursor: Any, study: Any, study_changes: dict[str, Any], changed_at: datetime
+    ) -> None:
+        """Write the study's changed attributes and one more indexed change at ``changed_at``."""
+        values = {"_id": study.id, **study_changes, **self._change_noted(study, changed_at)}
+        self._driver.update_study(values).execute(cursor, values)
 
     def _record_instance_row(
         self, connection: Connection, cursor: Any, record: InstanceRecord, series_id: int, received_at: datetime
