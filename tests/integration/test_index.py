@@ -364,6 +364,15 @@ def test_ingest_checks_out_one_connection_for_all_its_instances(index: Index, en
     assert index.load_snapshot(uid("1")).number_of_instances == 8
 
 
+def close_kept_connection_from_the_server(index: Index, engine: Engine) -> None:
+    """Terminate the backend of the index's kept ingest connection, as a PostgreSQL restart or idle timeout does."""
+    kept = index._kept_connection
+    assert kept is not None
+    kept_pid = kept.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
+    with engine.connect() as admin:
+        assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": kept_pid}).scalar()
+
+
 @pytest.mark.postgresql
 def test_a_kept_connection_the_server_closed_is_replaced_and_the_instance_recorded(
     postgres_schema_url: str, clock: FakeClock
@@ -375,11 +384,7 @@ def test_a_kept_connection_the_server_closed_is_replaced_and_the_instance_record
     index = Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
     try:
         assert index.record_instance(record(instance="1.1.1"), received_at=clock()) is RecordOutcome.NEW
-        kept = index._kept_connection
-        assert kept is not None
-        kept_pid = kept.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
-        with engine.connect() as admin:
-            assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": kept_pid}).scalar()
+        close_kept_connection_from_the_server(index, engine)
         assert index.record_instance(record(instance="1.1.2"), received_at=clock()) is RecordOutcome.NEW
         assert index.load_snapshot(uid("1")).number_of_instances == 2
     finally:
@@ -431,11 +436,7 @@ def test_instances_that_joined_are_recorded_again_when_the_kept_connection_is_re
     def joining_as_the_server_closes_the_connection(_: object) -> list[tuple[InstanceRecord, datetime]]:
         if not offered:
             return []
-        kept = index._kept_connection
-        assert kept is not None
-        kept_pid = kept.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
-        with engine.connect() as admin:
-            assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": kept_pid}).scalar()
+        close_kept_connection_from_the_server(index, engine)
         return offered.pop()
 
     try:
