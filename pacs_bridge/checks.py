@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs_bridge.config import Config
 from pacs_bridge.errors import PublishError
 from pacs_bridge.fhir.client import FhirClient
-from pacs_bridge.fhir.patient import identifier_search
+from pacs_bridge.fhir.identifier import identifier_search
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.schema import head_revision
 

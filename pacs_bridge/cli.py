@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, time
 from typing import Any
 
 from pacs_bridge import __version__
-from pacs_bridge.config import Config, load_config
+from pacs_bridge.config import Config, config_warnings, load_config
 from pacs_bridge.errors import ConfigError, PacsBridgeError
 
 EXIT_CONFIG_ERROR = 2
@@ -205,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = _load(args.config)
     if args.command == "check-config":
         print(f"{args.config}: configuration is valid")
+        for warning in config_warnings(config):
+            print(f"{args.config}: warning: {warning}", file=sys.stderr)
         if args.online:
             _check_online(config)
         return
@@ -222,10 +224,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             _migrate(config)
             return
         # Imported here so that the other commands stay fast and never start the runtime stack.
+        import structlog
+
         from pacs_bridge.logs import configure_logging
         from pacs_bridge.service import BridgeService
 
         configure_logging(config.logging.level, config.logging.format)
+        for warning in config_warnings(config):
+            structlog.get_logger("pacs_bridge.config").warning("config_warning", detail=warning)
         BridgeService(config, config_path=args.config).run_until_stopped()
     except PacsBridgeError as exc:
         print(f"pacs-bridge: {exc}", file=sys.stderr)

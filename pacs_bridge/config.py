@@ -316,8 +316,10 @@ class PatientConfig(_Section):
     # identifier: subject by identifier only; lookup: the server's Patient with that identifier; create: that
     # Patient, created when absent (docs/mapping.md). lookup and create need an identifier system.
     mode: PatientMode = "identifier"
+    # The system of a PatientID whose study names no IssuerOfPatientID; never used for a study naming one.
     identifier_system: str = ""
-    # IssuerOfPatientID -> identifier system, for sites whose PatientIDs come from several issuers.
+    # IssuerOfPatientID -> identifier system. A study naming an issuer missing here: PatientID without a system
+    # (never searched, linked or created), the issuer as assigner.display.
     issuers: dict[str, str] = {}
 
     @field_validator("issuers")
@@ -493,6 +495,21 @@ def _patient_problems(config: Config) -> list[str]:
         f"at 'patient.mode': {patient.mode} searches the FHIR server by identifier system and value; set "
         "patient.identifier_system (or patient.issuers), since a PatientID alone may be another issuer's patient"
     ]
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but may not do what the operator expects, each naming its key (check-config prints them,
+    run logs them)."""
+    warnings = []
+    patient = config.patient
+    if patient.mode in ("lookup", "create") and not patient.issuers:
+        warnings.append(
+            f"at 'patient.issuers': patient.mode {patient.mode} runs without an issuers table, so only studies that "
+            "name no IssuerOfPatientID are searched (in patient.identifier_system); a study naming an issuer is "
+            "referenced by identifier only, never searched, linked or created. List each IssuerOfPatientID your "
+            "senders use with its system (your own issuer with patient.identifier_system's value)"
+        )
+    return warnings
 
 
 def _without_inline_secrets(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -21,6 +21,13 @@ from pacs_bridge.index.repository import StateCounts
 # the PUT, and any retries. Buckets span a short test quiet period to hours of FHIR outage.
 PUBLISH_LATENCY_BUCKETS = (1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800, 3600, 14400)
 
+# The issuer label comes from received datasets: bounded, so a sender cannot grow the registry without end. An
+# issuer beyond the first ISSUER_LABELS distinct ones of a process is counted as OTHER_ISSUER; a label holds at
+# most ISSUER_LABEL_CHARACTERS (IssuerOfPatientID is LO: 64).
+ISSUER_LABELS = 50
+ISSUER_LABEL_CHARACTERS = 64
+OTHER_ISSUER = "(other)"
+
 
 class _StudyStateCollector(Collector):
     def __init__(self, count_by_state: Callable[[], StateCounts]) -> None:
@@ -76,6 +83,17 @@ class BridgeMetrics:
             "Unix time at which the last publishing pass ended",
             registry=self.registry,
         )
+        self._issuers_unknown = {
+            identifier: Counter(
+                f"pacs_bridge_{identifier}_issuer_unknown",
+                f"ImagingStudy writes whose {identifier} identifier was sent without a system because the study "
+                f"names an issuer that {identifier}.issuers does not map, by issuer",
+                ["issuer"],
+                registry=self.registry,
+            )
+            for identifier in ("patient",)
+        }
+        self._issuer_labels: set[str] = set()
         self.registry.register(_StudyStateCollector(count_by_state))
         self._store_result_counters: dict[tuple[int, str], Any] = {}  # (status, calling AE) -> its child
         self._lock = threading.Lock()
@@ -111,6 +129,19 @@ class BridgeMetrics:
         self._last_pass.set_to_current_time()
         with self._lock:
             self.last_pass_monotonic = time.monotonic()
+
+    def identifier_issuer_unknown(self, *, identifier: str, issuer: str) -> None:
+        counter = self._issuers_unknown.get(identifier)
+        if counter is None:
+            return
+        label = issuer[:ISSUER_LABEL_CHARACTERS]
+        with self._lock:
+            if label not in self._issuer_labels:
+                if len(self._issuer_labels) >= ISSUER_LABELS:
+                    label = OTHER_ISSUER
+                else:
+                    self._issuer_labels.add(label)
+        counter.labels(issuer=label).inc()
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

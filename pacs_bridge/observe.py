@@ -25,6 +25,11 @@ class BridgeObserver(Protocol):
 
     def publish_pass_completed(self) -> None: ...
 
+    def identifier_issuer_unknown(self, *, identifier: str, issuer: str) -> None:
+        """An ImagingStudy was sent with its ``identifier`` ("patient") lacking a system, because the study names
+        an ``issuer`` the configuration does not map."""
+        ...
+
 
 class NullObserver:
     """Observes nothing."""
@@ -45,4 +50,7 @@ class NullObserver:
         pass
 
     def publish_pass_completed(self) -> None:
+        pass
+
+    def identifier_issuer_unknown(self, *, identifier: str, issuer: str) -> None:
         pass

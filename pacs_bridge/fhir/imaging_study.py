@@ -139,6 +139,17 @@ def study_patient_identifier(study: StudyAttributes, settings: MappingSettings) 
     )
 
 
+def unmapped_issuers(study: StudyAttributes, settings: MappingSettings) -> tuple[tuple[str, str], ...]:
+    """``(identifier, issuer)`` for each identifier of the study sent without a system because its dataset names
+    an issuer the configuration does not map: ``("patient", IssuerOfPatientID)``. The publisher logs and counts
+    them, so the operator sees which issuer to add to ``patient.issuers``."""
+    unmapped = []
+    patient = study_patient_identifier(study, settings)
+    if patient is not None and "assigner" in patient:
+        unmapped.append(("patient", str(patient["assigner"]["display"])))
+    return tuple(unmapped)
+
+
 def _subject(study: StudyAttributes, settings: MappingSettings, patient_reference: str | None) -> FhirResource:
     identifier = study_patient_identifier(study, settings)
     if identifier is None:

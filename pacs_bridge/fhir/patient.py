@@ -7,10 +7,10 @@
 - ``create``: that Patient, created first when absent (conditional create, ``If-None-Exist``) from the study's
   PatientID, PatientName, PatientBirthDate and PatientSex; an existing one is never changed.
 
-This module only builds values; the requests are the publisher's (``publish/patients.py``). A search needs an
-identifier system: a value alone could match another issuer's patient with the same number, so an identifier
-without a system is never searched (``identifier_search`` gives ``None``) and the subject stays a logical
-reference.
+This module only builds values; the requests are the publisher's (``publish/patients.py``). The identifier's
+system follows ``fhir/identifier.py``: a PatientID whose IssuerOfPatientID the configuration does not map gets no
+system, and an identifier without a system is never searched (``identifier_search`` gives ``None``), so the
+subject stays a logical reference: a value alone could match another issuer's patient with the same number.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import quote
 
+from pacs_bridge.fhir.identifier import IssuedSystem, issued_identifier, issued_system
 from pacs_bridge.fhir.person_name import human_names
 from pacs_bridge.fhir.resource import FhirResource
 from pacs_bridge.records import StudyAttributes
@@ -31,8 +32,15 @@ PatientMode = Literal["identifier", "lookup", "create"]
 GENDERS = {"M": "male", "F": "female", "O": "other"}
 UNKNOWN_GENDER = "unknown"
 
-# FHIR search escaping (R4 3.1.1.5.7 / R5 3.2.1.5.7): these characters separate parts of a parameter value.
-_SEARCH_SPECIAL = ("\\", "|", ",", "$")
+
+def patient_issued_system(
+    study: StudyAttributes, *, identifier_system: str, issuer_systems: Mapping[str, str]
+) -> IssuedSystem:
+    """The system of the study's PatientID: ``issuer_systems[IssuerOfPatientID]``; ``identifier_system`` only for
+    a study that names no issuer; none for an issuer the configuration does not map (``fhir/identifier.py``)."""
+    return issued_system(
+        (study.issuer_of_patient_id,), identifier_system=identifier_system, issuer_systems=issuer_systems
+    )
 
 
 def patient_identifier(
@@ -40,37 +48,13 @@ def patient_identifier(
 ) -> FhirResource | None:
     """The patient's Identifier: PatientID with the system of its issuer; ``None`` without a PatientID.
 
-    With an ``issuer_systems`` table, a listed IssuerOfPatientID gives its system and an unlisted one gives no
-    system (and the issuer as ``assigner.display``), never another issuer's system; without IssuerOfPatientID,
-    or without a table, ``identifier_system`` (none when empty).
+    An IssuerOfPatientID the configuration does not map gives no system and the issuer as ``assigner.display``,
+    never ``identifier_system`` nor another issuer's system.
     """
     if not study.patient_id:
         return None
-    issuer = study.issuer_of_patient_id
-    system = issuer_systems.get(issuer, "") if issuer and issuer_systems else identifier_system
-    identifier: FhirResource = {}
-    if system:
-        identifier["system"] = system
-    identifier["value"] = study.patient_id
-    if issuer and not system and issuer_systems:
-        identifier["assigner"] = {"display": issuer}  # an issuer we have no system for: say whose ID it is
-    return identifier
-
-
-def _escaped(text: str) -> str:
-    for character in _SEARCH_SPECIAL:
-        text = text.replace(character, "\\" + character)
-    return text
-
-
-def identifier_search(identifier: FhirResource | None) -> str | None:
-    """The token for ``Patient?identifier=``: ``system|value``, search-escaped; ``None`` without a system.
-
-    Without a system the value could be another issuer's number for another person: that is not searched.
-    """
-    if not identifier or not identifier.get("system") or not identifier.get("value"):
-        return None
-    return f"{_escaped(identifier['system'])}|{_escaped(identifier['value'])}"
+    issued = patient_issued_system(study, identifier_system=identifier_system, issuer_systems=issuer_systems)
+    return issued_identifier(study.patient_id, issued)
 
 
 def if_none_exist(search: str) -> str:

@@ -10,9 +10,11 @@ for the logical reference by identifier that ``identifier`` mode always uses:
   Patient (201) or answers with the one that exists (200) without writing: an existing Patient's
   demographics are never changed. Several matches (412) fall back to the identifier, like lookup.
 
-An identifier without a system (no ``patient.identifier_system``, or an IssuerOfPatientID missing from
-``patient.issuers``) is never searched: the same number may belong to another issuer's patient. Each fallback
-is logged as ``patient_lookup_fallback`` with the study UID and the reason, never with the patient's data.
+An identifier without a system is never searched: the same number may belong to another issuer's patient. That
+is a study naming an IssuerOfPatientID that ``patient.issuers`` does not list (``patient.identifier_system``
+serves only studies that name no issuer), or any study when no system is configured. Each fallback is logged as
+``patient_lookup_fallback`` with the study UID and the reason (and the unmapped issuer), never with the
+patient's data.
 Failures raise ``PublishError`` like any publish request: network errors and 5xx are retried with backoff, a
 refusal (4xx) marks the study failed with the reason.
 """
@@ -28,8 +30,9 @@ import structlog
 
 from pacs_bridge.errors import PublishError
 from pacs_bridge.fhir.client import FhirClient
+from pacs_bridge.fhir.identifier import identifier_search
 from pacs_bridge.fhir.imaging_study import MappingSettings, study_patient_identifier
-from pacs_bridge.fhir.patient import build_patient, identifier_search, if_none_exist
+from pacs_bridge.fhir.patient import build_patient, if_none_exist
 from pacs_bridge.fhir.resource import FhirResource
 from pacs_bridge.fhir.validation import validate_resource
 from pacs_bridge.records import StudyAttributes
@@ -68,9 +71,22 @@ class PatientResolver:
             return None
         identifier = study_patient_identifier(study, self._mapping)
         search = identifier_search(identifier)
-        if identifier is None or search is None:
-            reason = "no_patient_id" if identifier is None else "no_identifier_system"
-            log.warning("patient_lookup_fallback", study_uid=study.study_uid, mode=mode, reason=reason)
+        if identifier is None:
+            log.warning("patient_lookup_fallback", study_uid=study.study_uid, mode=mode, reason="no_patient_id")
+            return None
+        if search is None:
+            if "assigner" in identifier:  # named an issuer the configuration does not map: never searched
+                log.warning(
+                    "patient_lookup_fallback",
+                    study_uid=study.study_uid,
+                    mode=mode,
+                    reason="issuer_not_mapped",
+                    issuer=identifier["assigner"]["display"],
+                )
+            else:
+                log.warning(
+                    "patient_lookup_fallback", study_uid=study.study_uid, mode=mode, reason="no_identifier_system"
+                )
             return None
         if mode == "create" and create:
             return self._find_or_create(study, identifier, search)

@@ -17,7 +17,7 @@ import structlog
 from pacs_bridge.errors import IndexUnavailableError, PublishError
 from pacs_bridge.fhir.client import FhirClient, PutResult
 from pacs_bridge.fhir.endpoint import build_endpoint
-from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
+from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study, unmapped_issuers
 from pacs_bridge.fhir.merge import merge_imaging_study
 from pacs_bridge.fhir.resource import FhirResource, content_hash
 from pacs_bridge.fhir.validation import validate_resource
@@ -25,6 +25,7 @@ from pacs_bridge.index.repository import ClaimedStudy, Index
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.debounce import RetrySettings, retry_delay
 from pacs_bridge.publish.patients import PatientResolver
+from pacs_bridge.records import StudyAttributes
 
 Clock = Callable[[], datetime]
 
@@ -178,6 +179,7 @@ class Publisher:
             )
             log.info("study_unchanged", study_uid=study_uid, change_seq=snapshot.change_seq)
             return PublishOutcome.UNCHANGED
+        self._report_unmapped_issuers(snapshot.attributes)
         try:
             self._validate(resource)  # an invalid resource is never sent: the study is marked failed
             self._ensure_endpoints()
@@ -208,6 +210,19 @@ class Publisher:
             attempt=claimed.attempts + 1,
         )
         return PublishOutcome.PUBLISHED
+
+    def _report_unmapped_issuers(self, study: StudyAttributes) -> None:
+        """Say which issuer the configuration does not map, for each identifier about to be sent without a system
+        for that reason (the issuer names an organisation; the PatientID itself is never logged)."""
+        for identifier, issuer in unmapped_issuers(study, self._mapping):
+            log.warning(
+                "identifier_issuer_unknown",
+                study_uid=study.study_uid,
+                identifier=identifier,
+                issuer=issuer,
+                hint=f"add the issuer to {identifier}.issuers to give its identifiers a system",
+            )
+            self._observer.identifier_issuer_unknown(identifier=identifier, issuer=issuer)
 
     def _put_study(self, resource: FhirResource, version: str | None) -> PutResult:
         """Write the ImagingStudy without erasing what others added to it since we created it.

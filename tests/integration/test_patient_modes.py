@@ -107,7 +107,9 @@ def test_an_identifier_without_system_is_never_searched(http: httpx.Client, fres
         ).reference(study)
 
     assert reference is None
-    assert [(entry["reason"], entry["mode"]) for entry in fallbacks(logs)] == [("no_identifier_system", "create")]
+    assert [(entry["reason"], entry["issuer"], entry["mode"]) for entry in fallbacks(logs)] == [
+        ("issuer_not_mapped", "HOSP-C", "create")
+    ]
     assert fresh_fhir_server.request_counts() == {"POST Patient": 1}, "only the seeding: nothing created"
 
 

@@ -89,14 +89,15 @@ def test_published_study_is_not_sent_again_until_it_changes(
 def test_unchanged_resource_is_not_sent(
     index: Index, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
 ):
-    """A change that leaves the resource identical (an attribute we do not map) is recorded, not sent."""
+    """A change that leaves the resource identical (PatientSex, which only patient.mode create maps) is recorded,
+    not sent."""
     publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock)
     index.record_instance(record(), received_at=clock())
     clock.advance(QUIET)
     publisher.run_once()
     changed = record()
     changed = InstanceRecord(
-        study=StudyAttributes(**{**_fields(changed.study), "issuer_of_patient_id": "HOSP-A"}),
+        study=StudyAttributes(**{**_fields(changed.study), "patient_sex": "F"}),
         series=changed.series,
         sop_instance_uid=changed.sop_instance_uid,
         sop_class_uid=changed.sop_class_uid,

@@ -31,8 +31,13 @@ def subject(issuer: str, *, issuers: dict[str, str], default: str = DEFAULT) -> 
 @pytest.mark.parametrize(
     ("issuer", "issuers", "default", "identifier"),
     [
-        # no table: identifier_system, whatever the issuer (as before patient.issuers existed)
-        ("HOSP-A", {}, DEFAULT, {"system": DEFAULT, "value": "PAT-0001"}),
+        # no table, an issuer named: no system (identifier_system may be another hospital's namespace), the
+        # issuer named as assigner (issue 20: this row put HOSP-A's number into DEFAULT's namespace)
+        ("HOSP-A", {}, DEFAULT, {"value": "PAT-0001", "assigner": {"display": "HOSP-A"}}),
+        # no table, no issuer named: identifier_system
+        ("", {}, DEFAULT, {"system": DEFAULT, "value": "PAT-0001"}),
+        # an issuer named the same as in a one-entry table: the table's system (how a site names its own issuer)
+        ("HOSP-A", {"HOSP-A": DEFAULT}, DEFAULT, {"system": DEFAULT, "value": "PAT-0001"}),
         # a listed issuer: its system
         ("HOSP-A", ISSUERS, DEFAULT, {"system": "urn:oid:1.2.3.4", "value": "PAT-0001"}),
         ("HOSP-B", ISSUERS, DEFAULT, {"system": "http://hospital-b.example.org/mrn", "value": "PAT-0001"}),

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fhir.resources.patient import Patient as PatientR5
 from fhir.resources.R4B.patient import Patient as PatientR4
 
-from pacs_bridge.config import parse_config
+from pacs_bridge.cli import main
+from pacs_bridge.config import config_warnings, parse_config
 from pacs_bridge.dicom.extract import extract_instance
 from pacs_bridge.errors import ConfigError
+from pacs_bridge.fhir.identifier import identifier_search
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
 from pacs_bridge.fhir.patient import (
     birth_date,
     build_patient,
-    identifier_search,
     if_none_exist,
     patient_gender,
     patient_identifier,
@@ -290,6 +292,42 @@ def test_lookup_and_create_without_any_identifier_system_are_refused(mode: str) 
 def test_patient_mode_reaches_the_mapping(patient: dict[str, Any]) -> None:
     """patient.mode (default identifier) becomes MappingSettings.patient_mode."""
     assert mapping_settings(config_with(patient)).patient_mode == patient.get("mode", "identifier")
+
+
+@pytest.mark.parametrize("mode", ["lookup", "create"])
+def test_lookup_and_create_without_an_issuers_table_are_warned_about(mode: str) -> None:
+    """Valid, but studies naming an IssuerOfPatientID will never be linked: the warning names patient.issuers."""
+    (warning,) = config_warnings(config_with({"mode": mode, "identifier_system": SYSTEM}))
+
+    assert warning.startswith(f"at 'patient.issuers': patient.mode {mode} runs without an issuers table")
+    assert "never searched, linked or created" in warning
+
+
+@pytest.mark.parametrize(
+    "patient",
+    [
+        {"mode": "lookup", "identifier_system": SYSTEM, "issuers": {"HOSP-A": SYSTEM}},  # the table is there
+        {"mode": "identifier", "identifier_system": SYSTEM},  # nothing is searched
+        {},
+    ],
+)
+def test_no_warning_when_an_issuers_table_is_set_or_nothing_is_searched(patient: dict[str, Any]) -> None:
+    assert config_warnings(config_with(patient)) == []
+
+
+def test_check_config_prints_the_warning_and_still_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The file is valid (stdout says so, exit 0); the warning goes to stderr with the file name."""
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        f"fhir:\n  base_url: http://fhir.example.org\npatient:\n  mode: lookup\n  identifier_system: {SYSTEM}\n",
+        encoding="utf-8",
+    )
+
+    main(["check-config", "--config", str(path)])
+
+    out, err = capsys.readouterr()
+    assert out == f"{path}: configuration is valid\n"
+    assert err.startswith(f"{path}: warning: at 'patient.issuers': patient.mode lookup runs without an issuers")
 
 
 def test_an_unknown_patient_mode_is_refused() -> None:
