@@ -312,6 +312,28 @@ class EndpointConfig(_Section):
         return value
 
 
+# The system of the Study Instance UID identifier: a patient or accession identifier in it would be taken for
+# the study's UID (the IHE IMR profile allows exactly one identifier with it).
+_STUDY_UID_SYSTEM = "urn:dicom:uid"
+
+
+def _checked_identifier_system(system: str) -> str:
+    if not system or re.search(r"\s", system):
+        raise ValueError(f"expected a URI without spaces, got {system!r}")
+    if system == _STUDY_UID_SYSTEM:
+        raise ValueError(f"{_STUDY_UID_SYSTEM} is the system of Study Instance UIDs; name your issuer's own system")
+    return system
+
+
+def _checked_issuer_systems(issuers: dict[str, str]) -> dict[str, str]:
+    for issuer, system in issuers.items():
+        try:
+            _checked_identifier_system(system)
+        except ValueError as exc:
+            raise ValueError(f"for issuer {issuer!r}: {exc}") from None
+    return issuers
+
+
 class PatientConfig(_Section):
     # identifier: subject by identifier only; lookup: the server's Patient with that identifier; create: that
     # Patient, created when absent (docs/mapping.md). lookup and create need an identifier system.
@@ -325,14 +347,31 @@ class PatientConfig(_Section):
     @field_validator("issuers")
     @classmethod
     def _check_issuers(cls, value: dict[str, str]) -> dict[str, str]:
-        for issuer, system in value.items():
-            if not system or re.search(r"\s", system):
-                raise ValueError(f"expected a URI without spaces for issuer {issuer!r}, got {system!r}")
-        return value
+        return _checked_issuer_systems(value)
+
+    @field_validator("identifier_system")
+    @classmethod
+    def _check_identifier_system(cls, value: str) -> str:
+        return _checked_identifier_system(value) if value else value
 
 
 class AccessionConfig(_Section):
+    # The system of an AccessionNumber whose study names no issuer (Issuer of Accession Number Sequence); never
+    # used for a study naming one.
     identifier_system: str = ""
+    # Issuer (its LocalNamespaceEntityID or UniversalEntityID) -> identifier system. A study naming an issuer
+    # missing here: the accession number without a system, the issuer as assigner.display.
+    issuers: dict[str, str] = {}
+
+    @field_validator("issuers")
+    @classmethod
+    def _check_issuers(cls, value: dict[str, str]) -> dict[str, str]:
+        return _checked_issuer_systems(value)
+
+    @field_validator("identifier_system")
+    @classmethod
+    def _check_identifier_system(cls, value: str) -> str:
+        return _checked_identifier_system(value) if value else value
 
 
 class SiteConfig(_Section):

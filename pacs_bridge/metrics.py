@@ -91,7 +91,7 @@ class BridgeMetrics:
                 ["issuer"],
                 registry=self.registry,
             )
-            for identifier in ("patient",)
+            for identifier in ("patient", "accession")
         }
         self._issuer_labels: set[str] = set()
         self.registry.register(_StudyStateCollector(count_by_state))

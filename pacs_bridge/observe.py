@@ -26,8 +26,8 @@ class BridgeObserver(Protocol):
     def publish_pass_completed(self) -> None: ...
 
     def identifier_issuer_unknown(self, *, identifier: str, issuer: str) -> None:
-        """An ImagingStudy was sent with its ``identifier`` ("patient") lacking a system, because the study names
-        an ``issuer`` the configuration does not map."""
+        """An ImagingStudy was sent with its ``identifier`` ("patient", "accession") lacking a system, because the
+        study names an ``issuer`` the configuration does not map."""
         ...
 
 

@@ -38,6 +38,9 @@ class StudyAttributes:
     patient_birth_date: str = ""
     patient_sex: str = ""
     accession_number: str = ""
+    # Issuer of Accession Number Sequence (0008,0051), first item: LocalNamespaceEntityID, UniversalEntityID.
+    accession_issuer_local_id: str = ""
+    accession_issuer_universal_id: str = ""
     study_date: str = ""
     study_time: str = ""
     timezone_offset: str = ""

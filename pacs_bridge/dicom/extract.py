@@ -40,6 +40,7 @@ HEADER_KEYWORDS: tuple[str, ...] = (
     "StudyTime",
     "SeriesTime",
     "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
     "Modality",
     "TimezoneOffsetFromUTC",
     "StudyDescription",
@@ -247,6 +248,15 @@ def _reason_codes(ds: Dataset) -> tuple[CodedConcept, ...]:
     return tuple(dict.fromkeys(codes))
 
 
+def _accession_issuer(ds: Dataset) -> tuple[str, str]:
+    """LocalNamespaceEntityID and UniversalEntityID of the Issuer of Accession Number Sequence (one item, PS3.3
+    10.2.1 HL7v2 Hierarchic Designator Macro); empty strings when absent."""
+    items = _sequence_items(ds, "IssuerOfAccessionNumberSequence")
+    if not items:
+        return "", ""
+    return _read_text(items[0], "LocalNamespaceEntityID"), _read_text(items[0], "UniversalEntityID")
+
+
 def _instance_title(ds: Dataset) -> str:
     """ContentLabel (presentation states, segmentations), DocumentTitle (encapsulated documents), else the
     meaning of the document title code (ConceptNameCodeSequence of SR and key object selection)."""
@@ -367,6 +377,7 @@ def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceReco
     series_uid = _required_uid(ds, "SeriesInstanceUID")
     sop_instance_uid = _required_uid(ds, "SOPInstanceUID")
     sop_class_uid = _required_uid(ds, "SOPClassUID")
+    accession_issuer_local_id, accession_issuer_universal_id = _accession_issuer(ds)
     return InstanceRecord(
         study=StudyAttributes(
             study_uid=study_uid,
@@ -376,6 +387,8 @@ def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceReco
             patient_birth_date=_optional_ascii(ds, "PatientBirthDate"),
             patient_sex=_optional_ascii(ds, "PatientSex").upper(),
             accession_number=_read_text(ds, "AccessionNumber"),
+            accession_issuer_local_id=accession_issuer_local_id,
+            accession_issuer_universal_id=accession_issuer_universal_id,
             study_date=_read_ascii(ds, "StudyDate"),
             study_time=_read_ascii(ds, "StudyTime"),
             timezone_offset=_read_ascii(ds, "TimezoneOffsetFromUTC"),

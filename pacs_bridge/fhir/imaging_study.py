@@ -3,7 +3,8 @@
 Deterministic: no clock, no I/O, no randomness, so the same snapshot always gives the same resource and the
 same content hash, which is what lets the publisher send nothing when nothing changed. The mapping follows
 the FHIR ImagingStudy <-> DICOM notes: UIDs as ``urn:oid:`` under the ``urn:dicom:uid`` system, the
-accession number as a ServiceRequest identifier of type ACSN, SOP classes as ``urn:oid:`` codes under
+accession number as an identifier of type ACSN (of the study, and of the ServiceRequest in ``basedOn``;
+``fhir/accession.py``), SOP classes as ``urn:oid:`` codes under
 ``urn:ietf:rfc:3986``. Codes go through ``fhir/coding.py`` (never a code without a system), person names
 through ``fhir/person_name.py``. docs/mapping.md lists every element with its DICOM source.
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import tzinfo
 from typing import Literal
 
+from pacs_bridge.fhir.accession import accession_identifier
 from pacs_bridge.fhir.coding import (
     body_site_coding,
     body_site_text,
@@ -44,7 +46,6 @@ from pacs_bridge.records import (
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DICOM_MODALITY_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
-IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 MISSING_PATIENT_ID_DISPLAY = "Patient ID absent from the DICOM study"
 
 FhirVersion = Literal["R4", "R5"]
@@ -62,6 +63,8 @@ class MappingSettings:
     # IssuerOfPatientID -> identifier system; when non-empty, a PatientID of an unlisted issuer gets no system.
     patient_issuer_systems: Mapping[str, str] = field(default_factory=dict)
     accession_identifier_system: str = ""
+    # Issuer of Accession Number (LocalNamespaceEntityID or UniversalEntityID) -> identifier system; as for patients.
+    accession_issuer_systems: Mapping[str, str] = field(default_factory=dict)
     # None: the host's local time zone rules, for DICOM times that carry no TimezoneOffsetFromUTC.
     site_zone: tzinfo | None = None
     # A literal reference (``Location/radiology-1``) for ImagingStudy.location; empty: no location.
@@ -139,14 +142,27 @@ def study_patient_identifier(study: StudyAttributes, settings: MappingSettings) 
     )
 
 
+def study_accession_identifier(study: StudyAttributes, settings: MappingSettings) -> FhirResource | None:
+    """The ACSN Identifier of the study's accession number under the configured systems; ``None`` without one."""
+    return accession_identifier(
+        study,
+        identifier_system=settings.accession_identifier_system,
+        issuer_systems=settings.accession_issuer_systems,
+    )
+
+
 def unmapped_issuers(study: StudyAttributes, settings: MappingSettings) -> tuple[tuple[str, str], ...]:
     """``(identifier, issuer)`` for each identifier of the study sent without a system because its dataset names
-    an issuer the configuration does not map: ``("patient", IssuerOfPatientID)``. The publisher logs and counts
-    them, so the operator sees which issuer to add to ``patient.issuers``."""
+    an issuer the configuration does not map: ``("patient", IssuerOfPatientID)``, ``("accession", issuer)``. The
+    publisher logs and counts them, so the operator sees which issuer to add to ``patient.issuers`` or
+    ``accession.issuers``."""
     unmapped = []
-    patient = study_patient_identifier(study, settings)
-    if patient is not None and "assigner" in patient:
-        unmapped.append(("patient", str(patient["assigner"]["display"])))
+    for kind, identifier in (
+        ("patient", study_patient_identifier(study, settings)),
+        ("accession", study_accession_identifier(study, settings)),
+    ):
+        if identifier is not None and "assigner" in identifier:
+            unmapped.append((kind, str(identifier["assigner"]["display"])))
     return tuple(unmapped)
 
 
@@ -158,14 +174,9 @@ def _subject(study: StudyAttributes, settings: MappingSettings, patient_referenc
     return {**literal, "type": "Patient", "identifier": identifier}
 
 
-def _based_on(study: StudyAttributes, settings: MappingSettings) -> list[FhirResource]:
-    if not study.accession_number:
-        return []
-    identifier: FhirResource = {"type": {"coding": [{"system": IDENTIFIER_TYPE_SYSTEM, "code": "ACSN"}]}}
-    if settings.accession_identifier_system:
-        identifier["system"] = settings.accession_identifier_system
-    identifier["value"] = study.accession_number
-    return [{"type": "ServiceRequest", "identifier": identifier}]
+def _based_on(accession: FhirResource | None) -> list[FhirResource]:
+    """The ServiceRequest the study fulfils, by its accession identifier (a logical reference)."""
+    return [] if accession is None else [{"type": "ServiceRequest", "identifier": accession}]
 
 
 def _practitioner(pn: str) -> FhirResource | None:
@@ -261,10 +272,11 @@ def build_imaging_study(
     }
     if settings.profile:
         resource["meta"] = {"profile": [PROFILE_URLS[settings.profile]]}
-    resource |= {
-        "identifier": [{"use": "official", "system": DICOM_UID_SYSTEM, "value": _oid(study.study_uid)}],
-        "status": study_status(snapshot.withdrawal),
-    }
+    accession = study_accession_identifier(study, settings)
+    identifiers = [{"use": "official", "system": DICOM_UID_SYSTEM, "value": _oid(study.study_uid)}]
+    if accession is not None:  # so that ImagingStudy?identifier=<accession number> finds the study
+        identifiers.append(accession)
+    resource |= {"identifier": identifiers, "status": study_status(snapshot.withdrawal)}
     modalities = list(dict.fromkeys(series.attributes.modality for series in snapshot.series))
     if not modalities and snapshot.withdrawal is not None:  # no series left: the modalities it had
         modalities = list(snapshot.withdrawal.modalities)
@@ -274,7 +286,7 @@ def build_imaging_study(
     started = to_fhir_datetime(study.study_date, study.study_time, study.timezone_offset, settings.site_zone)
     if started:
         resource["started"] = started
-    based_on = _based_on(study, settings)
+    based_on = _based_on(accession)
     if based_on:
         resource["basedOn"] = based_on
     referrer = _practitioner(study.referring_physician)

@@ -92,6 +92,8 @@ class Study(Base):
     patient_birth_date: Mapped[str] = mapped_column(String(16), default="")
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
     accession_number: Mapped[str] = mapped_column(Text, default="")
+    accession_issuer_local_id: Mapped[str] = mapped_column(Text, default="")
+    accession_issuer_universal_id: Mapped[str] = mapped_column(Text, default="")
     study_date: Mapped[str] = mapped_column(String(16), default="")
     study_time: Mapped[str] = mapped_column(String(32), default="")
     timezone_offset: Mapped[str] = mapped_column(String(16), default="")

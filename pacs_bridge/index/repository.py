@@ -119,13 +119,29 @@ _KEPT_WHEN_ABSENT = frozenset(
 _FIRST_VALUE_KEPT = frozenset({"sending_ae_title"})
 
 
+# The issuer of an identifier, kept from an earlier instance while the identifier stays the same: a presentation
+# state made later without IssuerOfPatientID must not turn another hospital's PatientID into one of ours (an
+# identifier without issuer takes the configured system). A new PatientID or accession number takes its own
+# instance's issuer, stated or not.
+_ISSUER_OF = {
+    "issuer_of_patient_id": "patient_id",
+    "accession_issuer_local_id": "accession_number",
+    "accession_issuer_universal_id": "accession_number",
+}
+
+
+def _kept_issuer(row: Any, attributes: object, name: str) -> bool:
+    identifier = _ISSUER_OF.get(name)
+    return identifier is not None and getattr(attributes, identifier) == getattr(row, identifier)
+
+
 def _changed(row: Any, attributes: object, names: Sequence[str]) -> dict[str, Any]:
     """The attributes whose value differs from the row's, as ``{column: new value}``."""
     return {
         name: value
         for name in names
         if (value := getattr(attributes, name)) != (recorded := getattr(row, name))
-        and (value or name not in _KEPT_WHEN_ABSENT)
+        and (value or (name not in _KEPT_WHEN_ABSENT and not _kept_issuer(row, attributes, name)))
         and not (recorded and name in _FIRST_VALUE_KEPT)
     }
 

@@ -117,7 +117,11 @@ def test_a_study_sent_by_storescu_lands_as_one_imaging_study_and_is_not_rewritte
         ("CT", 8, 8),
         ("SR", 1, 1),
     ]
-    assert study["identifier"] == [{"use": "official", "system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}]
+    acsn = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
+    assert study["identifier"] == [
+        {"use": "official", "system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"},
+        {"type": acsn, "value": "ACC-0001"},  # no accession.identifier_system configured here
+    ]
     assert study["started"] == "2024-03-15T10:15:30+01:00"
     reference = study["endpoint"][0]["reference"]
     endpoint = fresh_fhir_server.read(*reference.split("/"))
