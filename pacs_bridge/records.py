@@ -27,6 +27,15 @@ class CodedConcept:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RequestedReason:
+    """One Reason for the Requested Procedure, as one source states it: the dataset's top level or one Request
+    Attributes item. Its text (0040,1002) and its codes (0040,100A) are one concept, however it is stated."""
+
+    text: str = ""
+    codes: tuple[CodedConcept, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StudyAttributes:
     """Study-level attributes as the latest received instance states them."""
 
@@ -50,8 +59,7 @@ class StudyAttributes:
     referring_physician: str = ""
     reading_physicians: tuple[str, ...] = ()
     procedure_codes: tuple[CodedConcept, ...] = ()  # ProcedureCodeSequence, else RequestedProcedureCodeSequence
-    reasons: tuple[str, ...] = ()  # ReasonForRequestedProcedure texts
-    reason_codes: tuple[CodedConcept, ...] = ()  # ReasonForRequestedProcedureCodeSequence
+    reasons: tuple[RequestedReason, ...] = ()  # each with its text and codes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

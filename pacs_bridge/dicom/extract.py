@@ -25,6 +25,7 @@ from pacs_bridge.records import (
     RejectedReference,
     RejectionNote,
     RejectionReason,
+    RequestedReason,
     SeriesAttributes,
     StudyAttributes,
 )
@@ -234,18 +235,24 @@ def _procedure_codes(ds: Dataset) -> tuple[CodedConcept, ...]:
     return tuple(dict.fromkeys(requested))
 
 
-def _reasons(ds: Dataset) -> tuple[str, ...]:
-    texts = (_read_text(source, "ReasonForTheRequestedProcedure") for source in _with_request_attributes(ds))
-    return tuple(dict.fromkeys(text for text in texts if text))
-
-
-def _reason_codes(ds: Dataset) -> tuple[CodedConcept, ...]:
-    codes = (
-        code
+def _reasons(ds: Dataset) -> tuple[RequestedReason, ...]:
+    """One reason per source (top level, each Request Attributes item) that states one: its text with the codes
+    of the same source, duplicates removed. A text alone that a coded reason also states is that reason."""
+    stated = [
+        RequestedReason(
+            text=_read_text(source, "ReasonForTheRequestedProcedure"),
+            codes=_read_codes(source, "ReasonForRequestedProcedureCodeSequence"),
+        )
         for source in _with_request_attributes(ds)
-        for code in _read_codes(source, "ReasonForRequestedProcedureCodeSequence")
+    ]
+    coded_texts = {reason.text for reason in stated if reason.codes}
+    return tuple(
+        dict.fromkeys(
+            reason
+            for reason in stated
+            if (reason.text or reason.codes) and (reason.codes or reason.text not in coded_texts)
+        )
     )
-    return tuple(dict.fromkeys(codes))
 
 
 def _accession_issuer(ds: Dataset) -> tuple[str, str]:
@@ -397,7 +404,6 @@ def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceReco
             reading_physicians=_read_texts(ds, "NameOfPhysiciansReadingStudy"),
             procedure_codes=_procedure_codes(ds),
             reasons=_reasons(ds),
-            reason_codes=_reason_codes(ds),
         ),
         series=SeriesAttributes(
             series_uid=series_uid,

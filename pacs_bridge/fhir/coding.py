@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from pacs_bridge.fhir.resource import FhirResource
-from pacs_bridge.records import CodedConcept
+from pacs_bridge.records import CodedConcept, RequestedReason
 
 SNOMED_CT = "http://snomed.info/sct"
 PARTICIPATION_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
@@ -80,6 +80,21 @@ def codeable_concept(concept: CodedConcept) -> FhirResource:
         return {"coding": [coding]}
     text = concept.meaning or " ".join(part for part in (concept.scheme, concept.code) if part)
     return {"text": text}
+
+
+def reason_concept(reason: RequestedReason) -> FhirResource:
+    """One ``CodeableConcept`` for one requested reason: the codings of its codes whose scheme is known, and its
+    text. A reason stated as text and code is one concept, not two."""
+    concept: FhirResource = {}
+    codings = [coding for coding in (fhir_coding(code) for code in reason.codes) if coding is not None]
+    if codings:
+        concept["coding"] = codings
+    text = reason.text
+    if not text and not codings:  # codes of unknown schemes only: their meaning, as codeable_concept gives it
+        text = "; ".join(codeable_concept(code)["text"] for code in reason.codes)
+    if text:
+        concept["text"] = text
+    return concept
 
 
 def laterality_coding(value: str) -> FhirResource | None:

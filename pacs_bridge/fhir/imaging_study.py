@@ -27,6 +27,7 @@ from pacs_bridge.fhir.coding import (
     codeable_concept,
     laterality_coding,
     performer_function,
+    reason_concept,
     series_laterality,
 )
 from pacs_bridge.fhir.dicom_time import to_fhir_datetime
@@ -305,9 +306,9 @@ def build_imaging_study(
         resource["procedureCode" if shape.is_r4 else "procedure"] = procedures
     if settings.location_reference:
         resource["location"] = {"reference": settings.location_reference}
-    reasons = [codeable_concept(code) for code in study.reason_codes] + [{"text": text} for text in study.reasons]
-    if reasons:
-        resource["reasonCode" if shape.is_r4 else "reason"] = [shape.concept(reason) for reason in reasons]
+    if study.reasons:
+        reasons = [shape.concept(reason_concept(reason)) for reason in study.reasons]
+        resource["reasonCode" if shape.is_r4 else "reason"] = reasons
     if study.study_description:
         resource["description"] = study.study_description
     if snapshot.series:

@@ -15,7 +15,7 @@ from sqlalchemy import DateTime, Dialect, ForeignKey, Index, Integer, String, Te
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from pacs_bridge.records import CodedConcept
+from pacs_bridge.records import CodedConcept, RequestedReason
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -70,6 +70,32 @@ class CodedConceptTuple(TypeDecorator[tuple[CodedConcept, ...]]):
         )
 
 
+class RequestedReasonTuple(TypeDecorator[tuple[RequestedReason, ...]]):
+    """Reasons for the requested procedure, stored as a JSON array of ``[text, [[code, scheme, meaning,
+    scheme_version], ...]]``."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: tuple[RequestedReason, ...] | None, dialect: Dialect) -> str:
+        rows = [[r.text, [[c.code, c.scheme, c.meaning, c.scheme_version] for c in r.codes]] for r in value or ()]
+        return json.dumps(rows, ensure_ascii=False)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> tuple[RequestedReason, ...]:
+        if not value:
+            return ()
+        return tuple(
+            RequestedReason(
+                text=text,
+                codes=tuple(
+                    CodedConcept(code=code, scheme=scheme, meaning=meaning, scheme_version=version)
+                    for code, scheme, meaning, version in codes
+                ),
+            )
+            for text, codes in json.loads(value)
+        )
+
+
 class PublishState(enum.StrEnum):
     PENDING = "pending"  # has unpublished changes; due_at says when
     PUBLISHED = "published"  # the FHIR server holds what the index holds
@@ -101,8 +127,7 @@ class Study(Base):
     referring_physician: Mapped[str] = mapped_column(Text, default="")
     reading_physicians: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
     procedure_codes: Mapped[tuple[CodedConcept, ...]] = mapped_column(CodedConceptTuple, default=())
-    reasons: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
-    reason_codes: Mapped[tuple[CodedConcept, ...]] = mapped_column(CodedConceptTuple, default=())
+    reasons: Mapped[tuple[RequestedReason, ...]] = mapped_column(RequestedReasonTuple, default=())
 
     # Debounce and publish state.
     change_seq: Mapped[int] = mapped_column(Integer, default=0)  # +1 for every indexed change

@@ -106,7 +106,6 @@ _KEPT_WHEN_ABSENT = frozenset(
         "reading_physicians",
         "procedure_codes",
         "reasons",
-        "reason_codes",
         "patient_name",
         "patient_birth_date",
         "patient_sex",

@@ -22,6 +22,7 @@ from pacs_bridge.records import (
     InstanceRecord,
     InstanceSnapshot,
     RecordOutcome,
+    RequestedReason,
     SeriesAttributes,
     StudyAttributes,
 )
@@ -82,8 +83,10 @@ def test_every_kind_of_column_reads_back_as_recorded_and_an_identical_resend_cha
             patient_name="Müller^Jürgen",
             reading_physicians=("Ödön^Ada", "Lee^Bo"),
             procedure_codes=(procedure,),
-            reasons=("cough", "fever"),
-            reason_codes=(CodedConcept(code="49727002", scheme="SCT", meaning="Cough"),),
+            reasons=(
+                RequestedReason(text="cough", codes=(CodedConcept(code="49727002", scheme="SCT", meaning="Cough"),)),
+                RequestedReason(text="fever"),
+            ),
         ),
         series=SeriesAttributes(
             series_uid=uid("1.1"),
@@ -138,23 +141,26 @@ def test_interleaved_studies_are_each_compared_with_their_own_row(index: Index, 
     repeat: instances of two studies arriving in turn are each compared with their own study's values, so
     neither counts as a change until a list really differs."""
 
-    def instance_of(study: str, number: int, reasons: tuple[str, ...]) -> InstanceRecord:
+    def instance_of(study: str, number: int, reason: str) -> InstanceRecord:
         base = record(study, f"{study}.1", f"{study}.1.{number}", number=number)
-        return replace(base, study=replace(base.study, reasons=reasons, reading_physicians=(f"Doe^{study}",)))
+        return replace(
+            base,
+            study=replace(base.study, reasons=(RequestedReason(text=reason),), reading_physicians=(f"Doe^{study}",)),
+        )
 
     for number in (1, 2):
-        index.record_instance(instance_of("1", number, ("cough",)), received_at=clock())
-        index.record_instance(instance_of("2", number, ("fever",)), received_at=clock())
+        index.record_instance(instance_of("1", number, "cough"), received_at=clock())
+        index.record_instance(instance_of("2", number, "fever"), received_at=clock())
     resent = [
-        index.record_instance(instance_of(study, number, reasons), received_at=clock())
+        index.record_instance(instance_of(study, number, reason), received_at=clock())
         for number in (1, 2)
-        for study, reasons in (("1", ("cough",)), ("2", ("fever",)))
+        for study, reason in (("1", "cough"), ("2", "fever"))
     ]
     assert resent == [RecordOutcome.UNCHANGED] * 4
-    assert index.record_instance(instance_of("1", 1, ("fever",)), received_at=clock()) is RecordOutcome.UPDATED
-    assert index.record_instance(instance_of("2", 1, ("fever",)), received_at=clock()) is RecordOutcome.UNCHANGED
-    assert (study_row(engine, "1").reasons, study_row(engine, "1").change_seq) == (("fever",), 3)
-    assert (study_row(engine, "2").reasons, study_row(engine, "2").change_seq) == (("fever",), 2)
+    assert index.record_instance(instance_of("1", 1, "fever"), received_at=clock()) is RecordOutcome.UPDATED
+    assert index.record_instance(instance_of("2", 1, "fever"), received_at=clock()) is RecordOutcome.UNCHANGED
+    assert (study_row(engine, "1").reasons, study_row(engine, "1").change_seq) == ((RequestedReason(text="fever"),), 3)
+    assert (study_row(engine, "2").reasons, study_row(engine, "2").change_seq) == ((RequestedReason(text="fever"),), 2)
 
 
 def test_a_study_that_keeps_changing_is_due_no_later_than_max_delay(index: Index, engine: Engine, clock: FakeClock):

@@ -11,6 +11,7 @@ from pacs_bridge.records import (
     InstanceRecord,
     InstanceSnapshot,
     RecordOutcome,
+    RequestedReason,
     SeriesAttributes,
     StudyAttributes,
 )
@@ -28,8 +29,10 @@ STUDY = StudyAttributes(
         CodedConcept(code="24627-2", scheme="LN", meaning="CT Chest"),
         CodedConcept(code="X1", scheme="99LOCAL", meaning='Local, with "quotes" and a comma', scheme_version="2"),
     ),
-    reasons=("Persistent cough",),
-    reason_codes=(CodedConcept(code="49727002", scheme="SCT", meaning="Cough"),),
+    reasons=(
+        RequestedReason(text="Persistent cough", codes=(CodedConcept(code="49727002", scheme="SCT", meaning="Cough"),)),
+        RequestedReason(text="Follow-up, «rappel»"),
+    ),
 )
 SERIES = SeriesAttributes(
     series_uid=uid("40.1"),

@@ -17,6 +17,15 @@ def alembic_upgrade(engine: Engine, revision: str) -> None:
         command.upgrade(config, revision)
 
 
+def alembic_downgrade(engine: Engine, revision: str) -> None:
+    """Run the migrations down from the current revision to ``revision``."""
+    with engine.begin() as connection:
+        config = AlembicConfig()
+        config.set_main_option("script_location", "pacs_bridge.index:migrations")
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()

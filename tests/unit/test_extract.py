@@ -31,7 +31,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pacs_bridge.dicom.extract import HEADER_KEYWORDS, HEADER_TAGS, MODALITY_WHEN_ABSENT, extract_instance
 from pacs_bridge.dicom.header import read_header
 from pacs_bridge.errors import InvalidInstanceError
-from pacs_bridge.records import CodedConcept, InstanceRecord, SeriesAttributes, StudyAttributes
+from pacs_bridge.records import CodedConcept, InstanceRecord, RequestedReason, SeriesAttributes, StudyAttributes
 from tests.support.studies import make_dataset, uid
 
 
@@ -371,8 +371,7 @@ EXPECTED_MAPPING_RECORD = dataclasses.replace(
         referring_physician="Doe^Jane",
         reading_physicians=("House^Gregory^^Dr.", "Cuddy^Lisa"),
         procedure_codes=(CT_CHEST,),
-        reasons=("Persistent cough",),
-        reason_codes=(COUGH,),
+        reasons=(RequestedReason(text="Persistent cough", codes=(COUGH,)),),
     ),
     series=dataclasses.replace(
         EXPECTED_DEFAULT_RECORD.series,
@@ -411,13 +410,38 @@ def test_requested_procedure_code_stands_in_when_no_procedure_code_sequence() ->
     assert record.study.procedure_codes == (REQUESTED_CT,)
 
 
+PERSISTENT_COUGH = RequestedReason(text="Persistent cough", codes=(COUGH,))
+
+
+def test_a_reason_stated_as_text_and_code_is_one_reason() -> None:
+    """The request item's ReasonForTheRequestedProcedure and its code sequence are one reason, not two (issue 20)."""
+    assert extract_instance(mapping_dataset()).study.reasons == (PERSISTENT_COUGH,)
+
+
 def test_top_level_reason_and_request_item_reason_are_both_kept_once() -> None:
     """A reason stated at the top level and in the request item appears once; different ones both appear."""
     same = extract_instance(mapping_dataset(ReasonForTheRequestedProcedure="Persistent cough"))
     other = extract_instance(mapping_dataset(ReasonForTheRequestedProcedure="Follow-up"))
 
-    assert same.study.reasons == ("Persistent cough",)
-    assert other.study.reasons == ("Follow-up", "Persistent cough")
+    assert same.study.reasons == (PERSISTENT_COUGH,)
+    assert other.study.reasons == (RequestedReason(text="Follow-up"), PERSISTENT_COUGH)
+
+
+def test_each_request_item_gives_its_own_reason_with_its_own_code() -> None:
+    """Two requests, each with text and code: two reasons, each code with its own text; a code alone is a reason."""
+    fever = Dataset()
+    fever.ReasonForTheRequestedProcedure = "High fever"
+    fever.ReasonForRequestedProcedureCodeSequence = [code_item("386661006", "SCT", "Fever")]
+    code_only = Dataset()
+    code_only.ReasonForRequestedProcedureCodeSequence = [code_item("267036007", "SCT", "Dyspnea")]
+    ds = mapping_dataset()
+    ds.RequestAttributesSequence = [*ds.RequestAttributesSequence, fever, code_only]
+
+    assert extract_instance(ds).study.reasons == (
+        PERSISTENT_COUGH,
+        RequestedReason(text="High fever", codes=(CodedConcept(code="386661006", scheme="SCT", meaning="Fever"),)),
+        RequestedReason(codes=(CodedConcept(code="267036007", scheme="SCT", meaning="Dyspnea"),)),
+    )
 
 
 def test_code_item_keeps_long_code_value_and_scheme_version() -> None:

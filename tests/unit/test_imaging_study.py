@@ -22,6 +22,7 @@ from pacs_bridge.fhir.resource import content_hash
 from pacs_bridge.records import (
     CodedConcept,
     InstanceSnapshot,
+    RequestedReason,
     SeriesAttributes,
     SeriesSnapshot,
     StudyAttributes,
@@ -330,8 +331,7 @@ def fully_described_snapshot() -> StudySnapshot:
             referring_physician="Doe^Jane",
             reading_physicians=("House^Gregory^^Dr.",),
             procedure_codes=(LN_CT_CHEST, LOCAL_CT),
-            reasons=("Persistent cough",),
-            reason_codes=(COUGH,),
+            reasons=(RequestedReason(text="Persistent cough", codes=(COUGH,)),),
         ),
         series=(
             dataclasses.replace(
@@ -353,7 +353,8 @@ def fully_described_snapshot() -> StudySnapshot:
 
 
 def test_study_level_people_codes_and_reasons_are_mapped() -> None:
-    """referrer, interpreter, procedureCode (coded or text) and reasonCode (codes, then texts)."""
+    """referrer, interpreter, procedureCode (coded or text) and reasonCode (one concept per reason, its code and
+    its text together)."""
     resource = build_imaging_study(fully_described_snapshot(), SETTINGS)
 
     assert resource["referrer"] == {"type": "Practitioner", "display": "Jane Doe"}
@@ -363,8 +364,10 @@ def test_study_level_people_codes_and_reasons_are_mapped() -> None:
         {"text": "CT thorax, local code"},
     ]
     assert resource["reasonCode"] == [
-        {"coding": [{"system": "http://snomed.info/sct", "code": "49727002", "display": "Cough"}]},
-        {"text": "Persistent cough"},
+        {
+            "coding": [{"system": "http://snomed.info/sct", "code": "49727002", "display": "Cough"}],
+            "text": "Persistent cough",
+        },
     ]
 
 

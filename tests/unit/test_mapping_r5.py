@@ -33,8 +33,7 @@ def test_r5_reshapes_modality_procedure_reason_body_site_and_laterality() -> Non
         {"concept": {"text": "CT thorax, local code"}},
     ]
     assert resource["reason"] == [
-        {"concept": {"coding": [{"system": SCT, "code": "49727002", "display": "Cough"}]}},
-        {"concept": {"text": "Persistent cough"}},
+        {"concept": {"coding": [{"system": SCT, "code": "49727002", "display": "Cough"}], "text": "Persistent cough"}},
     ]
     assert series["bodySite"] == {"concept": {"coding": [{"system": SCT, "code": "816094009", "display": "Chest"}]}}
     assert series["laterality"] == {"coding": [{"system": SCT, "code": "24028007", "display": "Right"}]}
