@@ -1,8 +1,14 @@
 """Pure coding tables for the ImagingStudy mapping: DICOM coding schemes -> FHIR systems, laterality, performer
 functions and BodyPartExamined -> SNOMED CT (PS3.16 Annex L, from the data file shipped in the package).
 
-The rule throughout: a ``Coding`` carries a ``code`` only together with its ``system``. A DICOM code whose
-scheme has no known FHIR system keeps its meaning as text, never as a code without a system.
+The rules throughout (docs/mapping.md, "Codes from DICOM code sequences"):
+
+- a ``Coding`` carries a ``code`` only together with its ``system``: a DICOM code whose scheme has no known FHIR
+  system keeps its meaning as text, never as a code without a system, and a ``Coding`` is never a display alone;
+- ``Coding.display`` is the code system's own display or absent. The displays written here come from tables
+  checked against their code systems (laterality, performer functions). A DICOM Code Meaning is the sender's
+  (or DICOM's) wording, which the bridge cannot check against SNOMED CT or LOINC: it goes to
+  ``CodeableConcept.text``, or is left out where the element is a bare ``Coding``.
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ def coding_system(scheme: str) -> str | None:
 
 
 def fhir_coding(concept: CodedConcept) -> FhirResource | None:
-    """The FHIR ``Coding`` of a DICOM coded entry, or ``None`` when its scheme has no known FHIR system."""
+    """The FHIR ``Coding`` of a DICOM coded entry (system and code; no display, see the module's rules), or
+    ``None`` when its scheme has no known FHIR system."""
     system = coding_system(concept.scheme) if concept.scheme else None
     if system is None and not concept.scheme and concept.code.startswith(("urn:", "http://", "https://")):
         system = URI_SYSTEM  # a URNCodeValue is its own system
@@ -68,18 +75,21 @@ def fhir_coding(concept: CodedConcept) -> FhirResource | None:
     if concept.scheme_version:
         coding["version"] = concept.scheme_version
     coding["code"] = concept.code
-    if concept.meaning:
-        coding["display"] = concept.meaning
     return coding
 
 
+def concept_text(concept: CodedConcept) -> str:
+    """What a coded entry says in words: its Code Meaning, else its designator and code."""
+    return concept.meaning or " ".join(part for part in (concept.scheme, concept.code) if part)
+
+
 def codeable_concept(concept: CodedConcept) -> FhirResource:
-    """A ``CodeableConcept``: the coding when the scheme is known, else the meaning (or code) as text only."""
+    """A ``CodeableConcept``: the coding when the scheme is known, and the Code Meaning as ``text`` (the meaning,
+    or designator and code, alone when the scheme is unknown)."""
     coding = fhir_coding(concept)
-    if coding is not None:
-        return {"coding": [coding]}
-    text = concept.meaning or " ".join(part for part in (concept.scheme, concept.code) if part)
-    return {"text": text}
+    if coding is None:
+        return {"text": concept_text(concept)}
+    return {"coding": [coding], "text": concept.meaning} if concept.meaning else {"coding": [coding]}
 
 
 def reason_concept(reason: RequestedReason) -> FhirResource:
@@ -89,9 +99,8 @@ def reason_concept(reason: RequestedReason) -> FhirResource:
     codings = [coding for coding in (fhir_coding(code) for code in reason.codes) if coding is not None]
     if codings:
         concept["coding"] = codings
-    text = reason.text
-    if not text and not codings:  # codes of unknown schemes only: their meaning, as codeable_concept gives it
-        text = "; ".join(codeable_concept(code)["text"] for code in reason.codes)
+    # The requester's text; without one, the codes' meanings (the codes carry the concept, the words say it).
+    text = reason.text or "; ".join(dict.fromkeys(concept_text(code) for code in reason.codes))
     if text:
         concept["text"] = text
     return concept
@@ -127,32 +136,65 @@ def performer_function(role: str) -> FhirResource:
 
 @dataclass(frozen=True, slots=True)
 class BodySite:
-    code: str
-    display: str
+    code: str  # SNOMED CT concept id
+    meaning: str  # the DICOM Code Meaning Annex L gives it (not necessarily SNOMED CT's display)
+
+
+# Annex L terms whose code means something else than the term (reviewed against DICOM CID 4 and the SNOMED CT
+# concepts pydicom knows): they are not mapped, so bodySite says nothing rather than something wrong.
+# - The Endo-* terms name an approach (an endorectal or endovaginal probe, a catheter): Annex L gives them the
+#   code of the organ or vessel it passes through (ENDORECTAL is 34402009 Rectum, the same as RECTUM), while
+#   what is examined is often another organ (the prostate, the uterus, the heart's chambers).
+# - GESTSAC is 300571009 "Finding of gestational sac (finding)": a finding, not a body structure.
+BODY_PARTS_NOT_MAPPED: dict[str, str] = {
+    **{
+        term: "an approach, coded as the organ or vessel it passes through"
+        for term in (
+            "ENDOARTERIAL",
+            "ENDOCARDIAC",
+            "ENDOESOPHAGEAL",
+            "ENDONASAL",
+            "ENDONASOPHARYNYX",
+            "ENDORECTAL",
+            "ENDORENAL",
+            "ENDOURETERIC",
+            "ENDOURETHRAL",
+            "ENDOVAGINAL",
+            "ENDOVASCULAR",
+            "ENDOVENOUS",
+            "ENDOVESICAL",
+        )
+    },
+    "GESTSAC": "its code is a finding (Finding of gestational sac), not a body structure",
+}
 
 
 @functools.cache
 def body_part_table() -> dict[str, BodySite]:
-    """The BodyPartExamined -> SNOMED CT table shipped as package data (provenance in the file's header)."""
+    """The BodyPartExamined -> SNOMED CT table shipped as package data (provenance in the file's header), without
+    the terms in ``BODY_PARTS_NOT_MAPPED``."""
     text = resources.files("pacs_bridge.fhir").joinpath("data/body_part_examined.csv").read_text(encoding="utf-8")
     rows = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
-    return {row["term"]: BodySite(code=row["code"], display=row["display"]) for row in rows}
+    return {
+        row["term"]: BodySite(code=row["code"], meaning=row["meaning"])
+        for row in rows
+        if row["term"] not in BODY_PARTS_NOT_MAPPED
+    }
 
 
-def body_site_text(body_part_examined: str) -> str:
-    """An unmapped BodyPartExamined term as text, the way the sender wrote it (without padding)."""
-    return body_part_examined.strip()
+def body_site(body_part_examined: str) -> BodySite | None:
+    """The Annex L entry for a BodyPartExamined term (case and padding ignored); ``None`` when unmapped or empty."""
+    return body_part_table().get(body_part_examined.strip().upper())
 
 
 def body_site_coding(body_part_examined: str) -> FhirResource | None:
-    """SNOMED CT ``Coding`` for a BodyPartExamined term; an unmapped term as a ``Coding`` with display only.
+    """The SNOMED CT ``Coding`` (system and code only) for a mapped BodyPartExamined term; ``None`` otherwise:
+    an unmapped term has no code, and a ``Coding`` with a display alone means nothing and is found by no search."""
+    site = body_site(body_part_examined)
+    return None if site is None else {"system": SNOMED_CT, "code": site.code}
 
-    ``None`` when the attribute is empty.
-    """
-    term = body_part_examined.strip().upper()
-    if not term:
-        return None
-    site = body_part_table().get(term)
-    if site is None:
-        return {"display": body_site_text(body_part_examined)}
-    return {"system": SNOMED_CT, "code": site.code, "display": site.display}
+
+def body_site_text(body_part_examined: str) -> str:
+    """The body part in words: the Annex L meaning of a mapped term, an unmapped term as the sender wrote it."""
+    site = body_site(body_part_examined)
+    return site.meaning if site is not None else body_part_examined.strip()

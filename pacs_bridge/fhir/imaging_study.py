@@ -125,15 +125,15 @@ class _FhirShape:
         return concept if self.is_r4 else {"concept": concept}
 
     def body_site(self, body_part_examined: str) -> FhirResource | None:
-        """R4: a Coding (display only when unmapped). R5: a CodeableReference (text only when unmapped)."""
-        coding = body_site_coding(body_part_examined)
-        if coding is None:
+        """R4: the SNOMED CT Coding of a mapped term (a Coding has no text: an unmapped term is left out). R5: a
+        CodeableReference whose concept has the coding of a mapped term and the term in words as text."""
+        if not body_part_examined.strip():
             return None
+        coding = body_site_coding(body_part_examined)
         if self.is_r4:
             return coding
-        if "code" in coding:
-            return {"concept": {"coding": [coding]}}
-        return {"concept": {"text": body_site_text(body_part_examined)}}
+        concept: FhirResource = {"coding": [coding]} if coding is not None else {}
+        return {"concept": {**concept, "text": body_site_text(body_part_examined)}}
 
 
 def study_patient_identifier(study: StudyAttributes, settings: MappingSettings) -> FhirResource | None:

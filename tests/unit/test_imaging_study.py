@@ -360,22 +360,20 @@ def test_study_level_people_codes_and_reasons_are_mapped() -> None:
     assert resource["referrer"] == {"type": "Practitioner", "display": "Jane Doe"}
     assert resource["interpreter"] == [{"type": "Practitioner", "display": "Dr. Gregory House"}]
     assert resource["procedureCode"] == [
-        {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]},
+        {"coding": [{"system": "http://loinc.org", "code": "24627-2"}], "text": "CT Chest"},
         {"text": "CT thorax, local code"},
     ]
     assert resource["reasonCode"] == [
-        {
-            "coding": [{"system": "http://snomed.info/sct", "code": "49727002", "display": "Cough"}],
-            "text": "Persistent cough",
-        },
+        {"coding": [{"system": "http://snomed.info/sct", "code": "49727002"}], "text": "Persistent cough"},
     ]
 
 
 def test_series_body_site_laterality_and_performers_are_mapped() -> None:
-    """bodySite from Annex L, laterality from the images, performers with their function codes."""
+    """bodySite from Annex L (no display: DICOM's words are not SNOMED CT's), laterality from the images,
+    performers with their function codes."""
     series = build_imaging_study(fully_described_snapshot(), SETTINGS)["series"][0]
 
-    assert series["bodySite"] == {"system": "http://snomed.info/sct", "code": "816094009", "display": "Chest"}
+    assert series["bodySite"] == {"system": "http://snomed.info/sct", "code": "816094009"}
     assert series["laterality"] == {"system": "http://snomed.info/sct", "code": "24028007", "display": "Right"}
     participation = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
     assert series["performer"] == [

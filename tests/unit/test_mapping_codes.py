@@ -4,6 +4,7 @@ BodyPartExamined -> SNOMED CT (the Annex L data file), laterality, performer fun
 from __future__ import annotations
 
 import csv
+import re
 from importlib import resources
 from typing import Any
 
@@ -12,19 +13,22 @@ from pydicom.sr._concepts_dict import concepts
 from pydicom.sr.codedict import codes
 
 from pacs_bridge.fhir.coding import (
+    BODY_PARTS_NOT_MAPPED,
     PARTICIPATION_TYPE_SYSTEM,
     SNOMED_CT,
     body_part_table,
     body_site_coding,
+    body_site_text,
     codeable_concept,
     coding_system,
     fhir_coding,
     laterality_coding,
     performer_function,
+    reason_concept,
     series_laterality,
 )
 from pacs_bridge.fhir.person_name import render_person_name
-from pacs_bridge.records import CodedConcept
+from pacs_bridge.records import CodedConcept, RequestedReason
 
 
 @pytest.mark.parametrize(
@@ -52,15 +56,21 @@ def test_coding_system_maps_known_designators_only(designator: str, system: str 
 @pytest.mark.parametrize(
     ("concept", "expected"),
     [
-        # a known scheme: system, code and display
+        # a known scheme: system and code; the Code Meaning as text, not as display (the sender's wording, which
+        # the bridge cannot check against LOINC or SNOMED CT; issue 20)
         (
             CodedConcept(code="24627-2", scheme="LN", meaning="CT Chest"),
-            {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]},
+            {"coding": [{"system": "http://loinc.org", "code": "24627-2"}], "text": "CT Chest"},
         ),
         # the scheme version becomes Coding.version
         (
             CodedConcept(code="RID10321", scheme="RADLEX", meaning="CT", scheme_version="4.1"),
-            {"coding": [{"system": "http://www.radlex.org", "version": "4.1", "code": "RID10321", "display": "CT"}]},
+            {"coding": [{"system": "http://www.radlex.org", "version": "4.1", "code": "RID10321"}], "text": "CT"},
+        ),
+        # a known scheme without meaning: the coding alone
+        (
+            CodedConcept(code="24627-2", scheme="LN"),
+            {"coding": [{"system": "http://loinc.org", "code": "24627-2"}]},
         ),
         # an unknown scheme: the meaning as text, never a code without a system
         (CodedConcept(code="CTTHX", scheme="99ORDERS", meaning="CT thorax"), {"text": "CT thorax"}),
@@ -71,13 +81,39 @@ def test_coding_system_maps_known_designators_only(designator: str, system: str 
         # a URNCodeValue is its own system
         (
             CodedConcept(code="urn:oid:1.2.3.4", scheme="", meaning="Some concept"),
-            {"coding": [{"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.3.4", "display": "Some concept"}]},
+            {"coding": [{"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.3.4"}], "text": "Some concept"},
         ),
     ],
 )
 def test_codeable_concept_codes_only_with_a_system(concept: CodedConcept, expected: dict[str, Any]) -> None:
-    """A CodeableConcept carries a coding only when the system is known; otherwise text."""
+    """A CodeableConcept carries a coding only when the system is known, never a display it cannot vouch for."""
     assert codeable_concept(concept) == expected
+
+
+COUGH = CodedConcept(code="49727002", scheme="SCT", meaning="Cough")
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        # text and code stated together: one concept (issue 20)
+        (
+            RequestedReason(text="Persistent cough", codes=(COUGH,)),
+            {"coding": [{"system": SNOMED_CT, "code": "49727002"}], "text": "Persistent cough"},
+        ),
+        # a code alone: its meaning as text
+        (RequestedReason(codes=(COUGH,)), {"coding": [{"system": SNOMED_CT, "code": "49727002"}], "text": "Cough"}),
+        # a text alone
+        (RequestedReason(text="Follow-up"), {"text": "Follow-up"}),
+        # a code of an unknown scheme: no coding, the requester's text
+        (
+            RequestedReason(text="Toux", codes=(CodedConcept(code="T1", scheme="99LOCAL", meaning="Toux"),)),
+            {"text": "Toux"},
+        ),
+    ],
+)
+def test_a_reason_is_one_concept(reason: RequestedReason, expected: dict[str, Any]) -> None:
+    assert reason_concept(reason) == expected
 
 
 def test_fhir_coding_of_an_unknown_scheme_is_none() -> None:
@@ -120,25 +156,29 @@ def test_series_laterality_combines_its_images(own: str, images: list[str], expe
 
 
 @pytest.mark.parametrize(
-    ("term", "expected"),
+    ("term", "coding", "text"),
     [
-        ("CHEST", {"system": SNOMED_CT, "code": "816094009", "display": "Chest"}),  # Annex L
-        ("CSPINE", {"system": SNOMED_CT, "code": "122494005", "display": "Cervical spine"}),  # abbreviated term
-        ("BREAST", {"system": SNOMED_CT, "code": "76752008", "display": "Breast"}),  # mammography
-        ("chest ", {"system": SNOMED_CT, "code": "816094009", "display": "Chest"}),  # case and padding ignored
-        (
-            "CHESTABDPELVIS",
-            {"system": SNOMED_CT, "code": "416775004", "display": "Chest, Abdomen and Pelvis"},
-        ),  # a display with commas survives the CSV
-        ("TORSO", {"display": "TORSO"}),  # not an Annex L term: display only, no code
-        ("", None),  # absent: no bodySite
+        ("CHEST", {"system": SNOMED_CT, "code": "816094009"}, "Chest"),  # Annex L
+        ("CSPINE", {"system": SNOMED_CT, "code": "122494005"}, "Cervical spine"),  # abbreviated term
+        ("BREAST", {"system": SNOMED_CT, "code": "76752008"}, "Breast"),  # mammography
+        ("chest ", {"system": SNOMED_CT, "code": "816094009"}, "Chest"),  # case and padding ignored
+        ("CHESTABDPELVIS", {"system": SNOMED_CT, "code": "416775004"}, "Chest, Abdomen and Pelvis"),  # comma in CSV
+        ("TORSO", None, "TORSO"),  # not an Annex L term: no coding at all, the term as text
+        ("ENDORECTAL", None, "ENDORECTAL"),  # Annex L codes it 34402009 Rectum: an approach, not the rectum
+        ("ENDOARTERIAL", None, "ENDOARTERIAL"),  # 51114001 Artery
+        ("GESTSAC", None, "GESTSAC"),  # 300571009 is a finding, not a body structure
     ],
 )
-def test_body_site_coding_follows_annex_l_and_keeps_unmapped_terms_as_display(
-    term: str, expected: dict[str, str] | None
+def test_body_site_coding_carries_no_display_and_unmapped_terms_no_coding(
+    term: str, coding: dict[str, str] | None, text: str
 ) -> None:
-    """Mapped terms give the SNOMED CT coding; unmapped ones a Coding with display only."""
-    assert body_site_coding(term) == expected
+    """Mapped terms give the SNOMED CT system and code (the Annex L meaning is DICOM's words: text); unmapped ones
+    and terms whose code means something else give no Coding (issue 20)."""
+    assert (body_site_coding(term), body_site_text(term)) == (coding, text)
+
+
+def test_an_empty_body_part_gives_nothing() -> None:
+    assert body_site_coding("") is None
 
 
 def _pydicom_snomed_codes() -> set[str]:
@@ -150,12 +190,22 @@ def _pydicom_snomed_codes() -> set[str]:
 NOT_IN_PYDICOM = {"LOWERTRUNK": "63337009", "UPPERTRUNK": "67734004"}
 
 
-def test_the_table_is_the_whole_of_annex_l() -> None:
-    """All 317 rows of PS3.16 Annex L (2026a) that have a defined term, not a hand-picked subset."""
+def _data_file_rows() -> list[dict[str, str]]:
+    text = resources.files("pacs_bridge.fhir").joinpath("data/body_part_examined.csv").read_text(encoding="utf-8")
+    return list(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
+
+
+def test_the_table_is_the_whole_of_annex_l_but_the_terms_not_mapped() -> None:
+    """All 317 rows of PS3.16 Annex L (2026a) that have a defined term, not a hand-picked subset; mapped are all
+    but the 14 whose code means something else."""
+    rows = _data_file_rows()
     table = body_part_table()
 
-    assert len(table) == 317
-    assert {"ABDOMEN", "BREAST", "CHEST", "HEAD", "KNEE", "WHOLEBODY"} <= set(table)
+    assert len(rows) == 317
+    assert set(BODY_PARTS_NOT_MAPPED) <= {row["term"] for row in rows}
+    assert set(table) == {row["term"] for row in rows} - set(BODY_PARTS_NOT_MAPPED)
+    assert len(table) == 303
+    assert {"ABDOMEN", "BREAST", "CHEST", "HEAD", "KNEE", "WHOLEBODY", "ENDOMETRIUM"} <= set(table)
 
 
 def test_every_body_part_code_is_a_snomed_concept_known_to_pydicom() -> None:
@@ -167,9 +217,45 @@ def test_every_body_part_code_is_a_snomed_concept_known_to_pydicom() -> None:
     assert unknown == NOT_IN_PYDICOM
 
 
-def test_body_part_displays_agree_with_dicom_where_the_concept_is_a_common_anatomic_region() -> None:
-    """Where a row's concept is in CID 4030/4031, its display is DICOM's code meaning there, except the
-    Endo-* access regions, whose Annex L meaning names the route (Endo-cardiac) rather than the organ."""
+def _fully_specified_names() -> dict[str, set[str]]:
+    """SNOMED CT fully specified names pydicom's tables carry ("Rectum structure (body structure)"), by code."""
+    names: dict[str, set[str]] = {}
+    for entries in concepts["SCT"].values():
+        for code, (meaning, _cids) in entries.items():
+            if re.search(r"\([a-z ]+\)$", meaning):
+                names.setdefault(code, set()).add(meaning)
+    return names
+
+
+def test_every_mapped_code_is_a_body_structure_where_snomed_ct_says_what_it_is() -> None:
+    """Where pydicom knows the concept's fully specified name, a mapped term's code is a body structure; the one
+    exception is amniotic fluid, a substance that is what the term names."""
+    names = _fully_specified_names()
+
+    other = {
+        term: sorted(names[site.code])
+        for term, site in body_part_table().items()
+        if site.code in names and not any(name.endswith("(body structure)") for name in names[site.code])
+    }
+
+    assert other == {"AMNIOTICFLUID": ["Amniotic fluid (substance)"]}
+
+
+@pytest.mark.parametrize("term", sorted(term for term in BODY_PARTS_NOT_MAPPED if term.startswith("ENDO")))
+def test_an_endo_term_is_not_mapped_because_its_code_is_the_organ_it_passes_through(term: str) -> None:
+    """Each Endo-* code is, in SNOMED CT, the structure itself (Rectum structure, Kidney structure ...), never an
+    approach: sending it as the body part examined would state something else."""
+    code = {row["term"]: row["code"] for row in _data_file_rows()}[term]
+
+    (name,) = _fully_specified_names()[code]
+
+    assert name.endswith("(body structure)")
+    assert not name.lower().startswith("endo")
+
+
+def test_body_part_meanings_agree_with_dicom_where_the_concept_is_a_common_anatomic_region() -> None:
+    """Where a mapped row's concept is in CID 4030/4031, its meaning is DICOM's code meaning there (the Endo-*
+    rows, whose meaning named the route rather than the organ, are not mapped)."""
     meanings = {}
     for collection in (codes.cid4030, codes.cid4031):
         for keyword in collection.dir():
@@ -179,10 +265,10 @@ def test_body_part_displays_agree_with_dicom_where_the_concept_is_a_common_anato
     differing = {
         term
         for term, site in body_part_table().items()
-        if site.code in meanings and meanings[site.code] != site.display
+        if site.code in meanings and meanings[site.code] != site.meaning
     }
 
-    assert differing == {"ENDOCARDIAC", "ENDOESOPHAGEAL", "ENDORECTAL", "ENDORENAL", "ENDOURETERIC", "ENDOURETHRAL"}
+    assert differing == set()
 
 
 def test_body_part_terms_are_valid_code_strings() -> None:

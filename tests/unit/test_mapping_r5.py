@@ -17,6 +17,7 @@ from pacs_bridge.fhir.imaging_study import build_imaging_study
 from tests.unit.test_imaging_study import SETTINGS, ct_one_series_snapshot, fully_described_snapshot
 
 R5 = dataclasses.replace(SETTINGS, fhir_version="R5", location_reference="Location/radiology-1")
+R4 = dataclasses.replace(R5, fhir_version="R4")
 SCT = "http://snomed.info/sct"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 
@@ -29,13 +30,13 @@ def test_r5_reshapes_modality_procedure_reason_body_site_and_laterality() -> Non
     assert resource["modality"] == [{"coding": [{"system": DCM, "code": "CT"}]}]
     assert series["modality"] == {"coding": [{"system": DCM, "code": "CT"}]}
     assert resource["procedure"] == [
-        {"concept": {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]}},
+        {"concept": {"coding": [{"system": "http://loinc.org", "code": "24627-2"}], "text": "CT Chest"}},
         {"concept": {"text": "CT thorax, local code"}},
     ]
     assert resource["reason"] == [
-        {"concept": {"coding": [{"system": SCT, "code": "49727002", "display": "Cough"}], "text": "Persistent cough"}},
+        {"concept": {"coding": [{"system": SCT, "code": "49727002"}], "text": "Persistent cough"}},
     ]
-    assert series["bodySite"] == {"concept": {"coding": [{"system": SCT, "code": "816094009", "display": "Chest"}]}}
+    assert series["bodySite"] == {"concept": {"coding": [{"system": SCT, "code": "816094009"}], "text": "Chest"}}
     assert series["laterality"] == {"coding": [{"system": SCT, "code": "24028007", "display": "Right"}]}
 
 
@@ -58,18 +59,29 @@ def test_r5_keeps_every_element_r5_shares_with_r4() -> None:
         assert r5["series"][0][key] == r4["series"][0][key]
 
 
-def test_unmapped_body_part_is_a_text_concept_in_r5() -> None:
-    """R5 bodySite is a CodeableReference: an unmapped term becomes concept.text."""
+def with_body_part(term: str) -> Any:
     snapshot = fully_described_snapshot()
     series = snapshot.series[0]
-    torso = dataclasses.replace(
+    return dataclasses.replace(
         snapshot,
         series=(
-            dataclasses.replace(series, attributes=dataclasses.replace(series.attributes, body_part_examined="TORSO")),
+            dataclasses.replace(series, attributes=dataclasses.replace(series.attributes, body_part_examined=term)),
         ),
     )
 
-    assert build_imaging_study(torso, R5)["series"][0]["bodySite"] == {"concept": {"text": "TORSO"}}
+
+@pytest.mark.parametrize(
+    "term",
+    [
+        "TORSO",  # not an Annex L term
+        "ENDORECTAL",  # an Annex L term whose code (34402009 Rectum) means something else
+    ],
+)
+def test_unmapped_body_part_is_a_text_concept_in_r5_and_left_out_of_r4(term: str) -> None:
+    """R5 bodySite is a CodeableReference: an unmapped term becomes concept.text. R4 bodySite is a Coding, which
+    has no text: a Coding with a display alone means nothing and no search finds it, so there is none (issue 20)."""
+    assert build_imaging_study(with_body_part(term), R5)["series"][0]["bodySite"] == {"concept": {"text": term}}
+    assert "bodySite" not in build_imaging_study(with_body_part(term), R4)["series"][0]
 
 
 @pytest.mark.parametrize("snapshot", [fully_described_snapshot, ct_one_series_snapshot])
