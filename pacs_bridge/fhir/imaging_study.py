@@ -10,7 +10,8 @@ through ``fhir/person_name.py``. docs/mapping.md lists every element with its DI
 
 One builder serves both versions; where R5 reshaped an element, a small function shapes it for the version
 (``_FhirShape``): modality as CodeableConcept, procedure / reason / series bodySite as CodeableReference,
-series laterality as CodeableConcept, no ``interpreter`` (R5 dropped it).
+series laterality as CodeableConcept. R5 has no ``interpreter``: the reading physicians go into the R4
+element's cross-version extension (``INTERPRETER_EXTENSION``), the form R5 gives an element of another release.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
 MISSING_PATIENT_ID_DISPLAY = "Patient ID absent from the DICOM study"
 
 FhirVersion = Literal["R4", "R5"]
+# R4's ImagingStudy.interpreter, carried in R5 (which dropped the element) by the FHIR cross-version extension
+# for it: http://hl7.org/fhir/[release]/StructureDefinition/extension-[path] (R5 "Versions", hl7.fhir.uv.xver).
+INTERPRETER_EXTENSION = "http://hl7.org/fhir/4.0/StructureDefinition/extension-ImagingStudy.interpreter"
 IHE_IMR_IMAGING_STUDY = "https://profiles.ihe.net/RAD/IMR/StructureDefinition/imr-imagingstudy"
 # Profiles the resource can claim (fhir.profile); fhir/validation.py checks the claim before sending.
 PROFILE_URLS = {"ihe-imr": IHE_IMR_IMAGING_STUDY}
@@ -273,6 +277,9 @@ def build_imaging_study(
     }
     if settings.profile:
         resource["meta"] = {"profile": [PROFILE_URLS[settings.profile]]}
+    interpreters = _practitioners(study.reading_physicians)
+    if interpreters and not shape.is_r4:
+        resource["extension"] = [{"url": INTERPRETER_EXTENSION, "valueReference": actor} for actor in interpreters]
     accession = study_accession_identifier(study, settings)
     identifiers = [{"use": "official", "system": DICOM_UID_SYSTEM, "value": _oid(study.study_uid)}]
     if accession is not None:  # so that ImagingStudy?identifier=<accession number> finds the study
@@ -293,8 +300,7 @@ def build_imaging_study(
     referrer = _practitioner(study.referring_physician)
     if referrer is not None:
         resource["referrer"] = referrer
-    interpreters = _practitioners(study.reading_physicians)
-    if interpreters and shape.is_r4:  # R5 has no interpreter
+    if interpreters and shape.is_r4:  # R5: the cross-version extension above
         resource["interpreter"] = interpreters
     study_endpoints = [endpoint for endpoint in settings.endpoints if not endpoint.is_series_level]
     if study_endpoints:

@@ -4,13 +4,15 @@ pacs-bridge owns the elements in ``OWNED_ELEMENTS``: ours replace the server's, 
 is removed. Everything else the server holds (``encounter``, ``note``, ``text``, extensions, …) is kept.
 ``basedOn`` is shared: ours (the accession number) replace our own, and the server's literal references
 (``{"reference": "ServiceRequest/…"}``) are kept after them; in ``meta`` ours (``profile``) replaces theirs key
-by key and their ``tag``/``security`` stay. See docs/reliability.md.
+by key and their ``tag``/``security`` stay; in ``extension`` the URLs in ``OWNED_EXTENSIONS`` are ours (R5's
+reading physicians), every other extension theirs. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pacs_bridge.fhir.imaging_study import INTERPRETER_EXTENSION
 from pacs_bridge.fhir.resource import FhirResource
 
 # Every element the R4 and R5 mappings may write, besides resourceType and id.
@@ -36,6 +38,8 @@ OWNED_ELEMENTS = frozenset(
     }
 )
 _SERVER_META = frozenset({"versionId", "lastUpdated"})
+# Extension URLs the mappings may write on the ImagingStudy: ours replace (or, when we write none, remove) theirs.
+OWNED_EXTENSIONS = frozenset({INTERPRETER_EXTENSION})
 
 
 def merge_imaging_study(ours: FhirResource, theirs: FhirResource) -> FhirResource:
@@ -43,9 +47,18 @@ def merge_imaging_study(ours: FhirResource, theirs: FhirResource) -> FhirResourc
     merged: dict[str, Any] = {
         key: value
         for key, value in theirs.items()
-        if key not in OWNED_ELEMENTS and key not in ("resourceType", "id", "meta", "basedOn")
+        if key not in OWNED_ELEMENTS and key not in ("resourceType", "id", "meta", "basedOn", "extension")
     }
     merged.update(ours)
+    extensions = list(ours.get("extension") or [])
+    extensions += [
+        extension
+        for extension in theirs.get("extension") or []
+        if isinstance(extension, dict) and extension.get("url") not in OWNED_EXTENSIONS
+    ]
+    merged.pop("extension", None)
+    if extensions:
+        merged["extension"] = extensions
     # meta is shared key by key: ours (the profile claimed, fhir.profile) wins, their tags and security stay.
     meta = {key: value for key, value in (theirs.get("meta") or {}).items() if key not in _SERVER_META}
     meta.update(ours.get("meta") or {})

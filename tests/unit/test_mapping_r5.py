@@ -40,6 +40,21 @@ def test_r5_reshapes_modality_procedure_reason_body_site_and_laterality() -> Non
     assert series["laterality"] == {"coding": [{"system": SCT, "code": "24028007", "display": "Right"}]}
 
 
+def test_r5_carries_the_reading_physicians_in_the_cross_version_extension() -> None:
+    """R5 dropped interpreter (its R4 -> R5 map names no target); the names are not lost: each is an R4
+    ImagingStudy.interpreter cross-version extension with the same Reference (issue 20)."""
+    resource = build_imaging_study(fully_described_snapshot(), R5)
+
+    assert resource["extension"] == [
+        {
+            "url": "http://hl7.org/fhir/4.0/StructureDefinition/extension-ImagingStudy.interpreter",
+            "valueReference": {"type": "Practitioner", "display": "Dr. Gregory House"},
+        }
+    ]
+    assert "extension" not in build_imaging_study(fully_described_snapshot(), R4), "R4 has the element itself"
+    ImagingStudyR5.model_validate(resource)
+
+
 def test_r5_has_no_interpreter_and_no_r4_only_element_names() -> None:
     """R5 dropped interpreter; procedureCode and reasonCode are named procedure and reason."""
     resource = build_imaging_study(fully_described_snapshot(), R5)

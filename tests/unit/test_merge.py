@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from pacs_bridge.fhir.merge import OWNED_ELEMENTS, merge_imaging_study
+from pacs_bridge.fhir.imaging_study import INTERPRETER_EXTENSION
+from pacs_bridge.fhir.merge import OWNED_ELEMENTS, OWNED_EXTENSIONS, merge_imaging_study
 
 GOLDEN = Path(__file__).parent / "golden"
 OURS: dict[str, Any] = {
@@ -64,8 +65,27 @@ def test_merge_keeps_literal_based_on_references_after_ours():
     assert merged["basedOn"] == [OURS["basedOn"][0], {"reference": "ServiceRequest/sr-1"}]
 
 
+THEIR_EXTENSION = {"url": "https://example.org/their-extension", "valueString": "kept"}
+OUR_READER = {"url": INTERPRETER_EXTENSION, "valueReference": {"type": "Practitioner", "display": "Jane Doe"}}
+
+
+def test_merge_replaces_our_extensions_and_keeps_theirs():
+    """extension is shared by URL: our reading physicians (R5) replace our old ones, their extensions stay."""
+    old_reader = {**OUR_READER, "valueReference": {"display": "Old Reader"}}
+    merged = merge_imaging_study({**OURS, "extension": [OUR_READER]}, {"extension": [old_reader, THEIR_EXTENSION]})
+    assert merged["extension"] == [OUR_READER, THEIR_EXTENSION]
+
+
+def test_merge_removes_our_extension_once_we_no_longer_write_it():
+    """Reading physicians removed from the study: our extension goes, theirs stays (or none is left at all)."""
+    assert merge_imaging_study(OURS, {"extension": [OUR_READER, THEIR_EXTENSION]})["extension"] == [THEIR_EXTENSION]
+    assert "extension" not in merge_imaging_study(OURS, {"extension": [OUR_READER]})
+
+
 @pytest.mark.parametrize("golden", sorted(GOLDEN.glob("*.json")), ids=lambda path: path.name)
 def test_every_element_the_mapping_writes_is_owned(golden: Path):
-    """The goldens' top-level elements (besides resourceType, id and the shared basedOn) are all owned."""
+    """The goldens' top-level elements (besides resourceType, id and the shared basedOn and extension) are all
+    owned, and so is every extension URL they carry."""
     resource = json.loads(golden.read_text(encoding="utf-8"))
-    assert set(resource) - {"resourceType", "id", "basedOn"} <= OWNED_ELEMENTS
+    assert set(resource) - {"resourceType", "id", "basedOn", "extension"} <= OWNED_ELEMENTS
+    assert {extension["url"] for extension in resource.get("extension", [])} <= OWNED_EXTENSIONS
