@@ -311,6 +311,16 @@ class EndpointConfig(_Section):
             raise ValueError(f"the service base URL must not carry a query, got {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _iid_at_the_study_level_only(self) -> EndpointConfig:
+        """An IHE IID endpoint launches a viewer on a study; the ImagingStudy rules use it at the study level only."""
+        if self.connection_type == "ihe-iid" and self.is_series_level:
+            raise ValueError(
+                f"endpoint {self.id}: an ihe-iid endpoint (IHE Invoke Image Display) is for the study level only; "
+                "remove series_modalities and series_calling_aets, or use another connection_type"
+            )
+        return self
+
 
 # The system of the Study Instance UID identifier: a patient or accession identifier in it would be taken for
 # the study's UID (the IHE IMR profile allows exactly one identifier with it).

@@ -24,7 +24,10 @@ SR_ARCHIVE = EndpointSettings(
     id="sr-archive", connection_type="dicom-wado-rs", address="https://sr.example.org/rs", series_modalities=("SR",)
 )
 PR_VIEWER = EndpointSettings(
-    id="pr-viewer", connection_type="ihe-iid", address="https://viewer.example.org", series_modalities=("PR", "SR")
+    id="pr-viewer",
+    connection_type="dicom-wado-uri",
+    address="https://viewer.example.org",
+    series_modalities=("PR", "SR"),
 )
 SETTINGS = dataclasses.replace(R4_SETTINGS, endpoints=(STUDY_WADO, SR_ARCHIVE, PR_VIEWER))
 
@@ -149,3 +152,28 @@ def test_config_refuses_a_calling_ae_that_is_not_an_ae_title(ae_title: str) -> N
         parse_config(data, path="test.yaml")
 
     assert "at 'endpoints[0].series_calling_aets" in str(caught.value)
+
+
+@pytest.mark.parametrize("rule", [{"series_modalities": ["PR"]}, {"series_calling_aets": ["VIEWER"]}])
+def test_config_refuses_a_series_level_iid_endpoint(rule: dict[str, list[str]]) -> None:
+    """IHE IID launches a viewer on a study: the ImagingStudy rules use it at the study level only (issue 20)."""
+    data = {
+        "fhir": {"base_url": "http://fhir.example.org"},
+        "endpoints": [{"id": "viewer", "connection_type": "ihe-iid", "address": "https://viewer.example.org", **rule}],
+    }
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, path="test.yaml")
+
+    assert "at 'endpoints[0]': endpoint viewer: an ihe-iid endpoint (IHE Invoke Image Display) is for the study" in str(
+        caught.value
+    )
+
+
+def test_config_accepts_a_study_level_iid_endpoint() -> None:
+    data = {
+        "fhir": {"base_url": "http://fhir.example.org"},
+        "endpoints": [{"id": "viewer", "connection_type": "ihe-iid", "address": "https://viewer.example.org"}],
+    }
+
+    assert mapping_settings(parse_config(data, path="test.yaml")).endpoints[0].connection_type == "ihe-iid"
