@@ -41,6 +41,12 @@ CODING_SCHEME_SYSTEMS: dict[str, str] = {
     "RXNORM": "http://www.nlm.nih.gov/research/umls/rxnorm",
 }
 
+# Systems whose Coding.version cannot carry a DICOM CodingSchemeVersion: a SNOMED CT version is a URI naming the
+# edition's module and date (http://snomed.info/sct/{module}/version/{date}), which a DICOM version (a date, or
+# "3.5") does not give; DICOM's own scheme has the fixed version "01", not a DICOM edition; a URN code has no
+# scheme to version. Elsewhere (LOINC 2.74, RadLex 4.1, UCUM, ICD ...) the version is written the same way.
+VERSION_NOT_EXPRESSIBLE = frozenset({SNOMED_CT, CODING_SCHEME_SYSTEMS["DCM"], URI_SYSTEM})
+
 # Laterality (0020,0060) / ImageLaterality (0020,0062) -> SNOMED CT, DICOM CID 244. "U" (ImageLaterality:
 # the body part is unpaired) has no laterality at all, so it maps to nothing; 66459002 "Unilateral" is not a
 # value either attribute can state.
@@ -72,7 +78,7 @@ def fhir_coding(concept: CodedConcept) -> FhirResource | None:
     if system is None or not concept.code:
         return None
     coding: FhirResource = {"system": system}
-    if concept.scheme_version:
+    if concept.scheme_version and system not in VERSION_NOT_EXPRESSIBLE:
         coding["version"] = concept.scheme_version
     coding["code"] = concept.code
     return coding

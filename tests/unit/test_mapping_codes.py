@@ -116,6 +116,27 @@ def test_a_reason_is_one_concept(reason: RequestedReason, expected: dict[str, An
     assert reason_concept(reason) == expected
 
 
+@pytest.mark.parametrize(
+    ("concept", "version"),
+    [
+        # LOINC, RadLex: FHIR writes the version as DICOM does
+        (CodedConcept(code="24627-2", scheme="LN", scheme_version="2.74"), "2.74"),
+        (CodedConcept(code="RID10321", scheme="RADLEX", scheme_version="4.1"), "4.1"),
+        # SNOMED CT: a FHIR version is a URI naming module and date; a DICOM date alone cannot make it (issue 20)
+        (CodedConcept(code="49727002", scheme="SCT", scheme_version="20230131"), None),
+        # DICOM's own scheme: its CodingSchemeVersion "01" is no edition of the standard
+        (CodedConcept(code="113014", scheme="DCM", scheme_version="01"), None),
+        # a URN code has no scheme to version
+        (CodedConcept(code="urn:oid:1.2.3", scheme="", scheme_version="1"), None),
+    ],
+)
+def test_coding_version_only_where_fhir_can_express_it(concept: CodedConcept, version: str | None) -> None:
+    coding = fhir_coding(concept)
+
+    assert coding is not None
+    assert coding.get("version") == version
+
+
 def test_fhir_coding_of_an_unknown_scheme_is_none() -> None:
     """No Coding is made up for a scheme without a FHIR system."""
     assert fhir_coding(CodedConcept(code="X", scheme="99X", meaning="x")) is None
