@@ -83,6 +83,35 @@ class MappingSettings:
     patient_mode: PatientMode = "identifier"
 
 
+# DICOM CID 29 "Acquisition Modality" (PS3.16, as pydicom 3.0 ships it; a unit test compares the two): R4's and
+# IHE IMR's ImagingStudy.modality lists "all series modality if actual acquisition modalities" (binding
+# AcquisitionModality); R5's lists every distinct series modality (CID 33). SR, PR, KO, SEG... are not in it.
+ACQUISITION_MODALITIES = frozenset(
+    {
+        "AR", "BDUS", "BI", "BMD", "CFM", "CR", "CT", "DG", "DMS", "DX", "ECG", "EEG", "EMG", "EOG", "EPS", "ES",
+        "GM", "HD", "IO", "IVOCT", "IVUS", "KER", "LEN", "LS", "MG", "MR", "NM", "OAM", "OCT", "OP", "OPM", "OPT",
+        "OPTBSV", "OPTENF", "OPV", "OSS", "PA", "POS", "PT", "PX", "RESP", "RF", "RG", "RTIMAGE", "SM", "SRF", "TG",
+        "US", "VA", "XA", "XC",
+    }
+)  # fmt: skip
+
+
+def study_modalities(series_modalities: list[str], settings: MappingSettings) -> list[str]:
+    """ImagingStudy.modality as each release defines it, from the study's distinct series modalities in order.
+
+    R5: all of them. R4: the acquisition modalities (CID 29) only, so that ``modality=SR`` does not find a CT
+    study; none for a study without one (a lone SR: R4's modality is 0..*). IHE IMR (R4) requires modality 1..*:
+    a study without an acquisition modality then carries its series modalities, which IMR's extensible binding
+    admits when no CID 29 code applies.
+    """
+    if settings.fhir_version == "R5":
+        return series_modalities
+    acquisition = [modality for modality in series_modalities if modality in ACQUISITION_MODALITIES]
+    if acquisition or settings.profile != "ihe-imr":
+        return acquisition
+    return series_modalities
+
+
 # ImagingStudy.status once IHE IOCM rejection notes withdrew every instance of the study (docs/mapping.md).
 # entered-in-error: the study should never have existed as such (wrong patient, wrong order); cancelled: it
 # existed, but none of it is available any more (poor quality, retention expired).
@@ -288,6 +317,7 @@ def build_imaging_study(
     modalities = list(dict.fromkeys(series.attributes.modality for series in snapshot.series))
     if not modalities and snapshot.withdrawal is not None:  # no series left: the modalities it had
         modalities = list(snapshot.withdrawal.modalities)
+    modalities = study_modalities(modalities, settings)
     if modalities:
         resource["modality"] = [shape.coded(_modality_coding(code)) for code in modalities]
     resource["subject"] = _subject(study, settings, patient_reference)
