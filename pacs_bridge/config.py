@@ -322,9 +322,7 @@ class EndpointConfig(_Section):
         return self
 
 
-# The system of the Study Instance UID identifier: a patient or accession identifier in it would be taken for
-# the study's UID (the IHE IMR profile allows exactly one identifier with it).
-_STUDY_UID_SYSTEM = "urn:dicom:uid"
+_STUDY_UID_SYSTEM = "urn:dicom:uid"  # a patient or accession identifier under it would pass for the study's UID
 
 
 def _checked_identifier_system(system: str) -> str:
@@ -335,53 +333,38 @@ def _checked_identifier_system(system: str) -> str:
     return system
 
 
-def _checked_issuer_systems(issuers: dict[str, str]) -> dict[str, str]:
-    for issuer, system in issuers.items():
-        try:
-            _checked_identifier_system(system)
-        except ValueError as exc:
-            raise ValueError(f"for issuer {issuer!r}: {exc}") from None
-    return issuers
+class _IssuedIdentifierSection(_Section):
+    """An identifier's systems (docs/mapping.md, "Issuers"): ``identifier_system`` serves studies that name no
+    issuer, never one naming an issuer; ``issuers`` maps issuer -> system. A study naming an issuer missing from
+    ``issuers`` gets no system (never searched, linked or created) and the issuer as assigner.display."""
+
+    identifier_system: str = ""
+    issuers: dict[str, str] = {}
+
+    @field_validator("identifier_system")
+    @classmethod
+    def _check_identifier_system(cls, value: str) -> str:
+        return _checked_identifier_system(value) if value else value
+
+    @field_validator("issuers")
+    @classmethod
+    def _check_issuers(cls, value: dict[str, str]) -> dict[str, str]:
+        for issuer, system in value.items():
+            try:
+                _checked_identifier_system(system)
+            except ValueError as exc:
+                raise ValueError(f"for issuer {issuer!r}: {exc}") from None
+        return value
 
 
-class PatientConfig(_Section):
+class PatientConfig(_IssuedIdentifierSection):  # PatientID; issuers by IssuerOfPatientID
     # identifier: subject by identifier only; lookup: the server's Patient with that identifier; create: that
     # Patient, created when absent (docs/mapping.md). lookup and create need an identifier system.
     mode: PatientMode = "identifier"
-    # The system of a PatientID whose study names no IssuerOfPatientID; never used for a study naming one.
-    identifier_system: str = ""
-    # IssuerOfPatientID -> identifier system. A study naming an issuer missing here: PatientID without a system
-    # (never searched, linked or created), the issuer as assigner.display.
-    issuers: dict[str, str] = {}
-
-    @field_validator("issuers")
-    @classmethod
-    def _check_issuers(cls, value: dict[str, str]) -> dict[str, str]:
-        return _checked_issuer_systems(value)
-
-    @field_validator("identifier_system")
-    @classmethod
-    def _check_identifier_system(cls, value: str) -> str:
-        return _checked_identifier_system(value) if value else value
 
 
-class AccessionConfig(_Section):
-    # The system of an AccessionNumber whose study names no issuer (Issuer of Accession Number Sequence); never
-    # used for a study naming one.
-    identifier_system: str = ""
-    # Issuer (its LocalNamespaceEntityID or UniversalEntityID) -> identifier system. A study naming an issuer
-    # missing here: the accession number without a system, the issuer as assigner.display.
-    issuers: dict[str, str] = {}
-
-    @field_validator("issuers")
-    @classmethod
-    def _check_issuers(cls, value: dict[str, str]) -> dict[str, str]:
-        return _checked_issuer_systems(value)
-
-    @field_validator("identifier_system")
-    @classmethod
-    def _check_identifier_system(cls, value: str) -> str:
-        return _checked_identifier_system(value) if value else value
+class AccessionConfig(_IssuedIdentifierSection):
+    """AccessionNumber; issuers by LocalNamespaceEntityID or UniversalEntityID (Issuer of Accession Number)."""
 
 
 class SiteConfig(_Section):
@@ -547,18 +530,16 @@ def _patient_problems(config: Config) -> list[str]:
 
 
 def config_warnings(config: Config) -> list[str]:
-    """What is valid but may not do what the operator expects, each naming its key (check-config prints them,
-    run logs them)."""
-    warnings = []
+    """Valid settings that may not do what the operator expects, each naming its key (check-config prints them)."""
     patient = config.patient
-    if patient.mode in ("lookup", "create") and not patient.issuers:
-        warnings.append(
-            f"at 'patient.issuers': patient.mode {patient.mode} runs without an issuers table, so only studies that "
-            "name no IssuerOfPatientID are searched (in patient.identifier_system); a study naming an issuer is "
-            "referenced by identifier only, never searched, linked or created. List each IssuerOfPatientID your "
-            "senders use with its system (your own issuer with patient.identifier_system's value)"
-        )
-    return warnings
+    if patient.mode == "identifier" or patient.issuers:
+        return []
+    return [
+        f"at 'patient.issuers': patient.mode {patient.mode} runs without an issuers table, so only studies that "
+        "name no IssuerOfPatientID are searched (in patient.identifier_system); a study naming an issuer is "
+        "referenced by identifier only, never searched, linked or created. List each IssuerOfPatientID your "
+        "senders use with its system (your own issuer with patient.identifier_system's value)"
+    ]
 
 
 def _without_inline_secrets(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -31,8 +31,8 @@ def subject(issuer: str, *, issuers: dict[str, str], default: str = DEFAULT) -> 
 @pytest.mark.parametrize(
     ("issuer", "issuers", "default", "identifier"),
     [
-        # no table, an issuer named: no system (identifier_system may be another hospital's namespace), the
-        # issuer named as assigner (issue 20: this row put HOSP-A's number into DEFAULT's namespace)
+        # no table, an issuer named: no system (DEFAULT names another namespace than HOSP-A's: issue 20), the
+        # issuer named as assigner
         ("HOSP-A", {}, DEFAULT, {"value": "PAT-0001", "assigner": {"display": "HOSP-A"}}),
         # no table, no issuer named: identifier_system
         ("", {}, DEFAULT, {"system": DEFAULT, "value": "PAT-0001"}),
