@@ -1,7 +1,8 @@
 """The YAML configuration file -> validated, typed settings.
 
 Every problem is collected and reported with its key path (``fhir.base_url: …``); unknown keys get a
-did-you-mean hint. Only ``service`` (and the CLI) read ``Config``; everything else receives plain values.
+did-you-mean hint; a YAML syntax error or a repeated key is reported with its line and column. Only
+``service`` (and the CLI) read ``Config``; everything else receives plain values.
 """
 
 from __future__ import annotations
@@ -581,6 +582,60 @@ def _duplicate_endpoint_ids(endpoints: Any) -> list[str]:
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps the last one
+    silently, so a second ``dicom:`` section would quietly replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_at: dict[Any, yaml.Mark] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may repeat what it merges
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first_at.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: PyYAML's own check reports it
+                continue
+            if earlier is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} appears twice in one mapping (first at line {earlier.line + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+# What usually causes a YAML parser message, and what to do about it.
+_YAML_HINTS = (
+    ("'\\t'", "YAML indents with spaces, not tabs"),
+    ("expected <block end>", "check this line's indentation against the lines above it"),
+    ("mapping values are not allowed here", "quote a value that contains ': ', or check the indentation"),
+    ("could not find expected ':'", "each key needs ': ' after it; check the line above too"),
+    ("did not find expected key", "check this line's indentation against the lines above it"),
+    ("found unexpected end of stream", "close the quote, [ or { opened earlier"),
+    ("appears twice", "merge the two into one, or remove one"),
+)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """A YAML error as one problem: where it is (line and column, from 1), what the parser says, the line
+    itself and, for common mistakes, what to do."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return f"not valid YAML: {exc}"
+    mark = exc.problem_mark
+    problem = exc.problem or "syntax error"
+    message = f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context_mark = exc.context_mark
+    if exc.context and context_mark is not None and context_mark.line != mark.line:
+        message += f" ({exc.context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    lines = text.splitlines()
+    if 0 <= mark.line < len(lines) and lines[mark.line].strip():
+        message += f"; the line reads {lines[mark.line].rstrip()!r}"
+    hint = next((hint for pattern, hint in _YAML_HINTS if pattern in problem), None)
+    return f"{message}; {hint}" if hint else message
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate the YAML file at ``path``."""
     name = str(path)
@@ -591,7 +646,7 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(name, [f"not UTF-8 text (byte {exc.start}); save the file as UTF-8"]) from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
-        raise ConfigError(name, [f"not valid YAML: {exc}"]) from exc
+        raise ConfigError(name, [_yaml_problem(exc, text)]) from exc
     return parse_config(data, path=name)
