@@ -1,8 +1,10 @@
 """The YAML configuration file -> validated, typed settings.
 
 Every problem is collected and reported with its key path (``fhir.base_url: …``); unknown keys get a
-did-you-mean hint; a YAML syntax error or a repeated key is reported with its line and column. Only
-``service`` (and the CLI) read ``Config``; everything else receives plain values.
+did-you-mean hint; a YAML syntax error or a repeated key is reported with its line and column. Relative paths
+in the file (the SQLite file of ``database.url``, TLS and secret files) are relative to the file's own
+directory, so every command finds the same files whatever its working directory. Only ``service`` (and the
+CLI) read ``Config``; everything else receives plain values.
 """
 
 from __future__ import annotations
@@ -11,12 +13,21 @@ import difflib
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
 from pacs_bridge.errors import ConfigError
@@ -36,6 +47,44 @@ def _http_url(value: str) -> str:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Validation context key: the directory of the configuration file, against which relative paths resolve. Absent
+# (a document validated without a file, or a listener process re-reading its parent's resolved settings):
+# relative paths stay as written.
+_CONFIG_DIRECTORY = "config_directory"
+
+
+def _config_directory(info: ValidationInfo) -> Path | None:
+    context = info.context
+    directory = context.get(_CONFIG_DIRECTORY) if isinstance(context, dict) else None
+    return directory if isinstance(directory, Path) else None
+
+
+def _against_config_directory(value: Any, info: ValidationInfo) -> Any:
+    """A relative file path made absolute against the configuration file's directory (empty stays empty)."""
+    directory = _config_directory(info)
+    if not isinstance(value, str) or not value or directory is None or Path(value).is_absolute():
+        return value
+    return str(directory / value)
+
+
+# A file named in the configuration: a relative path is relative to the configuration file's directory.
+ConfigFilePath = Annotated[str, BeforeValidator(_against_config_directory)]
+
+_SQLITE_URL = re.compile(r"(?P<scheme>sqlite(?:\+\w+)?):///(?P<path>[^?]*)(?P<query>\?.*)?", re.DOTALL)
+
+
+def sqlite_url_against(url: str, directory: Path) -> str:
+    """``url`` with a relative SQLite file path made absolute against ``directory``; any other URL (PostgreSQL,
+    an absolute path, an in-memory or ``file:`` URI database) unchanged."""
+    match = _SQLITE_URL.fullmatch(url)
+    if match is None:
+        return url
+    path = match["path"]
+    if not path or path == ":memory:" or path.startswith("file:") or Path(path).is_absolute():
+        return url
+    return f"{match['scheme']}:///{directory / path}{match['query'] or ''}"
 
 
 def _checked_ae_title(value: str) -> str:
@@ -72,9 +121,9 @@ def _readable_file(value: str) -> str:
 class DicomTlsConfig(_Section):
     """DICOM TLS (PS3.15 B.1): on when a certificate and key are given."""
 
-    certificate: str = ""  # PEM server certificate (chain)
-    private_key: str = ""  # PEM private key of that certificate
-    client_ca: str = ""  # PEM CA bundle; when set, senders must present a certificate it issued
+    certificate: ConfigFilePath = ""  # PEM server certificate (chain)
+    private_key: ConfigFilePath = ""  # PEM private key of that certificate
+    client_ca: ConfigFilePath = ""  # PEM CA bundle; when set, senders must present a certificate it issued
 
     @field_validator("certificate", "private_key", "client_ca")
     @classmethod
@@ -130,14 +179,17 @@ class DicomConfig(_Section):
 
 
 class DatabaseConfig(_Section):
-    url: str = "sqlite:///pacs-bridge.db"
+    # A relative SQLite path is relative to the configuration file's directory (validate_default: the default's
+    # too).
+    url: str = Field(default="sqlite:///pacs-bridge.db", validate_default=True)
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, value: str) -> str:
+    def _check_url(cls, value: str, info: ValidationInfo) -> str:
         if not re.match(r"(sqlite|postgresql|postgres)(\+\w+)?://", value):
             raise ValueError(f"expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB, got {value!r}")
-        return value
+        directory = _config_directory(info)
+        return sqlite_url_against(value, directory) if directory is not None else value
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -165,9 +217,9 @@ _AUTH_OPTIONAL: dict[str, tuple[str, ...]] = {
 class FhirTlsConfig(_Section):
     """TLS towards the FHIR server and the token endpoint; certificates are always verified."""
 
-    ca_bundle: str = ""  # PEM file of the CAs to trust instead of the default ones; empty: the default ones
-    client_certificate: str = ""  # PEM certificate for mutual TLS; empty: none
-    client_key: str = ""  # PEM private key of client_certificate; empty: it is in the certificate file
+    ca_bundle: ConfigFilePath = ""  # PEM file of the CAs to trust instead of the default ones; empty: the default
+    client_certificate: ConfigFilePath = ""  # PEM certificate for mutual TLS; empty: none
+    client_key: ConfigFilePath = ""  # PEM private key of client_certificate; empty: it is in the certificate file
 
     @model_validator(mode="after")
     def _key_needs_certificate(self) -> FhirTlsConfig:
@@ -182,17 +234,17 @@ class FhirAuthConfig(_Section):
 
     mode: Literal["none", "bearer", "basic", "oauth2_client_credentials", "smart_backend_services"] = "none"
     token_env: str = ""
-    token_file: str = ""
+    token_file: ConfigFilePath = ""
     username: str = ""
     password_env: str = ""
-    password_file: str = ""
+    password_file: ConfigFilePath = ""
     token_url: str = ""
     client_id: str = ""
     client_secret_env: str = ""
-    client_secret_file: str = ""
+    client_secret_file: ConfigFilePath = ""
     client_auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
     scope: str = ""
-    private_key_file: str = ""
+    private_key_file: ConfigFilePath = ""
     algorithm: Literal["RS384", "ES384"] = "RS384"
     kid: str = ""
 
@@ -425,6 +477,15 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     http: HttpConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _database_section_always_validated(cls, data: Any) -> Any:
+        """Without a ``database`` section the default URL is still validated, so that its relative SQLite path
+        resolves against the configuration file's directory like a written one."""
+        if isinstance(data, dict) and "database" not in data:
+            return {**data, "database": {}}
+        return data
+
     @property
     def quiet_period(self) -> timedelta:
         return timedelta(seconds=self.debounce.quiet_seconds)
@@ -475,8 +536,11 @@ def _describe(error: Any) -> str:
     return f"at '{where}': {message}"
 
 
-def parse_config(data: Any, *, path: str) -> Config:
-    """Validate an already-parsed YAML document; raises ``ConfigError`` listing every problem."""
+def parse_config(data: Any, *, path: str, directory: Path | None = None) -> Config:
+    """Validate an already-parsed YAML document; raises ``ConfigError`` listing every problem.
+
+    Relative paths in it resolve against ``directory`` (the file's own directory); None leaves them as written.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -484,7 +548,7 @@ def parse_config(data: Any, *, path: str) -> Config:
     data, problems = _without_inline_secrets(data)
     problems += _duplicate_endpoint_ids(data.get("endpoints"))
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(data, context={_CONFIG_DIRECTORY: directory})
     except ValidationError as exc:
         raise ConfigError(path, [_describe(error) for error in exc.errors()] + problems) from exc
     problems += _profile_problems(config)
@@ -637,7 +701,7 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate the YAML file at ``path``."""
+    """Read and validate the YAML file at ``path``; relative paths in it resolve against its directory."""
     name = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -649,4 +713,4 @@ def load_config(path: str | Path) -> Config:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(name, [_yaml_problem(exc, text)]) from exc
-    return parse_config(data, path=name)
+    return parse_config(data, path=name, directory=Path(path).absolute().parent)

@@ -46,7 +46,7 @@ def test_example_file_shows_every_key_with_its_default() -> None:
     section aside: they show a typical value)."""
     document = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     example = load_config(EXAMPLE)
-    defaults = parse_config({"fhir": {"base_url": example.fhir.base_url}}, path="defaults")
+    defaults = parse_config({"fhir": {"base_url": example.fhir.base_url}}, path="defaults", directory=EXAMPLE.parent)
 
     assert set(document) == _keys(Config)
     for section, model in Config.model_fields.items():

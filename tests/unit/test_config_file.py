@@ -1,4 +1,5 @@
-"""The configuration file as a file: YAML mistakes reported where they are."""
+"""The configuration file as a file: YAML mistakes reported where they are, and relative paths in it resolved
+against its own directory, whatever directory the command runs in."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs_bridge.config import load_config
+from pacs_bridge.config import load_config, sqlite_url_against
 from pacs_bridge.errors import ConfigError
 
 MINIMAL_YAML = "fhir:\n  base_url: http://127.0.0.1:8080/fhir\n"
@@ -88,3 +89,96 @@ def test_yaml_merge_keys_may_override_what_they_merge(tmp_path: Path) -> None:
         ("pacs-a", "https://a.example.org/dicom-web"),
         ("pacs-b", "https://a.example.org/dicom-web"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        # a relative file: against the directory
+        ("sqlite:///pacs-bridge.db", "sqlite:////etc/pacs-bridge/pacs-bridge.db"),
+        # a relative path with a subdirectory, and the driver named
+        ("sqlite+pysqlite:///state/index.db", "sqlite+pysqlite:////etc/pacs-bridge/state/index.db"),
+        # a query string is kept
+        ("sqlite:///index.db?timeout=5", "sqlite:////etc/pacs-bridge/index.db?timeout=5"),
+        # an absolute path is left alone
+        ("sqlite:////var/lib/pacs-bridge/pacs-bridge.db", "sqlite:////var/lib/pacs-bridge/pacs-bridge.db"),
+        # in-memory databases have no file
+        ("sqlite://", "sqlite://"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        # a URI filename is SQLite's business
+        ("sqlite:///file:index.db?mode=ro&uri=true", "sqlite:///file:index.db?mode=ro&uri=true"),
+        # PostgreSQL has no path to resolve
+        ("postgresql+psycopg://bridge@db/pacs", "postgresql+psycopg://bridge@db/pacs"),
+    ],
+)
+def test_sqlite_url_against_a_directory(url: str, expected: str) -> None:
+    """Only a relative SQLite file path changes."""
+    assert sqlite_url_against(url, Path("/etc/pacs-bridge")) == expected
+
+
+def test_relative_sqlite_path_is_relative_to_the_config_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From any working directory, `sqlite:///pacs-bridge.db` names the file beside the configuration file."""
+    (tmp_path / "etc").mkdir()
+    config_file = tmp_path / "etc" / "pacs-bridge.yaml"
+    config_file.write_text(MINIMAL_YAML + "database:\n  url: sqlite:///pacs-bridge.db\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+
+    config = load_config("etc/pacs-bridge.yaml")
+
+    assert config.database.url == f"sqlite:///{tmp_path / 'etc' / 'pacs-bridge.db'}"
+
+
+def test_the_default_database_is_beside_the_config_file_too(tmp_path: Path) -> None:
+    """Without a database section, the default SQLite file resolves like a written one."""
+    config_file = tmp_path / "pacs-bridge.yaml"
+    config_file.write_text(MINIMAL_YAML, encoding="utf-8")
+
+    assert load_config(config_file).database.url == f"sqlite:///{tmp_path / 'pacs-bridge.db'}"
+
+
+def test_relative_tls_and_secret_files_are_relative_to_the_config_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Certificate, key and secret files named relatively are found beside the configuration, and passed on as
+    absolute paths (the readability check of the DICOM TLS files passes from another working directory)."""
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    for name in ("dicom.crt", "dicom.key", "fhir-ca.pem", "fhir-password"):
+        (directory / name).write_text("x", encoding="utf-8")
+    config_file = directory / "pacs-bridge.yaml"
+    config_file.write_text(
+        MINIMAL_YAML
+        + "  tls: {ca_bundle: fhir-ca.pem}\n"
+        + "  auth: {mode: basic, username: bridge, password_file: fhir-password}\n"
+        + "dicom:\n  tls: {certificate: dicom.crt, private_key: dicom.key}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+
+    config = load_config(config_file)
+
+    assert config.dicom.tls.certificate == str(directory / "dicom.crt")
+    assert config.dicom.tls.private_key == str(directory / "dicom.key")
+    assert config.fhir.tls.ca_bundle == str(directory / "fhir-ca.pem")
+    assert config.fhir.auth.password_file == str(directory / "fhir-password")
+
+
+def test_a_missing_relative_tls_file_is_reported_with_the_path_looked_for(tmp_path: Path) -> None:
+    """The problem quotes the resolved path, so the operator sees where the bridge looked."""
+    config_file = tmp_path / "pacs-bridge.yaml"
+    config_file.write_text(MINIMAL_YAML + "dicom:\n  tls: {certificate: dicom.crt, private_key: dicom.key}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file)
+
+    assert f"at 'dicom.tls.certificate': no readable file at '{tmp_path / 'dicom.crt'}'" in caught.value.problems
+
+
+def test_empty_file_keys_stay_empty(tmp_path: Path) -> None:
+    """An empty path means 'none' (e.g. no CA bundle) and is not turned into the directory itself."""
+    config_file = tmp_path / "pacs-bridge.yaml"
+    config_file.write_text(MINIMAL_YAML + "  tls: {ca_bundle: ''}\n", encoding="utf-8")
+
+    assert load_config(config_file).fhir.tls.ca_bundle == ""
