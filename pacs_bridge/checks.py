@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import httpx
@@ -13,7 +14,7 @@ from pacs_bridge.config import Config
 from pacs_bridge.errors import PublishError
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.identifier import identifier_search
-from pacs_bridge.index.engine import make_engine
+from pacs_bridge.index.engine import make_engine, sqlite_file
 from pacs_bridge.index.schema import head_revision
 
 # The FHIR release each fhir.version expects in the server's CapabilityStatement.fhirVersion.
@@ -28,7 +29,18 @@ class CheckResult:
 
 
 def check_database(config: Config) -> CheckResult:
-    """Connect to ``database.url`` and read the schema revision, changing nothing."""
+    """Connect to ``database.url`` and read the schema revision, changing nothing (an SQLite file that does not
+    exist yet is not opened, which would create it: its directory is checked instead)."""
+    path = sqlite_file(config.database.url)
+    if path is not None and not os.path.exists(path):
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            return CheckResult(name="database", ok=False, detail=f"{path}: the directory {directory} does not exist")
+        if not os.access(directory, os.W_OK):
+            return CheckResult(
+                name="database", ok=False, detail=f"{path}: this user may not create files in {directory}"
+            )
+        return CheckResult(name="database", ok=True, detail=f"{path}: no index yet; run creates it at its first start")
     engine = make_engine(config.database.url)
     where = engine.url.render_as_string(hide_password=True)
     try:

@@ -163,18 +163,18 @@ def _reconcile(config: Config, *, config_path: str, fix: bool) -> None:
         sys.exit(EXIT_DISCREPANCIES)
 
 
-def _migrate(config: Config) -> None:
+def _migrate(config: Config, *, config_path: str) -> None:
     from pacs_bridge.index.engine import make_engine
     from pacs_bridge.index.schema import prepare_schema
+    from pacs_bridge.service import check_index_location
 
+    check_index_location(config, config_path=config_path, create=False)
     engine = make_engine(config.database.url)
     try:
-        change = prepare_schema(engine, upgrade=True)
+        change = prepare_schema(engine, upgrade=True, create=False, config_hint=config_path)
     finally:
         engine.dispose()
-    if change.created:
-        print(f"index schema created at revision {change.to_revision}")
-    elif change.from_revision == change.to_revision:
+    if change.from_revision == change.to_revision:
         print(f"index schema already at revision {change.to_revision}; nothing to do")
     else:
         print(f"index schema upgraded from revision {change.from_revision} to {change.to_revision}")
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             _reconcile(config, config_path=args.config, fix=args.fix)
             return
         if args.command == "migrate":
-            _migrate(config)
+            _migrate(config, config_path=args.config)
             return
         # Imported here so that the other commands stay fast and never start the runtime stack.
         import structlog

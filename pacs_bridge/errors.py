@@ -53,6 +53,14 @@ class UnknownStudyError(PacsBridgeError):
     """No study with this Study Instance UID is in the index; check the UID (pacs-bridge status lists studies)."""
 
 
+class IndexNotFoundError(PacsBridgeError):
+    """There is no pacs-bridge index where ``database.url`` points, and this command does not create one.
+
+    Check that the configuration is the bridge's own (``--config``); the bridge creates its index when it first
+    starts (``pacs-bridge run``).
+    """
+
+
 class IndexUnavailableError(PacsBridgeError):
     """The index database cannot be written (down, locked or full); check `database.url` and the server.
 

@@ -26,13 +26,13 @@ from pacs_bridge import __version__
 from pacs_bridge.config import Config
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings, server_tls_context
 from pacs_bridge.dicom.workers import ListenerPool
-from pacs_bridge.errors import PacsBridgeError
+from pacs_bridge.errors import IndexNotFoundError, IndexUnavailableError, PacsBridgeError
 from pacs_bridge.fhir.auth import AuthSettings, SecretSource, TlsSettings, make_auth, make_ssl_context
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.http import HealthServer
-from pacs_bridge.index.engine import make_engine
+from pacs_bridge.index.engine import make_engine, sqlite_file
 from pacs_bridge.index.group_commit import GroupCommit
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
@@ -121,16 +121,50 @@ def open_fhir_http(config: Config) -> tuple[httpx.Client, httpx.Client]:
     return client(auth), token_http
 
 
-def open_index(config: Config, *, config_path: str = "FILE") -> tuple[Engine, Index]:
-    """The engine and index for ``database.url``; the schema is created on first use, and an outdated one is
-    refused with the command that upgrades it."""
+def open_index(config: Config, *, config_path: str = "FILE", create: bool = False) -> tuple[Engine, Index]:
+    """The engine and index for ``database.url``; an outdated schema is refused with the command that upgrades it.
+
+    Only with ``create`` (``run``) is a missing index created; otherwise ``IndexNotFoundError`` names where it
+    was looked for, and nothing is left behind (not even an empty SQLite file).
+    """
+    check_index_location(config, config_path=config_path, create=create)
     engine = make_engine(config.database.url)
     try:
-        prepare_schema(engine, config_hint=config_path)
+        change = prepare_schema(engine, create=create, config_hint=config_path)
     except BaseException:
         engine.dispose()
         raise
+    if change.created:
+        log.info("index_created", database=engine.url.render_as_string(hide_password=True))
     return engine, index_on(engine, config)
+
+
+def check_index_location(config: Config, *, config_path: str, create: bool) -> None:
+    """For an SQLite index, before anything opens it (opening creates the file): without ``create`` the file must
+    exist; with it, its directory must exist and be writable (SQLite keeps its journal files beside it)."""
+    path = sqlite_file(config.database.url)
+    if path is None:
+        return
+    directory = os.path.dirname(path)
+    if not create:
+        if not os.path.exists(path):
+            raise IndexNotFoundError(
+                f"no index database at {path} (database.url in {config_path}; a relative path is relative to that "
+                "file's directory), and this command creates none. Check that this is the bridge's own configuration; "
+                "pacs-bridge run creates the index at its first start"
+            )
+        return
+    if not os.path.isdir(directory):
+        raise IndexUnavailableError(
+            f"cannot create the index database {path}: the directory {directory} does not exist; create it, or set "
+            f"database.url in {config_path} to a file in an existing directory"
+        )
+    if not os.access(directory, os.W_OK):
+        raise IndexUnavailableError(
+            f"cannot write the index database {path}: this user may not write to {directory} (SQLite keeps "
+            f"journal files beside the database); set database.url in {config_path} to a file in a writable "
+            "directory, e.g. sqlite:////var/lib/pacs-bridge/pacs-bridge.db under systemd"
+        )
 
 
 def index_on(engine: Engine, config: Config) -> Index:
@@ -194,7 +228,7 @@ class BridgeService:
         self._stop_requested = threading.Event()
         # Credentials and TLS files first: a missing secret stops the bridge before it opens anything.
         self._http, self._token_http = open_fhir_http(config)
-        self.engine, self.index = open_index(config, config_path=config_path)
+        self.engine, self.index = open_index(config, config_path=config_path, create=True)
         self.metrics = BridgeMetrics(self.index.count_by_state)
         self.publisher = Publisher(
             index=self.index,

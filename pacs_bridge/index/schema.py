@@ -1,9 +1,11 @@
 """The index schema's version, with Alembic: create it on first start, refuse to run on an old one, migrate.
 
-A fresh database gets the current tables and is stamped at the newest revision. A database from before
-migrations existed (the spine's ``create_all`` schema) is recognised as revision 0001. A database behind the
-newest revision is never changed implicitly: ``run`` refuses to start and names the command that upgrades
-it, so the operator can back it up first.
+A fresh database gets the current tables and is stamped at the newest revision, when the caller may create
+one (``run``); the other commands refuse a database without the tables, so that pointing them at the wrong
+place never leaves an empty index behind. A database from before migrations existed (the spine's
+``create_all`` schema) is recognised as revision 0001. A database behind the newest revision is never changed
+implicitly: ``run`` refuses to start and names the command that upgrades it, so the operator can back it up
+first.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from pacs_bridge.errors import IndexUnavailableError, PacsBridgeError
+from pacs_bridge.errors import IndexNotFoundError, IndexUnavailableError, PacsBridgeError
 from pacs_bridge.index.models import Base
 
 # The revision of a database created by create_all before migrations existed.
@@ -58,11 +60,14 @@ def _lock_schema(connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
 
 
-def prepare_schema(engine: Engine, *, upgrade: bool = False, config_hint: str = "FILE") -> SchemaChange:
-    """Make sure the schema is current: create it when absent, upgrade it only when ``upgrade`` is true.
+def prepare_schema(
+    engine: Engine, *, upgrade: bool = False, create: bool = True, config_hint: str = "FILE"
+) -> SchemaChange:
+    """Make sure the schema is current: create it when absent (only when ``create`` is true), upgrade it only
+    when ``upgrade`` is true.
 
-    Raises ``SchemaOutdatedError`` for an old schema without ``upgrade``, ``IndexUnavailableError`` when the
-    database cannot be reached.
+    Raises ``SchemaOutdatedError`` for an old schema without ``upgrade``, ``IndexNotFoundError`` for a database
+    without the tables when ``create`` is false, ``IndexUnavailableError`` when the database cannot be reached.
     """
     head = head_revision()
     try:
@@ -70,6 +75,13 @@ def prepare_schema(engine: Engine, *, upgrade: bool = False, config_hint: str = 
             _lock_schema(connection)
             config = _alembic_config(connection)
             if not inspect(connection).has_table("studies"):
+                if not create:
+                    url = engine.url.render_as_string(hide_password=True)
+                    raise IndexNotFoundError(
+                        f"no pacs-bridge index in {url}: the database has no pacs-bridge tables, and this command "
+                        f"creates none; check database.url in {config_hint} (pacs-bridge run creates the index at "
+                        "its first start)"
+                    )
                 Base.metadata.create_all(connection)
                 command.stamp(config, head)
                 return SchemaChange(created=True, from_revision=None, to_revision=head)
