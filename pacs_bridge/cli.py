@@ -2,15 +2,20 @@
 
 The only module that calls ``sys.exit``. Exit status: 0 success, 1 runtime failure (database, port, FHIR
 server), 2 invalid configuration or arguments, 3 discrepancies that reconcile found and did not repair.
+
+Every command reads its configuration from ``--config``, else ``$PACS_BRIDGE_CONFIG``, else
+``/etc/pacs-bridge/pacs-bridge.yaml``, and says which file it used: ``run`` in its ``configuration_loaded``
+log line, the other commands on stderr (their stdout stays theirs, e.g. ``status --json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any
 
@@ -22,15 +27,53 @@ EXIT_CONFIG_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
 EXIT_DISCREPANCIES = 3  # reconcile found differences it did not repair
 
+CONFIG_VARIABLE = "PACS_BRIDGE_CONFIG"
+DEFAULT_CONFIG_PATH = "/etc/pacs-bridge/pacs-bridge.yaml"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigChoice:
+    """The configuration file a command reads, and what chose it."""
+
+    path: str
+    source: str  # "--config", "PACS_BRIDGE_CONFIG" or "default"
+
+    @property
+    def described(self) -> str:
+        """Where the path came from, as the operator reads it."""
+        if self.source == "default":
+            return f"the default path; neither --config nor {CONFIG_VARIABLE} is set"
+        return f"from {self.source}"
+
+
+def choose_config(argument: str | None, environ: Mapping[str, str]) -> ConfigChoice:
+    """``--config`` when given, else ``$PACS_BRIDGE_CONFIG`` when set and not empty, else the default path."""
+    if argument is not None:
+        return ConfigChoice(path=argument, source="--config")
+    from_environment = environ.get(CONFIG_VARIABLE, "")
+    if from_environment.strip():
+        return ConfigChoice(path=from_environment, source=CONFIG_VARIABLE)
+    return ConfigChoice(path=DEFAULT_CONFIG_PATH, source="default")
+
+
+_CONFIG_HELP = (
+    f"the YAML configuration file (default: ${CONFIG_VARIABLE} when set, else {DEFAULT_CONFIG_PATH}); relative "
+    "paths inside it are relative to its directory"
+)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pacs-bridge", description="DICOM C-STORE in, FHIR ImagingStudy out.")
+    parser = argparse.ArgumentParser(
+        prog="pacs-bridge",
+        description="DICOM C-STORE in, FHIR ImagingStudy out.",
+        epilog=f"Every command reads --config FILE, else ${CONFIG_VARIABLE}, else {DEFAULT_CONFIG_PATH}.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", required=True, help="path of the YAML configuration file")
+        sub.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
         return sub
 
     command("run", "run the DICOM listener and FHIR publisher in the foreground")
@@ -67,11 +110,14 @@ def _parse_since(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"expected a date such as 2024-03-15, got {text!r}") from exc
 
 
-def _load(path: str) -> Config:
+def _load(choice: ConfigChoice) -> Config:
     try:
-        return load_config(path)
+        return load_config(choice.path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        if choice.source == "default" and not os.path.exists(choice.path):
+            hint = f"pacs-bridge: name the configuration file with --config FILE or {CONFIG_VARIABLE}=FILE"
+            print(hint, file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
 
 
@@ -114,8 +160,7 @@ def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> N
             print(f"  ... and {counts.failed - len(failed)} more (use --limit)")
 
 
-def _request(config: Config, args: argparse.Namespace) -> None:
-    config_path = args.config
+def _request(config: Config, args: argparse.Namespace, *, config_path: str) -> None:
     from pacs_bridge.service import open_index, utc_now
 
     engine, index = open_index(config, config_path=config_path)
@@ -202,26 +247,30 @@ def _check_online(config: Config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    config = _load(args.config)
+    choice = choose_config(args.config, os.environ)
+    config_path = os.path.abspath(choice.path)
+    if args.command != "run":  # run says it in its log, which stays JSON under systemd
+        print(f"pacs-bridge: configuration {config_path} ({choice.described})", file=sys.stderr)
+    config = _load(choice)
     if args.command == "check-config":
-        print(f"{args.config}: configuration is valid")
+        print(f"{choice.path}: configuration is valid")
         for warning in config_warnings(config):
-            print(f"{args.config}: warning: {warning}", file=sys.stderr)
+            print(f"{choice.path}: warning: {warning}", file=sys.stderr)
         if args.online:
             _check_online(config)
         return
     try:
         if args.command == "status":
-            _status(config, config_path=args.config, as_json=args.json, limit=args.limit)
+            _status(config, config_path=config_path, as_json=args.json, limit=args.limit)
             return
         if args.command in ("retry", "republish"):
-            _request(config, args)
+            _request(config, args, config_path=config_path)
             return
         if args.command == "reconcile":
-            _reconcile(config, config_path=args.config, fix=args.fix)
+            _reconcile(config, config_path=config_path, fix=args.fix)
             return
         if args.command == "migrate":
-            _migrate(config, config_path=args.config)
+            _migrate(config, config_path=config_path)
             return
         # Imported here so that the other commands stay fast and never start the runtime stack.
         import structlog
@@ -230,9 +279,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         from pacs_bridge.service import BridgeService
 
         configure_logging(config.logging.level, config.logging.format)
+        structlog.get_logger("pacs_bridge.cli").info(
+            "configuration_loaded", config_file=config_path, config_source=choice.source
+        )
         for warning in config_warnings(config):
             structlog.get_logger("pacs_bridge.config").warning("config_warning", detail=warning)
-        BridgeService(config, config_path=args.config).run_until_stopped()
+        BridgeService(config, config_path=config_path).run_until_stopped()
     except PacsBridgeError as exc:
         print(f"pacs-bridge: {exc}", file=sys.stderr)
         sys.exit(EXIT_RUNTIME_ERROR)

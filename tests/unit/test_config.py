@@ -350,9 +350,10 @@ def test_check_config_on_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.C
 
 
 def test_check_config_on_the_example_prints_valid(capsys: pytest.CaptureFixture[str]) -> None:
-    """check-config returns normally on the example and says the file is valid on stdout."""
+    """check-config returns normally on the example and says the file is valid on stdout (stderr names the file
+    read and why that one)."""
     main(["check-config", "--config", str(EXAMPLE)])
 
     out, err = capsys.readouterr()
     assert out == f"{EXAMPLE}: configuration is valid\n"
-    assert err == ""
+    assert err == f"pacs-bridge: configuration {EXAMPLE} (from --config)\n"
