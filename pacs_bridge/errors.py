@@ -6,6 +6,7 @@ original kept as ``__cause__``.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
 
@@ -90,3 +91,33 @@ class PublishError(PacsBridgeError):
         self.retry_after_seconds = retry_after_seconds
         status = f"HTTP {http_status}: " if http_status is not None else ""
         super().__init__(f"{status}{detail}")
+
+
+class ListenError(PacsBridgeError):
+    """A port the bridge serves cannot be opened; the message names the port, the keys that set it and what to do."""
+
+    def __init__(self, *, service: str, key_prefix: str, bind: str, port: int, cause: OSError) -> None:
+        self.port = port
+        where = f"cannot listen for {service} on {bind}:{port} ({key_prefix}.bind, {key_prefix}.port)"
+        if cause.errno == errno.EADDRINUSE:
+            advice = (
+                f"the port is already in use, perhaps by another pacs-bridge; stop the program holding it "
+                f"(`ss -ltnp 'sport = :{port}'` names it) or set {key_prefix}.port to a free port"
+            )
+        elif cause.errno == errno.EACCES:
+            advice = (
+                f"this user may not listen on port {port}; ports below 1024 need the CAP_NET_BIND_SERVICE "
+                f"capability (see deploy/pacs-bridge.service), or set {key_prefix}.port to 1024 or above"
+            )
+        elif cause.errno == errno.EADDRNOTAVAIL:
+            advice = (
+                f"{bind} is not an address of this host; set {key_prefix}.bind to one of its addresses, or 0.0.0.0 "
+                "for all of them"
+            )
+        else:
+            advice = cause.strerror or str(cause)
+        super().__init__(f"{where}: {advice}")
+
+
+# The errors of bind() that ListenError explains; any other OSError is not about the address.
+LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})

@@ -15,6 +15,8 @@ from typing import Any
 
 import structlog
 
+from pacs_bridge.errors import LISTEN_ERRNOS, ListenError
+
 log = structlog.get_logger("pacs_bridge.http")
 
 ReadinessCheck = Callable[[], str | None]  # None when ready, else the reason it is not
@@ -33,7 +35,12 @@ class HealthServer:
     ) -> None:
         self._checks = readiness_checks
         self._render_metrics = render_metrics
-        self._server = ThreadingHTTPServer((bind, port), self._handler_class())
+        try:
+            self._server = ThreadingHTTPServer((bind, port), self._handler_class())
+        except OSError as exc:
+            if exc.errno not in LISTEN_ERRNOS:
+                raise
+            raise ListenError(service="health and metrics", key_prefix="http", bind=bind, port=port, cause=exc) from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="pacs-bridge-http", daemon=True)
 

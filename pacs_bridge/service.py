@@ -26,7 +26,7 @@ from pacs_bridge import __version__
 from pacs_bridge.config import Config
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings, server_tls_context
 from pacs_bridge.dicom.workers import ListenerPool
-from pacs_bridge.errors import IndexNotFoundError, IndexUnavailableError, PacsBridgeError
+from pacs_bridge.errors import LISTEN_ERRNOS, IndexNotFoundError, IndexUnavailableError, ListenError, PacsBridgeError
 from pacs_bridge.fhir.auth import AuthSettings, SecretSource, TlsSettings, make_auth, make_ssl_context
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
@@ -299,7 +299,13 @@ class BridgeService:
                 notify("WATCHDOG=1")
 
     def start(self) -> None:
-        self.listener.start()
+        try:
+            self.listener.start()
+        except OSError as exc:
+            if exc.errno not in LISTEN_ERRNOS:
+                raise
+            dicom = self._config.dicom
+            raise ListenError(service="DICOM", key_prefix="dicom", bind=dicom.bind, port=dicom.port, cause=exc) from exc
         self._scheduler.start()
         if self._health is not None:
             self._health.start()
