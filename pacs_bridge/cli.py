@@ -61,18 +61,72 @@ _CONFIG_HELP = (
     "paths inside it are relative to its directory"
 )
 
+# One example per command, shown by --help (the configuration comes from --config, $PACS_BRIDGE_CONFIG or the
+# default path).
+_EXAMPLES = {
+    "run": """\
+examples:
+  pacs-bridge run --config config/pacs-bridge.example.yaml   # in the foreground, from a clone
+  pacs-bridge run                  # /etc/pacs-bridge/pacs-bridge.yaml (systemd: deploy/pacs-bridge.service)
+
+The bridge logs configuration_loaded (which file), listener_started and bridge_started once it serves;
+SIGTERM or Ctrl-C stop it cleanly. Exit status 1: a port taken, the database or a secret unavailable (the
+message names the key to fix); 2: an invalid configuration.""",
+    "check-config": """\
+examples:
+  pacs-bridge check-config --config /etc/pacs-bridge/pacs-bridge.yaml
+  PACS_BRIDGE_CONFIG=config/pacs-bridge.example.yaml pacs-bridge check-config --online
+
+Every problem is listed with its key path; exit status 2 when the file is invalid, 1 when --online finds the
+database or the FHIR server unusable.""",
+    "migrate": """\
+examples:
+  sqlite3 /var/lib/pacs-bridge/pacs-bridge.db ".backup /var/backups/pacs-bridge.db"   # first, or pg_dump
+  pacs-bridge migrate --config /etc/pacs-bridge/pacs-bridge.yaml
+
+Never creates an index: with none where database.url points, it names the path it looked for and exits 1
+(`pacs-bridge run` creates a new index at its first start).""",
+    "status": """\
+examples:
+  pacs-bridge status
+  pacs-bridge status --json --config /etc/pacs-bridge/pacs-bridge.yaml | jq .counts
+
+Read-only: with no index where database.url points, it names the path it looked for and exits 1.""",
+    "retry": """\
+examples:
+  pacs-bridge retry --failed                      # after fixing the cause on the FHIR side
+  pacs-bridge retry 1.2.826.0.1.3680043.8.498.1   # one study
+
+The studies are published at the publisher's next tick, by the running bridge.""",
+    "reconcile": """\
+examples:
+  pacs-bridge reconcile                # report only; exit status 3 when something is left to repair
+  pacs-bridge reconcile --fix""",
+    "republish": """\
+examples:
+  pacs-bridge republish --since 2024-03-15        # every study changed since that day (UTC)
+  pacs-bridge republish 1.2.826.0.1.3680043.8.498.1""",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacs-bridge",
         description="DICOM C-STORE in, FHIR ImagingStudy out.",
-        epilog=f"Every command reads --config FILE, else ${CONFIG_VARIABLE}, else {DEFAULT_CONFIG_PATH}.",
+        epilog=f"Every command reads --config FILE, else ${CONFIG_VARIABLE}, else {DEFAULT_CONFIG_PATH}. "
+        "Run pacs-bridge COMMAND --help for an example.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
         return sub
 

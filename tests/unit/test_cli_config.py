@@ -1,4 +1,4 @@
-"""Which configuration file each command reads, and how it says so."""
+"""Which configuration file each command reads, how it says so, and the help every command gives."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pacs_bridge.cli import DEFAULT_CONFIG_PATH, ConfigChoice, choose_config, ma
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO_ROOT / "config" / "pacs-bridge.example.yaml"
+COMMANDS = ("run", "check-config", "migrate", "status", "retry", "reconcile", "republish")
 
 
 @pytest.mark.parametrize(
@@ -55,6 +56,22 @@ def test_a_relative_config_path_is_announced_absolute(
     main(["check-config", "--config", "bridge.yaml"])
 
     assert capsys.readouterr().err == f"pacs-bridge: configuration {tmp_path / 'bridge.yaml'} (from --config)\n"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_help_shows_an_example_and_where_the_config_comes_from(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pacs-bridge COMMAND --help` ends with runnable examples and explains the configuration lookup."""
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert "examples:" in help_text
+    assert f"pacs-bridge {command}" in help_text.split("examples:", 1)[1]
+    assert "PACS_BRIDGE_CONFIG" in help_text
+    assert DEFAULT_CONFIG_PATH in help_text
 
 
 def test_a_missing_default_config_says_how_to_name_another(
