@@ -1,4 +1,5 @@
-"""Pure access rules for calling AE titles: which AEs may associate, optionally only from given addresses."""
+"""Pure access rules for calling AE titles: which AEs may associate, optionally only from given addresses, and
+why an association request was rejected."""
 
 from __future__ import annotations
 
@@ -49,3 +50,37 @@ def refusal_reason(rules: Sequence[CallingAeRule], ae_title: str, address: str) 
         if any(peer in network for network in rule.networks):
             return None
     return f"calling AE title {title!r} is not allowed from {peer}"
+
+
+def rejection_reason(
+    *,
+    result_source: int,
+    diagnostic: int,
+    called_ae: str,
+    calling_ae: str,
+    our_ae: str,
+    max_associations: int,
+) -> str:
+    """Why the listener answered an association request with A-ASSOCIATE-RJ (PS3.8 9.3.4: Result Source and
+    Diagnostic), in terms of the configuration key involved and what to do."""
+    called, calling = called_ae.strip(), calling_ae.strip()
+    if (result_source, diagnostic) == (1, 7):
+        return (
+            f"called AE title {called!r} is not this bridge's ({our_ae!r}, dicom.ae_title); set the sender's "
+            f"called AE title to {our_ae}"
+        )
+    if (result_source, diagnostic) == (1, 3):
+        return (
+            f"calling AE title {calling!r} is not in dicom.allowed_calling_aets; add it there, or have the sender "
+            "use a listed AE title"
+        )
+    if (result_source, diagnostic) == (3, 2):
+        return (
+            f"the limit of {max_associations} open associations (dicom.max_associations) is reached; the sender may "
+            "try again later, or raise the limit"
+        )
+    if (result_source, diagnostic) == (2, 2):
+        return "the sender's DICOM upper layer protocol version is not supported"
+    if (result_source, diagnostic) == (1, 2):
+        return "the sender's application context name is not DICOM's (1.2.840.10008.3.1.1.1)"
+    return f"rejected with result source {result_source}, diagnostic {diagnostic}"

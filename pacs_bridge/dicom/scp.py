@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_bridge.dicom import inline_store, reactor, store_response
-from pacs_bridge.dicom.access import CallingAeRule, refusal_reason
+from pacs_bridge.dicom.access import CallingAeRule, refusal_reason, rejection_reason
 from pacs_bridge.dicom.extract import extract_instance
 from pacs_bridge.dicom.header import read_header
 from pacs_bridge.dicom.spool import SpillingBuffer
@@ -423,20 +423,27 @@ class DicomListener:
         return int(StoreStatus.SUCCESS)
 
     def _handle_established(self, event: Any) -> None:
+        # The access check comes first, fails closed, and stands alone: nothing after it (metrics, logging) can
+        # skip the refusal. pynetdicom cannot reject on the source address, so a refused association is aborted
+        # before any DIMSE message of it is processed.
         try:
-            self._observer.association_opened()
-            peer = _peer(event)
             reason = refusal_reason(
-                self._settings.allowed_calling_aets, peer["calling_ae"], str(event.assoc.requestor.address)
+                self._settings.allowed_calling_aets, _calling_ae(event), str(event.assoc.requestor.address)
             )
+        except Exception as exc:
+            reason = f"the access check failed ({type(exc).__name__}: {exc})"
+        if reason is not None:
+            event.assoc.abort()
+        try:
+            self._observer.association_opened()  # counted either way: the abort's EVT_ABORTED counts it closed
+        except Exception:
+            log.exception("metrics_failed")
+        try:
             if reason is not None:
-                # pynetdicom cannot reject on the source address, so the association is aborted before any
-                # DIMSE message of it is processed.
-                log.warning("association_refused", **peer, reason=reason)
-                event.assoc.abort()
+                log.warning("association_refused", **_peer(event), reason=reason)
                 return
             inline_store.admit(event.assoc)
-            log.info("association_established", **peer)
+            log.info("association_established", **_peer(event))
         except Exception:  # logging must never take a handler down
             log.exception("association_log_failed")
 
@@ -449,9 +456,21 @@ class DicomListener:
         except Exception:
             log.exception("association_log_failed")
 
-    @staticmethod
-    def _handle_rejected(event: Any) -> None:
+    def _handle_rejected(self, event: Any) -> None:
+        """A-ASSOCIATE-RJ sent: which AE titles were asked for and why it was refused (pynetdicom keeps the
+        request and our rejection as the service users' primitives)."""
         try:
-            log.warning("association_rejected", **_peer(event))
+            request = event.assoc.requestor.primitive
+            rejection = event.assoc.acceptor.primitive
+            called_ae = str(getattr(request, "called_ae_title", "") or "").strip()
+            reason = rejection_reason(
+                result_source=int(rejection.result_source),
+                diagnostic=int(rejection.diagnostic),
+                called_ae=called_ae,
+                calling_ae=_calling_ae(event),
+                our_ae=self._settings.ae_title,
+                max_associations=self._settings.max_associations,
+            )
+            log.warning("association_rejected", **_peer(event), called_ae=called_ae, reason=reason)
         except Exception:
             log.exception("association_log_failed")

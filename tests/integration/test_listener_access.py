@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
 from pacs_bridge.index.repository import Index
+from pacs_bridge.logs import configure_logging
+from pacs_bridge.observe import NullObserver
+from tests.support.bridge_process import wait_for
 from tests.support.dcmtk import dcmtk_env, require_dcmtk, storescu
 from tests.support.studies import make_dataset, uid, write_file
 
@@ -33,8 +41,8 @@ def listener(index: Index) -> Iterator[DicomListener]:
     running.stop(drain_timeout_seconds=5)
 
 
-def echo_as(port: int, calling_ae: str) -> subprocess.CompletedProcess[str]:
-    args = [require_dcmtk("echoscu"), "-v", "-aet", calling_ae, "-aec", "PACS_BRIDGE", "127.0.0.1", str(port)]
+def echo_as(port: int, calling_ae: str, called_ae: str = "PACS_BRIDGE") -> subprocess.CompletedProcess[str]:
+    args = [require_dcmtk("echoscu"), "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)]
     return subprocess.run(args, capture_output=True, text=True, timeout=30, env=dcmtk_env(), check=False)
 
 
@@ -62,4 +70,100 @@ def test_listed_ae_from_another_address_is_aborted_and_stores_nothing(
     result = storescu(listener.port, [path], calling_ae="MR_REMOTE")
     assert result.returncode != 0
     assert index.count_by_state().pending == 0
+    assert index.study_status(uid("1")) is None
+
+
+Logged = Callable[[str], dict[str, Any]]
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[Logged]:
+    """The bridge's logging as `run` sets it up, its events captured; ``logged(name)`` waits for the listener's
+    thread to log the event ``name`` and returns it. The previous set-up is restored afterwards."""
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    configure_logging("info", "json")
+    caplog.set_level(logging.INFO, logger="pacs_bridge.dicom")
+
+    def event(name: str) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            events = [record.msg for record in caplog.records if isinstance(record.msg, dict)]
+            return next((event for event in events if event["event"] == name), None)
+
+        return wait_for(found, timeout=10, what=f"{name} logged")
+
+    yield event
+    structlog.configure(**structlog_config)
+    root.handlers[:], root.level = root_handlers, root_level
+
+
+def test_rejection_for_another_called_ae_names_both_titles_and_the_key(listener: DicomListener, logged: Logged):
+    """A sender calling 'PACS' instead of 'PACS_BRIDGE': association_rejected says which title it asked for, who
+    asked, and which key to match."""
+    result = echo_as(listener.port, "CT01", called_ae="PACS")
+    event = logged("association_rejected")
+
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+    assert event["called_ae"] == "PACS"
+    assert event["calling_ae"] == "CT01"
+    assert event["reason"] == (
+        "called AE title 'PACS' is not this bridge's ('PACS_BRIDGE', dicom.ae_title); set the sender's called AE "
+        "title to PACS_BRIDGE"
+    )
+
+
+def test_rejection_of_an_unlisted_calling_ae_names_the_allow_list(listener: DicomListener, logged: Logged):
+    """An AE title missing from dicom.allowed_calling_aets: the rejection says so, with the title."""
+    echo_as(listener.port, "INTRUDER")
+    event = logged("association_rejected")
+
+    assert (event["called_ae"], event["calling_ae"]) == ("PACS_BRIDGE", "INTRUDER")
+    assert event["reason"].startswith("calling AE title 'INTRUDER' is not in dicom.allowed_calling_aets")
+
+
+def test_rejection_when_every_association_is_taken_names_the_limit(index: Index, logged: Logged):
+    """With dicom.max_associations 1 held by one sender, a second is rejected naming the limit."""
+    settings = ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, max_associations=1)
+    listener = DicomListener(settings, index, clock=lambda: datetime.now(UTC))
+    listener.start()
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context(Verification)
+    try:
+        first = holder.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
+        assert first.is_established
+        echo_as(listener.port, "SECOND")
+        event = logged("association_rejected")
+        first.release()
+    finally:
+        listener.stop(drain_timeout_seconds=5)
+
+    assert event["calling_ae"] == "SECOND"
+    assert event["reason"].startswith("the limit of 1 open associations (dicom.max_associations) is reached")
+
+
+class FailingMetrics(NullObserver):
+    """Metrics that fail when an association opens (a bug, or a full disk under a metrics library)."""
+
+    def association_opened(self) -> None:
+        raise RuntimeError("metrics are broken")
+
+
+def test_address_refusal_holds_even_when_metrics_fail(index: Index, tmp_path: Path, logged: Logged):
+    """The access check does not depend on metrics: with association_opened raising, MR_REMOTE calling from
+    127.0.0.1 is still aborted and nothing is indexed (the check used to sit behind the metrics call)."""
+    settings = ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, allowed_calling_aets=RULES)
+    listener = DicomListener(settings, index, clock=lambda: datetime.now(UTC), observer=FailingMetrics())
+    listener.start()
+    path = write_file(make_dataset(), tmp_path / "one.dcm")
+    try:
+        result = storescu(listener.port, [path], calling_ae="MR_REMOTE")
+        refused = logged("association_refused")
+        metrics_failure = logged("metrics_failed")
+    finally:
+        listener.stop(drain_timeout_seconds=5)
+
+    assert result.returncode != 0
+    assert refused["reason"] == "calling AE title 'MR_REMOTE' is not allowed from 127.0.0.1"
+    assert metrics_failure["level"] == "error"
     assert index.study_status(uid("1")) is None

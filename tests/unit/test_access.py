@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pacs_bridge.config import parse_config
-from pacs_bridge.dicom.access import CallingAeRule, parse_network, refusal_reason
+from pacs_bridge.dicom.access import CallingAeRule, parse_network, refusal_reason, rejection_reason
 from pacs_bridge.errors import ConfigError
 
 CT = CallingAeRule(ae_title="CT01")
@@ -63,3 +63,48 @@ def test_config_accepts_titles_and_pinned_entries_and_rejects_bad_addresses():
     assert any(
         "dicom.allowed_calling_aets[0]" in problem and "10.20.1.0/33" in problem for problem in refused.value.problems
     ), refused.value.problems
+
+
+@pytest.mark.parametrize(
+    ("result_source", "diagnostic", "expected"),
+    [
+        # the sender asked for another AE title than ours
+        (
+            1,
+            7,
+            "called AE title 'PACS' is not this bridge's ('PACS_BRIDGE', dicom.ae_title); set the sender's "
+            "called AE title to PACS_BRIDGE",
+        ),
+        # the sender's own title is not on the allow-list
+        (
+            1,
+            3,
+            "calling AE title 'CT99' is not in dicom.allowed_calling_aets; add it there, or have the sender use "
+            "a listed AE title",
+        ),
+        # every association slot taken
+        (
+            3,
+            2,
+            "the limit of 16 open associations (dicom.max_associations) is reached; the sender may try again "
+            "later, or raise the limit",
+        ),
+        # protocol and application context: nothing to configure, but named
+        (2, 2, "the sender's DICOM upper layer protocol version is not supported"),
+        (1, 2, "the sender's application context name is not DICOM's (1.2.840.10008.3.1.1.1)"),
+        # anything else: the codes themselves
+        (2, 1, "rejected with result source 2, diagnostic 1"),
+    ],
+)
+def test_rejection_reason_names_the_key_and_what_to_do(result_source: int, diagnostic: int, expected: str):
+    """Each A-ASSOCIATE-RJ reason (PS3.8 9.3.4) in the operator's terms."""
+    reason = rejection_reason(
+        result_source=result_source,
+        diagnostic=diagnostic,
+        called_ae="PACS            ",
+        calling_ae="CT99",
+        our_ae="PACS_BRIDGE",
+        max_associations=16,
+    )
+
+    assert reason == expected
