@@ -1,14 +1,17 @@
 """Prometheus metrics (``pacs_bridge_*``), fed by the listener and the publisher through ``BridgeObserver``.
 
-Study counts by state are read from the index at scrape time, so they are right even with several bridges
-sharing one database.
+Study counts by state and the age of the longest-waiting pending study are read from the index at scrape time,
+so they are right even with several bridges sharing one database. ``deploy/prometheus/`` alerts on these
+metrics and ``deploy/grafana/`` charts them; a test keeps both to the names exported here.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -30,24 +33,50 @@ OTHER_ISSUER = "(other)"
 
 
 class _StudyStateCollector(Collector):
-    def __init__(self, count_by_state: Callable[[], StateCounts]) -> None:
+    def __init__(
+        self,
+        count_by_state: Callable[[], StateCounts],
+        oldest_pending_since: Callable[[], datetime | None] | None,
+        clock: Callable[[], datetime],
+    ) -> None:
         self._count_by_state = count_by_state
+        self._oldest_pending_since = oldest_pending_since
+        self._clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("pacs_bridge_studies", "Studies in the index by publish state", labels=["state"])
         try:
             counts = self._count_by_state()
+            since = self._oldest_pending_since() if self._oldest_pending_since is not None else None
         except Exception:  # a scrape must not fail because the database is down; /readyz says why
             return
         for state in ("pending", "published", "failed"):
             family.add_metric([state], getattr(counts, state))
         yield family
+        if self._oldest_pending_since is not None:
+            yield GaugeMetricFamily(
+                "pacs_bridge_oldest_pending_study_age_seconds",
+                "Seconds since the first unpublished change of the longest-waiting pending study (0: none pending)",
+                value=max((self._clock() - since).total_seconds(), 0.0) if since is not None else 0.0,
+            )
 
 
 class BridgeMetrics:
-    """The bridge's Prometheus registry; implements ``observe.BridgeObserver``."""
+    """The bridge's Prometheus registry; implements ``observe.BridgeObserver``.
 
-    def __init__(self, count_by_state: Callable[[], StateCounts]) -> None:
+    ``oldest_pending_since`` (the first unpublished change of the longest-waiting pending study, read at scrape
+    time) and ``max_delay_seconds`` (``debounce.max_delay_seconds``) let an alert tell a study waiting too long
+    from one still within its debounce, whatever the configuration.
+    """
+
+    def __init__(
+        self,
+        count_by_state: Callable[[], StateCounts],
+        *,
+        oldest_pending_since: Callable[[], datetime | None] | None = None,
+        max_delay_seconds: float | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._store_results = Counter(
             "pacs_bridge_cstore_results",
@@ -94,7 +123,21 @@ class BridgeMetrics:
             for identifier in ("patient", "accession")
         }
         self._issuer_labels: set[str] = set()
-        self.registry.register(_StudyStateCollector(count_by_state))
+        # NaN until the first publish attempt: an alert on `== 0` then stays quiet.
+        self._fhir_answered = Gauge(
+            "pacs_bridge_fhir_last_attempt_answered",
+            "1 when the FHIR server (or its token endpoint) answered the last publish attempt with any HTTP status, "
+            "0 when it did not answer (connection refused, timeout, TLS failure)",
+            registry=self.registry,
+        )
+        self._fhir_answered.set(math.nan)
+        if max_delay_seconds is not None:
+            Gauge(
+                "pacs_bridge_debounce_max_delay_seconds",
+                "debounce.max_delay_seconds: the longest a study waits for quiet before it is published",
+                registry=self.registry,
+            ).set(max_delay_seconds)
+        self.registry.register(_StudyStateCollector(count_by_state, oldest_pending_since, clock))
         self._store_result_counters: dict[tuple[int, str], Any] = {}  # (status, calling AE) -> its child
         self._lock = threading.Lock()
         self.last_pass_monotonic: float | None = None
@@ -121,6 +164,12 @@ class BridgeMetrics:
         ).inc()
         if outcome == "retry_scheduled":
             self._retries.inc()
+        # No HTTP status and a retry: nothing answered. No status and no retry is a study refused before
+        # anything was sent (an invalid resource): it says nothing about the server.
+        if http_status is not None:
+            self._fhir_answered.set(1)
+        elif outcome == "retry_scheduled":
+            self._fhir_answered.set(0)
 
     def study_published(self, *, seconds_since_last_change: float) -> None:
         self._publish_latency.observe(max(seconds_since_last_change, 0.0))

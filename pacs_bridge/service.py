@@ -34,6 +34,7 @@ from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.http import HealthServer
 from pacs_bridge.index.engine import make_engine, sqlite_file
 from pacs_bridge.index.group_commit import GroupCommit
+from pacs_bridge.index.models import PublishState
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.metrics import BridgeMetrics
@@ -229,7 +230,11 @@ class BridgeService:
         # Credentials and TLS files first: a missing secret stops the bridge before it opens anything.
         self._http, self._token_http = open_fhir_http(config)
         self.engine, self.index = open_index(config, config_path=config_path, create=True)
-        self.metrics = BridgeMetrics(self.index.count_by_state)
+        self.metrics = BridgeMetrics(
+            self.index.count_by_state,
+            oldest_pending_since=self._oldest_pending_since,
+            max_delay_seconds=config.debounce.max_delay_seconds,
+        )
         self.publisher = Publisher(
             index=self.index,
             fhir=FhirClient(self._http, base_url=config.fhir.base_url),
@@ -278,6 +283,11 @@ class BridgeService:
             )
         self._watchdog_stop = threading.Event()
         self._stopping = threading.Event()  # cuts short a pass waiting for a study to fall due
+
+    def _oldest_pending_since(self) -> datetime | None:
+        """The first unpublished change of the longest-waiting pending study, for the metric read at scrape time."""
+        oldest = self.index.studies_in_state(PublishState.PENDING, limit=1)
+        return oldest[0].first_change_at if oldest else None
 
     @staticmethod
     def _publish_lease(config: Config) -> float:
