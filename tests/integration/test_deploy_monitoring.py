@@ -1,24 +1,29 @@
-"""The alert rules in deploy/: valid for promtool, and on metrics a running bridge really exports."""
+"""The alert rules and the Grafana dashboard in deploy/: valid for their tools, and on metrics a running bridge
+really exports."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from tests.support.bridge_process import BridgeProcess, free_port
-from tests.support.promql import exported_series_names, metric_names
+from tests.support.promql import exported_series_names, metric_names, with_grafana_variables
 
 pytestmark = pytest.mark.dcmtk  # the bridge is started and waited for with echoscu
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "pacs-bridge.rules.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "pacs-bridge.rules.test.yml"
+DASHBOARD = DEPLOY / "grafana" / "pacs-bridge.json"
 
 
 def promtool() -> str:
@@ -35,6 +40,27 @@ def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def rule_expressions() -> dict[str, str]:
     document = yaml.safe_load(RULES.read_text(encoding="utf-8"))
     return {rule["alert"]: rule["expr"] for group in document["groups"] for rule in group["rules"]}
+
+
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text(encoding="utf-8")))
+
+
+def dashboard_queries() -> dict[str, str]:
+    """Each panel target's expression, named 'panel title / refId', and the template variables' queries."""
+    document = dashboard()
+    queries = {
+        f"{panel['title']} / {target['refId']}": target["expr"]
+        for panel in document["panels"]
+        for target in panel.get("targets", [])
+    }
+    for variable in document["templating"]["list"]:
+        if variable["type"] == "query":
+            # label_values(METRIC, LABEL) is Grafana's, not PromQL: its metric is the query.
+            match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", variable["query"]["query"])
+            assert match, variable
+            queries[f"variable {variable['name']}"] = match[1]
+    return queries
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +120,47 @@ def test_every_metric_an_alert_uses_is_exported_by_the_bridge(exported: set[str]
     }
     missing = {alert: names - exported for alert, names in used.items() if names - exported}
     assert missing == {}
+
+
+def test_every_metric_the_dashboard_queries_is_exported_by_the_bridge(exported: set[str]):
+    """Each panel's and variable's metrics are series a running bridge's /metrics declares."""
+    used = {query: metric_names(expr) for query, expr in dashboard_queries().items()}
+
+    assert all(used.values()), used
+    assert {"pacs_bridge_publish_latency_seconds_bucket", "pacs_bridge_fhir_last_attempt_answered"} <= set().union(
+        *used.values()
+    )
+    missing = {query: names - exported for query, names in used.items() if names - exported}
+    assert missing == {}
+
+
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path):
+    """promtool parses each panel expression (as a recording rule, Grafana's variables filled in)."""
+    rules = [
+        {"record": f"dashboard:query_{number}", "expr": with_grafana_variables(expr)}
+        for number, (query, expr) in enumerate(dashboard_queries().items())
+        if not query.startswith("variable ")
+    ]
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
+
+    result = run_promtool("check", "rules", str(path))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_panels_use_the_chosen_datasource_and_do_not_overlap():
+    """Import-ready: every query panel reads the ${datasource} variable; ids are unique; no two panels share
+    a grid cell."""
+    panels = dashboard()["panels"]
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, panel["title"]
+                cells.add((x, y))
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert panel["targets"], panel["title"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
