@@ -694,8 +694,9 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
     if exc.context and context_mark is not None and context_mark.line != mark.line:
         message += f" ({exc.context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
     lines = text.splitlines()
-    if 0 <= mark.line < len(lines) and lines[mark.line].strip():
-        message += f"; the line reads {lines[mark.line].rstrip()!r}"
+    line = re.sub(r"\s+#.*$", "", lines[mark.line]) if 0 <= mark.line < len(lines) else ""  # without its comment
+    if line.strip():
+        message += f"; the line reads {line.rstrip()!r}"
     hint = next((hint for pattern, hint in _YAML_HINTS if pattern in problem), None)
     return f"{message}; {hint}" if hint else message
 

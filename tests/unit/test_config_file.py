@@ -33,6 +33,12 @@ def problem_in(tmp_path: Path, text: str) -> str:
             "line 3, column 2",
             ("expected <block end>", "starts at line 1, column 1", "the line reads ' dicom: ['", "indentation"),
         ),
+        # the line is quoted without its comment
+        (
+            "fhir:\n  base_url: http://f\ndicom:\n  ae_title: X     # ours\n   port: 104      # privileged\n",
+            "line 5, column 4",
+            ("the line reads '   port: 104';",),
+        ),
         # a tab used for indentation
         ("fhir:\n\tbase_url: http://f\n", "line 2, column 1", ("cannot start any token", "spaces, not tabs")),
         # a value holding ': ' without quotes
