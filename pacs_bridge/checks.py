@@ -16,6 +16,7 @@ from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.identifier import identifier_search
 from pacs_bridge.index.engine import make_engine, sqlite_file
 from pacs_bridge.index.schema import head_revision
+from pacs_bridge.redaction import redact_url
 
 # The FHIR release each fhir.version expects in the server's CapabilityStatement.fhirVersion.
 FHIR_RELEASE_PREFIX = {"R4": "4.0.", "R5": "5.0."}
@@ -42,7 +43,7 @@ def check_database(config: Config) -> CheckResult:
             )
         return CheckResult(name="database", ok=True, detail=f"{path}: no index yet; run creates it at its first start")
     engine = make_engine(config.database.url)
-    where = engine.url.render_as_string(hide_password=True)
+    where = redact_url(engine.url.render_as_string(hide_password=False))
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
@@ -68,9 +69,9 @@ def check_database(config: Config) -> CheckResult:
 
 def check_fhir_server(config: Config, http: httpx.Client) -> CheckResult:
     """GET ``{fhir.base_url}/metadata`` with the bridge's own HTTP client (TLS and auth as configured)."""
-    url = f"{config.fhir.base_url}/metadata"
+    url = redact_url(f"{config.fhir.base_url}/metadata")  # as printed
     try:
-        response = http.get(url, headers={"Accept": "application/fhir+json"})
+        response = http.get(f"{config.fhir.base_url}/metadata", headers={"Accept": "application/fhir+json"})
     except httpx.HTTPError as exc:
         return CheckResult(name="fhir", ok=False, detail=f"GET {url}: {type(exc).__name__}: {exc}")
     except PublishError as exc:  # no token from fhir.auth.token_url (the auth flow fetches one first)
@@ -94,7 +95,7 @@ def check_fhir_server(config: Config, http: httpx.Client) -> CheckResult:
         )
     detail = f"GET {url}: CapabilityStatement, FHIR {release}"
     if config.fhir.auth.mode in ("oauth2_client_credentials", "smart_backend_services"):
-        detail += f"; token obtained from {config.fhir.auth.token_url}"
+        detail += f"; token obtained from {redact_url(config.fhir.auth.token_url)}"
     return CheckResult(name="fhir", ok=True, detail=detail)
 
 
@@ -110,7 +111,7 @@ def check_patient_search(config: Config, http: httpx.Client) -> CheckResult | No
         return None
     system = config.patient.identifier_system or next(iter(config.patient.issuers.values()), "")
     search = identifier_search({"system": system, "value": PROBE_PATIENT_ID})  # escaped as the bridge sends it
-    url = f"{config.fhir.base_url}/Patient/_search"
+    url = redact_url(f"{config.fhir.base_url}/Patient/_search")
     try:
         matches = FhirClient(http, base_url=config.fhir.base_url).search(
             "Patient", {"identifier": search or ""}, in_body=True

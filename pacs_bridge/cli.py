@@ -22,6 +22,7 @@ from typing import Any
 from pacs_bridge import __version__
 from pacs_bridge.config import Config, config_warnings, load_config
 from pacs_bridge.errors import ConfigError, PacsBridgeError
+from pacs_bridge.redaction import redact_url, redact_urls
 
 EXIT_CONFIG_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
@@ -176,7 +177,9 @@ def _load(choice: ConfigChoice) -> Config:
 
 
 def _jsonable(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return redact_urls(value) if isinstance(value, str) else value  # a last_error may quote a URL
 
 
 def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> None:
@@ -205,11 +208,11 @@ def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> N
         due = study.due_at.isoformat() if study.due_at else "?"
         print(f"oldest pending: {study.study_uid} (waiting since {since}, due {due}, attempts {study.attempts})")
         if study.last_error:
-            print(f"  last error: {study.last_error}")
+            print(f"  last error: {redact_urls(study.last_error)}")
     if failed:
         print("failed:")
         for study in failed:
-            print(f"  {study.study_uid}  attempts={study.attempts}  {study.last_error}")
+            print(f"  {study.study_uid}  attempts={study.attempts}  {redact_urls(study.last_error or '')}")
         if counts.failed > len(failed):
             print(f"  ... and {counts.failed - len(failed)} more (use --limit)")
 
@@ -254,7 +257,7 @@ def _reconcile(config: Config, *, config_path: str, fix: bool) -> None:
         suffix = f" -> {action}" if discrepancy.fixed else ""
         print(f"{discrepancy.kind:<9} {discrepancy.study_uid}  {discrepancy.detail}{suffix}")
     print(
-        f"{report.checked} published studies checked against {config.fhir.base_url}: "
+        f"{report.checked} published studies checked against {redact_url(config.fhir.base_url)}: "
         f"{len(report.discrepancies)} discrepancies, {len(report.unresolved)} unresolved"
     )
     if report.unresolved:
@@ -294,7 +297,7 @@ def _check_online(config: Config) -> None:
             if results[-1].ok and (patient := check_patient_search(config, http)) is not None:
                 results.append(patient)
     for result in results:
-        print(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {result.detail}")
+        print(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {redact_urls(result.detail)}")
     if not all(result.ok for result in results):
         sys.exit(EXIT_RUNTIME_ERROR)
 

@@ -28,11 +28,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
 from pacs_bridge.errors import ConfigError
 from pacs_bridge.fhir.endpoint import CONNECTION_TYPES, IHE_IMR_CONNECTION_TYPES
 from pacs_bridge.fhir.patient import PatientMode
+from pacs_bridge.index.engine import normalized_database_url
+from pacs_bridge.redaction import redact_url, redact_urls
 
 _AE_TITLE = re.compile(r"[\x20-\x5B\x5D-\x7E]{1,16}")  # PS3.5 AE VR: no backslash, no control characters
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -41,7 +45,7 @@ _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"expected an http(s) URL, got {value!r}")
+        raise ValueError(f"expected an http(s) URL, got {redact_url(value)!r}")
     return value
 
 
@@ -187,7 +191,16 @@ class DatabaseConfig(_Section):
     @classmethod
     def _check_url(cls, value: str, info: ValidationInfo) -> str:
         if not re.match(r"(sqlite|postgresql|postgres)(\+\w+)?://", value):
-            raise ValueError(f"expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB, got {value!r}")
+            raise ValueError(
+                f"expected a URL such as sqlite:///PATH or postgresql+psycopg://HOST/DB, got {redact_url(value)!r}"
+            )
+        try:
+            make_url(normalized_database_url(value)).get_dialect()  # parses it and loads its driver
+        except (ArgumentError, ValueError) as exc:
+            raise ValueError(
+                f"not a database URL SQLAlchemy can use ({redact_urls(str(exc))}), got {redact_url(value)!r}; "
+                "e.g. sqlite:///PATH or postgresql+psycopg://HOST/DB"
+            ) from None
         directory = _config_directory(info)
         return sqlite_url_against(value, directory) if directory is not None else value
 
@@ -361,7 +374,7 @@ class EndpointConfig(_Section):
     def _check_address(cls, value: str) -> str:
         _http_url(value)
         if "?" in value:
-            raise ValueError(f"the service base URL must not carry a query, got {value!r}")
+            raise ValueError(f"the service base URL must not carry a query, got {redact_url(value)!r}")
         return value
 
     @model_validator(mode="after")
@@ -533,7 +546,7 @@ def _describe(error: Any) -> str:
     value = error.get("input")
     if kind not in ("value_error",) and not isinstance(value, dict | list):
         message += f", got {value!r}"
-    return f"at '{where}': {message}"
+    return f"at '{where}': {redact_urls(message)}"
 
 
 def parse_config(data: Any, *, path: str, directory: Path | None = None) -> Config:

@@ -1,7 +1,8 @@
 """The exceptions pacs-bridge raises, each telling the operator what went wrong and what to do.
 
 Library exceptions (SQLAlchemy, httpx, pydicom) are wrapped where they enter our code, with the
-original kept as ``__cause__``.
+original kept as ``__cause__``. No message carries a password: a URL in one is shown without it
+(``pacs_bridge.redaction``).
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
+from pacs_bridge.redaction import redact_urls
+
 
 class PacsBridgeError(Exception):
     """pacs-bridge failed; the message says why."""
 
     def __init__(self, message: str | None = None) -> None:
-        super().__init__(message or (self.__doc__ or "").strip())
+        super().__init__(redact_urls(message or (self.__doc__ or "").strip()))
 
 
 class ConfigError(PacsBridgeError):
@@ -85,7 +88,7 @@ class PublishError(PacsBridgeError):
         http_status: int | None = None,
         retry_after_seconds: float | None = None,
     ) -> None:
-        self.detail = detail
+        self.detail = redact_urls(detail)
         self.retryable = retryable
         self.http_status = http_status
         self.retry_after_seconds = retry_after_seconds

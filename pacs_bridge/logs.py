@@ -2,7 +2,8 @@
 APScheduler routed through the same pipeline.
 
 Off a TTY (systemd/journald) every line is one JSON object on stdout; on a TTY, readable key=value lines.
-Patient data never leaves through the logs: ``drop_patient_data`` removes such keys from every event.
+Patient data never leaves through the logs: ``drop_patient_data`` removes such keys from every event, and
+``redact_secrets`` hides the password of any URL in any of its values (``pacs_bridge.redaction``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import MutableMapping
 from typing import Any, Literal
 
 import structlog
+
+from pacs_bridge.redaction import redact_urls
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -28,6 +31,15 @@ def drop_patient_data(_logger: Any, _method: str, event_dict: MutableMapping[str
     """structlog processor: remove keys that would carry patient data."""
     for key in PATIENT_DATA_KEYS.intersection(event_dict):
         del event_dict[key]
+    return event_dict
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the userinfo of every URL in a string value (the event included) replaced by ***, so
+    neither our events nor a library's lines (httpx, SQLAlchemy) print a password given in a URL."""
+    for key, value in event_dict.items():
+        if type(value) is str:
+            event_dict[key] = redact_urls(value)
     return event_dict
 
 
@@ -63,6 +75,7 @@ def configure_logging(level: str = "info", log_format: LogFormat = "auto") -> No
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            redact_secrets,  # after format_exc_info: a traceback may quote a URL too
             renderer,
         ],
     )

@@ -41,6 +41,7 @@ from pacs_bridge.metrics import BridgeMetrics
 from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher
 from pacs_bridge.publish.scheduler import PublishScheduler, run_pass_on_time
+from pacs_bridge.redaction import redact_url
 from pacs_bridge.systemd import notify
 
 log = structlog.get_logger("pacs_bridge.service")
@@ -118,7 +119,9 @@ def open_fhir_http(config: Config) -> tuple[httpx.Client, httpx.Client]:
         raise
     base = urlsplit(config.fhir.base_url)
     if auth is not None and base.scheme == "http" and base.hostname not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("fhir_credentials_sent_in_clear", fhir_base_url=config.fhir.base_url, mode=config.fhir.auth.mode)
+        log.warning(
+            "fhir_credentials_sent_in_clear", fhir_base_url=redact_url(config.fhir.base_url), mode=config.fhir.auth.mode
+        )
     return client(auth), token_http
 
 
@@ -327,8 +330,8 @@ class BridgeService:
         log.info(
             "bridge_started",
             version=__version__,
-            database=self.engine.url.render_as_string(hide_password=True),
-            fhir_base_url=self._config.fhir.base_url,
+            database=redact_url(self.engine.url.render_as_string(hide_password=False)),
+            fhir_base_url=redact_url(self._config.fhir.base_url),
             port=self.listener.port,
         )
 

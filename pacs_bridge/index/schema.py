@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_bridge.errors import IndexNotFoundError, IndexUnavailableError, PacsBridgeError
 from pacs_bridge.index.models import Base
+from pacs_bridge.redaction import redact_url
 
 # The revision of a database created by create_all before migrations existed.
 BASELINE_REVISION = "0001"
@@ -100,7 +101,7 @@ def prepare_schema(
             command.upgrade(_alembic_config(connection), head)
             return SchemaChange(created=False, from_revision=current, to_revision=head)
     except SQLAlchemyError as exc:
-        url = engine.url.render_as_string(hide_password=True)
+        url = redact_url(engine.url.render_as_string(hide_password=False))
         raise IndexUnavailableError(
             f"cannot open the index database {url} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "check `database.url`, that the server runs and that this user may create tables"

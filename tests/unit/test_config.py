@@ -204,7 +204,11 @@ def test_every_problem_is_listed_at_once_with_its_key_path() -> None:
         # AE title with a control character
         ("dicom", {"ae_title": "PACS\t1"}, "dicom.ae_title", "expected 1 to 16 printable characters"),
         # a database URL for an engine we do not support
-        ("database", {"url": "mysql://db/pacs"}, "database.url", "expected sqlite:///PATH"),
+        ("database", {"url": "mysql://db/pacs"}, "database.url", "expected a URL such as sqlite:///PATH"),
+        # a PostgreSQL URL SQLAlchemy cannot parse (a port that is not a number)
+        ("database", {"url": "postgresql://db:port/pacs"}, "database.url", "not a database URL SQLAlchemy can use"),
+        # a driver that is not installed
+        ("database", {"url": "postgresql+nodriver://db/pacs"}, "database.url", "Can't load plugin"),
         # a FHIR version we do not produce
         ("fhir", {"base_url": "https://f.example.org", "version": "R6"}, "fhir.version", "'R4' or 'R5'"),
     ],
@@ -357,3 +361,28 @@ def test_check_config_on_the_example_prints_valid(capsys: pytest.CaptureFixture[
     out, err = capsys.readouterr()
     assert out == f"{EXAMPLE}: configuration is valid\n"
     assert err == f"pacs-bridge: configuration {EXAMPLE} (from --config)\n"
+
+
+SECRET_URL_ROWS = [
+    # (section, values, key path): each holds the password "s3cret" in a URL the problem quotes
+    ("database", {"url": "mysql://bridge:s3cret@db/pacs"}, "database.url"),  # an engine we do not support
+    ("database", {"url": "postgresql://bridge:s3cret@db:port/pacs"}, "database.url"),  # SQLAlchemy cannot parse it
+    ("database", {"url": "postgresql+nodriver://bridge:s3cret@db/pacs"}, "database.url"),  # no such driver
+    ("fhir", {"base_url": "ftp://bridge:s3cret@f.example.org/fhir"}, "fhir.base_url"),  # not http(s)
+    (
+        "endpoints",
+        [{"id": "p", "connection_type": "dicom-wado-rs", "address": "https://u:s3cret@p.example.org/?x=1"}],
+        "endpoints[0].address",
+    ),  # a query where none may be
+]
+
+
+@pytest.mark.parametrize(("section", "values", "key_path"), SECRET_URL_ROWS)
+def test_a_bad_url_is_quoted_without_its_password(section: str, values: Any, key_path: str) -> None:
+    """The problem names the key and quotes the URL with its userinfo replaced by ***, never the password."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_section(section, values), path="bridge.yaml")
+
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"at '{key_path}': ") and "://***@" in problem
+    assert "s3cret" not in str(caught.value)

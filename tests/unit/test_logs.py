@@ -1,12 +1,14 @@
-"""Unit tests for ``pacs_bridge.logs.drop_patient_data``, the processor that keeps patient data out of the logs."""
+"""Unit tests for ``pacs_bridge.logs``: the processors that keep patient data and passwords out of the logs."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
+import structlog
 
-from pacs_bridge.logs import PATIENT_DATA_KEYS, drop_patient_data
+from pacs_bridge.logs import PATIENT_DATA_KEYS, configure_logging, drop_patient_data, redact_secrets
 
 
 def test_drop_patient_data_removes_patient_keys_and_keeps_the_rest() -> None:
@@ -69,3 +71,42 @@ def test_drop_patient_data_returns_the_mapping_it_was_given() -> None:
     event: dict[str, Any] = {"event": "x", "patient_id": "PAT-0001"}
 
     assert drop_patient_data(None, "info", event) is event
+
+
+def test_redact_secrets_hides_url_passwords_in_every_string_value() -> None:
+    """The event text (a library's message) and our own keys lose the userinfo of their URLs; the rest stays."""
+    event: dict[str, Any] = {
+        "event": "HTTP Request: GET http://user:s3cret@fhir.example.org/fhir/metadata 200",
+        "fhir_base_url": "http://user:s3cret@fhir.example.org/fhir",
+        "attempt": 2,
+    }
+
+    result = redact_secrets(None, "info", event)
+
+    assert result == {
+        "event": "HTTP Request: GET http://***@fhir.example.org/fhir/metadata 200",
+        "fhir_base_url": "http://***@fhir.example.org/fhir",
+        "attempt": 2,
+    }
+
+
+def test_configured_logging_hides_url_passwords_in_library_lines_and_tracebacks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Through the configured pipeline, a stdlib logger's line and a logged exception's traceback show no password."""
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    try:
+        configure_logging("info", "json")
+        logging.getLogger("httpx").warning("GET %s failed", "http://user:s3cret@fhir.example.org/fhir")
+        try:
+            raise ValueError("cannot parse postgresql://bridge:s3cret@db/pacs")
+        except ValueError:
+            structlog.get_logger("pacs_bridge.test").exception("startup_failed")
+    finally:
+        structlog.configure(**structlog_config)
+        root.handlers[:], root.level = root_handlers, root_level
+    output = capsys.readouterr().out
+    assert "http://***@fhir.example.org/fhir" in output and "postgresql://***@db/pacs" in output
+    assert "s3cret" not in output
