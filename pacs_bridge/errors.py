@@ -72,6 +72,15 @@ class IndexUnavailableError(PacsBridgeError):
     """
 
 
+class UnstorableValueError(PacsBridgeError):
+    """The index database refused a value as data (one PostgreSQL text cannot hold, or too long for its column):
+    the database works, and storing the same value again would fail again.
+
+    The DICOM listener answers 0xC000, never 0xA700 (a retry cannot help). Extraction refuses such values with
+    ``InvalidInstanceError`` naming the attribute before they reach the database; this is the safety net.
+    """
+
+
 class PublishError(PacsBridgeError):
     """The FHIR server did not accept a resource.
 

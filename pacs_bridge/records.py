@@ -11,6 +11,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# The longest values the index holds for the record fields it keeps in bounded columns (index/models.py sizes its
+# columns with them; dicom/extract.py never gives a longer value). Each is at least DICOM's maximum for the VR.
+MAX_DATE_CHARS = 16  # DA: 8, or 10 in the ACR-NEMA form YYYY.MM.DD
+MAX_TIME_CHARS = 32  # TM: 14 (28 as a range)
+MAX_CODE_CHARS = 16  # CS (PatientSex, Modality, Laterality, ImageLaterality), SH (TimezoneOffsetFromUTC), AE
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CodedConcept:

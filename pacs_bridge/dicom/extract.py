@@ -4,6 +4,12 @@ No I/O here. pydicom decodes element values lazily, so a value that cannot be de
 read: every read goes through ``_read_value`` which turns such a failure into ``InvalidInstanceError`` naming
 the attribute. ASCII-only value representations (UI, CS, DA, TM, IS) are parsed from the raw bytes when the
 dataset was read from the wire, so malformed numbers never depend on pydicom's validation mode.
+
+Every value given to the index is one it can hold, on SQLite and PostgreSQL alike: no text holds a NUL
+character (DICOM allows NUL only as padding, which is stripped), and no value is longer than its bounded
+column (``records.MAX_*_CHARS``, at least DICOM's maximum for the VR). Such a value is invalid DICOM, and is
+treated as that attribute treats any invalid value: refused with ``InvalidInstanceError`` naming it, or, for
+the attributes the bridge only passes on when valid (PatientBirthDate, PatientSex), left out.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from pydicom.tag import BaseTag, Tag
 
 from pacs_bridge.errors import InvalidInstanceError
 from pacs_bridge.records import (
+    MAX_CODE_CHARS,
+    MAX_DATE_CHARS,
+    MAX_TIME_CHARS,
     CodedConcept,
     InstanceRecord,
     RejectedReference,
@@ -90,11 +99,13 @@ def _tag_of(keyword: str) -> BaseTag:
 HEADER_TAGS: tuple[int, ...] = tuple(sorted(int(_tag_of(keyword)) for keyword in HEADER_KEYWORDS))
 
 _ESC = b"\x1b"  # starts an ISO 2022 escape sequence (PS3.5 6.1.2.5)
+_NUL = "\x00"
+_HOLDS_NUL = "holds a NUL character, which DICOM text does not allow"
 MAX_UID_LENGTH = 64
 # PS3.5 9.1: components of digits separated by dots. Leading zeros inside a component are a violation that
 # real archives tolerate, so they are accepted; letters, spaces, empty components and over-long values are not.
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
-_MODALITY_PATTERN = re.compile(r"[A-Z0-9_ ]{1,16}")
+_MODALITY_PATTERN = re.compile(rf"[A-Z0-9_ ]{{1,{MAX_CODE_CHARS}}}")
 # Modality is Type 1 in the General Series module, yet some secondary-capture objects leave it out;
 # FHIR series.modality is 1..1, and DICOM's own code for "other" is OT.
 MODALITY_WHEN_ABSENT = "OT"
@@ -122,6 +133,20 @@ def _first_ascii_value(value: bytes) -> str:
     return value.decode("ascii").split("\\", 1)[0].strip(" \x00")
 
 
+def _without_nul(keyword: str, text: str) -> str:
+    """``text``, unless it holds a NUL character (PostgreSQL text cannot, and DICOM text may not)."""
+    if _NUL in text:
+        raise InvalidInstanceError(keyword, _tag_text(keyword), _HOLDS_NUL)
+    return text
+
+
+def _within(keyword: str, text: str, limit: int) -> str:
+    """``text``, unless it is longer than ``limit`` characters (the index's column for it)."""
+    if len(text) > limit:
+        raise InvalidInstanceError(keyword, _tag_text(keyword), f"{len(text)} characters, over the limit of {limit}")
+    return text
+
+
 def _read_ascii(ds: Dataset, keyword: str) -> str:
     """An ASCII-only value (UI, CS, DA, TM, IS) without its padding; the first value of a multi-valued one."""
     value = _read_value(ds, keyword)
@@ -129,12 +154,17 @@ def _read_ascii(ds: Dataset, keyword: str) -> str:
         return ""
     if isinstance(value, bytes):
         try:
-            return _first_ascii_value(value)
+            return _without_nul(keyword, _first_ascii_value(value))
         except UnicodeDecodeError as exc:
             raise InvalidInstanceError(keyword, _tag_text(keyword), f"holds non-ASCII bytes {value[:32]!r}") from exc
     if isinstance(value, MultiValue | list):
-        return str(value[0]).strip(" \x00") if len(value) else ""
-    return str(value).strip(" \x00")
+        return _without_nul(keyword, str(value[0]).strip(" \x00")) if len(value) else ""
+    return _without_nul(keyword, str(value).strip(" \x00"))
+
+
+def _bounded_ascii(ds: Dataset, keyword: str, limit: int) -> str:
+    """An ASCII value (DA, TM, SH offset) the index keeps in a column of ``limit`` characters."""
+    return _within(keyword, _read_ascii(ds, keyword), limit)
 
 
 def _is_plain_ascii(value: bytes) -> bool:
@@ -153,7 +183,7 @@ def _read_text(ds: Dataset, keyword: str) -> str:
         return ""
     if isinstance(raw, RawDataElement) and type(raw.value) is bytes and _is_plain_ascii(raw.value):
         # Decoded here, without pydicom's conversion: this runs for every text of every C-STORE.
-        return _first_ascii_value(raw.value)
+        return _without_nul(keyword, _first_ascii_value(raw.value))
     try:
         value = ds[tag].value
     except Exception as exc:  # undecodable bytes in the dataset's character set
@@ -162,7 +192,7 @@ def _read_text(ds: Dataset, keyword: str) -> str:
         return ""
     if isinstance(value, MultiValue | list):
         value = value[0] if len(value) else ""
-    return str(value).strip(" \x00")
+    return _without_nul(keyword, str(value).strip(" \x00"))
 
 
 def _read_texts(ds: Dataset, keyword: str) -> tuple[str, ...]:
@@ -177,7 +207,7 @@ def _read_texts(ds: Dataset, keyword: str) -> tuple[str, ...]:
     if value is None:
         return ()
     values = value if isinstance(value, MultiValue | list) else [value]
-    texts = (str(item).strip(" \x00") for item in values)
+    texts = (_without_nul(keyword, str(item).strip(" \x00")) for item in values)
     return tuple(text for text in texts if text)
 
 
@@ -301,11 +331,12 @@ def _optional_integer(ds: Dataset, keyword: str) -> int | None:
     return number if 0 <= number < 2**31 else None
 
 
-def _optional_ascii(ds: Dataset, keyword: str) -> str:
+def _optional_ascii(ds: Dataset, keyword: str, limit: int) -> str:
     """An ASCII value the bridge only passes on when valid (PatientBirthDate, PatientSex for patient.mode
-    create); non-ASCII bytes give an empty value rather than refusing the instance."""
+    create); non-ASCII bytes, a NUL or more than ``limit`` characters give an empty value rather than refusing
+    the instance."""
     try:
-        return _read_ascii(ds, keyword)
+        return _within(keyword, _read_ascii(ds, keyword), limit)
     except InvalidInstanceError:
         return ""
 
@@ -391,14 +422,14 @@ def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceReco
             patient_id=_read_text(ds, "PatientID"),
             issuer_of_patient_id=_read_text(ds, "IssuerOfPatientID"),
             patient_name=_read_text(ds, "PatientName"),
-            patient_birth_date=_optional_ascii(ds, "PatientBirthDate"),
-            patient_sex=_optional_ascii(ds, "PatientSex").upper(),
+            patient_birth_date=_optional_ascii(ds, "PatientBirthDate", MAX_DATE_CHARS),
+            patient_sex=_optional_ascii(ds, "PatientSex", MAX_CODE_CHARS).upper(),
             accession_number=_read_text(ds, "AccessionNumber"),
             accession_issuer_local_id=accession_issuer_local_id,
             accession_issuer_universal_id=accession_issuer_universal_id,
-            study_date=_read_ascii(ds, "StudyDate"),
-            study_time=_read_ascii(ds, "StudyTime"),
-            timezone_offset=_read_ascii(ds, "TimezoneOffsetFromUTC"),
+            study_date=_bounded_ascii(ds, "StudyDate", MAX_DATE_CHARS),
+            study_time=_bounded_ascii(ds, "StudyTime", MAX_TIME_CHARS),
+            timezone_offset=_bounded_ascii(ds, "TimezoneOffsetFromUTC", MAX_CODE_CHARS),
             study_description=_read_text(ds, "StudyDescription"),
             referring_physician=_read_text(ds, "ReferringPhysicianName"),
             reading_physicians=_read_texts(ds, "NameOfPhysiciansReadingStudy"),
@@ -410,10 +441,10 @@ def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceReco
             modality=_modality(ds),
             series_number=_optional_integer(ds, "SeriesNumber"),
             series_description=_read_text(ds, "SeriesDescription"),
-            series_date=_read_ascii(ds, "SeriesDate"),
-            series_time=_read_ascii(ds, "SeriesTime"),
+            series_date=_bounded_ascii(ds, "SeriesDate", MAX_DATE_CHARS),
+            series_time=_bounded_ascii(ds, "SeriesTime", MAX_TIME_CHARS),
             body_part_examined=_read_text(ds, "BodyPartExamined").upper(),
-            laterality=_read_text(ds, "Laterality").upper(),
+            laterality=_within("Laterality", _read_text(ds, "Laterality").upper(), MAX_CODE_CHARS),
             performing_physicians=_read_texts(ds, "PerformingPhysicianName"),
             operators=_read_texts(ds, "OperatorsName"),
             sending_ae_title=sending_ae_title,
@@ -421,7 +452,7 @@ def extract_instance(ds: Dataset, *, sending_ae_title: str = "") -> InstanceReco
         sop_instance_uid=sop_instance_uid,
         sop_class_uid=sop_class_uid,
         instance_number=_optional_integer(ds, "InstanceNumber"),
-        image_laterality=_read_text(ds, "ImageLaterality").upper(),
+        image_laterality=_within("ImageLaterality", _read_text(ds, "ImageLaterality").upper(), MAX_CODE_CHARS),
         title=_instance_title(ds),
         rejection_note=extract_rejection_note(ds, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid),
     )

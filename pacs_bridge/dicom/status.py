@@ -11,7 +11,12 @@ import enum
 
 from pydicom.dataset import Dataset
 
-from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, InvalidInstanceError
+from pacs_bridge.errors import (
+    ConflictingInstanceError,
+    IndexUnavailableError,
+    InvalidInstanceError,
+    UnstorableValueError,
+)
 
 MAX_ERROR_COMMENT_CHARS = 64  # ErrorComment (0000,0902) is LO
 
@@ -19,7 +24,7 @@ MAX_ERROR_COMMENT_CHARS = 64  # ErrorComment (0000,0902) is LO
 class StoreStatus(enum.IntEnum):
     SUCCESS = 0x0000
     OUT_OF_RESOURCES = 0xA700  # the index cannot be written now; the sender should retry
-    CANNOT_UNDERSTAND = 0xC000  # a required attribute is missing, malformed or undecodable
+    CANNOT_UNDERSTAND = 0xC000  # an attribute is missing, malformed, undecodable or a value the index cannot hold
     CONFLICTS_WITH_INDEX = 0xC001  # a UID reused under another study or series; first arrival kept
     PROCESSING_FAILURE = 0x0110  # a failure of ours that no table entry covers; logged with traceback
 
@@ -28,6 +33,7 @@ class StoreStatus(enum.IntEnum):
 _STATUS_BY_ERROR: tuple[tuple[type[BaseException], StoreStatus], ...] = (
     (ConflictingInstanceError, StoreStatus.CONFLICTS_WITH_INDEX),
     (InvalidInstanceError, StoreStatus.CANNOT_UNDERSTAND),
+    (UnstorableValueError, StoreStatus.CANNOT_UNDERSTAND),  # the database refused a value; a retry cannot help
     (IndexUnavailableError, StoreStatus.OUT_OF_RESOURCES),
 )
 

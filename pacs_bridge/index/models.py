@@ -15,7 +15,7 @@ from sqlalchemy import DateTime, Dialect, ForeignKey, Index, Integer, String, Te
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from pacs_bridge.records import CodedConcept, RequestedReason
+from pacs_bridge.records import MAX_CODE_CHARS, MAX_DATE_CHARS, MAX_TIME_CHARS, CodedConcept, RequestedReason
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -115,14 +115,14 @@ class Study(Base):
     issuer_of_patient_id: Mapped[str] = mapped_column(Text, default="")
     # Only the Patient that patient.mode create makes uses these (see records.StudyAttributes).
     patient_name: Mapped[str] = mapped_column(Text, default="")
-    patient_birth_date: Mapped[str] = mapped_column(String(16), default="")
-    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(MAX_DATE_CHARS), default="")
+    patient_sex: Mapped[str] = mapped_column(String(MAX_CODE_CHARS), default="")
     accession_number: Mapped[str] = mapped_column(Text, default="")
     accession_issuer_local_id: Mapped[str] = mapped_column(Text, default="")
     accession_issuer_universal_id: Mapped[str] = mapped_column(Text, default="")
-    study_date: Mapped[str] = mapped_column(String(16), default="")
-    study_time: Mapped[str] = mapped_column(String(32), default="")
-    timezone_offset: Mapped[str] = mapped_column(String(16), default="")
+    study_date: Mapped[str] = mapped_column(String(MAX_DATE_CHARS), default="")
+    study_time: Mapped[str] = mapped_column(String(MAX_TIME_CHARS), default="")
+    timezone_offset: Mapped[str] = mapped_column(String(MAX_CODE_CHARS), default="")
     study_description: Mapped[str] = mapped_column(Text, default="")
     referring_physician: Mapped[str] = mapped_column(Text, default="")
     reading_physicians: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
@@ -160,17 +160,17 @@ class Series(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     series_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    modality: Mapped[str] = mapped_column(String(16))
+    modality: Mapped[str] = mapped_column(String(MAX_CODE_CHARS))
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str] = mapped_column(Text, default="")
-    series_date: Mapped[str] = mapped_column(String(16), default="")
-    series_time: Mapped[str] = mapped_column(String(32), default="")
+    series_date: Mapped[str] = mapped_column(String(MAX_DATE_CHARS), default="")
+    series_time: Mapped[str] = mapped_column(String(MAX_TIME_CHARS), default="")
     body_part_examined: Mapped[str] = mapped_column(Text, default="")
-    laterality: Mapped[str] = mapped_column(String(16), default="")
+    laterality: Mapped[str] = mapped_column(String(MAX_CODE_CHARS), default="")
     performing_physicians: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
     operators: Mapped[tuple[str, ...]] = mapped_column(TextTuple, default=())
     # Calling AE title of the association that first sent the series (series-level endpoint rules).
-    sending_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    sending_ae_title: Mapped[str] = mapped_column(String(MAX_CODE_CHARS), default="")
 
 
 class Instance(Base):
@@ -181,7 +181,7 @@ class Instance(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     instance_number: Mapped[int | None] = mapped_column(Integer)
-    image_laterality: Mapped[str] = mapped_column(String(16), default="")
+    image_laterality: Mapped[str] = mapped_column(String(MAX_CODE_CHARS), default="")
     title: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -200,7 +200,7 @@ class RejectedInstance(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_uid: Mapped[str] = mapped_column(String(64))
-    modality: Mapped[str] = mapped_column(String(16), default="")  # empty when it never reached the index
+    modality: Mapped[str] = mapped_column(String(MAX_CODE_CHARS), default="")  # empty: it never reached the index
     reason_code: Mapped[str] = mapped_column(String(16))
     note_uid: Mapped[str] = mapped_column(String(64))
     rejected_at: Mapped[datetime] = mapped_column(UtcDateTime)

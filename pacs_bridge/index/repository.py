@@ -1,7 +1,8 @@
 """The index: durable studies / series / instances and each study's publish state, over SQLAlchemy.
 
 Each public method is one transaction. SQLAlchemy errors are wrapped in ``IndexUnavailableError`` where they
-enter our code, so the DICOM listener answers "out of resources" (retry later) rather than success.
+enter our code, so the DICOM listener answers "out of resources" (retry later) rather than success; a data error
+(a value the database refuses, which no retry can store) in ``UnstorableValueError`` instead (0xC000).
 Snapshots are read with plain column queries and assembled and sorted in Python: no per-instance ORM
 objects, and the same order (hence the same content hash) on SQLite and PostgreSQL whatever their collation.
 """
@@ -37,10 +38,10 @@ from sqlalchemy import (
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, UnknownStudyError
+from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, UnknownStudyError, UnstorableValueError
 from pacs_bridge.index.engine import READ_ONLY_OPTION, writer_queue
 from pacs_bridge.index.models import EndpointPublication, Instance, PublishState, RejectedInstance, Series, Study
 from pacs_bridge.publish.debounce import DebounceSettings, due_at
@@ -387,14 +388,20 @@ class Index:
         # Ingest transactions' turns where there is no writer queue; reentrant like the queue's (see writer_turn).
         self._ingest_lock = threading.RLock()
         self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+        self._driver_data_error: type[Exception] = engine.dialect.loaded_dbapi.DataError
 
     @contextmanager
     def _translated_errors(self) -> Iterator[None]:
         try:
             yield
         except (SQLAlchemyError, self._driver_error) as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            if isinstance(exc, (DataError, self._driver_data_error)):  # the value, not the database: no retry helps
+                raise UnstorableValueError(
+                    f"the index database cannot hold a value of this instance ({type(exc).__name__}: {first_line})"
+                ) from exc
             raise IndexUnavailableError(
-                f"the index database failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                f"the index database failed ({type(exc).__name__}: {first_line}); "
                 "check that the database in `database.url` is running, writable and not full"
             ) from exc
 

@@ -17,6 +17,7 @@ from pacs_bridge.errors import (
     IndexUnavailableError,
     InvalidInstanceError,
     PublishError,
+    UnstorableValueError,
 )
 
 
@@ -31,6 +32,8 @@ from pacs_bridge.errors import (
         (InvalidInstanceError("", "", "dataset cannot be decoded"), 0xC000),
         # the database is down, locked or full: out of resources, the sender retries later
         (IndexUnavailableError(), 0xA700),
+        # the database refused a value as data: no retry can store it, so cannot understand, never 0xA7xx
+        (UnstorableValueError(), 0xC000),
         # a programming error of ours: processing failure
         (RuntimeError("boom"), 0x0110),
         # errors of ours that do not belong on this path still get the catch-all
