@@ -87,6 +87,9 @@ def configure_logging(level: str = "info", log_format: LogFormat = "auto") -> No
     library_level = numeric_level if numeric_level <= logging.DEBUG else logging.WARNING
     for name in _QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(library_level)
+    # SQLAlchemy's engine prints every result row at DEBUG, patient names and IDs among them: at debug level it
+    # shows statements only (INFO), their parameters hidden by the engine itself (index/engine.py).
+    logging.getLogger("sqlalchemy.engine").setLevel(max(library_level, logging.INFO))
     # pynetdicom installs its own handler on import; one pipeline means no second copy of its lines.
     logging.getLogger("pynetdicom").handlers[:] = []
     logging.getLogger("pynetdicom").propagate = True

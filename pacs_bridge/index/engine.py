@@ -66,9 +66,13 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``database.url``; SQLite in WAL mode with synchronous=FULL."""
+    """An engine for ``database.url``; SQLite in WAL mode with synchronous=FULL.
+
+    Statement parameters hold patient names and IDs: the engine never shows them, neither in its log lines
+    (``logging.level: debug``) nor in the text of its errors (``hide_parameters``)."""
     url = normalized_database_url(url)
     backend = make_url(url).get_backend_name()
+    kwargs.setdefault("hide_parameters", True)
     if backend == "sqlite":
         engine = create_engine(url, **kwargs)
         _configure_sqlite(engine)
