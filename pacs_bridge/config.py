@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
+from pacs_bridge.dicom.header import DEFAULT_MAX_INFLATED_BYTES
 from pacs_bridge.errors import ConfigError
 from pacs_bridge.fhir.endpoint import CONNECTION_TYPES, IHE_IMR_CONNECTION_TYPES
 from pacs_bridge.fhir.patient import PatientMode
@@ -158,6 +159,8 @@ class DicomConfig(_Section):
     network_timeout_seconds: float = Field(default=60.0, gt=0)
     # On SIGTERM: how long open associations may go on before they are aborted (the sender re-sends).
     shutdown_drain_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # A deflated dataset inflating to more is refused (0xC000); it is inflated as a stream, never held whole.
+    max_inflated_bytes: int = Field(default=DEFAULT_MAX_INFLATED_BYTES, ge=1)
     # Empty: any calling AE. Entries: an AE title, or {ae_title, addresses} to pin it to source addresses.
     allowed_calling_aets: list[AllowedCallingAeConfig] = []
     tls: DicomTlsConfig = DicomTlsConfig()

@@ -188,6 +188,7 @@ def listener_settings(config: Config) -> ListenerSettings:
         # mid-PDU) holds one of max_associations until this runs out: no longer than a silent one.
         acse_timeout_seconds=min(dicom.network_timeout_seconds, 30.0),
         allowed_calling_aets=dicom.calling_ae_rules(),
+        max_inflated_bytes=dicom.max_inflated_bytes,
         tls=server_tls_context(dicom.tls.certificate, dicom.tls.private_key, dicom.tls.client_ca)
         if dicom.tls.enabled
         else None,

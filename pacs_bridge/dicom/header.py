@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import functools
 import struct
-import zlib
-from io import BytesIO
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import keyword_for_tag
@@ -31,10 +29,14 @@ from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 from pacs_bridge.dicom.extract import HEADER_TAGS
+from pacs_bridge.dicom.inflate import InflatedStream
 from pacs_bridge.errors import InvalidInstanceError
 
 LAST_HEADER_TAG = max(HEADER_TAGS)
 SCANNED_BYTES = 256 * 1024  # how much of a dataset scan_header looks at; a longer header is pydicom's to read
+# The most a deflated dataset may inflate to (dicom.max_inflated_bytes): deflate is used for reports and other
+# small objects, whose ratio stays far below what a 1 MB bitstream inflating to 1 GiB shows.
+DEFAULT_MAX_INFLATED_BYTES = 256 * 1024 * 1024
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _WANTED = frozenset(HEADER_TAGS) | {_SPECIFIC_CHARACTER_SET}  # pydicom's reader always keeps the character set
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -45,15 +47,26 @@ _KNOWN_VRS = {vr.value.encode("ascii"): vr.value for vr in VR}
 _LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
 
 
-def read_header(encoded: BinaryIO, transfer_syntax: UID) -> Dataset:
+def read_header(
+    encoded: BinaryIO, transfer_syntax: UID, *, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
+) -> Dataset:
     """The header elements ``extract`` reads (``HEADER_TAGS``), raw, from the encoded dataset; nothing after them.
 
-    Raises ``InvalidInstanceError`` when the dataset cannot be decoded or ends inside one of their values."""
-    stream: BinaryIO = encoded
-    stream.seek(0)
-    if transfer_syntax.is_deflated:
-        stream = BytesIO(zlib.decompress(stream.read(), -zlib.MAX_WBITS))
-        stream.seek(0)
+    A deflated dataset is inflated as a stream (``dicom/inflate.py``): the header is read, then the rest is
+    inflated and thrown away, so that a corrupt bitstream, or one inflating to over ``max_inflated_bytes``, is
+    refused before anything is indexed. Raises ``InvalidInstanceError`` when the dataset cannot be decoded or ends
+    inside one of the header's values."""
+    encoded.seek(0)
+    if not transfer_syntax.is_deflated:
+        return _read_header(encoded, transfer_syntax)
+    with InflatedStream(encoded, max_bytes=max_inflated_bytes) as inflated:
+        dataset = _read_header(cast(BinaryIO, inflated), transfer_syntax)
+        inflated.drain()
+    return dataset
+
+
+def _read_header(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
+    """``read_header`` on a stream of the dataset as encoded (inflated already, when deflated), at its start."""
     try:
         if transfer_syntax.is_little_endian:
             start = stream.read(SCANNED_BYTES)
@@ -69,6 +82,8 @@ def read_header(encoded: BinaryIO, transfer_syntax: UID) -> Dataset:
             stop_when=lambda tag, _vr, _length: tag > LAST_HEADER_TAG,
             specific_tags=list(HEADER_TAGS),
         )
+    except InvalidInstanceError:  # an inflated stream's refusal says what is wrong already
+        raise
     except Exception as exc:  # pydicom raises assorted types for truncated or garbled streams
         raise InvalidInstanceError("", "", f"dataset cannot be decoded ({type(exc).__name__}: {exc})") from exc
     return refuse_truncated(dataset)

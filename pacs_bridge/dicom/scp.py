@@ -32,7 +32,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs_bridge.dicom import inline_store, reactor, store_response
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason, rejection_reason
 from pacs_bridge.dicom.extract import extract_instance
-from pacs_bridge.dicom.header import read_header
+from pacs_bridge.dicom.header import DEFAULT_MAX_INFLATED_BYTES, read_header
 from pacs_bridge.dicom.spool import SpillingBuffer
 from pacs_bridge.dicom.spool import install as install_spilling_buffers
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
@@ -61,6 +61,7 @@ class ListenerSettings:
     dimse_timeout_seconds: float = 60.0
     max_pdu_size: int = 0  # 0: unlimited
     allowed_calling_aets: tuple[CallingAeRule, ...] = ()  # empty: any
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES  # a deflated dataset inflating to more is refused
     tls: ssl.SSLContext | None = None  # DICOM TLS when set (see server_tls_context)
 
 
@@ -76,9 +77,9 @@ def server_tls_context(certificate: str, private_key: str, client_ca: str = "") 
     return context
 
 
-def _received_header(event: Any) -> Dataset:
+def _received_header(event: Any, *, max_inflated_bytes: int) -> Dataset:
     """The header of the instance a C-STORE carries (in memory, or spilled to a temporary file if large)."""
-    return read_header(event.request.DataSet, event.context.transfer_syntax)
+    return read_header(event.request.DataSet, event.context.transfer_syntax, max_inflated_bytes=max_inflated_bytes)
 
 
 def _received_size(event: Any) -> int:
@@ -369,7 +370,7 @@ class DicomListener:
         calling_ae = _calling_ae(event)
         try:
             sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
-            dataset = _received_header(event)
+            dataset = _received_header(event, max_inflated_bytes=self._settings.max_inflated_bytes)
             record = extract_instance(dataset, sending_ae_title=calling_ae)
             outcome = self._sink.record_instance(record, received_at=self._clock())
         except Exception as exc:

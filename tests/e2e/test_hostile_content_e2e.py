@@ -1,0 +1,227 @@
+"""Hostile content, end to end: ``pacs-bridge run`` (a subprocess, SQLite) against datasets built to hurt.
+
+Senders: pynetdicom sending files exactly as written (tests/support/raw_files.py) and DCMTK's storescu. Each
+case asserts the DIMSE status and its ErrorComment, that nothing was indexed when refused, that storescu still
+gets an instance in, and that the bridge's threads, file descriptors and peak memory (VmHWM, reset before each
+case) come back to, or stay near, their baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from tests.support.bridge_process import BridgeProcess, log_events, wait_for
+from tests.support.dcmtk import storescu
+from tests.support.fhir_server import FhirTestServer
+from tests.support.raw_files import MiB, deflated, encoded, pixel_data_header, store_file, write_raw_file, zeros
+from tests.support.studies import SeriesSpec, make_dataset, new_study_uid, write_file, write_study
+
+pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+# Peak memory a case may add to the bridge's baseline: its buffers, zlib's, the header kept, Python's arenas.
+MEMORY_HEADROOM = 48 * MiB
+
+
+@dataclass(frozen=True)
+class Resources:
+    threads: int
+    sockets: int  # the listening socket, associations, the FHIR client's kept connection
+    deleted_files: int  # open anonymous temporary files (spilled datasets, kept inflated headers)
+
+    def within(self, baseline: Resources) -> bool:
+        return (
+            self.threads <= baseline.threads
+            and self.sockets <= baseline.sockets
+            and self.deleted_files <= baseline.deleted_files
+        )
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory: pytest.TempPathFactory, fhir_server: FhirTestServer) -> Iterator[BridgeProcess]:
+    """One bridge for the module (SQLite, the default dicom.max_inflated_bytes of 256 MiB), warmed up with one
+    study from storescu, published: its baseline includes a served association and the FHIR client's
+    connection."""
+    directory = tmp_path_factory.mktemp("hostile-content")
+    running = BridgeProcess(
+        directory, database_url=f"sqlite:///{directory / 'bridge.db'}", fhir_base_url=fhir_server.base_url
+    )
+    try:
+        running.start()
+        study_uid = assert_storescu_gets_in(running, directory)
+        wait_for(
+            lambda: (running.study_row(study_uid) or {}).get("publish_state") == "published",
+            timeout=30,
+            what="the warm-up study to be published",
+        )
+        yield running
+    finally:
+        running.close()
+
+
+def resources(bridge: BridgeProcess) -> Resources:
+    assert bridge.process is not None
+    pid = bridge.process.pid
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return Resources(
+        threads=threads,
+        sockets=sum(target.startswith("socket:") for target in targets),
+        deleted_files=sum(target.endswith("(deleted)") for target in targets),
+    )
+
+
+def reset_peak_memory(bridge: BridgeProcess) -> int:
+    """Reset the bridge's peak resident size (VmHWM) to its current one; that size in bytes."""
+    assert bridge.process is not None
+    Path(f"/proc/{bridge.process.pid}/clear_refs").write_text("5")
+    return peak_memory(bridge)
+
+
+def peak_memory(bridge: BridgeProcess) -> int:
+    assert bridge.process is not None
+    status = Path(f"/proc/{bridge.process.pid}/status").read_text()
+    kilobytes = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    return kilobytes * 1024
+
+
+def assert_storescu_gets_in(bridge: BridgeProcess, directory: Path) -> str:
+    """DCMTK's storescu stores a fresh instance (whatever came before did not stop the listener); its study UID."""
+    assert bridge.process is not None and bridge.process.poll() is None, bridge.log()
+    study_uid = new_study_uid()
+    ds = make_dataset(StudyInstanceUID=study_uid, SeriesInstanceUID=f"{study_uid}.1", SOPInstanceUID=f"{study_uid}.1.1")
+    sent = storescu(bridge.port, write_file(ds, directory / f"{study_uid}.dcm"))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert bridge.instance_uids(study_uid) == {f"{study_uid}.1.1"}
+    return study_uid
+
+
+def assert_back_to(bridge: BridgeProcess, baseline: Resources) -> None:
+    """Threads, sockets and temporary files come back to the baseline once the case's association has ended."""
+    wait_for(lambda: resources(bridge).within(baseline), timeout=20, what=f"resources back to {baseline}")
+
+
+def send_deflated(bridge: BridgeProcess, path: Path) -> Any:
+    """``path`` sent as it is, on a CT context in Deflated Explicit VR Little Endian; the response."""
+    return store_file(
+        bridge.port, path, abstract_syntax=CT_IMAGE_STORAGE, transfer_syntax=DeflatedExplicitVRLittleEndian
+    )
+
+
+def new_study(size: int) -> tuple[str, bytes]:
+    """A fresh study UID and its CT dataset deflated, followed by ``size`` bytes of zero pixel data."""
+    study_uid = new_study_uid()
+    header = encoded(
+        make_dataset(StudyInstanceUID=study_uid, SeriesInstanceUID=f"{study_uid}.1", SOPInstanceUID=f"{study_uid}.1.1")
+    )
+    return study_uid, deflated([header, pixel_data_header(size), *zeros(size)])
+
+
+def write_deflated(directory: Path, study_uid: str, data: bytes) -> Path:
+    return write_raw_file(
+        directory / f"{study_uid}.dcm",
+        sop_class=CT_IMAGE_STORAGE,
+        sop_instance=f"{study_uid}.1.1",
+        transfer_syntax=DeflatedExplicitVRLittleEndian,
+        dataset=data,
+    )
+
+
+def test_a_deflate_bomb_is_refused_naming_the_limit_in_flat_memory(bridge: BridgeProcess, tmp_path: Path) -> None:
+    """About 1 MB of deflate inflating to 1 GiB: 0xC000 naming dicom.max_inflated_bytes, after inflating no more
+    than 256 MiB a chunk at a time; the bridge's peak memory stays within MEMORY_HEADROOM of what it was."""
+    study_uid, bomb = new_study(1024 * MiB)
+    assert len(bomb) < 1200 * 1024
+    path = write_deflated(tmp_path, study_uid, bomb)
+    baseline = resources(bridge)
+    memory_before = reset_peak_memory(bridge)
+
+    answer = send_deflated(bridge, path)
+
+    assert answer.Status == 0xC000
+    assert "dicom.max_inflated_bytes" in answer.ErrorComment or "inflates to over" in answer.ErrorComment
+    assert peak_memory(bridge) - memory_before < MEMORY_HEADROOM
+    assert bridge.instance_uids(study_uid) == set()
+    assert_back_to(bridge, baseline)
+    assert_storescu_gets_in(bridge, tmp_path)
+
+
+def test_a_deflated_instance_within_the_limit_is_stored_in_flat_memory(bridge: BridgeProcess, tmp_path: Path) -> None:
+    """200 MiB of pixel data in about 200 kB of deflate (a legitimate, if blank, image): Success, indexed, and the
+    bridge's peak memory stays within MEMORY_HEADROOM: inflated as a stream, the pixels thrown away."""
+    study_uid, data = new_study(200 * MiB)
+    path = write_deflated(tmp_path, study_uid, data)
+    baseline = resources(bridge)
+    memory_before = reset_peak_memory(bridge)
+
+    answer = send_deflated(bridge, path)
+
+    assert answer.Status == 0x0000
+    assert peak_memory(bridge) - memory_before < MEMORY_HEADROOM
+    assert bridge.instance_uids(study_uid) == {f"{study_uid}.1.1"}
+    assert_back_to(bridge, baseline)
+
+
+def header_then_garbage(study_uid: str) -> bytes:
+    """A deflated CT header flushed to a byte boundary (it inflates), then bytes that are no deflate block."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    header = encoded(
+        make_dataset(StudyInstanceUID=study_uid, SeriesInstanceUID=f"{study_uid}.1", SOPInstanceUID=f"{study_uid}.1.1")
+    )
+    garbage = bytes(random.Random(14).getrandbits(8) for _ in range(4096))
+    return compressor.compress(header + pixel_data_header(MiB)) + compressor.flush(zlib.Z_FULL_FLUSH) + garbage
+
+
+@pytest.mark.parametrize(
+    ("damaged", "detail"),
+    [
+        (lambda study_uid, _data: header_then_garbage(study_uid), "the deflated data is corrupt"),
+        (lambda _study_uid, data: data[: len(data) // 2], "the deflated data ends before"),
+    ],
+    ids=["garbage after the header", "cut short"],
+)
+def test_corrupt_deflate_data_is_cannot_understand_not_a_processing_failure(
+    bridge: BridgeProcess, tmp_path: Path, damaged: Callable[[str, bytes], bytes], detail: str
+) -> None:
+    """0xC000 with an ErrorComment saying what is wrong, where a header that inflates is followed by data that
+    does not; no traceback in the log; nothing indexed."""
+    study_uid, data = new_study(MiB)
+    path = write_deflated(tmp_path, study_uid, damaged(study_uid, data))
+    baseline = resources(bridge)
+    log_before = len(bridge.log())
+
+    answer = send_deflated(bridge, path)
+
+    assert answer.Status == 0xC000
+    assert answer.ErrorComment.startswith(detail)
+    assert bridge.instance_uids(study_uid) == set()
+    assert "Traceback" not in bridge.log()[log_before:]
+    assert [e["status"] for e in log_events(bridge.log()[log_before:], "instance_rejected")] == ["0xC000"]
+    assert_back_to(bridge, baseline)
+    assert_storescu_gets_in(bridge, tmp_path)
+
+
+def test_dcmtk_storescu_sending_deflated_gets_its_study_indexed(bridge: BridgeProcess, tmp_path: Path) -> None:
+    """storescu -xd deflates a two-instance study on the wire (a real deflating peer): both indexed."""
+    study_uid = new_study_uid()
+    paths = write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 2)], pixel_bytes=200_000)
+
+    sent = storescu(bridge.port, paths, extra_args=("-xd",))
+
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert "-> Deflated Explicit VR Little Endian" in sent.stdout + sent.stderr
+    assert len(bridge.instance_uids(study_uid)) == 2
