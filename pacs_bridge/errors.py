@@ -53,6 +53,11 @@ class ConflictingInstanceError(InvalidInstanceError):
     """
 
 
+class SopClassMismatchError(InvalidInstanceError):
+    """The dataset's SOP Class UID is not the one its C-STORE request and presentation context name (PS3.4
+    "Data Set does not match SOP Class", 0xA900); the sender must send it under its own SOP class."""
+
+
 class UnknownStudyError(PacsBridgeError):
     """No study with this Study Instance UID is in the index; check the UID (pacs-bridge status lists studies)."""
 

@@ -31,6 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_bridge.dicom import inline_store, reactor, store_response
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason, rejection_reason
+from pacs_bridge.dicom.conformance import check_request_matches_dataset
 from pacs_bridge.dicom.extract import extract_instance
 from pacs_bridge.dicom.header import DEFAULT_MAX_INFLATED_BYTES, read_header
 from pacs_bridge.dicom.spool import SpillingBuffer
@@ -372,6 +373,12 @@ class DicomListener:
             sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
             dataset = _received_header(event, max_inflated_bytes=self._settings.max_inflated_bytes)
             record = extract_instance(dataset, sending_ae_title=calling_ae)
+            check_request_matches_dataset(
+                record,
+                affected_sop_class_uid=str(event.request.AffectedSOPClassUID or ""),
+                affected_sop_instance_uid=sop_instance_uid,
+                context_sop_class_uid=str(event.context.abstract_syntax or ""),
+            )
             outcome = self._sink.record_instance(record, received_at=self._clock())
         except Exception as exc:
             status = status_for_error(exc)

@@ -15,6 +15,7 @@ from pacs_bridge.errors import (
     ConflictingInstanceError,
     IndexUnavailableError,
     InvalidInstanceError,
+    SopClassMismatchError,
     UnstorableValueError,
 )
 
@@ -24,6 +25,7 @@ MAX_ERROR_COMMENT_CHARS = 64  # ErrorComment (0000,0902) is LO
 class StoreStatus(enum.IntEnum):
     SUCCESS = 0x0000
     OUT_OF_RESOURCES = 0xA700  # the index cannot be written now; the sender should retry
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # the dataset's SOP class is not the request's or its context's
     CANNOT_UNDERSTAND = 0xC000  # an attribute is missing, malformed, undecodable or a value the index cannot hold
     CONFLICTS_WITH_INDEX = 0xC001  # a UID reused under another study or series; first arrival kept
     PROCESSING_FAILURE = 0x0110  # a failure of ours that no table entry covers; logged with traceback
@@ -32,6 +34,7 @@ class StoreStatus(enum.IntEnum):
 # Most specific first: the first entry the error is an instance of decides.
 _STATUS_BY_ERROR: tuple[tuple[type[BaseException], StoreStatus], ...] = (
     (ConflictingInstanceError, StoreStatus.CONFLICTS_WITH_INDEX),
+    (SopClassMismatchError, StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS),
     (InvalidInstanceError, StoreStatus.CANNOT_UNDERSTAND),
     (UnstorableValueError, StoreStatus.CANNOT_UNDERSTAND),  # the database refused a value; a retry cannot help
     (IndexUnavailableError, StoreStatus.OUT_OF_RESOURCES),

@@ -17,6 +17,7 @@ from pacs_bridge.errors import (
     IndexUnavailableError,
     InvalidInstanceError,
     PublishError,
+    SopClassMismatchError,
     UnstorableValueError,
 )
 
@@ -26,6 +27,8 @@ from pacs_bridge.errors import (
     [
         # a UID reused under another study/series: refused, first arrival kept (checked before its parent class)
         (ConflictingInstanceError("SOPInstanceUID", "(0008,0018)", "already in study 1.2.3"), 0xC001),
+        # a dataset of another SOP class than its request and context: data set does not match SOP class
+        (SopClassMismatchError("SOPClassUID", "(0008,0016)", "is MR, not the context's CT"), 0xA900),
         # a missing or malformed required attribute: cannot understand
         (InvalidInstanceError("StudyInstanceUID", "(0020,000D)", "is missing or empty"), 0xC000),
         # an unreadable dataset (no attribute to name) is still "cannot understand"

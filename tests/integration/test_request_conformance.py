@@ -1,0 +1,135 @@
+"""PS3.4: a C-STORE's dataset must be the instance its request names, of the SOP class its context was negotiated
+for. pynetdicom, scripted below its SCU API, sends requests whose Affected SOP Class or Instance UID, or
+presentation context, disagree with the dataset; the listener (real index, SQLite and PostgreSQL) answers 0xA900
+("Data Set does not match SOP Class") or 0xC000 and indexes nothing, both when its C-STOREs are served inline
+(dicom/inline_store.py) and by pynetdicom's own Storage SCP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, build_context
+from pynetdicom.dimse_primitives import C_STORE
+
+from pacs_bridge.dicom import inline_store
+from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.index.repository import Index
+from tests.support.associations import wait_for_associations_to_end
+from tests.support.dcmtk import storescu
+from tests.support.raw_files import encoded
+from tests.support.studies import make_dataset, uid, write_file
+
+CT = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+MR = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+
+
+@pytest.fixture(params=["inline", "pynetdicom"])
+def listener(request: pytest.FixtureRequest, index: Index, monkeypatch: pytest.MonkeyPatch) -> Iterator[DicomListener]:
+    """The listener, its C-STOREs served inline (the default) or, with inline serving never attached, by
+    pynetdicom's own Storage SCP."""
+    if request.param == "pynetdicom":
+        monkeypatch.setattr(inline_store, "attach", lambda _assoc: False)
+    running = DicomListener(
+        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=lambda: datetime.now(UTC)
+    )
+    running.start()
+    yield running
+    running.stop(drain_timeout_seconds=5)
+
+
+def store(listener: DicomListener, *, context: str, request_class: str, request_instance: str, dataset: Any) -> Any:
+    """One C-STORE on its own association with one presentation context (``context``, Explicit VR Little
+    Endian): the request names ``request_class`` and ``request_instance``, whatever ``dataset`` holds. Returns
+    the response primitive, after checking which path served it. (pynetdicom's send_c_store takes both UIDs from
+    the dataset or file meta, and the context from them: the request is sent as send_c_store sends it.)"""
+    ae = AE(ae_title="MODALITY")
+    ae.requested_contexts = [
+        build_context(context, [ExplicitVRLittleEndian]),
+        build_context(MR if context == CT else CT),
+    ]
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
+    assert assoc.is_established
+    (acceptor,) = listener._server.active_associations
+    inline = inline_store.attached(acceptor)
+    served_inline = inline.served if inline is not None else None
+    context_id = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == context)
+    request = C_STORE()
+    request.MessageID = 1
+    request.Priority = 2
+    request.AffectedSOPClassUID = request_class
+    request.AffectedSOPInstanceUID = request_instance
+    request.DataSet = BytesIO(encoded(dataset))
+    assoc._reactor_checkpoint.clear()  # as send_c_store does: its reactor must not take the response
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    assoc.dimse.send_msg(request, context_id)
+    _, response = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    assoc.release()
+    wait_for_associations_to_end(listener)
+    if inline is not None:  # served inline: this path answered
+        assert inline.served == (served_inline or 0) + 1
+    return response
+
+
+def dataset(sop_class: str, instance: str = "1.1.1") -> Any:
+    return make_dataset(SOPClassUID=sop_class, SOPInstanceUID=uid(instance), Modality="MR" if sop_class == MR else "CT")
+
+
+MISMATCH_ROWS = [
+    # (presentation context, request's Affected SOP Class, dataset's SOP class, status)
+    (CT, CT, MR, 0xA900),  # an MR dataset sent as a CT image
+    (CT, MR, MR, 0xA900),  # an MR request and dataset on the CT context: not indexed as MR
+    (CT, MR, CT, 0xA900),  # a CT dataset, but the request names MR
+    (CT, CT, CT, 0x0000),  # all three agree: stored
+]
+
+
+@pytest.mark.parametrize(
+    ("context", "request_class", "dataset_class", "status"),
+    MISMATCH_ROWS,
+    ids=["dataset MR", "request and dataset MR on CT", "request MR", "all CT"],
+)
+def test_a_dataset_of_another_sop_class_than_its_request_or_context_is_refused_with_a900(
+    listener: DicomListener, index: Index, context: str, request_class: str, dataset_class: str, status: int
+) -> None:
+    """0xA900 with an ErrorComment naming SOPClassUID, and nothing indexed; Success only when all agree."""
+    response = store(
+        listener,
+        context=context,
+        request_class=request_class,
+        request_instance=uid("1.1.1"),
+        dataset=dataset(dataset_class),
+    )
+
+    assert response.Status == status
+    if status == 0xA900:
+        assert response.ErrorComment.startswith("SOPClassUID (0008,0016)")
+        assert index.study_status(uid("1")) is None
+    else:
+        assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+def test_a_dataset_of_another_instance_than_its_request_is_refused_and_neither_uid_indexed(
+    listener: DicomListener, index: Index, tmp_path: Path
+) -> None:
+    """The request names instance 1.1.1, the dataset is 1.1.2: 0xC000 naming SOPInstanceUID; the study holds
+    neither; storescu then stores an instance of the same study."""
+    response = store(
+        listener, context=CT, request_class=CT, request_instance=uid("1.1.1"), dataset=dataset(CT, "1.1.2")
+    )
+
+    assert response.Status == 0xC000
+    assert response.ErrorComment.startswith("SOPInstanceUID (0008,0018)")
+    assert index.study_status(uid("1")) is None
+    sent = storescu(listener.port, write_file(dataset(CT, "1.1.3"), tmp_path / "good.dcm"))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
