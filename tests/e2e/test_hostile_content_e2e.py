@@ -1,4 +1,6 @@
-"""Hostile content, end to end: ``pacs-bridge run`` (a subprocess, SQLite) against datasets built to hurt.
+"""Hostile content, end to end: ``pacs-bridge run`` (a subprocess, SQLite) against datasets built to hurt:
+deflate bombs and corrupt deflate data, datasets that are not what their request says, values no database
+can hold.
 
 Senders: pynetdicom sending files exactly as written (tests/support/raw_files.py) and DCMTK's storescu. Each
 case asserts the DIMSE status and its ErrorComment, that nothing was indexed when refused, that storescu still
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from tests.support.bridge_process import BridgeProcess, log_events, wait_for
 from tests.support.dcmtk import storescu
@@ -225,3 +228,57 @@ def test_dcmtk_storescu_sending_deflated_gets_its_study_indexed(bridge: BridgePr
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert "-> Deflated Explicit VR Little Endian" in sent.stdout + sent.stderr
     assert len(bridge.instance_uids(study_uid)) == 2
+
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def raw_ct_file(directory: Path, *, command_instance: str, **values: Any) -> tuple[Path, str]:
+    """A file whose file meta (hence the C-STORE request) names a CT instance, with a dataset holding ``values``
+    (whatever they are) in a fresh study; and that study's UID."""
+    study_uid = new_study_uid()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom warns about the invalid values we mean to send
+        dataset = encoded(
+            make_dataset(
+                StudyInstanceUID=study_uid,
+                SeriesInstanceUID=f"{study_uid}.1",
+                SOPInstanceUID=f"{study_uid}.1.1",
+                **values,
+            )
+        )
+    path = write_raw_file(
+        directory / f"{study_uid}.dcm",
+        sop_class=CT_IMAGE_STORAGE,
+        sop_instance=command_instance.replace("{study}", study_uid),
+        transfer_syntax=ExplicitVRLittleEndian,
+        dataset=dataset,
+    )
+    return path, study_uid
+
+
+@pytest.mark.parametrize(
+    ("values", "command_instance", "status", "comment"),
+    [
+        ({"SOPClassUID": MR_IMAGE_STORAGE, "Modality": "MR"}, "{study}.1.1", 0xA900, "SOPClassUID (0008,0016)"),
+        ({}, "{study}.1.2", 0xC000, "SOPInstanceUID (0008,0018)"),
+        ({"PatientID": "PHI\x00MARK"}, "{study}.1.1", 0xC000, "PatientID (0010,0020)"),
+        ({"StudyTime": "1" * 33}, "{study}.1.1", 0xC000, "StudyTime (0008,0030)"),
+    ],
+    ids=["MR dataset as CT", "another instance", "NUL in PatientID", "StudyTime over its column"],
+)
+def test_a_dataset_that_is_not_what_it_claims_or_cannot_be_held_is_refused(
+    bridge: BridgeProcess, tmp_path: Path, values: dict[str, Any], command_instance: str, status: int, comment: str
+) -> None:
+    """The status and an ErrorComment naming the attribute; nothing of the study indexed; resources back to
+    their baseline; storescu still gets in."""
+    path, study_uid = raw_ct_file(tmp_path, command_instance=command_instance, **values)
+    baseline = resources(bridge)
+
+    answer = store_file(bridge.port, path, abstract_syntax=CT_IMAGE_STORAGE, transfer_syntax=ExplicitVRLittleEndian)
+
+    assert answer.Status == status
+    assert answer.ErrorComment.startswith(comment)
+    assert bridge.study_row(study_uid) is None
+    assert_back_to(bridge, baseline)
+    assert_storescu_gets_in(bridge, tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pacs_bridge.errors import IndexUnavailableError, PublishError
 from pacs_bridge.redaction import redact_url, redact_urls
 
 URL_ROWS = [
@@ -32,3 +33,14 @@ def test_redact_urls_hides_every_url_in_a_message_and_leaves_the_rest() -> None:
     """An error message quoting two URLs and an e-mail address: both URLs lose their userinfo, the rest stays."""
     message = "cannot reach 'http://u:pw1@a/fhir' nor postgresql://v:pw2@b/db; ask admin@example.org"
     assert redact_urls(message) == "cannot reach 'http://***@a/fhir' nor postgresql://***@b/db; ask admin@example.org"
+
+
+def test_every_error_of_ours_quotes_urls_without_their_userinfo() -> None:
+    """A PacsBridgeError's message, and a PublishError's detail (stored as a study's last_error), are redacted
+    where they are made, whatever builds them."""
+    unavailable = IndexUnavailableError("cannot open the index database postgresql://bridge:s3cret@db/pacs")
+    publish = PublishError("cannot reach http://user:s3cret@fhir.example.org/fhir/ImagingStudy/1", retryable=True)
+
+    assert str(unavailable) == "cannot open the index database postgresql://***@db/pacs"
+    assert publish.detail == "cannot reach http://***@fhir.example.org/fhir/ImagingStudy/1"
+    assert "s3cret" not in str(publish)
