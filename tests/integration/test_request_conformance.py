@@ -8,8 +8,6 @@ presentation context, disagree with the dataset; the listener (real index, SQLit
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.dimse_primitives import C_STORE
 
 from pacs_bridge.dicom import inline_store
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 from tests.support.associations import wait_for_associations_to_end
 from tests.support.dcmtk import storescu
@@ -31,18 +29,9 @@ CT = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
 MR = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
 
 
-@pytest.fixture(params=["inline", "pynetdicom"])
-def listener(request: pytest.FixtureRequest, index: Index, monkeypatch: pytest.MonkeyPatch) -> Iterator[DicomListener]:
-    """The listener, its C-STOREs served inline (the default) or, with inline serving never attached, by
-    pynetdicom's own Storage SCP."""
-    if request.param == "pynetdicom":
-        monkeypatch.setattr(inline_store, "attach", lambda _assoc: False)
-    running = DicomListener(
-        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0), index, clock=lambda: datetime.now(UTC)
-    )
-    running.start()
-    yield running
-    running.stop(drain_timeout_seconds=5)
+@pytest.fixture
+def listener(listener_on_each_path: DicomListener) -> DicomListener:
+    return listener_on_each_path
 
 
 def store(listener: DicomListener, *, context: str, request_class: str, request_instance: str, dataset: Any) -> Any:
