@@ -255,7 +255,7 @@ def _reconcile(config: Config, *, config_path: str, fix: bool) -> None:
     for discrepancy in report.discrepancies:
         action = {"missing": "republished", "stale": "republished", "duplicate": "deleted"}[discrepancy.kind]
         suffix = f" -> {action}" if discrepancy.fixed else ""
-        print(f"{discrepancy.kind:<9} {discrepancy.study_uid}  {discrepancy.detail}{suffix}")
+        print(f"{discrepancy.kind:<9} {discrepancy.study_uid}  {redact_urls(discrepancy.detail)}{suffix}")
     print(
         f"{report.checked} published studies checked against {redact_url(config.fhir.base_url)}: "
         f"{len(report.discrepancies)} discrepancies, {len(report.unresolved)} unresolved"
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "check-config":
         print(f"{choice.path}: configuration is valid")
         for warning in config_warnings(config):
-            print(f"{choice.path}: warning: {warning}", file=sys.stderr)
+            print(f"{choice.path}: warning: {redact_urls(warning)}", file=sys.stderr)
         if args.online:
             _check_online(config)
         return

@@ -139,7 +139,7 @@ def open_index(config: Config, *, config_path: str = "FILE", create: bool = Fals
         engine.dispose()
         raise
     if change.created:
-        log.info("index_created", database=engine.url.render_as_string(hide_password=True))
+        log.info("index_created", database=redact_url(engine.url.render_as_string(hide_password=False)))
     return engine, index_on(engine, config)
 
 

@@ -77,7 +77,7 @@ def prepare_schema(
             config = _alembic_config(connection)
             if not inspect(connection).has_table("studies"):
                 if not create:
-                    url = engine.url.render_as_string(hide_password=True)
+                    url = redact_url(engine.url.render_as_string(hide_password=False))
                     raise IndexNotFoundError(
                         f"no pacs-bridge index in {url}: the database has no pacs-bridge tables, and this command "
                         f"creates none; check database.url in {config_hint} (pacs-bridge run creates the index at "

@@ -28,7 +28,8 @@ def with_password(url: str) -> str:
     return url.replace("://postgres@", f"://postgres:{DATABASE_SECRET}@", 1)
 
 
-def run(tmp_path: Path, capsys: pytest.CaptureFixture[str], *argv: str, **sections: object) -> tuple[int, str]:
+def run(tmp_path: Path, capsys: pytest.CaptureFixture[str], *argv: str, **sections: object) -> tuple[int, str, str]:
+    """The exit code, stdout and stderr of the command with a configuration of ``sections``."""
     config = tmp_path / "pacs-bridge.yaml"
     config.write_text(yaml.safe_dump(sections), encoding="utf-8")
     try:
@@ -37,7 +38,7 @@ def run(tmp_path: Path, capsys: pytest.CaptureFixture[str], *argv: str, **sectio
     except SystemExit as exit_:
         code = int(exit_.code or 0)
     captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return code, captured.out, captured.err
 
 
 @pytest.mark.postgresql
@@ -48,7 +49,7 @@ def test_check_config_online_names_both_servers_without_their_passwords(
     """Both checks pass with credentials in the URLs, and each line shows its server as ***@host."""
     fhir_url = fhir_server.base_url.replace("://", f"://bridge:{FHIR_SECRET}@", 1)
 
-    code, out = run(
+    code, out, err = run(
         tmp_path,
         capsys,
         "check-config",
@@ -56,6 +57,7 @@ def test_check_config_online_names_both_servers_without_their_passwords(
         database={"url": with_password(postgres_schema_url)},
         fhir={"base_url": fhir_url},
     )
+    out += err
 
     assert code == 0, out
     assert "ok   database: postgresql+psycopg://***@127.0.0.1:5432/test" in out
@@ -68,7 +70,7 @@ def test_check_config_online_failures_quote_the_urls_without_their_passwords(
     postgres_schema_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A database nobody listens for and a FHIR server that is not there: both FAIL, naming ***@host."""
-    code, out = run(
+    code, out, err = run(
         tmp_path,
         capsys,
         "check-config",
@@ -76,6 +78,7 @@ def test_check_config_online_failures_quote_the_urls_without_their_passwords(
         database={"url": f"postgresql+psycopg://postgres:{DATABASE_SECRET}@127.0.0.1:1/test?connect_timeout=2"},
         fhir={"base_url": f"http://bridge:{FHIR_SECRET}@127.0.0.1:9/fhir"},
     )
+    out += err
 
     assert code == 1
     assert "FAIL database: postgresql+psycopg://***@127.0.0.1:1/test" in out
@@ -100,10 +103,10 @@ def test_status_quotes_a_failure_reason_without_the_password_of_its_url(
     index.mark_failed(uid("1"), change_seq=1, error=f"cannot reach http://bridge:{FHIR_SECRET}@fhir.example.org/fhir")
     sections = {"database": {"url": database_url}, "fhir": {"base_url": "http://127.0.0.1:9/fhir"}}
 
-    code, text = run(tmp_path, capsys, "status", **sections)
-    json_code, document = run(tmp_path, capsys, "status", "--json", **sections)
+    code, text, text_err = run(tmp_path, capsys, "status", **sections)
+    json_code, document, json_err = run(tmp_path, capsys, "status", "--json", **sections)
 
     assert (code, json_code) == (0, 0)
     assert "cannot reach http://***@fhir.example.org/fhir" in text
     assert json.loads(document)["failed"][0]["last_error"] == "cannot reach http://***@fhir.example.org/fhir"
-    assert FHIR_SECRET not in text + document
+    assert FHIR_SECRET not in text + text_err + document + json_err
