@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -480,6 +481,82 @@ class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class PacsAuthConfig(_Section):
+    """How the backfill authenticates to the PACS's DICOMweb service, as ``fhir.auth`` does: none, bearer or
+    basic, secrets named (environment variable or file), never written here."""
+
+    mode: Literal["none", "bearer", "basic"] = "none"
+    token_env: str = ""
+    token_file: ConfigFilePath = ""
+    username: str = ""
+    password_env: str = ""
+    password_file: ConfigFilePath = ""
+
+    @field_validator("token_env", "password_env")
+    @classmethod
+    def _check_env_name(cls, value: str) -> str:
+        if value and not _ENV_NAME.fullmatch(value):
+            raise ValueError(
+                "expected the name of an environment variable (letters, digits and _, e.g. "
+                "PACS_BRIDGE_PACS_PASSWORD); the secret itself belongs in that variable"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _keys_fit_the_mode(self) -> PacsAuthConfig:
+        problems = []
+        for need in _AUTH_REQUIRED[self.mode]:
+            if isinstance(need, tuple):
+                if len([key for key in need if getattr(self, key)]) != 1:
+                    problems.append(f"mode {self.mode} needs exactly one of {' or '.join(need)}")
+            elif not getattr(self, need):
+                problems.append(f"mode {self.mode} needs {need}")
+        usable = {"mode"}
+        usable.update(
+            key for need in _AUTH_REQUIRED[self.mode] for key in (need if isinstance(need, tuple) else (need,))
+        )
+        for key in sorted(self.model_fields_set - usable):
+            if getattr(self, key) != type(self).model_fields[key].default:
+                problems.append(f"{key} is not used with mode {self.mode}; remove it or change the mode")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class PacsDimseConfig(_Section):
+    """A PACS queried with C-FIND (Study Root); the calling AE title is dicom.ae_title."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    # The most C-FIND answers the PACS gives to one query: a window with that many is split in two.
+    max_results: int = Field(default=500, ge=0)  # 0: the PACS has no limit
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return _checked_ae_title(value)
+
+
+class PacsConfig(_Section):
+    """The PACS that ``pacs-bridge backfill`` reads studies from (docs/backfill.md)."""
+
+    dicomweb_url: str = ""  # QIDO-RS / WADO-RS base URL (the one before /studies); empty: no DICOMweb
+    auth: PacsAuthConfig = PacsAuthConfig()
+    dimse: PacsDimseConfig | None = None
+    # Requests go one at a time, and start at most this often; 0: no limit beyond one at a time.
+    max_requests_per_second: float = Field(default=20.0, ge=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    qido_limit: int = Field(default=100, ge=1, le=10000)  # studies per QIDO-RS page
+    max_response_megabytes: float = Field(default=256.0, gt=0)  # one metadata answer at most
+    max_attempts: int = Field(default=5, ge=1, le=100)  # per request, when the PACS answers 429 or 503
+
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _check_dicomweb_url(cls, value: str) -> str:
+        return _http_url(value).rstrip("/") if value else value
+
+
 class Config(_Section):
     dicom: DicomConfig = DicomConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -492,6 +569,7 @@ class Config(_Section):
     publish: PublishConfig = PublishConfig()
     logging: LoggingConfig = LoggingConfig()
     http: HttpConfig | None = None
+    pacs: PacsConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -522,7 +600,12 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
             return None
         annotation = field.annotation
         inner = getattr(annotation, "__args__", None)
-        model = inner[0] if inner and getattr(annotation, "__origin__", None) is list else annotation
+        if inner and getattr(annotation, "__origin__", None) is list:
+            model = inner[0]
+        elif inner and isinstance(annotation, types.UnionType):  # an optional section: SECTION | None
+            model = next((arg for arg in inner if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+        else:
+            model = annotation
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
@@ -562,6 +645,8 @@ def parse_config(data: Any, *, path: str, directory: Path | None = None) -> Conf
     if not isinstance(data, dict):
         raise ConfigError(path, [f"expected a mapping of sections at the top level, got {type(data).__name__}"])
     data, problems = _without_inline_secrets(data)
+    data, pacs_problems = _without_inline_secrets(data, "pacs")
+    problems += pacs_problems
     problems += _duplicate_endpoint_ids(data.get("endpoints"))
     try:
         config = Config.model_validate(data, context={_CONFIG_DIRECTORY: directory})
@@ -623,12 +708,12 @@ def config_warnings(config: Config) -> list[str]:
     ]
 
 
-def _without_inline_secrets(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """``data`` without secrets written inline under ``fhir.auth``, and a problem naming each one.
+def _without_inline_secrets(data: dict[str, Any], section: str = "fhir") -> tuple[dict[str, Any], list[str]]:
+    """``data`` without secrets written inline under ``{section}.auth``, and a problem naming each one.
 
     They are taken out before validation so that no error (nor its cause) ever carries their value.
     """
-    fhir = data.get("fhir")
+    fhir = data.get(section)
     if not isinstance(fhir, dict) or not isinstance(fhir.get("auth"), dict):
         return data, []
     auth: dict[str, Any] = fhir["auth"]
@@ -637,13 +722,13 @@ def _without_inline_secrets(data: dict[str, Any]) -> tuple[dict[str, Any], list[
         if key in auth:
             where = " or ".join(f"'{name}'" for name in instead)
             problems.append(
-                f"at 'fhir.auth.{key}': secrets are not accepted in the configuration file; name an environment "
+                f"at '{section}.auth.{key}': secrets are not accepted in the configuration file; name an environment "
                 f"variable or a file (readable only by the bridge's user) that holds it, with {where}"
             )
     if not problems:
         return data, []
     cleaned = {key: value for key, value in auth.items() if key not in _INLINE_SECRET_KEYS}
-    return {**data, "fhir": {**fhir, "auth": cleaned}}, problems
+    return {**data, section: {**fhir, "auth": cleaned}}, problems
 
 
 def _duplicate_endpoint_ids(endpoints: Any) -> list[str]:

@@ -10,7 +10,15 @@ import yaml
 from pydantic import BaseModel
 
 from pacs_bridge.cli import EXIT_CONFIG_ERROR, main
-from pacs_bridge.config import Config, HttpConfig, load_config, parse_config
+from pacs_bridge.config import (
+    Config,
+    HttpConfig,
+    PacsAuthConfig,
+    PacsConfig,
+    PacsDimseConfig,
+    load_config,
+    parse_config,
+)
 from pacs_bridge.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +51,7 @@ def _keys(model: type[BaseModel]) -> set[str]:
 
 def test_example_file_shows_every_key_with_its_default() -> None:
     """The example documents every key, and each value it shows is the default (endpoints and the optional http
-    section aside: they show a typical value)."""
+    and pacs sections aside: they show a typical value)."""
     document = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     example = load_config(EXAMPLE)
     defaults = parse_config({"fhir": {"base_url": example.fhir.base_url}}, path="defaults", directory=EXAMPLE.parent)
@@ -52,10 +60,16 @@ def test_example_file_shows_every_key_with_its_default() -> None:
     for section, model in Config.model_fields.items():
         if section == "endpoints":
             continue
-        annotation = HttpConfig if section == "http" else model.annotation
+        annotation = {"http": HttpConfig, "pacs": PacsConfig}.get(section, model.annotation)
         assert isinstance(annotation, type)
         assert set(document[section]) == _keys(annotation), section
-    assert example.model_copy(update={"endpoints": [], "http": None}) == defaults
+    assert example.model_copy(update={"endpoints": [], "http": None, "pacs": None}) == defaults
+    assert example.pacs is not None
+    assert set(document["pacs"]["auth"]) == _keys(PacsAuthConfig)
+    assert set(document["pacs"]["dimse"]) == _keys(PacsDimseConfig)
+    assert example.pacs.model_copy(update={"dicomweb_url": "", "dimse": None}) == PacsConfig()
+    assert example.pacs.dimse is not None
+    assert example.pacs.dimse.max_results == PacsDimseConfig.model_fields["max_results"].default
 
 
 def test_minimal_config_with_only_the_fhir_base_url_is_valid_with_defaults() -> None:
