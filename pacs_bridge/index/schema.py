@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_bridge.errors import IndexNotFoundError, IndexUnavailableError, PacsBridgeError
+from pacs_bridge.index import backfill_progress  # noqa: F401  (its tables belong to Base.metadata)
 from pacs_bridge.index.models import Base
 from pacs_bridge.redaction import redact_url
 

@@ -1,0 +1,90 @@
+"""Pure planning of the StudyDate windows a backfill asks the PACS about (stdlib only).
+
+A backfill covers ``[since, until]`` in calendar-year windows. A window whose answer is full (the PACS's
+maximum of C-FIND answers, or a whole QIDO page) is split in two halves, down to a single day, so that no
+query asks for more than the PACS will give. The windows done are kept in the index; a window is skipped
+when windows done cover every one of its days, which is how a resumed run skips what it did before even
+though it splits the same way again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+EARLIEST_STUDY_DATE = date(1900, 1, 1)  # --since when not given: before any digital image
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+class Window:
+    """StudyDate from ``first_day`` to ``last_day``, both included."""
+
+    first_day: date
+    last_day: date
+
+    def __post_init__(self) -> None:
+        if self.last_day < self.first_day:
+            raise ValueError(f"a window cannot end ({self.last_day}) before it starts ({self.first_day})")
+
+    @property
+    def days(self) -> int:
+        return (self.last_day - self.first_day).days + 1
+
+    @property
+    def splittable(self) -> bool:
+        return self.days > 1
+
+    def dicom_range(self) -> str:
+        """The DICOM date range matching this window: ``YYYYMMDD-YYYYMMDD``, or one date for a single day."""
+        first = self.first_day.strftime("%Y%m%d")
+        return first if self.first_day == self.last_day else f"{first}-{self.last_day.strftime('%Y%m%d')}"
+
+    def __str__(self) -> str:
+        return str(self.first_day) if self.first_day == self.last_day else f"{self.first_day}..{self.last_day}"
+
+
+def plan_windows(since: date, until: date) -> list[Window]:
+    """``[since, until]`` cut at each new year: the windows a backfill starts from, oldest first."""
+    if until < since:
+        raise ValueError(f"--until {until} is before --since {since}; give the earlier date as --since")
+    windows = []
+    first = since
+    while first <= until:
+        last = min(date(first.year, 12, 31), until)
+        windows.append(Window(first_day=first, last_day=last))
+        first = last + timedelta(days=1)
+    return windows
+
+
+def split_window(window: Window) -> tuple[Window, Window]:
+    """The two halves of a window of more than one day (the first half the longer when the days are odd)."""
+    if not window.splittable:
+        raise ValueError(f"window {window} is a single day and cannot be split")
+    middle = window.first_day + timedelta(days=(window.days + 1) // 2 - 1)
+    return (
+        Window(first_day=window.first_day, last_day=middle),
+        Window(first_day=middle + timedelta(days=1), last_day=window.last_day),
+    )
+
+
+def days_covered(window: Window, done: Iterable[Window]) -> int:
+    """How many days of ``window`` the windows in ``done`` cover (they may overlap each other)."""
+    covered = 0
+    cursor = window.first_day
+    for other in sorted(done):
+        if other.last_day < cursor:
+            continue
+        if other.first_day > window.last_day:
+            break
+        start = max(other.first_day, cursor)
+        end = min(other.last_day, window.last_day)
+        if end >= start:
+            covered += (end - start).days + 1
+            cursor = end + timedelta(days=1)
+    return covered
+
+
+def is_covered(window: Window, done: Sequence[Window]) -> bool:
+    """Whether the windows in ``done`` cover every day of ``window``."""
+    return days_covered(window, done) == window.days

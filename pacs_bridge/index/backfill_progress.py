@@ -1,0 +1,297 @@
+"""The progress of backfills, kept in the index database: one row per run, one per window done.
+
+A run is identified by what it asks for (``RunKey``: source, dates, modality, study). Starting a backfill
+continues the last run with the same key that did not complete, skipping the windows it did; once a run
+has completed, the same command starts a new one (which asks the PACS again, and changes nothing in the
+index for studies it already holds). Counters are cumulative per run and are read by ``status`` and by the
+metrics at scrape time, so a backfill running as its own process shows in the service's ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    Connection,
+    Date,
+    Engine,
+    ForeignKey,
+    Integer,
+    Row,
+    String,
+    Table,
+    Text,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Mapped, mapped_column
+
+from pacs_bridge.backfill.windows import Window
+from pacs_bridge.errors import IndexUnavailableError
+from pacs_bridge.index.models import Base, UtcDateTime
+
+
+class RunState(enum.StrEnum):
+    RUNNING = "running"  # a backfill process is (or was, if it died) working on it
+    STOPPED = "stopped"  # stopped by SIGINT/SIGTERM: the same command continues it
+    INCOMPLETE = "incomplete"  # ended with windows or studies that failed: the same command retries them
+    COMPLETE = "complete"  # every window done
+
+
+class BackfillRun(Base):
+    __tablename__ = "backfill_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_key: Mapped[str] = mapped_column(String(255), index=True)
+    source: Mapped[str] = mapped_column(String(16))
+    since: Mapped[date | None] = mapped_column(Date)
+    until: Mapped[date | None] = mapped_column(Date)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    study_uid: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    days_total: Mapped[int] = mapped_column(Integer, default=0)
+    days_done: Mapped[int] = mapped_column(Integer, default=0)
+    studies_found: Mapped[int] = mapped_column(Integer, default=0)
+    studies_indexed: Mapped[int] = mapped_column(Integer, default=0)  # with a new or changed instance
+    studies_unchanged: Mapped[int] = mapped_column(Integer, default=0)  # already indexed as the PACS has them
+    instances_indexed: Mapped[int] = mapped_column(Integer, default=0)  # new or changed instances
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # studies and windows that failed
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class BackfillWindow(Base):
+    """A window of a run whose studies were all indexed (``first_day`` NULL: a run for one study)."""
+
+    __tablename__ = "backfill_windows"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("backfill_runs.id", ondelete="CASCADE"), index=True)
+    first_day: Mapped[date | None] = mapped_column(Date)
+    last_day: Mapped[date | None] = mapped_column(Date)
+    studies: Mapped[int] = mapped_column(Integer, default=0)
+    done_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+_runs = cast(Table, BackfillRun.__table__)
+_windows = cast(Table, BackfillWindow.__table__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunKey:
+    """What a backfill asks for; runs with equal keys continue each other."""
+
+    source: str
+    since: date | None = None
+    until: date | None = None
+    modality: str = ""
+    study_uid: str = ""
+
+    def text(self) -> str:
+        return "|".join((self.source, str(self.since or ""), str(self.until or ""), self.modality, self.study_uid))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunCounts:
+    """What a run did; also the increments written as it goes."""
+
+    days_done: int = 0
+    studies_found: int = 0
+    studies_indexed: int = 0
+    studies_unchanged: int = 0
+    instances_indexed: int = 0
+    failures: int = 0
+
+    def __add__(self, other: RunCounts) -> RunCounts:
+        return RunCounts(
+            days_done=self.days_done + other.days_done,
+            studies_found=self.studies_found + other.studies_found,
+            studies_indexed=self.studies_indexed + other.studies_indexed,
+            studies_unchanged=self.studies_unchanged + other.studies_unchanged,
+            instances_indexed=self.instances_indexed + other.instances_indexed,
+            failures=self.failures + other.failures,
+        )
+
+    @property
+    def is_empty(self) -> bool:
+        return self == RunCounts()
+
+
+_COUNT_COLUMNS = tuple(RunCounts.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenedRun:
+    run_id: int
+    resumed: bool  # an earlier, unfinished run with the same key is continued
+    windows_done: tuple[Window, ...]
+    whole_query_done: bool  # a one-study run: its study was indexed
+    counts: RunCounts  # what it had done before this start (days_done recomputed by the runner)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStatus:
+    """One run as ``pacs-bridge status`` shows it."""
+
+    run_id: int
+    source: str
+    since: date | None
+    until: date | None
+    modality: str
+    study_uid: str
+    state: str
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    days_total: int
+    counts: RunCounts
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackfillTotals:
+    """Every run's counters added up (they only grow: Prometheus counters), and the latest run's state."""
+
+    counts: RunCounts
+    latest: RunStatus | None
+
+
+class BackfillLedger:
+    """Backfill runs and the windows they finished, in the index database (each method one transaction)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        try:
+            with self._engine.begin() as connection:
+                yield connection
+        except SQLAlchemyError as exc:
+            raise IndexUnavailableError(
+                f"the index database failed while keeping the backfill's progress ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]}); check that the database in `database.url` is running and writable"
+            ) from exc
+
+    def open_run(self, key: RunKey, *, days_total: int, now: datetime) -> OpenedRun:
+        """Continue the latest unfinished run with ``key``, or start a new one."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                select(_runs)
+                .where(_runs.c.run_key == key.text(), _runs.c.state != RunState.COMPLETE.value)
+                .order_by(_runs.c.id.desc())
+                .limit(1)
+            ).first()
+            if row is not None:
+                conn.execute(
+                    update(_runs)
+                    .where(_runs.c.id == row.id)
+                    .values(state=RunState.RUNNING.value, updated_at=now, finished_at=None, days_total=days_total)
+                )
+                done = conn.execute(
+                    select(_windows.c.first_day, _windows.c.last_day).where(_windows.c.run_id == row.id)
+                ).all()
+                return OpenedRun(
+                    run_id=row.id,
+                    resumed=True,
+                    windows_done=tuple(
+                        Window(first_day=first, last_day=last) for first, last in done if first is not None
+                    ),
+                    whole_query_done=any(first is None for first, _ in done),
+                    counts=RunCounts(**{name: getattr(row, name) for name in _COUNT_COLUMNS}),
+                )
+            run_id = conn.execute(
+                insert(_runs)
+                .values(
+                    run_key=key.text(),
+                    source=key.source,
+                    since=key.since,
+                    until=key.until,
+                    modality=key.modality,
+                    study_uid=key.study_uid,
+                    state=RunState.RUNNING.value,
+                    started_at=now,
+                    updated_at=now,
+                    days_total=days_total,
+                )
+                .returning(_runs.c.id)
+            ).scalar_one()
+            return OpenedRun(run_id=run_id, resumed=False, windows_done=(), whole_query_done=False, counts=RunCounts())
+
+    def record(
+        self,
+        run_id: int,
+        counts: RunCounts,
+        *,
+        now: datetime,
+        window_done: Window | None = None,
+        whole_query_done: bool = False,
+        window_studies: int = 0,
+        last_error: str | None = None,
+    ) -> None:
+        """Add ``counts`` to the run and, in the same transaction, note a window (or the whole query) done."""
+        values: dict[str, object] = {name: _runs.c[name] + getattr(counts, name) for name in _COUNT_COLUMNS}
+        values["updated_at"] = now
+        if last_error is not None:
+            values["last_error"] = last_error
+        with self._transaction() as conn:
+            conn.execute(update(_runs).where(_runs.c.id == run_id).values(**values))
+            if window_done is not None or whole_query_done:
+                conn.execute(
+                    insert(_windows).values(
+                        run_id=run_id,
+                        first_day=window_done.first_day if window_done else None,
+                        last_day=window_done.last_day if window_done else None,
+                        studies=window_studies,
+                        done_at=now,
+                    )
+                )
+
+    def finish(self, run_id: int, state: RunState, *, now: datetime) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                update(_runs).where(_runs.c.id == run_id).values(state=state.value, updated_at=now, finished_at=now)
+            )
+
+    def latest_runs(self, *, limit: int = 5) -> list[RunStatus]:
+        """The most recent runs, newest first."""
+        with self._transaction() as conn:
+            rows = conn.execute(select(_runs).order_by(_runs.c.id.desc()).limit(limit)).all()
+        return [_run_status(row) for row in rows]
+
+    def totals(self) -> BackfillTotals:
+        with self._transaction() as conn:
+            sums = conn.execute(select(*(func.coalesce(func.sum(_runs.c[name]), 0) for name in _COUNT_COLUMNS))).one()
+            latest = conn.execute(select(_runs).order_by(_runs.c.id.desc()).limit(1)).first()
+        return BackfillTotals(
+            counts=RunCounts(**{name: int(value) for name, value in zip(_COUNT_COLUMNS, sums, strict=True)}),
+            latest=_run_status(latest) if latest is not None else None,
+        )
+
+
+def _run_status(values: Row[Any]) -> RunStatus:
+    return RunStatus(
+        run_id=values.id,
+        source=values.source,
+        since=values.since,
+        until=values.until,
+        modality=values.modality,
+        study_uid=values.study_uid,
+        state=values.state,
+        started_at=values.started_at,
+        updated_at=values.updated_at,
+        finished_at=values.finished_at,
+        days_total=values.days_total,
+        counts=RunCounts(**{name: getattr(values, name) for name in _COUNT_COLUMNS}),
+        last_error=values.last_error,
+    )
