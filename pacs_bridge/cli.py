@@ -1,7 +1,8 @@
-"""Command line: ``pacs-bridge run | check-config | migrate | status | retry | republish | reconcile``.
+"""Command line: ``pacs-bridge run | check-config | migrate | status | retry | republish | reconcile | backfill``.
 
 The only module that calls ``sys.exit``. Exit status: 0 success, 1 runtime failure (database, port, FHIR
-server), 2 invalid configuration or arguments, 3 discrepancies that reconcile found and did not repair.
+server; a backfill with failed windows or studies), 2 invalid configuration or arguments, 3 discrepancies
+that reconcile found and did not repair, 4 a backfill stopped by SIGINT/SIGTERM before its end.
 
 Every command reads its configuration from ``--config``, else ``$PACS_BRIDGE_CONFIG``, else
 ``/etc/pacs-bridge/pacs-bridge.yaml``, and says which file it used: ``run`` in its ``configuration_loaded``
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +29,7 @@ from pacs_bridge.redaction import redact_url, redact_urls
 EXIT_CONFIG_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
 EXIT_DISCREPANCIES = 3  # reconcile found differences it did not repair
+EXIT_STOPPED = 4  # a backfill stopped before its end; the same command continues it
 
 CONFIG_VARIABLE = "PACS_BRIDGE_CONFIG"
 DEFAULT_CONFIG_PATH = "/etc/pacs-bridge/pacs-bridge.yaml"
@@ -107,6 +110,16 @@ examples:
 examples:
   pacs-bridge republish --since 2024-03-15        # every study changed since that day (UTC)
   pacs-bridge republish 1.2.826.0.1.3680043.8.498.1""",
+    "backfill": """\
+examples:
+  pacs-bridge backfill --source dicomweb --since 2024-01-01 --until 2024-12-31
+  pacs-bridge backfill --source dimse --modality MR --dry-run
+  pacs-bridge backfill --source dicomweb --study 1.2.826.0.1.3680043.8.498.1
+
+Reads headers only (QIDO-RS + WADO-RS metadata, or C-FIND) from the PACS in the pacs: section and indexes
+them; the running bridge publishes them. Ctrl-C or SIGTERM stops it (exit status 4): the same command
+continues. Exit status 1: a window or study failed (each is listed; the same command retries them). See
+docs/backfill.md.""",
 }
 
 
@@ -152,7 +165,47 @@ def _parser() -> argparse.ArgumentParser:
     republish_target.add_argument(
         "--since", type=_parse_since, metavar="DATE", help="every study changed on or after DATE (YYYY-MM-DD, UTC)"
     )
+    backfill = command(
+        "backfill", "index the studies a PACS already holds, from their headers only; the service publishes them"
+    )
+    backfill.add_argument(
+        "--source", required=True, choices=("dicomweb", "dimse"), help="pacs.dicomweb_url or pacs.dimse"
+    )
+    backfill.add_argument(
+        "--since", type=_parse_date, metavar="DATE", help="first StudyDate (YYYY-MM-DD; default 1900-01-01)"
+    )
+    backfill.add_argument(
+        "--until", type=_parse_date, metavar="DATE", help="last StudyDate (YYYY-MM-DD; default today)"
+    )
+    backfill.add_argument(
+        "--modality", type=_parse_modality, metavar="M", help="only studies with a series of modality M"
+    )
+    backfill.add_argument("--study", type=_parse_uid, metavar="UID", help="only the study with this Study Instance UID")
+    backfill.add_argument(
+        "--dry-run", action="store_true", help="ask the PACS and check what it returns; record nothing"
+    )
     return parser
+
+
+def _parse_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a date such as 2024-03-15, got {text!r}") from exc
+
+
+def _parse_modality(text: str) -> str:
+    modality = text.strip().upper()
+    if not re.fullmatch(r"[A-Z0-9_]{1,16}", modality):
+        raise argparse.ArgumentTypeError(f"expected a DICOM modality code such as CT or MR, got {text!r}")
+    return modality
+
+
+def _parse_uid(text: str) -> str:
+    uid = text.strip()
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64:
+        raise argparse.ArgumentTypeError(f"expected a Study Instance UID (digits and dots, at most 64), got {text!r}")
+    return uid
 
 
 def _parse_since(text: str) -> datetime:
@@ -183,6 +236,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> None:
+    from pacs_bridge.index.backfill_progress import BackfillLedger
     from pacs_bridge.index.models import PublishState
     from pacs_bridge.service import open_index
 
@@ -191,6 +245,7 @@ def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> N
         counts = index.count_by_state()
         oldest = index.studies_in_state(PublishState.PENDING, limit=1)
         failed = index.studies_in_state(PublishState.FAILED, limit=limit)
+        backfills = BackfillLedger(engine).latest_runs(limit=3)
     finally:
         engine.dispose()
     if as_json:
@@ -198,6 +253,7 @@ def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> N
             "counts": asdict(counts),
             "oldest_pending": {k: _jsonable(v) for k, v in asdict(oldest[0]).items()} if oldest else None,
             "failed": [{k: _jsonable(v) for k, v in asdict(study).items()} for study in failed],
+            "backfills": [_jsonable_tree(asdict(run)) for run in backfills],
         }
         print(json.dumps(document, indent=2, ensure_ascii=False))
         return
@@ -215,6 +271,30 @@ def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> N
             print(f"  {study.study_uid}  attempts={study.attempts}  {redact_urls(study.last_error or '')}")
         if counts.failed > len(failed):
             print(f"  ... and {counts.failed - len(failed)} more (use --limit)")
+    for run in backfills:
+        print(f"backfill {run.run_id}: {_describe_run(run)}")
+        if run.last_error and run.state != "complete":
+            print(f"  last error: {run.last_error}")
+
+
+def _jsonable_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _jsonable_tree(item) for key, item in value.items()}
+    return value.isoformat() if isinstance(value, datetime | date) else value
+
+
+def _describe_run(run: Any) -> str:
+    """One backfill run on a line: what it asks, its state and counters."""
+    asked = f"study {run.study_uid}" if run.study_uid else f"{run.since}..{run.until}"
+    if run.modality:
+        asked += f" {run.modality}"
+    counts = run.counts
+    progress = f", {counts.days_done}/{run.days_total} days" if run.days_total else ""
+    return (
+        f"{run.source} {asked}: {run.state} (updated {run.updated_at.isoformat()}){progress}, "
+        f"{counts.studies_found} studies found, {counts.studies_indexed} indexed, {counts.studies_unchanged} "
+        f"unchanged, {counts.failures} failed"
+    )
 
 
 def _request(config: Config, args: argparse.Namespace, *, config_path: str) -> None:
@@ -263,6 +343,56 @@ def _reconcile(config: Config, *, config_path: str, fix: bool) -> None:
     if report.unresolved:
         print("run again with --fix to repair them", file=sys.stderr)
         sys.exit(EXIT_DISCREPANCIES)
+
+
+def _backfill(config: Config, args: argparse.Namespace, *, config_path: str) -> None:
+    from pacs_bridge.backfill.command import run_backfill
+    from pacs_bridge.backfill.runner import BackfillRequest
+    from pacs_bridge.logs import configure_logging
+    from pacs_bridge.service import open_index
+
+    until = args.until or date.today()
+    if args.since and until < args.since:
+        print(f"pacs-bridge: --until {until} is before --since {args.since}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    request = BackfillRequest(
+        source=args.source,
+        since=args.since,
+        until=args.until,
+        modality=args.modality or "",
+        study_uid=args.study or "",
+        dry_run=args.dry_run,
+    )
+    configure_logging(config.logging.level, config.logging.format)
+    # The index the service fills: never created here, so that a wrong database.url is named, not filled.
+    engine, index = open_index(config, config_path=config_path)
+    try:
+        summary = run_backfill(config, request, engine=engine, index=index, config_path=config_path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except KeyboardInterrupt:  # a second SIGINT/SIGTERM: stopped at once, what was done is kept
+        print("stopped at once; run the same command again to continue", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    finally:
+        engine.dispose()
+    counts = summary.counts
+    what = "would index" if summary.dry_run else "indexed"
+    print(
+        f"backfill from {args.source}{' (dry run)' if summary.dry_run else ''}: {counts.studies_found} studies "
+        f"found, {counts.studies_indexed} {what} ({counts.instances_indexed} instances), "
+        f"{counts.studies_unchanged} unchanged, {len(summary.failures)} failed"
+    )
+    for failure in summary.failures[:50]:
+        print(f"  failed: {failure.what}: {failure.error}", file=sys.stderr)
+    if len(summary.failures) > 50:
+        print(f"  ... and {len(summary.failures) - 50} more (the log has each)", file=sys.stderr)
+    if summary.stopped:
+        print("stopped before the end; run the same command again to continue", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    if summary.failures:
+        print("run the same command again to retry what failed", file=sys.stderr)
+        sys.exit(EXIT_RUNTIME_ERROR)
 
 
 def _migrate(config: Config, *, config_path: str) -> None:
@@ -328,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         if args.command == "migrate":
             _migrate(config, config_path=config_path)
+            return
+        if args.command == "backfill":
+            _backfill(config, args, config_path=config_path)
             return
         # Imported here so that the other commands stay fast and never start the runtime stack.
         import structlog

@@ -138,3 +138,13 @@ class ListenError(PacsBridgeError):
 
 # The errors of bind() that ListenError explains; any other OSError is not about the address.
 LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
+
+class PacsQueryError(PacsBridgeError):
+    """The PACS gave no usable answer to a backfill query (an error status, garbage, a timeout, a dropped
+    association); the message names the window or study and why. The backfill goes on with the next one and
+    exits non-zero; running it again retries what failed."""
+
+
+class BackfillStoppedError(PacsBridgeError):
+    """The backfill was stopped (SIGINT or SIGTERM) before its end; run the same command again to continue."""

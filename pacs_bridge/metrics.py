@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pacs_bridge.index.backfill_progress import BackfillTotals, RunState
 from pacs_bridge.index.repository import StateCounts
 
 # Seconds from a study's last indexed change to its successful publish: the quiet period plus the tick,
@@ -61,6 +62,50 @@ class _StudyStateCollector(Collector):
             )
 
 
+class _BackfillCollector(Collector):
+    """``pacs_bridge_backfill_*`` from the index: a backfill runs as its own process (``pacs-bridge backfill``),
+    and its progress is kept in the database, so the service's scrape reports it. Counters add up every run."""
+
+    _COUNTERS = (
+        ("studies_found", "Studies a backfill found in the PACS"),
+        ("studies_indexed", "Studies a backfill indexed with a new or changed instance"),
+        ("studies_unchanged", "Studies a backfill found already indexed as the PACS holds them"),
+        ("instances_indexed", "Instances a backfill indexed (new or changed)"),
+        ("failures", "Windows and studies a backfill could not index (the run goes on; rerun to retry)"),
+    )
+
+    def __init__(self, totals: Callable[[], BackfillTotals]) -> None:
+        self._totals = totals
+
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        return iter(())  # read at scrape time only: the registry must not call collect() to describe it
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        try:
+            totals = self._totals()
+        except Exception:  # a scrape must not fail because the database is down; /readyz says why
+            return
+        for name, documentation in self._COUNTERS:
+            yield CounterMetricFamily(f"pacs_bridge_backfill_{name}", documentation, value=getattr(totals.counts, name))
+        latest = totals.latest
+        yield GaugeMetricFamily(
+            "pacs_bridge_backfill_running",
+            "1 while the latest backfill run is running (or its process died without ending it)",
+            value=1 if latest is not None and latest.state == RunState.RUNNING.value else 0,
+        )
+        if latest is not None:
+            yield GaugeMetricFamily(
+                "pacs_bridge_backfill_last_progress_timestamp_seconds",
+                "Unix time at which the latest backfill run last recorded progress",
+                value=latest.updated_at.timestamp(),
+            )
+            yield GaugeMetricFamily(
+                "pacs_bridge_backfill_days_remaining",
+                "Study dates the latest backfill run has still to cover",
+                value=max(latest.days_total - latest.counts.days_done, 0),
+            )
+
+
 class BridgeMetrics:
     """The bridge's Prometheus registry; implements ``observe.BridgeObserver``.
 
@@ -76,6 +121,7 @@ class BridgeMetrics:
         oldest_pending_since: Callable[[], datetime | None] | None = None,
         max_delay_seconds: float | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        backfill_totals: Callable[[], BackfillTotals] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._store_results = Counter(
@@ -138,6 +184,8 @@ class BridgeMetrics:
                 registry=self.registry,
             ).set(max_delay_seconds)
         self.registry.register(_StudyStateCollector(count_by_state, oldest_pending_since, clock))
+        if backfill_totals is not None:
+            self.registry.register(_BackfillCollector(backfill_totals))
         self._store_result_counters: dict[tuple[int, str], Any] = {}  # (status, calling AE) -> its child
         self._lock = threading.Lock()
         self.last_pass_monotonic: float | None = None

@@ -32,6 +32,7 @@ from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.http import HealthServer
+from pacs_bridge.index.backfill_progress import BackfillLedger
 from pacs_bridge.index.engine import make_engine, sqlite_file
 from pacs_bridge.index.group_commit import GroupCommit
 from pacs_bridge.index.models import PublishState
@@ -238,6 +239,7 @@ class BridgeService:
             self.index.count_by_state,
             oldest_pending_since=self._oldest_pending_since,
             max_delay_seconds=config.debounce.max_delay_seconds,
+            backfill_totals=BackfillLedger(self.engine).totals,
         )
         self.publisher = Publisher(
             index=self.index,

@@ -1,0 +1,202 @@
+"""The DICOMweb side of a backfill, over an injected ``httpx.Client``: QIDO-RS lists the studies of a window,
+WADO-RS ``/studies/{uid}/metadata`` gives the headers of its instances as DICOM JSON.
+
+Nothing else is ever requested: no frames, no bulk data (a ``BulkDataURI`` in the metadata is left unread),
+no rendered images, no whole instances. Every answer is bounded: ``timeout`` per request (the client's),
+``max_response_bytes`` per body, and it must be a JSON array of DICOM JSON objects. A 429 or 503 is waited
+out (its ``Retry-After``, else 1, 2, 4 ... s) and asked again, at most ``max_attempts`` times in all.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydicom.dataset import Dataset
+
+from pacs_bridge.backfill.pacing import Pacer, backoff_seconds
+from pacs_bridge.backfill.source import FoundStudies, StudyQuery
+from pacs_bridge.errors import PacsQueryError
+from pacs_bridge.fhir.client import parse_retry_after
+
+DICOM_JSON = "application/dicom+json"
+STUDY_INSTANCE_UID_TAG = "0020000D"
+BUSY_STATUSES = frozenset({429, 503})
+MAX_DETAIL_CHARS = 300
+
+
+def _no_bulk_data(_tag: str, _vr: str, _uri: str) -> None:
+    """A ``BulkDataURI`` in the metadata stays unread: pixel data and other bulk values are never fetched."""
+    return None
+
+
+class DicomWebSource:
+    """Studies and instance headers from a DICOMweb server (``pacs.dicomweb_url``)."""
+
+    name = "dicomweb"
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        *,
+        base_url: str,
+        pacer: Pacer,
+        page_size: int = 100,
+        max_response_bytes: int = 256 * 1024 * 1024,
+        max_attempts: int = 5,
+    ) -> None:
+        self._http = http
+        self._base_url = base_url.rstrip("/")
+        self._pacer = pacer
+        self._page_size = page_size
+        self._max_response_bytes = max_response_bytes
+        self._max_attempts = max_attempts
+        self.requests_sent = 0
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ---- QIDO-RS ----------------------------------------------------------------------------------------------
+
+    def find_studies(self, query: StudyQuery, *, whole: bool) -> FoundStudies:
+        params: dict[str, str | int] = {}
+        if query.window is not None:
+            params["StudyDate"] = query.window.dicom_range()
+        if query.modality:
+            params["ModalitiesInStudy"] = query.modality
+        if query.study_uid:
+            params["StudyInstanceUID"] = query.study_uid
+        what = query.describe()
+        uids: list[str] = []
+        offset = 0
+        while True:
+            page, headers = self._get_json_array(
+                f"{self._base_url}/studies", what=what, params={**params, "limit": self._page_size, "offset": offset}
+            )
+            uids.extend(_study_uid(item, what=what) for item in page)
+            if not page:
+                return FoundStudies(study_uids=tuple(dict.fromkeys(uids)), full=False)
+            if len(page) < self._page_size and not more_results_warned(headers):
+                return FoundStudies(study_uids=tuple(dict.fromkeys(uids)), full=False)
+            if not whole:
+                return FoundStudies(study_uids=tuple(dict.fromkeys(uids)), full=True)
+            offset += len(page)
+
+    # ---- WADO-RS metadata ----------------------------------------------------------------------------------------
+
+    def study_instances(self, study_uid: str) -> list[Dataset]:
+        what = f"study {study_uid}"
+        items, _ = self._get_json_array(f"{self._base_url}/studies/{quote(study_uid, safe='')}/metadata", what=what)
+        datasets = []
+        for position, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise PacsQueryError(
+                    f"{what}: WADO-RS metadata item {position} is a JSON {type(item).__name__}, not a DICOM JSON "
+                    "object; the PACS's DICOMweb service answered garbage"
+                )
+            try:
+                datasets.append(Dataset.from_json(item, bulk_data_uri_handler=_no_bulk_data))
+            except Exception as exc:  # pydicom raises assorted types for malformed DICOM JSON
+                raise PacsQueryError(
+                    f"{what}: WADO-RS metadata item {position} is not valid DICOM JSON "
+                    f"({type(exc).__name__}: {str(exc)[:MAX_DETAIL_CHARS]})"
+                ) from exc
+        return datasets
+
+    # ---- one bounded exchange ------------------------------------------------------------------------------------
+
+    def _get_json_array(
+        self, url: str, *, what: str, params: dict[str, str | int] | None = None
+    ) -> tuple[list[Any], httpx.Headers]:
+        """The JSON array a GET answers (empty for 204 No Content) and the answer's headers, after waiting out
+        429/503."""
+        attempt = 0
+        while True:
+            attempt += 1
+            self._pacer.wait_turn()
+            status, headers, body = self._get(url, what=what, params=params)
+            if status in BUSY_STATUSES and attempt < self._max_attempts:
+                wait = parse_retry_after(headers.get("Retry-After"), now=datetime.now(UTC))
+                self._pacer.pause(wait if wait is not None else backoff_seconds(attempt))
+                continue
+            break
+        if status == 204:
+            return [], headers
+        if not 200 <= status < 300:
+            detail = body[:MAX_DETAIL_CHARS].decode("utf-8", errors="replace").strip()
+            advice = (
+                f"; still busy after {attempt} attempts, lower pacs.max_requests_per_second"
+                if status in BUSY_STATUSES
+                else ""
+            )
+            raise PacsQueryError(f"{what}: the PACS answered HTTP {status} to GET {url}: {detail!r}{advice}")
+        content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type not in (DICOM_JSON, "application/json"):
+            raise PacsQueryError(
+                f"{what}: the PACS answered {content_type or 'no content type'} to GET {url}, not {DICOM_JSON}"
+            )
+        try:
+            document = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PacsQueryError(f"{what}: the PACS's answer to GET {url} is not JSON ({exc})") from exc
+        if not isinstance(document, list):
+            raise PacsQueryError(
+                f"{what}: the PACS's answer to GET {url} is a JSON {type(document).__name__}, not an array"
+            )
+        return document, headers
+
+    def _get(self, url: str, *, what: str, params: dict[str, str | int] | None) -> tuple[int, httpx.Headers, bytes]:
+        """One GET: status, headers, and the body read up to ``max_response_bytes``."""
+        self.requests_sent += 1
+        try:
+            with self._http.stream("GET", url, params=params, headers={"Accept": DICOM_JSON}) as response:
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > self._max_response_bytes:
+                    raise self._too_large(what, url)
+                chunks = []
+                size = 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > self._max_response_bytes:
+                        raise self._too_large(what, url)
+                    chunks.append(chunk)
+                return response.status_code, response.headers, b"".join(chunks)
+        except httpx.TimeoutException as exc:
+            raise PacsQueryError(
+                f"{what}: no answer to GET {url} in time ({type(exc).__name__}); the PACS is overloaded or down, "
+                "or pacs.timeout_seconds is too short"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise PacsQueryError(
+                f"{what}: cannot reach the PACS for GET {url} ({type(exc).__name__}: {exc}); check "
+                "pacs.dicomweb_url and that the PACS runs"
+            ) from exc
+
+    def _too_large(self, what: str, url: str) -> PacsQueryError:
+        megabytes = self._max_response_bytes / (1024 * 1024)
+        return PacsQueryError(
+            f"{what}: the answer to GET {url} is over {megabytes:g} MiB; raise pacs.max_response_megabytes if "
+            "the study is that large"
+        )
+
+
+def more_results_warned(headers: httpx.Headers) -> bool:
+    """Whether a QIDO-RS answer says it was cut short: PS3.18 has the origin server add ``Warning: 299 ...``
+    when "the number of results exceeded the maximum supported by the server" (a page shorter than ``limit``
+    is then not the last)."""
+    return any(value.strip().startswith("299") and "result" in value.lower() for value in headers.get_list("Warning"))
+
+
+def _study_uid(item: Any, *, what: str) -> str:
+    """The Study Instance UID of one QIDO-RS result."""
+    element = item.get(STUDY_INSTANCE_UID_TAG) if isinstance(item, dict) else None
+    value = element.get("Value") if isinstance(element, dict) else None
+    uid = value[0] if isinstance(value, list) and value else None
+    if not isinstance(uid, str) or not uid:
+        raise PacsQueryError(
+            f"{what}: a QIDO-RS result has no StudyInstanceUID (0020,000D): {json.dumps(item)[:MAX_DETAIL_CHARS]}"
+        )
+    return uid
