@@ -4,7 +4,8 @@ WADO-RS ``/studies/{uid}/metadata`` gives the headers of its instances as DICOM 
 Nothing else is ever requested: no frames, no bulk data (a ``BulkDataURI`` in the metadata is left unread),
 no rendered images, no whole instances. Every answer is bounded: ``timeout`` per request (the client's),
 ``max_response_bytes`` per body, and it must be a JSON array of DICOM JSON objects. A 429 or 503 is waited
-out (its ``Retry-After``, else 1, 2, 4 ... s) and asked again, at most ``max_attempts`` times in all.
+out (its ``Retry-After``, else 1, 2, 4 ... s) and asked again, at most ``max_attempts`` times in all; so is
+a refused or dropped connection. A timeout is not: a PACS that slow is not asked again at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ DICOM_JSON = "application/dicom+json"
 STUDY_INSTANCE_UID_TAG = "0020000D"
 BUSY_STATUSES = frozenset({429, 503})
 MAX_DETAIL_CHARS = 300
+
+
+class _ConnectionLostError(Exception):
+    """Internal: the connection failed before an answer came; ``error`` is what to raise if it keeps failing."""
+
+    def __init__(self, error: PacsQueryError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _no_bulk_data(_tag: str, _vr: str, _uri: str) -> None:
@@ -117,7 +126,13 @@ class DicomWebSource:
         while True:
             attempt += 1
             self._pacer.wait_turn()
-            status, headers, body = self._get(url, what=what, params=params)
+            try:
+                status, headers, body = self._get(url, what=what, params=params)
+            except _ConnectionLostError as exc:
+                if attempt >= self._max_attempts:
+                    raise exc.error from exc.__cause__
+                self._pacer.pause(backoff_seconds(attempt))
+                continue
             if status in BUSY_STATUSES and attempt < self._max_attempts:
                 wait = parse_retry_after(headers.get("Retry-After"), now=datetime.now(UTC))
                 self._pacer.pause(wait if wait is not None else backoff_seconds(attempt))
@@ -170,9 +185,13 @@ class DicomWebSource:
                 "or pacs.timeout_seconds is too short"
             ) from exc
         except httpx.TransportError as exc:
-            raise PacsQueryError(
-                f"{what}: cannot reach the PACS for GET {url} ({type(exc).__name__}: {exc}); check "
-                "pacs.dicomweb_url and that the PACS runs"
+            # A refused or dropped connection (a kept-alive one the PACS closed meanwhile, a restart) is tried
+            # again like a busy answer; the error is raised once the attempts are spent.
+            raise _ConnectionLostError(
+                PacsQueryError(
+                    f"{what}: cannot reach the PACS for GET {url} ({type(exc).__name__}: {exc}); check "
+                    "pacs.dicomweb_url and that the PACS runs"
+                )
             ) from exc
 
     def _too_large(self, what: str, url: str) -> PacsQueryError:
