@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import FrameType
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -58,9 +59,13 @@ def dicomweb_auth(pacs: PacsConfig) -> SecretAuth | None:
 
 def open_source(config: Config, pacs: PacsConfig, source: str, pacer: Pacer) -> StudySource:
     if source == "dicomweb":
+        auth = dicomweb_auth(pacs)
+        url = urlsplit(pacs.dicomweb_url)
+        if auth is not None and url.scheme == "http" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("pacs_credentials_sent_in_clear", dicomweb_url=pacs.dicomweb_url, mode=pacs.auth.mode)
         http = httpx.Client(
             timeout=pacs.timeout_seconds,
-            auth=dicomweb_auth(pacs),
+            auth=auth,
             headers={"User-Agent": f"pacs-bridge/{__version__}"},
         )
         return DicomWebSource(

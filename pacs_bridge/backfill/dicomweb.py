@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pacs_bridge.backfill.pacing import Pacer, backoff_seconds
 from pacs_bridge.backfill.source import FoundStudies, StudyQuery
 from pacs_bridge.errors import PacsQueryError
+from pacs_bridge.fhir.auth import SecretAuth
 from pacs_bridge.fhir.client import parse_retry_after
 
 DICOM_JSON = "application/dicom+json"
@@ -109,9 +110,10 @@ class DicomWebSource:
             try:
                 datasets.append(Dataset.from_json(item, bulk_data_uri_handler=_no_bulk_data))
             except Exception as exc:  # pydicom raises assorted types for malformed DICOM JSON
+                # Its message may quote the value (a patient's name or ID): only its type is reported.
                 raise PacsQueryError(
-                    f"{what}: WADO-RS metadata item {position} is not valid DICOM JSON "
-                    f"({type(exc).__name__}: {str(exc)[:MAX_DETAIL_CHARS]})"
+                    f"{what}: WADO-RS metadata item {position} is not valid DICOM JSON ({type(exc).__name__}); "
+                    "the PACS's DICOMweb service answered garbage"
                 ) from exc
         return datasets
 
@@ -142,11 +144,14 @@ class DicomWebSource:
             return [], headers
         if not 200 <= status < 300:
             detail = body[:MAX_DETAIL_CHARS].decode("utf-8", errors="replace").strip()
-            advice = (
-                f"; still busy after {attempt} attempts, lower pacs.max_requests_per_second"
-                if status in BUSY_STATUSES
-                else ""
-            )
+            if isinstance(self._http.auth, SecretAuth):  # a careless server may echo the credentials
+                detail = self._http.auth.redact(detail)
+            if status in BUSY_STATUSES:
+                advice = f"; still busy after {attempt} attempts, lower pacs.max_requests_per_second"
+            elif status in (401, 403):
+                advice = "; check pacs.auth (the mode, and the secret its *_env or *_file names)"
+            else:
+                advice = ""
             raise PacsQueryError(f"{what}: the PACS answered HTTP {status} to GET {url}: {detail!r}{advice}")
         content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type not in (DICOM_JSON, "application/json"):

@@ -135,6 +135,9 @@ class CFindSource:
         self._ae.add_requested_context(FIND_MODEL)
         self._association: Any = None
         self._message_ids = itertools.count(1)
+        # The study-level answers of the last window: study_instances takes its study's attributes from them
+        # instead of asking the PACS again.
+        self._study_answers: dict[str, Dataset] = {}
         self.requests_sent = 0
 
     def close(self) -> None:
@@ -154,20 +157,26 @@ class CFindSource:
             matching["StudyInstanceUID"] = query.study_uid
         answers, ended_early = self._find(find_identifier("STUDY", **matching), what=query.describe())
         uids = []
+        self._study_answers = {}
         for answer in answers:
             uid = str(answer.get("StudyInstanceUID", "") or "").strip()
             if not uid:
                 raise PacsQueryError(f"{query.describe()}: a C-FIND answer has no StudyInstanceUID (0020,000D)")
             uids.append(uid)
+            self._study_answers[uid] = answer
         full = ended_early or (self._max_results > 0 and len(answers) >= self._max_results)
         return FoundStudies(study_uids=tuple(dict.fromkeys(uids)), full=full)
 
     def study_instances(self, study_uid: str) -> list[Dataset]:
         what = f"study {study_uid}"
-        studies, _ = self._find(find_identifier("STUDY", StudyInstanceUID=study_uid), what=what)
-        if not studies:
-            raise PacsQueryError(f"{what}: the PACS no longer finds it (C-FIND at the study level answered nothing)")
-        study = studies[0]
+        study = self._study_answers.pop(study_uid, None)
+        if study is None:
+            studies, _ = self._find(find_identifier("STUDY", StudyInstanceUID=study_uid), what=what)
+            if not studies:
+                raise PacsQueryError(
+                    f"{what}: the PACS no longer finds it (C-FIND at the study level answered nothing)"
+                )
+            study = studies[0]
         series_answers, ended_early = self._find(find_identifier("SERIES", StudyInstanceUID=study_uid), what=what)
         if ended_early:
             raise PacsQueryError(f"{what}: the PACS cut its list of series short (its C-FIND limit); not indexed")

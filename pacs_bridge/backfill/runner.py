@@ -166,21 +166,16 @@ class BackfillRunner:
         except BackfillStoppedError:
             state, stopped = RunState.STOPPED, True
         except BaseException:
+            # The database failed, or a second signal: what was done is kept, the display closed.
             state = RunState.INCOMPLETE
+            self._reporter.finished(self._summary(resumed=resumed, stopped=True, dry_run=request.dry_run))
             raise
         finally:
-            self._flush(force=True)
-            if self._run_id is not None:
-                self._ledger.finish(self._run_id, state, now=self._clock())
             self._source.close()
-        summary = BackfillSummary(
-            run_id=self._run_id,
-            resumed=resumed,
-            counts=self._total,
-            failures=list(self._failures),
-            stopped=stopped,
-            dry_run=request.dry_run,
-        )
+            if self._run_id is not None:
+                self._flush(force=True)
+                self._ledger.finish(self._run_id, state, now=self._clock())
+        summary = self._summary(resumed=resumed, stopped=stopped, dry_run=request.dry_run)
         log.info(
             "backfill_finished",
             run_id=self._run_id,
@@ -189,6 +184,16 @@ class BackfillRunner:
         )
         self._reporter.finished(summary)
         return summary
+
+    def _summary(self, *, resumed: bool, stopped: bool, dry_run: bool) -> BackfillSummary:
+        return BackfillSummary(
+            run_id=self._run_id,
+            resumed=resumed,
+            counts=self._total,
+            failures=list(self._failures),
+            stopped=stopped,
+            dry_run=dry_run,
+        )
 
     # ---- windows ---------------------------------------------------------------------------------------------------
 

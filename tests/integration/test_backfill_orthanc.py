@@ -348,3 +348,66 @@ def test_a_stop_during_a_cfind_sends_c_cancel(
     assert summary.stopped
     assert "Sending C-CANCEL request" in caplog.text
     assert BackfillLedger(engine).latest_runs(limit=1)[0].state == RunState.STOPPED.value
+
+
+def test_a_study_partly_received_by_c_store_is_completed_not_duplicated(
+    index: Index, engine: Engine, orthanc: OrthancServer, tmp_path: Path
+):
+    """The listener received the CT series; the PACS holds the whole study: the backfill adds the SR series
+    only, and the study is due again once, as one study."""
+    study_uid = new_study_uid()
+    datasets = rich_study(study_uid)
+    paths = write_studies(tmp_path / "files", [datasets])
+    ct_paths = [path for path, ds in zip(paths, datasets, strict=True) if ds.Modality == "CT"]
+    received_by_c_store(index, ct_paths)
+    before = index.load_snapshot(study_uid)
+    store_in_orthanc(orthanc, paths)
+
+    summary = backfill(index, engine, dicomweb(orthanc.dicomweb_url), study_uid=study_uid)
+
+    assert (summary.counts.studies_indexed, summary.counts.instances_indexed) == (1, 1)
+    after = index.load_snapshot(study_uid)
+    assert (before.number_of_instances, after.number_of_instances) == (3, 4)
+    assert [series.attributes.modality for series in after.series] == ["CT", "SR"]
+    assert after.change_seq == before.change_seq + 1
+    assert index.count_by_state().pending == 1
+
+
+@pytest.mark.parametrize("mode", ["bearer", "basic"])
+def test_dicomweb_credentials_come_from_the_environment_and_a_refusal_names_the_window(
+    mode: str, index: Index, engine: Engine, orthanc: OrthancServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """pacs.auth as fhir.auth: the secret read from the variable it names is sent; a wrong one is refused (401),
+    the error names the window and never the secret."""
+    from pacs_bridge.backfill.command import dicomweb_auth
+    from pacs_bridge.config import PacsConfig
+    from tests.support.auth_proxy import AuthProxy
+
+    store_in_orthanc(orthanc, write_studies(tmp_path / "files", [rich_study(new_study_uid())]))
+    expected = "Bearer t0ken-right" if mode == "bearer" else "Basic YnJpZGdlOnMzY3JldC1yaWdodA=="  # bridge:s3cret-right
+    auth = (
+        {"mode": mode, "token_env": "PACS_TOKEN"}
+        if mode == "bearer"
+        else {"mode": mode, "username": "bridge", "password_env": "PACS_PASSWORD"}
+    )
+    with AuthProxy(upstream_port=orthanc.http_port, accept=lambda header: header == expected) as proxy:
+        url = proxy.base_url.removesuffix("/fhir") + "/dicom-web"
+        pacs = PacsConfig(dicomweb_url=url, auth=auth)  # type: ignore[arg-type]
+
+        def source() -> DicomWebSource:
+            http = httpx.Client(timeout=10, trust_env=False, auth=dicomweb_auth(pacs))
+            return DicomWebSource(http, base_url=url, pacer=Pacer(0, threading.Event()))
+
+        monkeypatch.setenv("PACS_TOKEN", "t0ken-b4d-91f")
+        monkeypatch.setenv("PACS_PASSWORD", "s3cret-b4d-91f")
+        refused = backfill(index, engine, source(), since=date(2024, 1, 1), until=date(2024, 12, 31))
+        monkeypatch.setenv("PACS_TOKEN", "t0ken-right")
+        monkeypatch.setenv("PACS_PASSWORD", "s3cret-right")
+        accepted = backfill(index, engine, source(), since=date(2024, 1, 1), until=date(2024, 12, 31))
+
+    [failure] = refused.failures
+    assert failure.what == "window 2024-01-01..2024-12-31"
+    assert "HTTP 401" in failure.error and "check pacs.auth" in failure.error
+    assert "b4d-91f" not in failure.error
+    assert (accepted.succeeded, accepted.counts.studies_indexed) == (True, 1)
+    assert proxy.refused == 1
