@@ -123,11 +123,15 @@ class BackfillRunner:
             windows = plan_windows(since, until)
         days_total = sum(window.days for window in windows)
         key = RunKey(
-            source=self._source.name, since=since, until=until, modality=request.modality, study_uid=request.study_uid
+            source=self._source.name,
+            since=request.since,
+            until=request.until,
+            modality=request.modality,
+            study_uid=request.study_uid,
         )
         resumed, whole_done = False, False
         if not request.dry_run:
-            opened = self._ledger.open_run(key, days_total=days_total, now=self._clock())
+            opened = self._ledger.open_run(key, days_total=days_total, now=self._clock(), since=since, until=until)
             self._run_id, resumed, self._done, whole_done = (
                 opened.run_id,
                 opened.resumed,

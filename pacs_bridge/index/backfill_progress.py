@@ -89,7 +89,8 @@ _windows = cast(Table, BackfillWindow.__table__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunKey:
-    """What a backfill asks for; runs with equal keys continue each other."""
+    """What a backfill asks for, as its flags say (None: the flag was not given, so that a run without
+    --until started yesterday is continued today); runs with equal keys continue each other."""
 
     source: str
     since: date | None = None
@@ -183,8 +184,13 @@ class BackfillLedger:
                 f"{str(exc).splitlines()[0]}); check that the database in `database.url` is running and writable"
             ) from exc
 
-    def open_run(self, key: RunKey, *, days_total: int, now: datetime) -> OpenedRun:
-        """Continue the latest unfinished run with ``key``, or start a new one."""
+    def open_run(
+        self, key: RunKey, *, days_total: int, now: datetime, since: date | None = None, until: date | None = None
+    ) -> OpenedRun:
+        """Continue the latest unfinished run with ``key``, or start a new one; ``since`` and ``until`` are the
+        dates it covers (the key's, or the defaults they stood for), shown by ``status``."""
+        since = since or key.since
+        until = until or key.until
         with self._transaction() as conn:
             row = conn.execute(
                 select(_runs)
@@ -196,7 +202,14 @@ class BackfillLedger:
                 conn.execute(
                     update(_runs)
                     .where(_runs.c.id == row.id)
-                    .values(state=RunState.RUNNING.value, updated_at=now, finished_at=None, days_total=days_total)
+                    .values(
+                        state=RunState.RUNNING.value,
+                        updated_at=now,
+                        finished_at=None,
+                        days_total=days_total,
+                        since=since,
+                        until=until,
+                    )
                 )
                 done = conn.execute(
                     select(_windows.c.first_day, _windows.c.last_day).where(_windows.c.run_id == row.id)
@@ -215,8 +228,8 @@ class BackfillLedger:
                 .values(
                     run_key=key.text(),
                     source=key.source,
-                    since=key.since,
-                    until=key.until,
+                    since=since,
+                    until=until,
                     modality=key.modality,
                     study_uid=key.study_uid,
                     state=RunState.RUNNING.value,

@@ -411,3 +411,46 @@ def test_dicomweb_credentials_come_from_the_environment_and_a_refusal_names_the_
     assert "b4d-91f" not in failure.error
     assert (accepted.succeeded, accepted.counts.studies_indexed) == (True, 1)
     assert proxy.refused == 1
+
+
+def test_a_run_without_until_stopped_one_day_is_continued_the_next(
+    index: Index, engine: Engine, orthanc: OrthancServer, tmp_path: Path
+):
+    """--until defaults to today: a run stopped on 30 December is the one the same command continues on
+    31 December (its finished window skipped, the new day included)."""
+    studies = {year: new_study_uid() for year in (2023, 2024)}
+    store_in_orthanc(
+        orthanc,
+        write_studies(tmp_path / "files", [rich_study(uid, study_date=f"{year}0601") for year, uid in studies.items()]),
+    )
+    stopping = threading.Event()
+
+    class StopAfterFirstWindow(JsonLinesProgress):
+        def advanced(self, *, days: int, counts: Any) -> None:
+            super().advanced(days=days, counts=counts)
+            if days:
+                stopping.set()
+
+    def run_on(day: date, source: DicomWebSource, reporter: JsonLinesProgress) -> BackfillSummary:
+        runner = BackfillRunner(
+            source=source,
+            sink=index,
+            ledger=BackfillLedger(engine),
+            reporter=reporter,
+            clock=lambda: datetime(day.year, day.month, day.day, 12, tzinfo=UTC),
+        )
+        return runner.run(BackfillRequest(source="dicomweb", since=date(2023, 1, 1)))
+
+    stopped = run_on(date(2024, 12, 30), dicomweb(orthanc.dicomweb_url, stopping), StopAfterFirstWindow())
+    resumed = run_on(date(2024, 12, 31), dicomweb(orthanc.dicomweb_url), JsonLinesProgress())
+
+    assert stopped.stopped
+    assert (resumed.resumed, resumed.run_id, resumed.succeeded) == (True, stopped.run_id, True)
+    assert resumed.counts.studies_indexed == 2
+    [run] = BackfillLedger(engine).latest_runs(limit=1)
+    assert (run.since, run.until, run.days_total, run.counts.days_done) == (
+        date(2023, 1, 1),
+        date(2024, 12, 31),
+        731,
+        731,
+    )
