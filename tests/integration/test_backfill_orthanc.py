@@ -32,7 +32,7 @@ from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher
 from tests.conftest import MAX_DELAY, QUIET
 from tests.support.dcmtk import storescu
-from tests.support.fault_proxy import HttpFaultProxy, Pass, Respond
+from tests.support.fault_proxy import HttpFaultProxy, Pass, Respond, Slow
 from tests.support.fhir_server import FhirTestServer
 from tests.support.orthanc import OrthancServer, orthanc_missing
 from tests.support.studies import SeriesSpec, new_study_uid, study_datasets, write_file
@@ -99,9 +99,12 @@ def store_in_orthanc(orthanc: OrthancServer, paths: list[Path]) -> None:
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
 
-def dicomweb(url: str, stopping: threading.Event | None = None, **kwargs: Any) -> DicomWebSource:
+def dicomweb(
+    url: str, stopping: threading.Event | None = None, *, timeout_seconds: float = 10, **kwargs: Any
+) -> DicomWebSource:
     pacer = Pacer(0, stopping or threading.Event())
-    return DicomWebSource(httpx.Client(timeout=10, trust_env=False), base_url=url, pacer=pacer, **kwargs)
+    http = httpx.Client(timeout=timeout_seconds, trust_env=False)
+    return DicomWebSource(http, base_url=url, pacer=pacer, **kwargs)
 
 
 def cfind(orthanc: OrthancServer, stopping: threading.Event | None = None, **kwargs: Any) -> CFindSource:
@@ -454,3 +457,23 @@ def test_a_run_without_until_stopped_one_day_is_continued_the_next(
         731,
         731,
     )
+
+
+def test_a_metadata_request_that_times_out_fails_its_study_only(
+    index: Index, engine: Engine, orthanc: OrthancServer, dicomweb_proxy: HttpFaultProxy, tmp_path: Path
+):
+    """The PACS holds one metadata answer far beyond pacs.timeout_seconds: that study fails, named, with the
+    key to look at; it is not asked again at once, and the other studies are indexed."""
+    store_in_orthanc(orthanc, write_studies(tmp_path / "files", [rich_study(new_study_uid()) for _ in range(2)]))
+    dicomweb_proxy.program(Pass(), Slow(60))  # QIDO passes; the first metadata request is held a minute
+
+    summary = backfill(
+        index, engine, dicomweb(f"{dicomweb_proxy.root_url}/dicom-web", timeout_seconds=5), since=date(2024, 1, 1)
+    )
+
+    [failure] = summary.failures
+    assert failure.what == f"study {dicomweb_proxy.requests[1].path.split('/studies/')[1].split('/')[0]}"
+    assert "no answer to GET" in failure.error and "pacs.timeout_seconds" in failure.error
+    assert summary.counts.studies_indexed == 1
+    metadata_requests = [request for request in dicomweb_proxy.requests if request.path.endswith("/metadata")]
+    assert len(metadata_requests) == 2  # the held one, not asked again; the other study's
