@@ -75,7 +75,9 @@ def test_sigint_stops_a_backfill_that_the_same_command_then_continues(
     """Ctrl-C after the first window: exit 4 naming what to do, status shows the run stopped; the same command
     continues it to the end (exit 0), status and the metrics show it complete."""
     orthanc, _ = orthanc_with_three_years
-    config, database_url = write_config(tmp_path, {"dicomweb_url": orthanc.dicomweb_url, "max_requests_per_second": 2})
+    # One request a second: after the first window (a QIDO and a metadata request) four requests remain, so
+    # the SIGINT lands mid-run however fast or slow the machine.
+    config, database_url = write_config(tmp_path, {"dicomweb_url": orthanc.dicomweb_url, "max_requests_per_second": 1})
     command = bridge(
         "backfill", "--config", str(config), "--source", "dicomweb", "--since", "2022-01-01", "--until", "2024-12-31"
     )
