@@ -20,12 +20,15 @@ from pydicom.dataset import Dataset
 
 from pacs_bridge.backfill.pacing import Pacer, backoff_seconds
 from pacs_bridge.backfill.source import FoundStudies, StudyQuery
+from pacs_bridge.dicom.extract import HEADER_TAGS
 from pacs_bridge.errors import PacsQueryError
 from pacs_bridge.fhir.auth import SecretAuth
 from pacs_bridge.fhir.client import parse_retry_after
 
 DICOM_JSON = "application/dicom+json"
 STUDY_INSTANCE_UID_TAG = "0020000D"
+# The DICOM JSON keys (tags as 8 hex digits) of the elements dicom/extract.py reads.
+HEADER_JSON_KEYS = frozenset(f"{tag:08X}" for tag in HEADER_TAGS)
 BUSY_STATUSES = frozenset({429, 503})
 MAX_DETAIL_CHARS = 300
 
@@ -107,8 +110,11 @@ class DicomWebSource:
                     f"{what}: WADO-RS metadata item {position} is a JSON {type(item).__name__}, not a DICOM JSON "
                     "object; the PACS's DICOMweb service answered garbage"
                 )
+            # Only the elements extract_instance reads are converted (sequences whole): a CT header has a
+            # hundred others that would cost time and memory for nothing.
+            wanted = {key: value for key, value in item.items() if key.upper() in HEADER_JSON_KEYS}
             try:
-                datasets.append(Dataset.from_json(item, bulk_data_uri_handler=_no_bulk_data))
+                datasets.append(Dataset.from_json(wanted, bulk_data_uri_handler=_no_bulk_data))
             except Exception as exc:  # pydicom raises assorted types for malformed DICOM JSON
                 # Its message may quote the value (a patient's name or ID): only its type is reported.
                 raise PacsQueryError(

@@ -32,6 +32,10 @@ log = structlog.get_logger("pacs_bridge.backfill")
 Clock = Callable[[], datetime]
 # Counters reach the index (status, metrics) at least this often while a window is under way.
 FLUSH_SECONDS = 2.0
+# Fetched studies are recorded together, in one transaction, up to this many instances or this long after
+# the first of them was fetched: one commit (one fsync on SQLite) for many small studies.
+BATCH_INSTANCES = 500
+BATCH_SECONDS = 1.0
 
 
 class InstanceSink(Protocol):
@@ -80,6 +84,15 @@ class BackfillSummary:
     @property
     def succeeded(self) -> bool:
         return not self.failures and not self.stopped
+
+
+@dataclass(slots=True)
+class _FetchedStudy:
+    """One study's instances, extracted and waiting to be recorded, and what was wrong with the others."""
+
+    study_uid: str
+    records: list[InstanceRecord] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 class BackfillRunner:
@@ -243,66 +256,104 @@ class BackfillRunner:
     # ---- studies ---------------------------------------------------------------------------------------------------
 
     def _studies(self, study_uids: Sequence[str]) -> int:
-        """Index each study; returns how many failed."""
+        """Index each study; returns how many failed.
+
+        Studies are recorded in batches (``BATCH_INSTANCES`` instances, ``BATCH_SECONDS`` at most since the
+        first fetched): one transaction, one commit for several small studies. What was fetched is recorded
+        before a stop or an error leaves the window.
+        """
         failed = 0
-        for study_uid in study_uids:
-            if study_uid in self._seen:  # listed again (paging over a list that moved)
-                continue
-            self._seen.add(study_uid)
-            if not self._study(study_uid):
-                failed += 1
-            self._flush()
+        batch: list[_FetchedStudy] = []
+        batch_started = 0.0
+        try:
+            for study_uid in study_uids:
+                if study_uid in self._seen:  # listed again (paging over a list that moved)
+                    continue
+                self._seen.add(study_uid)
+                fetched = self._fetch(study_uid)
+                if fetched is None:
+                    failed += 1
+                    continue
+                if not batch:
+                    batch_started = self._monotonic()
+                batch.append(fetched)
+                if (
+                    sum(len(study.records) for study in batch) >= BATCH_INSTANCES
+                    or self._monotonic() - batch_started >= BATCH_SECONDS
+                ):
+                    failed += self._record(batch)
+                    batch = []
+                    self._flush()
+        finally:
+            if batch:
+                failed += self._record(batch)
         return failed
 
-    def _study(self, study_uid: str) -> bool:
+    def _fetch(self, study_uid: str) -> _FetchedStudy | None:
+        """The study's instances, extracted; None (and a failure reported) when the PACS gave no usable answer."""
         what = f"study {study_uid}"
         self._count(RunCounts(studies_found=1))
         try:
             datasets = self._source.study_instances(study_uid)
         except PacsQueryError as exc:
             self._fail(what, str(exc))
-            return False
-        records: list[InstanceRecord] = []
-        problems: list[str] = []
+            return None
+        fetched = _FetchedStudy(study_uid=study_uid)
         for dataset in datasets:
             try:
                 record = extract_instance(dataset)
             except InvalidInstanceError as exc:
-                problems.append(f"an instance cannot be indexed: {exc}")
+                fetched.problems.append(f"an instance cannot be indexed: {exc}")
                 continue
             if record.study.study_uid != study_uid:
-                problems.append(
+                fetched.problems.append(
                     f"the PACS answered instance {record.sop_instance_uid} of study {record.study.study_uid}"
                 )
                 continue
-            records.append(record)
+            fetched.records.append(record)
         if not datasets:
-            problems.append("the PACS lists the study but gives no instance of it")
-        if not self._dry_run and records:
+            fetched.problems.append("the PACS lists the study but gives no instance of it")
+        return fetched
+
+    def _record(self, batch: list[_FetchedStudy]) -> int:
+        """Record the batch's instances in one transaction; returns how many of its studies failed."""
+        outcomes: list[RecordOutcome | Exception] = []
+        if not self._dry_run:
             received_at = self._clock()
-            outcomes = self._sink.record_instances([(record, received_at) for record in records])
-            changed = 0
-            for record, outcome in zip(records, outcomes, strict=True):
+            outcomes = self._sink.record_instances(
+                [(record, received_at) for study in batch for record in study.records]
+            )
+            for outcome in outcomes:
                 if isinstance(outcome, IndexUnavailableError):
                     raise outcome
-                if isinstance(outcome, Exception):
-                    problems.append(f"instance {record.sop_instance_uid} not indexed: {outcome}")
-                elif outcome in (RecordOutcome.NEW, RecordOutcome.UPDATED):
-                    changed += 1
-            self._count(
-                RunCounts(
-                    studies_indexed=1 if changed else 0,
-                    studies_unchanged=0 if changed else 1,
-                    instances_indexed=changed,
+        failed = 0
+        position = 0
+        for study in batch:
+            changed = 0
+            if self._dry_run:
+                changed = len(study.records)  # what it would index
+            else:
+                for record, outcome in zip(
+                    study.records, outcomes[position : position + len(study.records)], strict=True
+                ):
+                    if isinstance(outcome, Exception):
+                        study.problems.append(f"instance {record.sop_instance_uid} not indexed: {outcome}")
+                    elif outcome in (RecordOutcome.NEW, RecordOutcome.UPDATED):
+                        changed += 1
+                position += len(study.records)
+            if study.records:
+                self._count(
+                    RunCounts(
+                        studies_indexed=1 if changed else 0,
+                        studies_unchanged=0 if changed else 1,
+                        instances_indexed=changed,
+                    )
                 )
-            )
-        elif records:
-            self._count(RunCounts(studies_indexed=1, instances_indexed=len(records)))  # would be: a dry run
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            self._fail(what, problems[0] + more)
-            return False
-        return True
+            if study.problems:
+                more = f" (and {len(study.problems) - 1} more)" if len(study.problems) > 1 else ""
+                self._fail(f"study {study.study_uid}", study.problems[0] + more)
+                failed += 1
+        return failed
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------------
 
