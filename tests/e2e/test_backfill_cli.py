@@ -117,7 +117,9 @@ def test_sigint_stops_a_backfill_that_the_same_command_then_continues(
     assert "backfill 1: dicomweb 2022-01-01..2024-12-31: complete" in status.stdout
     assert "1096/1096 days, 3 studies found, 3 indexed" in status.stdout
 
-    metrics = BridgeMetrics(lambda: StateCounts(pending=3, published=0, failed=0), BackfillLedger(engine).totals)
+    metrics = BridgeMetrics(
+        lambda: StateCounts(pending=3, published=0, failed=0), backfill_totals=BackfillLedger(engine).totals
+    )
     exposition = metrics.render().decode()
     assert "pacs_bridge_backfill_studies_indexed_total 3.0" in exposition
     assert "pacs_bridge_backfill_running 0.0" in exposition
