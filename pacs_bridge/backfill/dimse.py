@@ -40,6 +40,7 @@ RETURN_KEYS: dict[str, tuple[str, ...]] = {
         "StudyTime",
         "TimezoneOffsetFromUTC",
         "AccessionNumber",
+        "IssuerOfAccessionNumberSequence",
         "StudyDescription",
         "PatientID",
         "IssuerOfPatientID",
@@ -92,6 +93,22 @@ def find_identifier(level: str, **matching: str) -> Dataset:
     for keyword, value in matching.items():
         setattr(identifier, keyword, value)
     return identifier
+
+
+# The IssuerOfPatientID recorded when a PACS's C-FIND answer leaves the key out (rather than answering it
+# empty): the PatientID's issuer is then unknown, and treating it as "no issuer" would put the ID in
+# patient.identifier_system's namespace, a guess. As an issuer no configuration maps, the patient identifier
+# goes out without a system and is never searched, linked or created (docs/mapping.md); a C-STORE or a
+# DICOMweb backfill of the study that states the issuer replaces it.
+PATIENT_ISSUER_NOT_RETURNED = "NOT RETURNED BY THE PACS (C-FIND)"
+
+
+def with_patient_issuer_stated(study: Dataset) -> Dataset:
+    """``study`` (a study-level C-FIND answer) with ``PATIENT_ISSUER_NOT_RETURNED`` as its IssuerOfPatientID
+    when it has a PatientID but the PACS did not return the issuer key at all."""
+    if "IssuerOfPatientID" not in study and str(study.get("PatientID", "") or "").strip():
+        study.IssuerOfPatientID = PATIENT_ISSUER_NOT_RETURNED
+    return study
 
 
 def merged_instance(*identifiers: Dataset) -> Dataset:
@@ -177,6 +194,7 @@ class CFindSource:
                     f"{what}: the PACS no longer finds it (C-FIND at the study level answered nothing)"
                 )
             study = studies[0]
+        study = with_patient_issuer_stated(study)
         series_answers, ended_early = self._find(find_identifier("SERIES", StudyInstanceUID=study_uid), what=what)
         if ended_early:
             raise PacsQueryError(f"{what}: the PACS cut its list of series short (its C-FIND limit); not indexed")

@@ -16,10 +16,11 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 
-from pacs_bridge.backfill.dimse import CFindSource
+from pacs_bridge.backfill.dimse import PATIENT_ISSUER_NOT_RETURNED, CFindSource
 from pacs_bridge.backfill.pacing import Pacer
 from pacs_bridge.backfill.progress import JsonLinesProgress
 from pacs_bridge.backfill.runner import BackfillRequest, BackfillRunner, BackfillSummary
+from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
 from pacs_bridge.index.backfill_progress import BackfillLedger
 from pacs_bridge.index.repository import Index
 from tests.support.orthanc import free_port
@@ -138,3 +139,57 @@ def test_an_unreachable_pacs_is_named_with_the_keys_to_check(index: Index, engin
     [failure] = summary.failures
     assert "cannot open an association with the PACS FAULTY@127.0.0.1:" in failure.error
     assert "check pacs.dimse (ae_title, host, port)" in failure.error
+
+
+def answering_pacs(*, issuer_key_returned: bool) -> Any:
+    """A PACS holding one CT study of one instance, whose study-level answers leave IssuerOfPatientID out (as
+    a PACS that does not support the key does) or return it empty."""
+
+    def answer(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        level = event.identifier.QueryRetrieveLevel
+        found = Dataset()
+        found.QueryRetrieveLevel = level
+        found.StudyInstanceUID = "1.2.826.0.1.3680043.10.1482.77"
+        if level == "STUDY":
+            found.StudyDate = "20230601"
+            found.PatientID = "PAT-77"
+            if issuer_key_returned:
+                found.IssuerOfPatientID = ""
+        elif level == "SERIES":
+            found.SeriesInstanceUID = "1.2.826.0.1.3680043.10.1482.77.1"
+            found.Modality = "CT"
+        else:
+            found.SeriesInstanceUID = "1.2.826.0.1.3680043.10.1482.77.1"
+            found.SOPInstanceUID = "1.2.826.0.1.3680043.10.1482.77.1.1"
+            found.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        yield 0xFF00, found
+        yield 0x0000, None
+
+    return faulty_pacs(answer)
+
+
+@pytest.mark.parametrize(
+    ("issuer_key_returned", "subject_identifier"),
+    [
+        # the PACS does not return the key: the issuer is unknown, the identifier gets no system
+        (False, {"value": "PAT-77", "assigner": {"display": PATIENT_ISSUER_NOT_RETURNED}}),
+        # the PACS returns it empty: the study names no issuer, patient.identifier_system applies
+        (True, {"system": "urn:oid:1.2.3.4", "value": "PAT-77"}),
+    ],
+)
+def test_a_patient_issuer_the_pacs_does_not_return_is_never_taken_for_none(
+    issuer_key_returned: bool, subject_identifier: dict[str, Any], index: Index, engine: Engine
+):
+    """Patient identity is never guessed: only a PACS that answers the issuer key (even empty) lets the PatientID
+    take patient.identifier_system."""
+    server = answering_pacs(issuer_key_returned=issuer_key_returned)
+    try:
+        summary = backfill_from(server.server_address[1], index, engine, until=date(2023, 12, 31))
+    finally:
+        server.shutdown()
+
+    assert (summary.succeeded, summary.counts.studies_indexed) == (True, 1)
+    snapshot = index.load_snapshot("1.2.826.0.1.3680043.10.1482.77")
+    resource = build_imaging_study(snapshot, MappingSettings(patient_identifier_system="urn:oid:1.2.3.4"))
+    identifier = resource["subject"]["identifier"]
+    assert {key: identifier[key] for key in ("system", "value", "assigner") if key in identifier} == subject_identifier
