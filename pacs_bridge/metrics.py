@@ -93,17 +93,19 @@ class _BackfillCollector(Collector):
             "1 while the latest backfill run is running (or its process died without ending it)",
             value=1 if latest is not None and latest.state == RunState.RUNNING.value else 0,
         )
+        # Declared (with a sample once a run exists) from the start, so that alert rules always find them.
+        progress = GaugeMetricFamily(
+            "pacs_bridge_backfill_last_progress_timestamp_seconds",
+            "Unix time at which the latest backfill run last recorded progress",
+        )
+        remaining = GaugeMetricFamily(
+            "pacs_bridge_backfill_days_remaining", "Study dates the latest backfill run has still to cover"
+        )
         if latest is not None:
-            yield GaugeMetricFamily(
-                "pacs_bridge_backfill_last_progress_timestamp_seconds",
-                "Unix time at which the latest backfill run last recorded progress",
-                value=latest.updated_at.timestamp(),
-            )
-            yield GaugeMetricFamily(
-                "pacs_bridge_backfill_days_remaining",
-                "Study dates the latest backfill run has still to cover",
-                value=max(latest.days_total - latest.counts.days_done, 0),
-            )
+            progress.add_metric([], latest.updated_at.timestamp())
+            remaining.add_metric([], max(latest.days_total - latest.counts.days_done, 0))
+        yield progress
+        yield remaining
 
 
 class BridgeMetrics:
