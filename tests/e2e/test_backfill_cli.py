@@ -171,3 +171,19 @@ def test_a_source_the_configuration_does_not_describe_is_refused_naming_the_key(
 
     assert refused.returncode == 2
     assert named in refused.stderr
+
+
+def test_a_backfill_never_creates_an_index_and_names_where_it_looked(tmp_path: Path):
+    """Before the bridge has created its index (or with a wrong database.url) the backfill exits 1 naming the
+    path, and leaves no file behind."""
+    config, _ = write_config(tmp_path, {"dicomweb_url": "http://127.0.0.1:9/dicom-web"})
+    text_ = config.read_text(encoding="utf-8").replace("index.db", "elsewhere.db")
+    config.write_text(text_, encoding="utf-8")
+
+    refused = subprocess.run(
+        bridge("backfill", "--config", str(config), "--source", "dicomweb"), capture_output=True, text=True, timeout=60
+    )
+
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"no index database at {tmp_path / 'elsewhere.db'}" in refused.stderr
+    assert not (tmp_path / "elsewhere.db").exists()
