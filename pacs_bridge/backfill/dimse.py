@@ -19,6 +19,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from pacs_bridge.backfill.pacing import Pacer
@@ -144,6 +145,10 @@ class CFindSource:
         self._pacer = pacer
         self._max_results = max_results
         self._timeout = timeout_seconds
+        # pynetdicom logs every C-FIND response identifier (names, patient IDs) at INFO, and our request's: its
+        # documented switches turn that off, so no logging.level shows patient data.
+        pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+        pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
         self._ae = AE(ae_title=calling_ae_title)
         self._ae.acse_timeout = timeout_seconds
         self._ae.dimse_timeout = timeout_seconds

@@ -153,6 +153,7 @@ def answering_pacs(*, issuer_key_returned: bool) -> Any:
         if level == "STUDY":
             found.StudyDate = "20230601"
             found.PatientID = "PAT-77"
+            found.PatientName = "Marker^Phi"
             if issuer_key_returned:
                 found.IssuerOfPatientID = ""
         elif level == "SERIES":
@@ -193,3 +194,22 @@ def test_a_patient_issuer_the_pacs_does_not_return_is_never_taken_for_none(
     resource = build_imaging_study(snapshot, MappingSettings(patient_identifier_system="urn:oid:1.2.3.4"))
     identifier = resource["subject"]["identifier"]
     assert {key: identifier[key] for key in ("system", "value", "assigner") if key in identifier} == subject_identifier
+
+
+def test_no_c_find_answer_reaches_the_logs_even_at_debug_level(
+    index: Index, engine: Engine, caplog: pytest.LogCaptureFixture
+):
+    """pynetdicom logs C-FIND response identifiers by default: the backfill turns that off, so the patient's
+    name and ID appear in no log line, whatever the level."""
+    caplog.set_level("DEBUG")
+    caplog.set_level("DEBUG", logger="pynetdicom")  # whatever an earlier configure_logging left it at
+    server = answering_pacs(issuer_key_returned=True)
+    try:
+        summary = backfill_from(server.server_address[1], index, engine, until=date(2023, 12, 31))
+    finally:
+        server.shutdown()
+
+    assert summary.counts.studies_indexed == 1
+    assert "Sending Find Request" in caplog.text  # pynetdicom did log at debug level
+    assert "Marker" not in caplog.text
+    assert "PAT-77" not in caplog.text
