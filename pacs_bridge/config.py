@@ -35,6 +35,7 @@ from sqlalchemy.exc import ArgumentError
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
 from pacs_bridge.dicom.header import DEFAULT_MAX_INFLATED_BYTES
 from pacs_bridge.errors import ConfigError
+from pacs_bridge.fhir.accession import AccessionMode
 from pacs_bridge.fhir.endpoint import CONNECTION_TYPES, IHE_IMR_CONNECTION_TYPES
 from pacs_bridge.fhir.patient import PatientMode
 from pacs_bridge.index.engine import normalized_database_url
@@ -436,6 +437,10 @@ class PatientConfig(_IssuedIdentifierSection):  # PatientID; issuers by IssuerOf
 class AccessionConfig(_IssuedIdentifierSection):
     """AccessionNumber; issuers by LocalNamespaceEntityID or UniversalEntityID (Issuer of Accession Number)."""
 
+    # identifier: basedOn references the ServiceRequest by identifier only; lookup: also the one ServiceRequest
+    # the server holds with that identifier (docs/mapping.md). An accession number without system is never searched.
+    mode: AccessionMode = "identifier"
+
 
 class SiteConfig(_Section):
     timezone: str = ""  # IANA name; empty: the host's time zone
@@ -697,15 +702,24 @@ def _patient_problems(config: Config) -> list[str]:
 
 def config_warnings(config: Config) -> list[str]:
     """Valid settings that may not do what the operator expects, each naming its key (check-config prints them)."""
+    warnings = []
     patient = config.patient
-    if patient.mode == "identifier" or patient.issuers:
-        return []
-    return [
-        f"at 'patient.issuers': patient.mode {patient.mode} runs without an issuers table, so only studies that "
-        "name no IssuerOfPatientID are searched (in patient.identifier_system); a study naming an issuer is "
-        "referenced by identifier only, never searched, linked or created. List each IssuerOfPatientID your "
-        "senders use with its system (your own issuer with patient.identifier_system's value)"
-    ]
+    if patient.mode != "identifier" and not patient.issuers:
+        warnings.append(
+            f"at 'patient.issuers': patient.mode {patient.mode} runs without an issuers table, so only studies "
+            "that name no IssuerOfPatientID are searched (in patient.identifier_system); a study naming an issuer "
+            "is referenced by identifier only, never searched, linked or created. List each IssuerOfPatientID your "
+            "senders use with its system (your own issuer with patient.identifier_system's value)"
+        )
+    accession = config.accession
+    if accession.mode == "lookup" and not accession.identifier_system and not accession.issuers:
+        warnings.append(
+            "at 'accession.mode': lookup searches the FHIR server's ServiceRequests by identifier system and value, "
+            "and neither accession.identifier_system nor accession.issuers is set, so no accession number has a "
+            "system and no order is ever looked up (an accession number alone may be another issuer's order). Set "
+            "accession.identifier_system (or accession.issuers), or accession.mode: identifier"
+        )
+    return warnings
 
 
 def _without_inline_secrets(data: dict[str, Any], section: str = "fhir") -> tuple[dict[str, Any], list[str]]:

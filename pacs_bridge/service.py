@@ -70,6 +70,7 @@ def mapping_settings(config: Config) -> MappingSettings:
         patient_mode=config.patient.mode,
         accession_identifier_system=config.accession.identifier_system,
         accession_issuer_systems=dict(config.accession.issuers),
+        accession_mode=config.accession.mode,
         site_zone=ZoneInfo(config.site.timezone) if config.site.timezone else None,
         location_reference=config.site.location,
         fhir_version=config.fhir.version,

@@ -6,11 +6,16 @@ The system follows the rule of ``fhir/identifier.py``: ``accession.issuers`` by 
 Number Sequence names (its LocalNamespaceEntityID, else its UniversalEntityID); ``accession.identifier_system``
 only for a study that names no issuer; no system (the issuer as ``assigner.display``) for an issuer the
 configuration does not map. ``accession_issued_system`` is that resolution alone, for whoever searches the order.
+
+``accession.mode`` (``AccessionMode``) decides whether ``basedOn`` also points at the order itself: ``identifier``
+(the default) sends the logical reference by identifier only; ``lookup`` adds the literal reference of the one
+ServiceRequest the server finds by ``identifier=system|value`` (``publish/orders.py`` sends that search).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from pacs_bridge.fhir.identifier import IssuedSystem, issued_identifier, issued_system
 from pacs_bridge.fhir.resource import FhirResource
@@ -18,6 +23,8 @@ from pacs_bridge.records import StudyAttributes
 
 IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 ACCESSION_TYPE_CODE = "ACSN"  # v2-0203 Accession ID: the type the ImagingStudy DICOM notes give the accession
+
+AccessionMode = Literal["identifier", "lookup"]
 
 
 def accession_issued_system(

@@ -156,11 +156,14 @@ class FhirClient:
             retry_after_seconds=parse_retry_after(response.headers.get("Retry-After"), now=datetime.now(UTC)),
         )
 
-    def search(self, resource_type: str, params: dict[str, str], *, in_body: bool = False) -> list[FhirResource]:
+    def search(
+        self, resource_type: str, params: dict[str, str], *, in_body: bool = False, limit: int | None = None
+    ) -> list[FhirResource]:
         """The resources a search matches (every page followed); raises ``PublishError`` on failure.
 
         ``in_body``: ``POST {type}/_search`` with the parameters as a form, so they stay out of URLs (and so out
-        of proxy and access logs): for searches by patient identifier.
+        of proxy and access logs): for searches by patient identifier. ``limit``: at most this many entries are
+        returned, and no further page is read once they are there.
         """
         url = f"{self._base_url}/{resource_type}"
         query = {"_count": "100", **params}
@@ -172,6 +175,8 @@ class FhirClient:
         while True:
             bundle = response.json()
             found += [entry["resource"] for entry in bundle.get("entry") or [] if "resource" in entry]
+            if limit is not None and len(found) >= limit:
+                return found[:limit]
             next_url = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
             if next_url is None:
                 return found

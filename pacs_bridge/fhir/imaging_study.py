@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import tzinfo
 from typing import Literal
 
-from pacs_bridge.fhir.accession import accession_identifier
+from pacs_bridge.fhir.accession import AccessionMode, accession_identifier
 from pacs_bridge.fhir.coding import (
     body_site_coding,
     body_site_text,
@@ -81,6 +81,9 @@ class MappingSettings:
     profile: str = ""
     # How subject finds the Patient (fhir/patient.py); the builder only takes the reference resolved for it.
     patient_mode: PatientMode = "identifier"
+    # Whether basedOn also references the ServiceRequest found by the accession identifier (fhir/accession.py);
+    # the builder only takes the reference resolved for it.
+    accession_mode: AccessionMode = "identifier"
 
 
 # DICOM CID 29 "Acquisition Modality" (PS3.16, as pydicom 3.0 ships it; a unit test compares the two): R4's and
@@ -208,9 +211,13 @@ def _subject(study: StudyAttributes, settings: MappingSettings, patient_referenc
     return {**literal, "type": "Patient", "identifier": identifier}
 
 
-def _based_on(accession: FhirResource | None) -> list[FhirResource]:
-    """The ServiceRequest the study fulfils, by its accession identifier (a logical reference)."""
-    return [] if accession is None else [{"type": "ServiceRequest", "identifier": accession}]
+def _based_on(accession: FhirResource | None, order_reference: str | None) -> list[FhirResource]:
+    """The ServiceRequest the study fulfils, by its accession identifier, and by its literal reference when
+    ``accession.mode`` lookup found it (``order_reference``)."""
+    if accession is None:
+        return []
+    literal = {"reference": order_reference} if order_reference else {}
+    return [{**literal, "type": "ServiceRequest", "identifier": accession}]
 
 
 def _practitioner(pn: str) -> FhirResource | None:
@@ -291,12 +298,18 @@ def imaging_study_id(study_uid: str) -> str:
 
 
 def build_imaging_study(
-    snapshot: StudySnapshot, settings: MappingSettings, *, patient_reference: str | None = None
+    snapshot: StudySnapshot,
+    settings: MappingSettings,
+    *,
+    patient_reference: str | None = None,
+    order_reference: str | None = None,
 ) -> FhirResource:
     """The complete ImagingStudy (``settings.fhir_version``) for everything the index holds of one study.
 
     ``patient_reference``: the Patient found or created for the study (``Patient/123``, ``patient.mode`` lookup
     or create), added to subject beside its identifier; ``None``: subject is a logical reference by identifier.
+    ``order_reference``: the ServiceRequest found by the accession identifier (``ServiceRequest/456``,
+    ``accession.mode`` lookup), added to basedOn beside that identifier; ``None``: by identifier only.
     """
     study = snapshot.attributes
     shape = _FhirShape(settings.fhir_version)
@@ -324,7 +337,7 @@ def build_imaging_study(
     started = to_fhir_datetime(study.study_date, study.study_time, study.timezone_offset, settings.site_zone)
     if started:
         resource["started"] = started
-    based_on = _based_on(accession)
+    based_on = _based_on(accession, order_reference)
     if based_on:
         resource["basedOn"] = based_on
     referrer = _practitioner(study.referring_physician)

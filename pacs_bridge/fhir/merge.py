@@ -2,16 +2,20 @@
 
 pacs-bridge owns the elements in ``OWNED_ELEMENTS``: ours replace the server's, and one we no longer produce
 is removed. Everything else the server holds (``encounter``, ``note``, ``text``, extensions, …) is kept.
-``basedOn`` is shared: ours (the accession number) replace our own, and the server's literal references
-(``{"reference": "ServiceRequest/…"}``) are kept after them; in ``meta`` ours (``profile``) replaces theirs key
-by key and their ``tag``/``security`` stay; in ``extension`` the URLs in ``OWNED_EXTENSIONS`` are ours (R5's
-reading physicians), every other extension theirs. See docs/reliability.md.
+``basedOn`` is shared: ours (the accession number, with the ServiceRequest's literal reference when
+``accession.mode`` lookup found it) replace our own, and the server's literal references
+(``{"reference": "ServiceRequest/…"}``) are kept after them, except one that repeats a reference of ours or that
+is an entry of ours from an earlier write (``_is_our_order``: typed ServiceRequest, with an ACSN identifier); in
+``meta`` ours (``profile``) replaces theirs key by key and their ``tag``/``security`` stay; in ``extension`` the
+URLs in ``OWNED_EXTENSIONS`` are ours (R5's reading physicians), every other extension theirs. See
+docs/reliability.md.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pacs_bridge.fhir.accession import ACCESSION_TYPE_CODE, IDENTIFIER_TYPE_SYSTEM
 from pacs_bridge.fhir.imaging_study import INTERPRETER_EXTENSION
 from pacs_bridge.fhir.resource import FhirResource
 
@@ -65,11 +69,30 @@ def merge_imaging_study(ours: FhirResource, theirs: FhirResource) -> FhirResourc
     if meta:
         merged["meta"] = meta
     based_on = list(ours.get("basedOn") or [])
+    our_references = {entry.get("reference") for entry in based_on if isinstance(entry, dict)}
     based_on += [
-        reference
-        for reference in theirs.get("basedOn") or []
-        if isinstance(reference, dict) and "reference" in reference and reference not in based_on
+        entry
+        for entry in theirs.get("basedOn") or []
+        if isinstance(entry, dict)
+        and "reference" in entry
+        and entry["reference"] not in our_references
+        and not _is_our_order(entry)
     ]
     if based_on:
         merged["basedOn"] = based_on
     return merged
+
+
+def _is_our_order(entry: dict[str, Any]) -> bool:
+    """A basedOn entry the bridge wrote: ``{reference, type: ServiceRequest, identifier: {type: ACSN, …}}``. One
+    left from an earlier write of ours (the accession number corrected since) is replaced, not kept as theirs."""
+    identifier = entry.get("identifier")
+    if entry.get("type") != "ServiceRequest" or not isinstance(identifier, dict):
+        return False
+    codings = (identifier.get("type") or {}).get("coding") or []
+    return any(
+        isinstance(coding, dict)
+        and coding.get("system") == IDENTIFIER_TYPE_SYSTEM
+        and coding.get("code") == ACCESSION_TYPE_CODE
+        for coding in codings
+    )

@@ -5,7 +5,8 @@ decides what the subject becomes. ``reference`` answers ``Patient/<id>`` for exa
 for the logical reference by identifier that ``identifier`` mode always uses:
 
 - lookup: ``POST Patient/_search`` with ``identifier=system|value`` (in the body: the PatientID stays out of
-  URLs and so out of access logs); one match is referenced, none or several fall back to the identifier;
+  URLs and so out of access logs; ``publish/lookup.py``); one match is referenced, none or several fall back to
+  the identifier;
 - create: ``POST Patient`` with ``If-None-Exist: identifier=system|value``. The server creates the minimal
   Patient (201) or answers with the one that exists (200) without writing: an existing Patient's
   demographics are never changed. Several matches (412) fall back to the identifier, like lookup.
@@ -35,6 +36,8 @@ from pacs_bridge.fhir.imaging_study import MappingSettings, study_patient_identi
 from pacs_bridge.fhir.patient import build_patient, if_none_exist
 from pacs_bridge.fhir.resource import FhirResource
 from pacs_bridge.fhir.validation import validate_resource
+from pacs_bridge.publish.linking import Lookup
+from pacs_bridge.publish.lookup import find_one
 from pacs_bridge.records import StudyAttributes
 
 log = structlog.get_logger("pacs_bridge.publish")
@@ -65,44 +68,38 @@ class PatientResolver:
         """``Patient/<id>`` for the study's patient; ``None``: subject stays a reference by identifier.
 
         ``create=False`` only looks the Patient up, in ``create`` mode too (reconcile checks, it never writes).
+        Each fallback to the identifier is logged as ``patient_lookup_fallback``.
         """
+        found = self.look_up(study, create=create)
+        if found.reason:
+            details: dict[str, object] = {"reason": found.reason}
+            if found.issuer:
+                details["issuer"] = found.issuer
+            if found.matches is not None:
+                details["matches"] = found.matches
+            mode = self._mapping.patient_mode
+            log.warning("patient_lookup_fallback", study_uid=study.study_uid, mode=mode, **details)
+        return found.reference
+
+    def look_up(self, study: StudyAttributes, *, create: bool = True) -> Lookup:
+        """What ``reference`` finds, with the search it sent and why it found no reference; logs nothing (the
+        relink pass looks studies up again and again, and counts what it finds instead)."""
         mode = self._mapping.patient_mode
         if mode == "identifier":
-            return None
+            return Lookup(search=None)
         identifier = study_patient_identifier(study, self._mapping)
-        search = identifier_search(identifier)
         if identifier is None:
-            log.warning("patient_lookup_fallback", study_uid=study.study_uid, mode=mode, reason="no_patient_id")
-            return None
+            return Lookup(search=None, reason="no_patient_id")
+        search = identifier_search(identifier)
         if search is None:
             if "assigner" in identifier:  # named an issuer the configuration does not map: never searched
-                log.warning(
-                    "patient_lookup_fallback",
-                    study_uid=study.study_uid,
-                    mode=mode,
-                    reason="issuer_not_mapped",
-                    issuer=identifier["assigner"]["display"],
-                )
-            else:
-                log.warning(
-                    "patient_lookup_fallback", study_uid=study.study_uid, mode=mode, reason="no_identifier_system"
-                )
-            return None
+                return Lookup(search=None, reason="issuer_not_mapped", issuer=str(identifier["assigner"]["display"]))
+            return Lookup(search=None, reason="no_identifier_system")
         if mode == "create" and create:
             return self._find_or_create(study, identifier, search)
-        return self._look_up(study.study_uid, search, mode=mode)
+        return find_one(self._fhir, "Patient", search)
 
-    def _look_up(self, study_uid: str, search: str, *, mode: str) -> str | None:
-        found = self._fhir.search("Patient", {"identifier": search}, in_body=True)
-        patients = [resource for resource in found if resource.get("resourceType") == "Patient"]
-        ids = sorted({str(patient["id"]) for patient in patients if isinstance(patient.get("id"), str)})
-        if len(ids) == 1:
-            return f"Patient/{ids[0]}"
-        reason = "no_match" if not ids else "several_matches"
-        log.warning("patient_lookup_fallback", study_uid=study_uid, mode=mode, reason=reason, matches=len(ids))
-        return None
-
-    def _find_or_create(self, study: StudyAttributes, identifier: FhirResource, search: str) -> str | None:
+    def _find_or_create(self, study: StudyAttributes, identifier: FhirResource, search: str) -> Lookup:
         patient = build_patient(study, identifier)
         self._validate(patient)  # an invalid Patient is not sent: the study is marked failed with the reason
         try:
@@ -110,10 +107,7 @@ class PatientResolver:
                 result = self._fhir.create(patient, if_none_exist=if_none_exist(search))
         except PublishError as exc:
             if exc.http_status == 412:  # several Patients carry the identifier: which one is not ours to choose
-                log.warning(
-                    "patient_lookup_fallback", study_uid=study.study_uid, mode="create", reason="several_matches"
-                )
-                return None
+                return Lookup(search=search, reason="several_matches")
             raise PublishError(
                 f"conditional create of the study's Patient: {exc.detail}",
                 retryable=exc.retryable,
@@ -123,5 +117,5 @@ class PatientResolver:
         if result.http_status == 201:
             log.info("patient_created", study_uid=study.study_uid, http_status=result.http_status)
         if result.resource_id is None:  # the server did not say which Patient (200 without body or Location)
-            return self._look_up(study.study_uid, search, mode="create")
-        return f"Patient/{result.resource_id}"
+            return find_one(self._fhir, "Patient", search)
+        return Lookup(search=search, reference=f"Patient/{result.resource_id}")

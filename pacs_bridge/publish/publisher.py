@@ -24,6 +24,7 @@ from pacs_bridge.fhir.validation import validate_resource
 from pacs_bridge.index.repository import ClaimedStudy, Index
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.debounce import RetrySettings, retry_delay
+from pacs_bridge.publish.orders import OrderResolver
 from pacs_bridge.publish.patients import PatientResolver
 from pacs_bridge.records import StudyAttributes
 
@@ -90,6 +91,7 @@ class Publisher:
         self._probe_interval = probe_interval
         self._last_probe_at: datetime | None = None
         self._patients = PatientResolver(fhir, mapping, validate=self._validate, exclusive=index.exclusive)
+        self._orders = OrderResolver(fhir, mapping)
 
     def run_once(self) -> dict[str, PublishOutcome]:
         """Publish every study due now (in batches); returns each claimed study's outcome. Never raises."""
@@ -165,13 +167,16 @@ class Publisher:
         """Publish one claimed study; the index records the outcome."""
         study_uid = claimed.study_uid
         snapshot = self._index.load_snapshot(study_uid)
-        try:
-            patient_reference = self._patients.reference(snapshot.attributes)  # no request in identifier mode
+        try:  # no request in identifier modes
+            patient_reference = self._patients.reference(snapshot.attributes)
+            order_reference = self._orders.reference(snapshot.attributes)
         except PublishError as exc:
             outcome = self._record_failure(claimed, snapshot.change_seq, exc)
             self._observer.publish_attempted(http_status=exc.http_status, outcome=outcome.value)
             return outcome
-        resource = build_imaging_study(snapshot, self._mapping, patient_reference=patient_reference)
+        resource = build_imaging_study(
+            snapshot, self._mapping, patient_reference=patient_reference, order_reference=order_reference
+        )
         digest = content_hash(resource)
         if digest == snapshot.published_hash:
             self._index.mark_published(

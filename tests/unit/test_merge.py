@@ -65,6 +65,49 @@ def test_merge_keeps_literal_based_on_references_after_ours():
     assert merged["basedOn"] == [OURS["basedOn"][0], {"reference": "ServiceRequest/sr-1"}]
 
 
+ACSN_TYPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
+
+
+@pytest.mark.parametrize(
+    ("their_based_on", "kept"),
+    [
+        # their own reference to another order stays
+        ([{"reference": "ServiceRequest/sr-2"}], [{"reference": "ServiceRequest/sr-2"}]),
+        # their copy of the reference ours carries is not repeated
+        ([{"reference": "ServiceRequest/sr-1"}], []),
+        # our entry from an earlier write (the accession number corrected since): replaced, not kept as theirs
+        (
+            [
+                {
+                    "reference": "ServiceRequest/sr-old",
+                    "type": "ServiceRequest",
+                    "identifier": {"type": ACSN_TYPE, "system": "urn:oid:1.2.3", "value": "OLD-ACC"},
+                }
+            ],
+            [],
+        ),
+        # a typed reference of theirs whose identifier is not an accession number stays
+        (
+            [{"reference": "ServiceRequest/sr-3", "type": "ServiceRequest", "identifier": {"value": "X"}}],
+            [{"reference": "ServiceRequest/sr-3", "type": "ServiceRequest", "identifier": {"value": "X"}}],
+        ),
+    ],
+)
+def test_merge_keeps_their_order_references_beside_our_linked_order(
+    their_based_on: list[dict[str, Any]], kept: list[dict[str, Any]]
+) -> None:
+    """Ours carries the order's literal reference (accession.mode lookup): theirs are kept after it, except a
+    repeat of it and an entry of ours from an earlier write."""
+    our_order = {
+        "reference": "ServiceRequest/sr-1",
+        "type": "ServiceRequest",
+        "identifier": {"type": ACSN_TYPE, "system": "urn:oid:1.2.3", "value": "ACC-1"},
+    }
+    merged = merge_imaging_study({**OURS, "basedOn": [our_order]}, {"basedOn": their_based_on})
+
+    assert merged["basedOn"] == [our_order, *kept]
+
+
 THEIR_EXTENSION = {"url": "https://example.org/their-extension", "valueString": "kept"}
 OUR_READER = {"url": INTERPRETER_EXTENSION, "valueReference": {"type": "Practitioner", "display": "Jane Doe"}}
 
