@@ -23,7 +23,7 @@ from pacs_bridge.fhir.merge import merge_imaging_study
 from pacs_bridge.fhir.resource import FhirResource, content_hash
 from pacs_bridge.index.models import PublishState
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.patients import PatientResolver
+from pacs_bridge.publish.references import ReferenceResolver
 
 DiscrepancyKind = Literal["missing", "stale", "duplicate"]
 # Elements the server owns: never part of the comparison.
@@ -63,7 +63,7 @@ def reconcile(
 ) -> ReconcileReport:
     """Check every published study (at most ``limit``) against the server; repair when ``fix``."""
     report = ReconcileReport()
-    patients = PatientResolver(fhir, mapping)
+    references = ReferenceResolver(fhir, mapping, index.links)
     for status in index.studies_in_state(PublishState.PUBLISHED, limit=limit):
         study_uid = status.study_uid
         report.checked += 1
@@ -86,9 +86,15 @@ def reconcile(
             problem = Discrepancy(study_uid=study_uid, kind="missing", detail=f"no ImagingStudy/{own_id}", fixed=fix)
         else:
             snapshot = index.load_snapshot(study_uid)
-            # lookup / create modes: the Patient the server holds now (reconcile never creates one)
-            patient_reference = patients.reference(snapshot.attributes, create=False)
-            expected = build_imaging_study(snapshot, mapping, patient_reference=patient_reference)
+            # lookup / create modes: the Patient and ServiceRequest the server holds now, or the literal references
+            # published before (never downgraded), as the publisher would send them; reconcile never creates one
+            resolved = references.resolve(snapshot.attributes, create=False)
+            expected = build_imaging_study(
+                snapshot,
+                mapping,
+                patient_reference=resolved.patient.reference,
+                order_reference=resolved.order.reference,
+            )
             # What the publisher would write over the server's resource: the same when only others' elements differ.
             rewritten = merge_imaging_study(expected, ours[0])
             if content_hash(_without_server_elements(ours[0])) == content_hash(_without_server_elements(rewritten)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 
 # The longest values the index holds for the record fields it keeps in bounded columns (index/models.py sizes its
 # columns with them; dicom/extract.py never gives a longer value). Each is at least DICOM's maximum for the VR.
@@ -182,3 +183,35 @@ class RecordOutcome(enum.Enum):
     UNCHANGED = "unchanged"  # a re-send with nothing new: the study's due time is left alone
     REJECTED = "rejected"  # an instance a rejection note withdrew, sent again: stays out of the index
     REJECTION_NOTE = "rejection_note"  # an IOCM rejection note, applied: what it references is withdrawn
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Link:
+    """How one reference of a published study (subject's Patient, basedOn's ServiceRequest) reaches its target.
+
+    ``key`` is a digest of the identifier search (``system|value``) the reference was looked up by; None: the
+    identifier is not searchable (no system, unmapped issuer, identifier mode), so it is never looked up or linked.
+    ``reference`` is the literal reference sent (``Patient/123``); None: the reference is by identifier only.
+    """
+
+    key: str | None = None
+    reference: str | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Searchable but sent by identifier only: a relink pass may still find its target."""
+        return self.key is not None and self.reference is None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StudyLinks:
+    """The links of a study as last published, and when the relink pass looks the waiting ones up again."""
+
+    patient: Link = Link()
+    order: Link = Link()
+    relink_at: datetime | None = None  # None: nothing waits (or relinking had nothing to schedule)
+    relink_attempts: int = 0  # lookups in a row that found nothing new: the relink backoff
+
+    @property
+    def waiting(self) -> bool:
+        return self.patient.waiting or self.order.waiting

@@ -214,3 +214,27 @@ class EndpointPublication(Base):
     endpoint_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     content_hash: Mapped[str] = mapped_column(String(64))
     published_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class StudyLink(Base):
+    """The literal references a published study's subject and basedOn carry, and when to look them up again.
+
+    A link is "waiting" when its identifier is searchable (``*_key``: a digest of ``system|value``) and no
+    literal reference was sent (``*_reference`` NULL); the relink pass claims such rows once ``relink_at`` has
+    come (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, then a lease, like the publish claim). One row per study that
+    was published since schema revision 0009.
+    """
+
+    __tablename__ = "study_links"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    patient_key: Mapped[str | None] = mapped_column(String(64))
+    patient_reference: Mapped[str | None] = mapped_column(String(128))  # Patient/<id>: "Patient/" + 64
+    order_key: Mapped[str | None] = mapped_column(String(64))
+    order_reference: Mapped[str | None] = mapped_column(String(128))  # ServiceRequest/<id>
+    relink_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # next lookup; NULL: nothing waits
+    relink_attempts: Mapped[int] = mapped_column(Integer, default=0)  # lookups in a row that found nothing new
+    relink_claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime)  # relink lease
+    relink_claimed_by: Mapped[str | None] = mapped_column(String(128))
+
+    __table_args__ = (Index("ix_study_links_relink_at", "relink_at"),)

@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, UnknownStudyError, UnstorableValueError
 from pacs_bridge.index.engine import READ_ONLY_OPTION, writer_queue
+from pacs_bridge.index.links import LinkIndex
 from pacs_bridge.index.models import EndpointPublication, Instance, PublishState, RejectedInstance, Series, Study
 from pacs_bridge.publish.debounce import DebounceSettings, due_at
 from pacs_bridge.records import (
@@ -389,6 +390,7 @@ class Index:
         self._ingest_lock = threading.RLock()
         self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
         self._driver_data_error: type[Exception] = engine.dialect.loaded_dbapi.DataError
+        self.links = LinkIndex(engine)  # what published studies' subject and basedOn reference; the relink queue
 
     @contextmanager
     def _translated_errors(self) -> Iterator[None]:

@@ -37,6 +37,10 @@ class OrderResolver:
     def reference(self, study: StudyAttributes) -> str | None:
         """``ServiceRequest/<id>`` for the study's order; ``None``: basedOn stays a reference by identifier.
         Each fallback to the identifier is logged as ``order_lookup_fallback``."""
+        return self.resolve(study).reference
+
+    def resolve(self, study: StudyAttributes) -> Lookup:
+        """``look_up``, logging each fallback to the identifier as ``order_lookup_fallback``."""
         found = self.look_up(study)
         if found.reason:
             details: dict[str, object] = {"reason": found.reason}
@@ -45,7 +49,7 @@ class OrderResolver:
             if found.matches is not None:
                 details["matches"] = found.matches
             log.warning("order_lookup_fallback", study_uid=study.study_uid, **details)
-        return found.reference
+        return found
 
     def look_up(self, study: StudyAttributes) -> Lookup:
         """What ``reference`` finds, with the search it sent and why it found no reference; logs nothing."""

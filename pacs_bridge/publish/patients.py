@@ -70,6 +70,10 @@ class PatientResolver:
         ``create=False`` only looks the Patient up, in ``create`` mode too (reconcile checks, it never writes).
         Each fallback to the identifier is logged as ``patient_lookup_fallback``.
         """
+        return self.resolve(study, create=create).reference
+
+    def resolve(self, study: StudyAttributes, *, create: bool = True) -> Lookup:
+        """``look_up``, logging each fallback to the identifier as ``patient_lookup_fallback``."""
         found = self.look_up(study, create=create)
         if found.reason:
             details: dict[str, object] = {"reason": found.reason}
@@ -79,7 +83,7 @@ class PatientResolver:
                 details["matches"] = found.matches
             mode = self._mapping.patient_mode
             log.warning("patient_lookup_fallback", study_uid=study.study_uid, mode=mode, **details)
-        return found.reference
+        return found
 
     def look_up(self, study: StudyAttributes, *, create: bool = True) -> Lookup:
         """What ``reference`` finds, with the search it sent and why it found no reference; logs nothing (the

@@ -24,8 +24,7 @@ from pacs_bridge.fhir.validation import validate_resource
 from pacs_bridge.index.repository import ClaimedStudy, Index
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.debounce import RetrySettings, retry_delay
-from pacs_bridge.publish.orders import OrderResolver
-from pacs_bridge.publish.patients import PatientResolver
+from pacs_bridge.publish.references import DEFAULT_RELINK_INTERVAL, ReferenceResolver
 from pacs_bridge.records import StudyAttributes
 
 Clock = Callable[[], datetime]
@@ -61,12 +60,15 @@ class Publisher:
         max_attempts: int = 0,
         validate: Callable[[FhirResource], None] | None = None,
         probe_interval: timedelta = timedelta(seconds=15),
+        relink_interval: timedelta = DEFAULT_RELINK_INTERVAL,
     ) -> None:
         """``max_attempts``: after this many failed attempts in a row a retryable failure marks the study
         failed too; 0 retries without limit. ``validate`` raises ``PublishError`` for a resource that must not be
         sent; by default each resource is validated against the FHIR models of ``mapping.fhir_version``.
         ``probe_interval``: while studies wait out a backoff and nothing else is due, the server is probed this
-        often; when it answers, they are retried at once (``_probe_while_backed_off``)."""
+        often; when it answers, they are retried at once (``_probe_while_backed_off``). ``relink_interval``:
+        ``publish.relink_seconds``, when a study published without the literal reference of its Patient or
+        ServiceRequest is first looked up again (``publish/relink.py``)."""
         self._validate = validate or functools.partial(
             validate_resource,
             fhir_version=mapping.fhir_version,
@@ -90,8 +92,14 @@ class Publisher:
         self._endpoints_confirmed: dict[str, str] = {}
         self._probe_interval = probe_interval
         self._last_probe_at: datetime | None = None
-        self._patients = PatientResolver(fhir, mapping, validate=self._validate, exclusive=index.exclusive)
-        self._orders = OrderResolver(fhir, mapping)
+        self._references = ReferenceResolver(
+            fhir,
+            mapping,
+            index.links,
+            relink_interval=relink_interval,
+            validate=self._validate,
+            exclusive=index.exclusive,
+        )
 
     def run_once(self) -> dict[str, PublishOutcome]:
         """Publish every study due now (in batches); returns each claimed study's outcome. Never raises."""
@@ -168,20 +176,23 @@ class Publisher:
         study_uid = claimed.study_uid
         snapshot = self._index.load_snapshot(study_uid)
         try:  # no request in identifier modes
-            patient_reference = self._patients.reference(snapshot.attributes)
-            order_reference = self._orders.reference(snapshot.attributes)
+            references = self._references.resolve(snapshot.attributes)
         except PublishError as exc:
             outcome = self._record_failure(claimed, snapshot.change_seq, exc)
             self._observer.publish_attempted(http_status=exc.http_status, outcome=outcome.value)
             return outcome
         resource = build_imaging_study(
-            snapshot, self._mapping, patient_reference=patient_reference, order_reference=order_reference
+            snapshot,
+            self._mapping,
+            patient_reference=references.patient.reference,
+            order_reference=references.order.reference,
         )
         digest = content_hash(resource)
         if digest == snapshot.published_hash:
             self._index.mark_published(
                 study_uid, change_seq=snapshot.change_seq, content_hash=digest, now=self._clock(), sent=False
             )
+            self._references.record(study_uid, references, now=self._clock())
             log.info("study_unchanged", study_uid=study_uid, change_seq=snapshot.change_seq)
             return PublishOutcome.UNCHANGED
         self._report_unmapped_issuers(snapshot.attributes)
@@ -201,6 +212,7 @@ class Publisher:
             sent=True,
             version_id=result.version_id,
         )
+        self._references.record(study_uid, references, now=self._clock())
         self._observer.publish_attempted(http_status=result.http_status, outcome=PublishOutcome.PUBLISHED.value)
         if claimed.last_change_at is not None:
             waited = (self._clock() - claimed.last_change_at).total_seconds()

@@ -305,8 +305,9 @@ def test_a_patient_the_mapping_cannot_make_valid_is_not_sent_and_fails_the_study
 def test_reconcile_compares_with_the_patient_the_server_holds_and_creates_none(
     index: Index, http: httpx.Client, clock: FakeClock, fresh_fhir_server: FhirTestServer, mode: PatientMode
 ) -> None:
-    """A study published with a Patient reference is not reported stale; when the Patient disappears it is
-    (the subject would change), and reconcile itself never creates one."""
+    """A study published with a Patient reference is not reported stale; nor when the Patient disappears (the
+    publisher never downgrades a literal reference: the resource would not change); when another Patient takes
+    the identifier it is (the subject would change), and reconcile itself never creates one."""
     patient_id = seed_patient(fresh_fhir_server, "PAT-0001") if mode == "lookup" else None
     fhir = FhirClient(http, base_url=fresh_fhir_server.base_url)
     index.record_instance(record(), received_at=clock())
@@ -321,6 +322,9 @@ def test_reconcile_compares_with_the_patient_the_server_holds_and_creates_none(
     assert reconcile(index, fhir, mapping(mode), fix=False, clock=clock).discrepancies == []
 
     http.delete(f"{fresh_fhir_server.base_url}/Patient/{patient['id']}").raise_for_status()
+    assert reconcile(index, fhir, mapping(mode), fix=False, clock=clock).discrepancies == []
+
+    seed_patient(fresh_fhir_server, "PAT-0001")
     writes = fresh_fhir_server.request_counts()
     report = reconcile(index, fhir, mapping(mode), fix=False, clock=clock)
     assert [(d.kind, d.study_uid) for d in report.discrepancies] == [("stale", uid("1"))]
