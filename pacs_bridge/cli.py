@@ -238,7 +238,7 @@ def _jsonable(value: Any) -> Any:
 def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> None:
     from pacs_bridge.index.backfill_progress import BackfillLedger
     from pacs_bridge.index.models import PublishState
-    from pacs_bridge.service import open_index
+    from pacs_bridge.service import open_index, utc_now
 
     engine, index = open_index(config, config_path=config_path)
     try:
@@ -246,14 +246,17 @@ def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> N
         oldest = index.studies_in_state(PublishState.PENDING, limit=1)
         failed = index.studies_in_state(PublishState.FAILED, limit=limit)
         backfills = BackfillLedger(engine).latest_runs(limit=3)
+        relink = index.links.counts(utc_now())
     finally:
         engine.dispose()
+    relink_on = config.publish.relink_seconds > 0
     if as_json:
         document = {
             "counts": asdict(counts),
             "oldest_pending": {k: _jsonable(v) for k, v in asdict(oldest[0]).items()} if oldest else None,
             "failed": [{k: _jsonable(v) for k, v in asdict(study).items()} for study in failed],
             "backfills": [_jsonable_tree(asdict(run)) for run in backfills],
+            "relink": {"enabled": relink_on, **{k: _jsonable(v) for k, v in asdict(relink).items()}},
         }
         print(json.dumps(document, indent=2, ensure_ascii=False))
         return
@@ -265,6 +268,16 @@ def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> N
         print(f"oldest pending: {study.study_uid} (waiting since {since}, due {due}, attempts {study.attempts})")
         if study.last_error:
             print(f"  last error: {redact_urls(study.last_error)}")
+    if relink.patient_waiting or relink.order_waiting or not relink_on:
+        print(
+            f"relink: {relink.patient_waiting} published studies wait for their Patient, {relink.order_waiting} for "
+            f"their ServiceRequest; "
+            + (
+                f"{relink.due} due now" + (f", next lookup {relink.next_at.isoformat()}" if relink.next_at else "")
+                if relink_on
+                else "relinking is off (publish.relink_seconds: 0)"
+            )
+        )
     if failed:
         print("failed:")
         for study in failed:

@@ -472,6 +472,9 @@ class PublishConfig(_Section):
     # While studies wait out a backoff, probe the FHIR server this often; once it answers they are retried.
     probe_seconds: float = Field(default=15.0, gt=0)
     include_instances: bool = True  # false: series without their instance lists (counts stay)
+    # A study published with subject or basedOn by identifier only (patient.mode lookup/create, accession.mode
+    # lookup) is looked up again this long after, then less and less often, at least daily; 0: never.
+    relink_seconds: float = Field(default=900.0, ge=0, le=86_400)
 
 
 class HttpConfig(_Section):

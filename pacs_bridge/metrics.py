@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pacs_bridge.index.backfill_progress import BackfillTotals, RunState
+from pacs_bridge.index.links import RelinkCounts
 from pacs_bridge.index.repository import StateCounts
 
 # Seconds from a study's last indexed change to its successful publish: the quiet period plus the tick,
@@ -108,12 +109,45 @@ class _BackfillCollector(Collector):
         yield remaining
 
 
+class _RelinkQueueCollector(Collector):
+    """The relink queue, read from the index at scrape time (so right with several bridges on one database)."""
+
+    def __init__(self, relink_counts: Callable[[], RelinkCounts]) -> None:
+        self._relink_counts = relink_counts
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())  # read at scrape time only: the registry must not query the database to describe it
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = self._relink_counts()
+        except Exception:  # a scrape must not fail because the database is down; /readyz says why
+            return
+        waiting = GaugeMetricFamily(
+            "pacs_bridge_relink_waiting_studies",
+            "Studies published with subject (link=patient) or basedOn (link=order) by identifier only, whose "
+            "Patient or ServiceRequest the relink pass still looks for",
+            labels=["link"],
+        )
+        waiting.add_metric(["patient"], counts.patient_waiting)
+        waiting.add_metric(["order"], counts.order_waiting)
+        yield waiting
+        yield GaugeMetricFamily(
+            "pacs_bridge_relink_due_studies",
+            "Published studies whose relink lookup is due now; one that stays up means relinking does not keep up "
+            "(or the FHIR server does not answer)",
+            value=counts.due,
+        )
+
+
 class BridgeMetrics:
     """The bridge's Prometheus registry; implements ``observe.BridgeObserver``.
 
     ``oldest_pending_since`` (the first unpublished change of the longest-waiting pending study, read at scrape
     time) and ``max_delay_seconds`` (``debounce.max_delay_seconds``) let an alert tell a study waiting too long
-    from one still within its debounce, whatever the configuration.
+    from one still within its debounce, whatever the configuration. ``relink_counts``: the relink queue
+    (``publish.relink_seconds`` above 0), exported as ``pacs_bridge_relink_waiting_studies`` and
+    ``pacs_bridge_relink_due_studies``; None: not exported.
     """
 
     def __init__(
@@ -124,6 +158,7 @@ class BridgeMetrics:
         max_delay_seconds: float | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         backfill_totals: Callable[[], BackfillTotals] | None = None,
+        relink_counts: Callable[[], RelinkCounts] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._store_results = Counter(
@@ -188,6 +223,16 @@ class BridgeMetrics:
         self.registry.register(_StudyStateCollector(count_by_state, oldest_pending_since, clock))
         if backfill_totals is not None:
             self.registry.register(_BackfillCollector(backfill_totals))
+        self._relink_lookups = Counter(
+            "pacs_bridge_relink_lookups",
+            "Lookups of a published study's waiting Patient (link=patient) or ServiceRequest (link=order) by the "
+            "relink pass, by outcome: linked, no_match, several_matches, invalid_id, not_searchable, refused, "
+            "unavailable",
+            ["link", "outcome"],
+            registry=self.registry,
+        )
+        if relink_counts is not None:
+            self.registry.register(_RelinkQueueCollector(relink_counts))
         self._store_result_counters: dict[tuple[int, str], Any] = {}  # (status, calling AE) -> its child
         self._lock = threading.Lock()
         self.last_pass_monotonic: float | None = None
@@ -241,6 +286,9 @@ class BridgeMetrics:
                 else:
                     self._issuer_labels.add(label)
         counter.labels(issuer=label).inc()
+
+    def relink_looked_up(self, *, link: str, outcome: str) -> None:
+        self._relink_lookups.labels(link=link, outcome=outcome).inc()
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

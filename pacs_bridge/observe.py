@@ -30,6 +30,11 @@ class BridgeObserver(Protocol):
         study names an ``issuer`` the configuration does not map."""
         ...
 
+    def relink_looked_up(self, *, link: str, outcome: str) -> None:
+        """The relink pass looked up a published study's waiting ``link`` ("patient", "order") again: ``outcome``
+        is linked, no_match, several_matches, invalid_id, not_searchable, refused or unavailable."""
+        ...
+
 
 class NullObserver:
     """Observes nothing."""
@@ -53,4 +58,7 @@ class NullObserver:
         pass
 
     def identifier_issuer_unknown(self, *, identifier: str, issuer: str) -> None:
+        pass
+
+    def relink_looked_up(self, *, link: str, outcome: str) -> None:
         pass

@@ -41,6 +41,7 @@ from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.metrics import BridgeMetrics
 from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher
+from pacs_bridge.publish.relink import Relinker
 from pacs_bridge.publish.scheduler import PublishScheduler, run_pass_on_time
 from pacs_bridge.redaction import redact_url
 from pacs_bridge.systemd import notify
@@ -236,29 +237,51 @@ class BridgeService:
         # Credentials and TLS files first: a missing secret stops the bridge before it opens anything.
         self._http, self._token_http = open_fhir_http(config)
         self.engine, self.index = open_index(config, config_path=config_path, create=True)
+        relink_interval = timedelta(seconds=config.publish.relink_seconds)
         self.metrics = BridgeMetrics(
             self.index.count_by_state,
             oldest_pending_since=self._oldest_pending_since,
             max_delay_seconds=config.debounce.max_delay_seconds,
             backfill_totals=BackfillLedger(self.engine).totals,
+            relink_counts=(lambda: self.index.links.counts(utc_now())) if relink_interval else None,
         )
+        fhir = FhirClient(self._http, base_url=config.fhir.base_url)
+        mapping = mapping_settings(config)
+        claimer = f"{socket.gethostname()}:{os.getpid()}"
         self.publisher = Publisher(
             index=self.index,
-            fhir=FhirClient(self._http, base_url=config.fhir.base_url),
-            mapping=mapping_settings(config),
+            fhir=fhir,
+            mapping=mapping,
             retry=RetrySettings(
                 base=timedelta(seconds=config.publish.retry_base_seconds),
                 cap=timedelta(seconds=config.publish.retry_max_seconds),
             ),
             clock=utc_now,
-            claimer=f"{socket.gethostname()}:{os.getpid()}",
+            claimer=claimer,
             batch_size=config.publish.batch_size,
             max_attempts=config.publish.max_attempts,
             observer=self.metrics,
             lease=timedelta(seconds=self._publish_lease(config)),
             probe_interval=timedelta(seconds=config.publish.probe_seconds),
+            relink_interval=relink_interval,
         )
-        self._scheduler = PublishScheduler(self._tick, interval=timedelta(seconds=config.debounce.tick_seconds))
+        self.relinker = Relinker(
+            links=self.index.links,
+            fhir=fhir,
+            mapping=mapping,
+            interval=relink_interval,
+            clock=utc_now,
+            claimer=claimer,
+            batch_size=config.publish.batch_size,
+            lease=timedelta(seconds=self._publish_lease(config)),
+            pause=timedelta(seconds=config.publish.probe_seconds),
+            observer=self.metrics,
+        )
+        self._scheduler = PublishScheduler(
+            self._tick,
+            interval=timedelta(seconds=config.debounce.tick_seconds),
+            relink=self.relinker.run_once if self.relinker.enabled else None,
+        )
         self._heartbeat = PassHeartbeat(
             stale_after=max(60.0, 5 * config.debounce.tick_seconds), lease=self._publish_lease(config)
         )

@@ -1,4 +1,4 @@
-"""APScheduler wiring only: one interval job that runs a publishing pass.
+"""APScheduler wiring only: one interval job that runs a publishing pass, and one that runs a relink pass.
 
 The database holds all state; the scheduler just ticks. ``coalesce`` and ``max_instances=1`` make a slow
 pass delay the next tick instead of piling passes up.
@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from apscheduler.schedulers.background import BackgroundScheduler
 
 PUBLISH_JOB_ID = "publish-due-studies"
+RELINK_JOB_ID = "relink-published-studies"
 
 
 class _Passes(Protocol):
@@ -33,17 +34,23 @@ def run_pass_on_time(publisher: _Passes, *, tick_seconds: float, stopping: threa
 
 
 class PublishScheduler:
-    def __init__(self, tick: Callable[[], Any], *, interval: timedelta) -> None:
+    def __init__(
+        self, tick: Callable[[], Any], *, interval: timedelta, relink: Callable[[], Any] | None = None
+    ) -> None:
+        """``relink``: the relink pass (``publish/relink.py``), a job of its own at the same interval, so that a
+        batch of lookups never holds up publishing."""
         self._scheduler = BackgroundScheduler(timezone="UTC")
-        self._scheduler.add_job(
-            tick,
-            "interval",
-            seconds=interval.total_seconds(),
-            id=PUBLISH_JOB_ID,
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
-        )
+        jobs = [(PUBLISH_JOB_ID, tick)] + ([(RELINK_JOB_ID, relink)] if relink is not None else [])
+        for job_id, job in jobs:
+            self._scheduler.add_job(
+                job,
+                "interval",
+                seconds=interval.total_seconds(),
+                id=job_id,
+                coalesce=True,
+                max_instances=1,
+                misfire_grace_time=None,
+            )
 
     def start(self) -> None:
         self._scheduler.start()

@@ -11,7 +11,8 @@ import yaml
 
 from pacs_bridge.cli import main
 from pacs_bridge.index.repository import Index
-from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
+from pacs_bridge.publish.linking import search_key
+from pacs_bridge.records import InstanceRecord, Link, SeriesAttributes, StudyAttributes, StudyLinks
 from tests.conftest import QUIET, FakeClock
 from tests.support.studies import uid
 
@@ -121,3 +122,27 @@ def test_republish_since_a_date_takes_every_study_changed_since(
     assert code == 0 and out.startswith("3 study(s)")
     code, out, _ = run(capsys, "republish", "--since", "2024-03-16", "--config", config_path)
     assert code == 0 and out.startswith("0 study(s)")
+
+
+def test_status_shows_the_relink_queue(
+    populated: Index, config_path: str, capsys: pytest.CaptureFixture[str], clock: FakeClock
+):
+    """Published studies whose Patient or ServiceRequest is still looked for, and how many lookups are due now."""
+    waiting_patient, waiting_order = Link(key=search_key("urn:oid:1.2.3|P")), Link(key=search_key("urn:acc|A"))
+    populated.links.record(uid("1"), StudyLinks(patient=waiting_patient, order=waiting_order, relink_at=clock()))
+
+    code, out, _ = run(capsys, "status", "--json", "--config", config_path)
+    assert code == 0
+    assert json.loads(out)["relink"] == {
+        "enabled": True,
+        "patient_waiting": 1,
+        "order_waiting": 1,
+        "due": 1,
+        "next_at": clock().isoformat(),
+    }
+    code, out, _ = run(capsys, "status", "--config", config_path)
+    assert code == 0
+    assert (
+        "relink: 1 published studies wait for their Patient, 1 for their ServiceRequest; 1 due now, next lookup "
+        f"{clock().isoformat()}"
+    ) in out
