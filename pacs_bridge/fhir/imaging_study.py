@@ -102,8 +102,9 @@ ACQUISITION_MODALITIES = frozenset(
 def study_modalities(series_modalities: list[str], settings: MappingSettings) -> list[str]:
     """ImagingStudy.modality as each release defines it, from the study's distinct series modalities in order.
 
-    R5: all of them. R4: the acquisition modalities (CID 29) only, so that ``modality=SR`` does not find a CT
-    study; none for a study without one (a lone SR: R4's modality is 0..*). IHE IMR (R4) requires modality 1..*:
+    R5: all of them. R4: the acquisition modalities (CID 29) only, so that a client reading a CT study's modality
+    sees no SR (the ``modality`` search parameter itself reads ``series.modality``, in R4 as in R5); none for a
+    study without one (a lone SR: R4's modality is 0..*). IHE IMR (R4) requires modality 1..*:
     a study without an acquisition modality then carries its series modalities, which IMR's extensible binding
     admits when no CID 29 code applies.
     """

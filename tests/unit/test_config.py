@@ -16,6 +16,7 @@ from pacs_bridge.config import (
     PacsAuthConfig,
     PacsConfig,
     PacsDimseConfig,
+    config_warnings,
     load_config,
     parse_config,
 )
@@ -50,8 +51,8 @@ def _keys(model: type[BaseModel]) -> set[str]:
 
 
 def test_example_file_shows_every_key_with_its_default() -> None:
-    """The example documents every key, and each value it shows is the default (endpoints and the optional http
-    and pacs sections aside: they show a typical value)."""
+    """The example documents every key, and each value it shows is the default (endpoints, patient and the
+    optional http and pacs sections aside: they show a typical value)."""
     document = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     example = load_config(EXAMPLE)
     defaults = parse_config({"fhir": {"base_url": example.fhir.base_url}}, path="defaults", directory=EXAMPLE.parent)
@@ -63,13 +64,24 @@ def test_example_file_shows_every_key_with_its_default() -> None:
         annotation = {"http": HttpConfig, "pacs": PacsConfig}.get(section, model.annotation)
         assert isinstance(annotation, type)
         assert set(document[section]) == _keys(annotation), section
-    assert example.model_copy(update={"endpoints": [], "http": None, "pacs": None}) == defaults
+    typical = {"endpoints": [], "http": None, "pacs": None, "patient": defaults.patient}
+    assert example.model_copy(update=typical) == defaults
     assert example.pacs is not None
     assert set(document["pacs"]["auth"]) == _keys(PacsAuthConfig)
     assert set(document["pacs"]["dimse"]) == _keys(PacsDimseConfig)
     assert example.pacs.model_copy(update={"dicomweb_url": "", "dimse": None}) == PacsConfig()
     assert example.pacs.dimse is not None
     assert example.pacs.dimse.max_results == PacsDimseConfig.model_fields["max_results"].default
+
+
+def test_example_file_references_the_patient_the_fhir_server_holds() -> None:
+    """The example starts as the README does: patient.mode lookup with an identifier system (and the own issuer),
+    so that ImagingStudy?patient=<id> finds the studies; check-config has nothing to warn about."""
+    patient = load_config(EXAMPLE).patient
+
+    assert (patient.mode, patient.identifier_system) == ("lookup", "urn:oid:2.16.840.1.113883.19.5")
+    assert patient.issuers == {"HOSP-A": patient.identifier_system}
+    assert config_warnings(load_config(EXAMPLE)) == []
 
 
 def test_minimal_config_with_only_the_fhir_base_url_is_valid_with_defaults() -> None:
