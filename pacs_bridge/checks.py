@@ -99,7 +99,7 @@ def check_fhir_server(config: Config, http: httpx.Client) -> CheckResult:
     return CheckResult(name="fhir", ok=True, detail=detail)
 
 
-# An identifier no Patient has: the probe search must answer, and should match nothing.
+# An identifier no Patient or ServiceRequest has: the probe searches must answer, and should match nothing.
 PROBE_PATIENT_ID = "pacs-bridge-check-config-probe"
 
 
@@ -110,18 +110,42 @@ def check_patient_search(config: Config, http: httpx.Client) -> CheckResult | No
     if config.patient.mode not in ("lookup", "create"):
         return None
     system = config.patient.identifier_system or next(iter(config.patient.issuers.values()), "")
-    search = identifier_search({"system": system, "value": PROBE_PATIENT_ID})  # escaped as the bridge sends it
-    url = redact_url(f"{config.fhir.base_url}/Patient/_search")
+    result = _search_probe(config, http, "Patient", system, what=f"patient.mode {config.patient.mode}")
+    if result.ok and config.patient.mode == "create":
+        return CheckResult(
+            name=result.name, ok=True, detail=f"{result.detail}; creating Patients is not tried (it would write)"
+        )
+    return result
+
+
+def check_order_search(config: Config, http: httpx.Client) -> CheckResult | None:
+    """With ``accession.mode`` lookup, search ServiceRequests by identifier the way the bridge does (``POST
+    ServiceRequest/_search``). None when the mode needs no search, or when no accession system is configured
+    (then no order is ever searched: check-config warns about that)."""
+    accession = config.accession
+    system = accession.identifier_system or next(iter(accession.issuers.values()), "")
+    if accession.mode != "lookup" or not system:
+        return None
+    return _search_probe(config, http, "ServiceRequest", system, what="accession.mode lookup")
+
+
+_CHECK_NAMES = {"Patient": "patient", "ServiceRequest": "order"}
+
+
+def _search_probe(config: Config, http: httpx.Client, resource_type: str, system: str, *, what: str) -> CheckResult:
+    """One search by a probe identifier no resource has, escaped as the bridge sends it: it must answer."""
+    name = _CHECK_NAMES[resource_type]
+    search = identifier_search({"system": system, "value": PROBE_PATIENT_ID})
+    url = redact_url(f"{config.fhir.base_url}/{resource_type}/_search")
     try:
         matches = FhirClient(http, base_url=config.fhir.base_url).search(
-            "Patient", {"identifier": search or ""}, in_body=True
+            resource_type, {"identifier": search or ""}, in_body=True
         )
     except PublishError as exc:
         hint = ""
         if exc.http_status in (401, 403):
-            hint = f"; patient.mode {config.patient.mode} needs the client to be allowed to search Patients"
-        return CheckResult(name="patient", ok=False, detail=f"POST {url}: {exc}{hint}")
-    detail = f"POST {url} by identifier: answered ({len(matches)} matches for a probe identifier)"
-    if config.patient.mode == "create":
-        detail += "; creating Patients is not tried (it would write)"
-    return CheckResult(name="patient", ok=True, detail=detail)
+            hint = f"; {what} needs the client to be allowed to search {resource_type}s"
+        return CheckResult(name=name, ok=False, detail=f"POST {url}: {exc}{hint}")
+    return CheckResult(
+        name=name, ok=True, detail=f"POST {url} by identifier: answered ({len(matches)} matches for a probe identifier)"
+    )

@@ -426,7 +426,13 @@ def _migrate(config: Config, *, config_path: str) -> None:
 
 
 def _check_online(config: Config) -> None:
-    from pacs_bridge.checks import CheckResult, check_database, check_fhir_server, check_patient_search
+    from pacs_bridge.checks import (
+        CheckResult,
+        check_database,
+        check_fhir_server,
+        check_order_search,
+        check_patient_search,
+    )
     from pacs_bridge.service import open_fhir_http
 
     results = [check_database(config)]
@@ -437,8 +443,9 @@ def _check_online(config: Config) -> None:
     else:
         with http, token_http:
             results.append(check_fhir_server(config, http))
-            if results[-1].ok and (patient := check_patient_search(config, http)) is not None:
-                results.append(patient)
+            if results[-1].ok:
+                searches = (check_patient_search(config, http), check_order_search(config, http))
+                results += [result for result in searches if result is not None]
     for result in results:
         print(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {redact_urls(result.detail)}")
     if not all(result.ok for result in results):

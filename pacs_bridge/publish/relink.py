@@ -94,12 +94,13 @@ class Relinker:
         for position, candidate in enumerate(claimed):
             study_uid = candidate.study.study_uid
             try:
-                outcomes[study_uid] = self._relink(candidate)
-            except PublishError as exc:
-                if exc.retryable:  # the server does not answer: stop, and give back what was not looked up
-                    self._rest(claimed[position:], exc)
-                    break
-                outcomes[study_uid] = self._refused(candidate, exc)
+                try:
+                    outcomes[study_uid] = self._relink(candidate)
+                except PublishError as exc:
+                    if exc.retryable:  # the server does not answer: stop, and give back what was not looked up
+                        self._rest(claimed[position:], exc)
+                        break
+                    outcomes[study_uid] = self._refused(candidate, exc)
             except IndexUnavailableError as exc:
                 log.error("relink_failed", study_uid=study_uid, error=str(exc))
                 break  # the claims run out with their lease

@@ -115,3 +115,36 @@ def test_identifier_mode_makes_no_patient_request(
     code, out = check_online(tmp_path, capsys, database={"url": database_url}, fhir={"base_url": fhir_server.base_url})
     assert code == 0, out
     assert "patient:" not in out
+
+
+def test_order_lookup_checks_that_service_requests_can_be_searched(
+    database_url: str, fhir_server: FhirTestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """accession.mode lookup: a ServiceRequest search by identifier, as the bridge makes it, must answer."""
+    code, out = check_online(
+        tmp_path,
+        capsys,
+        database={"url": database_url},
+        fhir={"base_url": fhir_server.base_url},
+        accession={"mode": "lookup", "identifier_system": "http://hospital.example.org/accession"},
+    )
+    assert code == 0, out
+    assert f"ok   order: POST {fhir_server.base_url}/ServiceRequest/_search by identifier: answered (0 matches" in out
+
+
+def test_a_client_refused_order_search_fails_naming_what_lookup_needs(
+    database_url: str, fhir_server: FhirTestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """The server answers metadata but refuses the ServiceRequest search (403): FAIL naming what lookup needs."""
+    with HttpFaultProxy(upstream_port=fhir_server.port) as proxy:
+        proxy.program(Pass(), Respond(403, body="not allowed to read ServiceRequest"))
+        code, out = check_online(
+            tmp_path,
+            capsys,
+            database={"url": database_url},
+            fhir={"base_url": f"{proxy.root_url}/fhir"},
+            accession={"mode": "lookup", "identifier_system": "http://hospital.example.org/accession"},
+        )
+    assert code == 1
+    assert "FAIL order: POST " in out and "HTTP 403" in out
+    assert "accession.mode lookup needs the client to be allowed to search ServiceRequests" in out
