@@ -60,11 +60,15 @@ class ReferenceResolver:
         self._orders = OrderResolver(fhir, mapping)
         self._links = links
         self._relink_interval = relink_interval
+        # Both modes identifier (the defaults): nothing is looked up or linked, and the index is not asked.
+        self._links_nothing = mapping.patient_mode == "identifier" and mapping.accession_mode == "identifier"
 
     def resolve(self, study: StudyAttributes, *, create: bool = True) -> StudyReferences:
         """The references to send for ``study`` now. Raises ``PublishError`` when a request fails, and
         ``IndexUnavailableError`` when the recorded links cannot be read. ``create=False``: the Patient is only
         looked up, never created (reconcile)."""
+        if self._links_nothing:
+            return StudyReferences(patient=Link(), order=Link(), published=None)
         published = self._links.load(study.study_uid)
         patient = self._kept(
             "patient", study, self._patients.resolve(study, create=create), published.patient if published else None
@@ -87,7 +91,10 @@ class ReferenceResolver:
         return kept
 
     def record(self, study_uid: str, references: StudyReferences, *, now: datetime) -> None:
-        """Store the links a publish sent (``references``) and when the waiting ones are looked up again."""
+        """Store the links a publish sent (``references``) and when the waiting ones are looked up again; nothing
+        when there is nothing to store (identifier modes, or no searchable identifier, and nothing stored before)."""
+        if references.published is None and references.patient == Link() and references.order == Link():
+            return
         links = links_after_publish(
             references.published, references.patient, references.order, now=now, interval=self._relink_interval
         )

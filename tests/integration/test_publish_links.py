@@ -7,8 +7,10 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from sqlalchemy import Engine, func, select
 
 from pacs_bridge.fhir.imaging_study import MappingSettings
+from pacs_bridge.index.models import StudyLink
 from pacs_bridge.index.repository import Index
 from pacs_bridge.publish.linking import search_key
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
@@ -123,3 +125,17 @@ def test_a_kept_reference_sends_no_new_version(
 
     assert fresh_fhir_server.request_counts()["PUT ImagingStudy"] == 1
     assert fresh_fhir_server.versions("ImagingStudy", uid("1")) == 1
+
+
+def test_identifier_modes_keep_no_links_and_ask_the_index_nothing_more(
+    index: Index, engine: Engine, http: httpx.Client, clock: FakeClock, fresh_fhir_server: FhirTestServer
+) -> None:
+    """The defaults (patient and accession mode identifier) look nothing up: no study_links row is written."""
+    identifier_modes = MappingSettings(endpoints=(WADO,), patient_identifier_system=SYSTEM)
+    bridge = make_publisher(index, http, fresh_fhir_server.base_url, clock, mapping=identifier_modes)
+
+    assert publish(bridge, index, clock, 1) == PublishOutcome.PUBLISHED
+
+    assert index.links.load(uid("1")) is None
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(StudyLink)).scalar_one() == 0
