@@ -79,12 +79,11 @@ class ReferenceResolver:
     @staticmethod
     def _kept(link: str, study: StudyAttributes, found: Lookup, published: Link | None) -> Link:
         kept = kept_link(found, published)
-        if kept.reference is not None and found.reference is None:
+        if kept.reference is not None and found.reference is None:  # not the reference: a server's id may be an MRN
             log.info(
                 "reference_kept",
                 study_uid=study.study_uid,
                 link=link,
-                reference=kept.reference,
                 reason=found.reason,
                 hint="a literal reference is never downgraded; the lookup found none now",
             )

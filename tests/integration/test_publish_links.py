@@ -8,6 +8,7 @@ from datetime import timedelta
 import httpx
 import pytest
 from sqlalchemy import Engine, func, select
+from structlog.testing import capture_logs
 
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.index.models import StudyLink
@@ -81,7 +82,14 @@ def test_a_literal_reference_is_never_downgraded_when_the_server_no_longer_finds
 
     seed_patient(fresh_fhir_server, "PAT-0001")
     http.delete(f"{fresh_fhir_server.base_url}/ServiceRequest/{order_id}").raise_for_status()
-    assert publish(bridge, index, clock, 2) == PublishOutcome.PUBLISHED
+    with capture_logs() as logs:
+        assert publish(bridge, index, clock, 2) == PublishOutcome.PUBLISHED
+    kept = [entry for entry in logs if entry["event"] == "reference_kept"]
+    assert [(entry["link"], entry["reason"]) for entry in kept] == [
+        ("patient", "several_matches"),
+        ("order", "no_match"),
+    ]
+    assert patient_id not in str(kept) and order_id not in str(kept), "no server id (it may be an MRN) in the log"
 
     study = fresh_fhir_server.read("ImagingStudy", uid("1"))
     assert study is not None and study["numberOfInstances"] == 2
