@@ -155,10 +155,22 @@ class DicomConfig(_Section):
     bind: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1, le=1000)
-    # Processes that serve associations (one is GIL-bound near 420 C-STOREs/s); the main process accepts and
-    # hands each connection to the least busy one. max_associations is shared among them.
+    # Connections whose A-ASSOCIATE-RQ is not yet whole; one more closes the oldest. They hold no thread.
+    max_pending_connections: int = Field(default=256, ge=1, le=100_000)
+    # Processes that serve associations; the main process accepts and hands each connection to the least busy
+    # one. max_associations and max_pending_connections are shared among them.
     listener_processes: int = Field(default=1, ge=1, le=64)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
+    # The ARTIM timer (PS3.8 9.1.5): TLS handshake and the whole A-ASSOCIATE-RQ within this, from the connect.
+    association_request_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Every PDU whole within this from its first byte, however slowly its bytes come.
+    pdu_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # The maximum PDU length announced to senders (PS3.8 D.1); a longer P-DATA-TF aborts the association.
+    max_pdu_bytes: int = Field(default=262_144, ge=4096, le=16 * 1024 * 1024)
+    # A data set longer than this is read, dropped and refused (0xC002); nothing of it is stored.
+    max_instance_bytes: int = Field(default=4 * 1024**3, ge=1024, le=2**40)
+    # auto: the fast path (dicom/fastpath) with the pynetdicom release it supports; off: stock pynetdicom.
+    fast_path: Literal["auto", "off"] = "auto"
     # On SIGTERM: how long open associations may go on before they are aborted (the sender re-sends).
     shutdown_drain_seconds: float = Field(default=30.0, ge=0, le=3600)
     # A deflated dataset inflating to more is refused (0xC000); it is inflated as a stream, never held whole.

@@ -58,6 +58,18 @@ class SopClassMismatchError(InvalidInstanceError):
     "Data Set does not match SOP Class", 0xA900); the sender must send it under its own SOP class."""
 
 
+class InstanceTooLargeError(PacsBridgeError):
+    """A received data set is longer than ``dicom.max_instance_bytes``: it is refused and nothing of it is kept.
+
+    Sending it again cannot succeed; raise the limit in the configuration if such instances are expected.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"instance over dicom.max_instance_bytes ({limit})")
+
+
 class UnknownStudyError(PacsBridgeError):
     """No study with this Study Instance UID is in the index; check the UID (pacs-bridge status lists studies)."""
 

@@ -187,9 +187,15 @@ def listener_settings(config: Config) -> ListenerSettings:
         port=dicom.port,
         max_associations=dicom.max_associations,
         network_timeout_seconds=dicom.network_timeout_seconds,
-        # A connection that never completes its association request (a scanner, a sender that died
-        # mid-PDU) holds one of max_associations until this runs out: no longer than a silent one.
-        acse_timeout_seconds=min(dicom.network_timeout_seconds, 30.0),
+        # pynetdicom's ARTIM timer for what follows the request (release, abort); the request itself is whole
+        # before pynetdicom sees the connection (dicom/front_door.py).
+        acse_timeout_seconds=min(dicom.network_timeout_seconds, dicom.association_request_timeout_seconds),
+        association_request_timeout_seconds=dicom.association_request_timeout_seconds,
+        pdu_timeout_seconds=dicom.pdu_timeout_seconds,
+        max_pending_connections=dicom.max_pending_connections,
+        max_pdu_bytes=dicom.max_pdu_bytes,
+        max_instance_bytes=dicom.max_instance_bytes,
+        fast_path=dicom.fast_path == "auto",
         allowed_calling_aets=dicom.calling_ae_rules(),
         max_inflated_bytes=dicom.max_inflated_bytes,
         tls=server_tls_context(dicom.tls.certificate, dicom.tls.private_key, dicom.tls.client_ca)

@@ -45,6 +45,16 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+RECEIVE_PATHS = {"fast_path": "auto", "stock": "off"}  # -> dicom.fast_path
+
+
+@pytest.fixture(scope="session", params=list(RECEIVE_PATHS))
+def receive_path(request: pytest.FixtureRequest) -> str:
+    """How the listener receives: with the fast path (``dicom.fast_path: auto``) or as stock pynetdicom
+    (``off``). The listener's integration tests and every end-to-end test run both ways."""
+    return str(request.param)
+
+
 @pytest.fixture
 def postgres_schema_url() -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""

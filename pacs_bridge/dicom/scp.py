@@ -1,50 +1,68 @@
 """The DICOM listener (pynetdicom): Verification and Storage SCP, and the never-crash boundary.
 
-Each C-STORE is read from the wire header-only (the elements ``extract`` needs, stopping before the pixel
-data, which is never decoded), turned into an ``InstanceRecord`` and handed to the ``InstanceSink`` (the
-index). Success is answered only after the sink has committed; every failure becomes a status from
-``dicom/status.py`` and the association goes on.
+Connections come in through the front door (dicom/front_door.py), which holds each one, without a thread, until
+its A-ASSOCIATE-RQ is whole, within ``association_request_timeout_seconds``; pynetdicom then serves it
+(``AdoptingAssociationServer``) on a ``GuardedSocket`` (dicom/connection.py) that enforces a deadline per PDU,
+the announced maximum PDU length and ``max_instance_bytes`` whatever reads it. With ``fast_path`` on and a
+pynetdicom the fast path supports, the pieces of dicom/fastpath serve C-STOREs; otherwise stock pynetdicom
+does, and the C-STORE handler below is the same either way.
+
+Each C-STORE is read header-only (the elements ``extract`` needs, stopping before the pixel data, which is
+never decoded), turned into an ``InstanceRecord`` and handed to the ``InstanceSink`` (the index). Success is
+answered only after the sink has committed; every failure becomes a status from ``dicom/status.py`` and the
+association goes on.
+
+Starting a listener sets pynetdicom's and pydicom's process-wide switches it depends on: pynetdicom writes a
+C-STORE it receives itself to a temporary file (``STORE_RECV_CHUNKED_DATASET``: memory stays flat for any
+instance size), its standard per-message log handlers are off (they would read every received data set
+whole), and pydicom does not check the values it decodes against their VR (extraction checks what the index
+needs, dicom/extract.py; those checks only ever produced warnings).
+
+Stopping closes the listening socket and every pending connection at once, aborts each association that is
+idle (no PDU or message partly received, no C-STORE awaiting its answer, nothing received for a second), and
+gives those in the middle of a transfer up to the drain time before aborting them too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
-import socketserver
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import structlog
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom import _config as _pynetdicom_config
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs_bridge.dicom import inline_store, reactor, store_response
+from pacs_bridge.dicom import fastpath
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason, rejection_reason
+from pacs_bridge.dicom.association_server import AdoptingAssociationServer
 from pacs_bridge.dicom.conformance import check_request_matches_dataset
+from pacs_bridge.dicom.connection import ConnectionLimits, Guarded
 from pacs_bridge.dicom.extract import extract_instance
+from pacs_bridge.dicom.front_door import FrontDoor, FrontDoorSettings
 from pacs_bridge.dicom.header import DEFAULT_MAX_INFLATED_BYTES, read_header
-from pacs_bridge.dicom.spool import SpillingBuffer
-from pacs_bridge.dicom.spool import install as install_spilling_buffers
+from pacs_bridge.dicom.received import OrphanedReceiveFiles, received_data_set
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
+from pacs_bridge.errors import InstanceTooLargeError
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 
 log = structlog.get_logger("pacs_bridge.dicom")
 _stdlib_log = logging.getLogger("pacs_bridge.dicom")  # the logger structlog's filter_by_level asks
 _SUCCESS = int(StoreStatus.SUCCESS)
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only; elsewhere the wrapper is not installed
+_LISTEN_BACKLOG = 1024
+_STOP_POLL_SECONDS = 0.02
+_CUT_AFTER_ABORT_SECONDS = 1.0  # an aborted association whose connection is still open then is cut
+_STOP_GIVE_UP_SECONDS = 10.0  # past the drain and the cut, stop returns whatever is left
 
 
 class InstanceSink(Protocol):
@@ -60,7 +78,12 @@ class ListenerSettings:
     network_timeout_seconds: float = 60.0
     acse_timeout_seconds: float = 30.0
     dimse_timeout_seconds: float = 60.0
-    max_pdu_size: int = 0  # 0: unlimited
+    association_request_timeout_seconds: float = 30.0  # ARTIM: the whole A-ASSOCIATE-RQ (and TLS) within this
+    pdu_timeout_seconds: float = 30.0  # each PDU whole within this from its first byte
+    max_pending_connections: int = 256  # connections whose association request is not yet whole
+    max_pdu_bytes: int = 256 * 1024  # the maximum length announced; a longer P-DATA-TF aborts the association
+    max_instance_bytes: int = 4 * 1024**3  # a longer data set is read, dropped and refused
+    fast_path: bool = True  # the pieces of dicom/fastpath when pynetdicom is a supported release
     allowed_calling_aets: tuple[CallingAeRule, ...] = ()  # empty: any
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES  # a deflated dataset inflating to more is refused
     tls: ssl.SSLContext | None = None  # DICOM TLS when set (see server_tls_context)
@@ -78,111 +101,25 @@ def server_tls_context(certificate: str, private_key: str, client_ca: str = "") 
     return context
 
 
-def _received_header(event: Any, *, max_inflated_bytes: int) -> Dataset:
-    """The header of the instance a C-STORE carries (in memory, or spilled to a temporary file if large)."""
-    return read_header(event.request.DataSet, event.context.transfer_syntax, max_inflated_bytes=max_inflated_bytes)
-
-
 def _received_size(event: Any) -> int:
-    """The encoded size of the received dataset (0 when unknown)."""
-    buffer = getattr(event.request, "DataSet", None)
-    if isinstance(buffer, SpillingBuffer):
-        return buffer.size()
+    """The encoded size of the received data set (0 when unknown)."""
     try:
-        return int(buffer.getbuffer().nbytes)  # type: ignore[union-attr]
-    except (AttributeError, TypeError, ValueError):
+        received = received_data_set(event)
+    except (AttributeError, OSError, TypeError, ValueError):
         return 0
+    received.close()
+    return received.size
 
 
-class QuickAckSocket:
-    """A TCP socket that acknowledges every receive at once (Linux ``TCP_QUICKACK``, re-armed after each recv).
+class _Connection:
+    """One connection the front door handed over, and its association once pynetdicom made it."""
 
-    Many senders leave Nagle's algorithm on (Debian's DCMTK, Orthanc, pynetdicom itself, many modalities):
-    they hold the last small segment of a C-STORE until the previous one is acknowledged, while the receiver
-    delays its ACK by up to 40 ms or more, so each C-STORE stalls ~80 ms. Linux clears QUICKACK after use,
-    hence the re-arm. Everything else passes through to the wrapped socket (``select`` uses ``fileno``).
-    """
+    __slots__ = ("assoc", "ended_at", "guard")
 
-    __slots__ = ("_socket",)
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._socket = sock
-        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # our responses go out at once too
-        self._rearm()
-
-    def _rearm(self) -> None:
-        with contextlib.suppress(OSError):  # the peer may be gone; recv reports that
-            self._socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = self._socket.recv(bufsize, flags)
-        self._rearm()
-        return data
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        count = self._socket.recv_into(buffer, nbytes, flags)
-        self._rearm()
-        return count
-
-    @property
-    def wrapped(self) -> socket.socket:
-        return self._socket
-
-    def fileno(self) -> int:  # select() and poll() call it; __getattr__ would too, only slower
-        return self._socket.fileno()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._socket, name)
-
-
-def _acknowledge_quickly(event: Any) -> None:
-    """EVT_CONN_OPEN: wrap a plain TCP association socket in ``QuickAckSocket`` before anything is read."""
-    dul = event.assoc.dul
-    transport = dul.socket
-    raw = transport.socket
-    # TLS sockets keep their own class: pynetdicom checks isinstance(SSLSocket) for pending bytes.
-    if _TCP_QUICKACK and type(raw) is socket.socket and raw.type == socket.SOCK_STREAM:
-        transport.socket = QuickAckSocket(raw)
-
-
-class SharedContexts(list[PresentationContext]):
-    """The listener's supported presentation contexts, shared by every association instead of copied for each.
-
-    pynetdicom deep-copies the server's supported contexts for each association it accepts
-    (``RequestHandler._create_association``): for the 171 contexts of 45 transfer syntaxes each that the listener
-    supports, ~50 ms of CPU under the GIL per association, stalling every other association of the process
-    meanwhile. Negotiation only reads them (``negotiate_as_acceptor`` answers with new contexts), so a copy
-    of the list itself is all each association gets.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        return list(self)
-
-
-class _HandedOverServer(ThreadedAssociationServer):
-    """pynetdicom's association server without a listening socket of its own.
-
-    With ``dicom.listener_processes`` above 1 the main process accepts every connection and hands it to a
-    listener process (``dicom/workers.py``), which passes it to ``process_request`` exactly as pynetdicom's
-    own accept loop would: one thread per association, the same events and handlers. Nothing is bound or
-    listened on; ``request_done`` is called when an association's thread ends, so the main process knows how
-    many each listener process still serves.
-    """
-
-    request_done: Callable[[], None] | None = None
-
-    def server_bind(self) -> None:
-        pass
-
-    def server_activate(self) -> None:
-        pass
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            if self.request_done is not None:
-                self.request_done()
+    def __init__(self, guarded: Guarded) -> None:
+        self.guard = guarded
+        self.assoc: Any = None
+        self.ended_at: float | None = None  # when the stop aborted (or cut) it
 
 
 class _AssociationStats:
@@ -229,6 +166,13 @@ class DicomListener:
         self._observer: BridgeObserver = observer or NullObserver()
         self._stats = _AssociationStats()
         self._server: Any = None
+        self._front_door: FrontDoor | None = None
+        self._fast_path: fastpath.FastPath | fastpath.FastPathUnavailable = fastpath.FastPathUnavailable(
+            "the listener is not started"
+        )
+        self._lock = threading.Lock()
+        self._connections: dict[int, _Connection] = {}  # by id of its socket
+        self._orphans = OrphanedReceiveFiles()
         self._ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -243,7 +187,7 @@ class DicomListener:
         ae.network_timeout = settings.network_timeout_seconds
         ae.acse_timeout = settings.acse_timeout_seconds
         ae.dimse_timeout = settings.dimse_timeout_seconds
-        ae.maximum_pdu_size = settings.max_pdu_size
+        ae.maximum_pdu_size = settings.max_pdu_bytes
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
@@ -252,36 +196,46 @@ class DicomListener:
 
     @property
     def is_accepting(self) -> bool:
-        """Whether the listening socket is open and its accept loop alive."""
-        server = self._server
-        return server is not None and server.socket.fileno() != -1
+        """Whether the front door is open and its loop alive."""
+        return self._front_door is not None and self._front_door.is_accepting
 
     @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
-        if self._server is None:
+        if self._front_door is None or not self._front_door.port:
             return self._settings.port
-        return int(self._server.server_address[1])
+        return self._front_door.port
 
-    def start(self, *, handed_over: Callable[[], None] | None = None) -> None:
-        """Listen on the configured address; or, with ``handed_over`` (called as each association ends),
-        listen on nothing and serve the connections passed to ``adopt``."""
-        # Received datasets over a few MB spill to an anonymous temporary file (see dicom/spool.py): a 1 GB
-        # tomosynthesis object then costs the bridge kilobytes of memory, a 10 kB CT slice nothing extra.
-        install_spilling_buffers()
-        # pynetdicom's association reactors and DUL threads wait for work instead of polling every millisecond.
-        reactor.install()
-        # Plain C-STORE responses are encoded in one step, not through a pydicom Dataset of the command set.
-        store_response.install()
-        # C-STOREs are served on the thread that read them, their command sets read in one step.
-        inline_store.install()
-        # pynetdicom's standard handlers log every DIMSE message, and to do so read each received dataset
-        # whole (getvalue), spilled or not; our own association and instance events replace them.
+    @property
+    def fast_path(self) -> fastpath.FastPath | fastpath.FastPathUnavailable:
+        """What serves C-STOREs: the fast path's pieces, or stock pynetdicom and why."""
+        return self._fast_path
+
+    @property
+    def associations(self) -> list[Any]:
+        """The pynetdicom associations being served (acceptors, established or not yet)."""
+        return list(self._server.active_associations) if self._server is not None else []
+
+    @property
+    def open_connections(self) -> int:
+        """Connections handed to pynetdicom and not yet closed."""
+        return len(self._live_connections())
+
+    @property
+    def pending_connections(self) -> int:
+        """Connections whose association request is not yet whole."""
+        return self._front_door.pending_connections if self._front_door is not None else 0
+
+    def start(self, *, listen: bool = True, on_connection_closed: Callable[[], None] | None = None) -> None:
+        """Listen on the configured address; or, with ``listen=False``, serve the connections passed to
+        ``adopt``. ``on_connection_closed`` is called once for each connection that ends, handed over or not."""
+        _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
-        # pydicom checks every value it decodes (DIMSE command sets included) against its VR and warns; extraction
-        # checks what the index needs itself (dicom/extract.py), so those checks cost CPU per instance and only
-        # ever produced warnings.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        settings = self._settings
+        self._fast_path = (
+            fastpath.install() if settings.fast_path else fastpath.FastPathUnavailable("dicom.fast_path is off")
+        )
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_connection_opened),
             (evt.EVT_CONN_CLOSE, self._handle_connection_closed),
@@ -292,76 +246,135 @@ class DicomListener:
             (evt.EVT_ABORTED, self._handle_closed),
             (evt.EVT_REJECTED, self._handle_rejected),
         ]
-        contexts = SharedContexts(self._ae.supported_contexts)
-        if handed_over is not None:
-            server = cast(
-                _HandedOverServer,
-                self._ae.make_server(
-                    (self._settings.bind, 0),
-                    contexts=contexts,
-                    evt_handlers=handlers,
-                    server_class=_HandedOverServer,
+        contexts = self._ae.supported_contexts
+        if isinstance(self._fast_path, fastpath.FastPath):
+            contexts = self._fast_path.contexts(contexts)
+        self._server = self._ae.make_server(
+            (settings.bind, 0), contexts=contexts, evt_handlers=handlers, server_class=AdoptingAssociationServer
+        )
+        listening = None
+        if listen:
+            family = socket.AF_INET6 if ":" in settings.bind else socket.AF_INET
+            listening = socket.create_server((settings.bind, settings.port), family=family, backlog=_LISTEN_BACKLOG)
+        self._front_door = FrontDoor(
+            FrontDoorSettings(
+                max_pending_connections=settings.max_pending_connections,
+                association_request_timeout_seconds=settings.association_request_timeout_seconds,
+                connection_limits=ConnectionLimits(
+                    pdu_timeout_seconds=settings.pdu_timeout_seconds,
+                    max_pdu_bytes=settings.max_pdu_bytes,
+                    max_instance_bytes=settings.max_instance_bytes,
                 ),
+            ),
+            deliver=self._serve,
+            listening=listening,
+            tls=settings.tls,
+            on_connection_closed=on_connection_closed,
+            on_tick=self._look_after_connections,
+        )
+        self._front_door.start()
+        fast = self._fast_path
+        fields: dict[str, Any] = (
+            {"fast_path": "on", "fast_path_pieces": sorted(fast.pieces)}
+            if isinstance(fast, fastpath.FastPath)
+            else {"fast_path": "off", "fast_path_reason": fast.reason}
+        )
+        if listen:
+            log.info(
+                "listener_started",
+                ae_title=settings.ae_title,
+                bind=settings.bind,
+                port=self.port,
+                tls=settings.tls is not None,
+                **fields,
             )
-            server.request_done = handed_over
-            self._server = server
-            return
-        self._server = self._ae.start_server(
-            (self._settings.bind, self._settings.port),
-            block=False,
-            contexts=contexts,
-            evt_handlers=handlers,
-            ssl_context=self._settings.tls,
-        )
-        log.info(
-            "listener_started",
-            ae_title=self._settings.ae_title,
-            bind=self._settings.bind,
-            port=self.port,
-            tls=self._settings.tls is not None,
-        )
-
-    def stop(self, *, drain_timeout_seconds: float = 30.0) -> None:
-        """Stop accepting associations, let in-flight ones finish (up to the timeout), then abort the rest."""
-        server = self._server
-        if server is None:
-            return
-        self._server = None
-        handed_over = isinstance(server, _HandedOverServer)
-        if not handed_over:
-            # socketserver's own shutdown (not pynetdicom's, which also aborts associations): leave the accept
-            # loop, then close the listening socket so new associations are refused while the open ones finish.
-            socketserver.BaseServer.shutdown(server)
-            server.socket.close()
-        deadline = time.monotonic() + drain_timeout_seconds
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        remaining = server.active_associations
-        for assoc in remaining:
-            assoc.abort()
-        if handed_over:
-            server.server_close()  # it never served, so socketserver's shutdown() would wait for ever
         else:
-            server.shutdown()
-        log.info("listener_stopped", aborted_associations=len(remaining))
+            log.info("listener_ready", ae_title=settings.ae_title, tls=settings.tls is not None, **fields)
 
     def adopt(self, connection: socket.socket, address: tuple[str, int]) -> None:
-        """Serve one connection accepted elsewhere (after ``start(handed_over=...)``), as pynetdicom's accept
-        loop would: TLS first when configured, then a thread for the association."""
-        server = self._server
-        if not isinstance(server, _HandedOverServer):
+        """Serve one connection accepted elsewhere (after ``start(listen=False)``): it goes through the front
+        door's pending stage like one accepted here."""
+        front_door = self._front_door
+        if front_door is None:
             connection.close()
-            raise RuntimeError("the listener does not take handed-over connections")
-        if self._settings.tls is not None:
-            try:
-                connection = self._settings.tls.wrap_socket(connection, server_side=True)
-            except OSError as exc:  # as pynetdicom's accept loop does: drop it, keep serving the others
-                log.warning("tls_handshake_failed", peer=f"{address[0]}:{address[1]}", error=str(exc))
-                connection.close()
-                if server.request_done is not None:
-                    server.request_done()
-                return
-        server.process_request(connection, address)
+            raise RuntimeError("the listener is not started")
+        front_door.admit(connection, address)
+
+    def _serve(self, guarded: Guarded, address: tuple[str, int]) -> None:
+        """The front door's delivery: a connection whose association request is whole, to pynetdicom."""
+        self._forget_closed(time.monotonic())
+        with self._lock:
+            self._connections[id(guarded)] = _Connection(guarded)
+        self._server.process_request(guarded, address)
+
+    def _forget_closed(self, now: float) -> None:
+        """Drop the connections that have closed; note those that may have been cut off in a message."""
+        with self._lock:
+            closed = [key for key, known in self._connections.items() if known.guard.guard.is_closed]
+            for key in closed:
+                if self._connections.pop(key).guard.guard.monitor.message_unfinished:
+                    self._orphans.note_interrupted(now)
+
+    def _look_after_connections(self, now: float) -> None:
+        """On the front door's thread, at least once a second."""
+        self._forget_closed(now)
+        self._orphans.sweep_if_due(now)
+
+    def _live_connections(self) -> list[_Connection]:
+        with self._lock:
+            return [known for known in self._connections.values() if not known.guard.guard.is_closed]
+
+    def stop(self, *, drain_timeout_seconds: float = 30.0) -> None:
+        """Stop accepting, close pending and idle connections at once, let associations in the middle of a
+        transfer go on for up to ``drain_timeout_seconds``, then abort them."""
+        front_door = self._front_door
+        if front_door is None:
+            return
+        self._front_door = None
+        front_door.stop()
+        deadline = time.monotonic() + drain_timeout_seconds
+        idle_aborted = drained_aborted = 0
+        while True:
+            now = time.monotonic()
+            live = self._live_connections()
+            if not live or now > deadline + _CUT_AFTER_ABORT_SECONDS + _STOP_GIVE_UP_SECONDS:
+                break
+            for connection in live:
+                if connection.ended_at is not None:
+                    if now - connection.ended_at > _CUT_AFTER_ABORT_SECONDS:
+                        connection.guard.cut()
+                    continue
+                in_transfer = connection.guard.guard.in_transfer(now)
+                if in_transfer and now < deadline:
+                    continue
+                if self._end(connection, now):
+                    if in_transfer:
+                        drained_aborted += 1
+                    else:
+                        idle_aborted += 1
+            time.sleep(_STOP_POLL_SECONDS)
+        left = len(self._live_connections())
+        self._server.server_close()
+        log.info(
+            "listener_stopped",
+            aborted_associations=idle_aborted + drained_aborted,
+            idle_aborted=idle_aborted,
+            aborted_after_drain=drained_aborted,
+            pending_closed=front_door.pending_closed_at_stop,
+            **({"connections_left_open": left} if left else {}),
+        )
+
+    @staticmethod
+    def _end(connection: _Connection, now: float) -> bool:
+        """Abort ``connection``'s association (on a thread of its own: pynetdicom's abort waits for the peer to
+        close) or, before there is one, cut the connection. True when an association was aborted."""
+        connection.ended_at = now
+        assoc = connection.assoc
+        if assoc is not None and assoc.is_established:
+            threading.Thread(target=assoc.abort, name="pacs-bridge-stop-abort", daemon=True).start()
+            return True
+        connection.guard.cut()
+        return False
 
     # ---- handlers: each one catches everything, so nothing a peer sends can stop the listener ----
 
@@ -371,7 +384,7 @@ class DicomListener:
         calling_ae = _calling_ae(event)
         try:
             sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
-            dataset = _received_header(event, max_inflated_bytes=self._settings.max_inflated_bytes)
+            dataset = self._received_header(event)
             record = extract_instance(dataset, sending_ae_title=calling_ae)
             check_request_matches_dataset(
                 record,
@@ -402,6 +415,20 @@ class DicomListener:
             )
         return _SUCCESS  # a bare status: pynetdicom reads no dataset for it
 
+    def _received_header(self, event: Any) -> Dataset:
+        """The header of the instance a C-STORE carries; ``InstanceTooLargeError`` when its data set is over
+        ``max_instance_bytes`` (the guarded socket dropped what came past the limit)."""
+        received = received_data_set(event)
+        try:
+            limit = self._settings.max_instance_bytes
+            if received.size > limit:
+                raise InstanceTooLargeError(received.size, limit)
+            return read_header(
+                received.stream, event.context.transfer_syntax, max_inflated_bytes=self._settings.max_inflated_bytes
+            )
+        finally:
+            received.close()
+
     def _observe_instance(self, event: Any, status: StoreStatus, calling_ae: str) -> None:
         try:
             self._observer.instance_received(
@@ -410,21 +437,27 @@ class DicomListener:
         except Exception:  # metrics must never change the answer a sender gets
             log.exception("metrics_failed")
 
-    @staticmethod
-    def _handle_connection_opened(event: Any) -> None:
-        try:
-            _acknowledge_quickly(event)
-            reactor.attach(event.assoc)
-            inline_store.attach(event.assoc)
-        except Exception:  # an optimisation: never a reason to drop the connection
-            log.exception("quickack_failed")
+    def _handle_connection_opened(self, event: Any) -> None:
+        """EVT_CONN_OPEN: note the association of the connection (for the stop); prepare it for the fast path."""
+        assoc = event.assoc
+        with self._lock:
+            connection = self._connections.get(id(assoc.dul.socket.socket))
+        if connection is not None:
+            connection.assoc = assoc
+        fast = self._fast_path
+        if isinstance(fast, fastpath.FastPath):
+            try:
+                fast.attach(assoc)
+            except Exception:  # pynetdicom serves it its own way then
+                log.exception("fast_path_attach_failed")
 
-    @staticmethod
-    def _handle_connection_closed(event: Any) -> None:
-        try:
-            reactor.detach(event.assoc)
-        except Exception:
-            log.exception("reactor_detach_failed")
+    def _handle_connection_closed(self, event: Any) -> None:
+        fast = self._fast_path
+        if isinstance(fast, fastpath.FastPath):
+            try:
+                fast.detach(event.assoc)
+            except Exception:
+                log.exception("fast_path_detach_failed")
 
     @staticmethod
     def _handle_echo(event: Any) -> int:
@@ -450,7 +483,9 @@ class DicomListener:
             if reason is not None:
                 log.warning("association_refused", **_peer(event), reason=reason)
                 return
-            inline_store.admit(event.assoc)
+            fast = self._fast_path
+            if isinstance(fast, fastpath.FastPath):
+                fast.admit(event.assoc)
             log.info("association_established", **_peer(event))
         except Exception:  # logging must never take a handler down
             log.exception("association_log_failed")

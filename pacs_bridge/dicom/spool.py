@@ -1,12 +1,11 @@
 """Receive buffers that stay in memory while small and spill to an anonymous temporary file when large.
 
-pynetdicom collects each received dataset in a ``BytesIO``, so a 1 GB object costs a gigabyte of memory; its
-own alternative, ``STORE_RECV_CHUNKED_DATASET``, writes every dataset to a named file with fresh file meta,
-which costs ~2 ms per C-STORE even for a 10 kB instance (measured: 0.54x instead of 0.82x of a bare SCP).
-``SpillingBuffer`` is a ``BytesIO`` (pynetdicom's C-STORE primitive insists on the type) that keeps the
-first ``threshold`` bytes in memory and moves everything to a ``tempfile.TemporaryFile`` once it grows past
-it: small instances pay nothing, large ones cost a file. ``install`` makes pynetdicom's DIMSE messages use
-it; the file is anonymous and disappears when the buffer is closed or collected.
+The fast path's inline store (dicom/fastpath/inline_store.py) collects each received data set in one.
+pynetdicom's own way to keep memory flat, ``STORE_RECV_CHUNKED_DATASET``, writes every data set to a named
+file with fresh file meta, which costs ~2 ms per C-STORE even for a 10 kB instance. ``SpillingBuffer`` is a
+``BytesIO`` (pynetdicom's C-STORE primitive insists on the type) that keeps the first ``threshold`` bytes in
+memory and moves everything to a ``tempfile.TemporaryFile`` once it grows past it: small instances pay nothing,
+large ones cost a file, which is anonymous and disappears when the buffer is closed or collected.
 """
 
 from __future__ import annotations
@@ -73,22 +72,3 @@ class SpillingBuffer(io.BytesIO):
             self._file.close()
             self._file = None
         super().close()
-
-
-def install(threshold: int = DEFAULT_THRESHOLD) -> None:
-    """Make every DIMSE message pynetdicom receives collect its dataset in a ``SpillingBuffer``.
-
-    Relies on ``DIMSEMessage.__init__`` setting ``self.data_set = BytesIO()`` (pynetdicom is pinned to 3.0.x;
-    a test pins this behaviour). Installing twice only changes the threshold.
-    """
-    from pynetdicom import dimse_messages
-
-    message_class: Any = dimse_messages.DIMSEMessage
-    original = getattr(message_class, "_pacs_bridge_original_init", None) or message_class.__init__
-
-    def __init__(self: Any) -> None:
-        original(self)
-        self.data_set = SpillingBuffer(threshold)
-
-    message_class._pacs_bridge_original_init = original
-    message_class.__init__ = __init__

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pacs_bridge.errors import (
     ConflictingInstanceError,
     IndexUnavailableError,
+    InstanceTooLargeError,
     InvalidInstanceError,
     SopClassMismatchError,
     UnstorableValueError,
@@ -28,6 +29,7 @@ class StoreStatus(enum.IntEnum):
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # the dataset's SOP class is not the request's or its context's
     CANNOT_UNDERSTAND = 0xC000  # an attribute is missing, malformed, undecodable or a value the index cannot hold
     CONFLICTS_WITH_INDEX = 0xC001  # a UID reused under another study or series; first arrival kept
+    INSTANCE_TOO_LARGE = 0xC002  # over dicom.max_instance_bytes; read and dropped, a re-send cannot succeed
     PROCESSING_FAILURE = 0x0110  # a failure of ours that no table entry covers; logged with traceback
 
 
@@ -35,6 +37,7 @@ class StoreStatus(enum.IntEnum):
 _STATUS_BY_ERROR: tuple[tuple[type[BaseException], StoreStatus], ...] = (
     (ConflictingInstanceError, StoreStatus.CONFLICTS_WITH_INDEX),
     (SopClassMismatchError, StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS),
+    (InstanceTooLargeError, StoreStatus.INSTANCE_TOO_LARGE),
     (InvalidInstanceError, StoreStatus.CANNOT_UNDERSTAND),
     (UnstorableValueError, StoreStatus.CANNOT_UNDERSTAND),  # the database refused a value; a retry cannot help
     (IndexUnavailableError, StoreStatus.OUT_OF_RESOURCES),

@@ -1,19 +1,21 @@
 """Several listener processes behind one DICOM port (``dicom.listener_processes`` above 1).
 
-One process is bound by the GIL near 420 C-STOREs a second however many associations it serves (issue 6).
-``ListenerPool`` spreads associations over N listener processes while the publisher, the scheduler, the HTTP
-health endpoints and sd_notify stay in the main process:
+One process is bound by the GIL however many associations it serves. ``ListenerPool`` spreads associations
+over N listener processes while the publisher, the scheduler, the HTTP health endpoints and sd_notify stay in
+the main process:
 
-- the main process owns the listening socket and accepts every connection itself, then hands it (the file
-  descriptor, over a Unix socket pair) to the listener process serving the fewest associations. Chosen over
-  SO_REUSEPORT, where the kernel picks a process by a hash of the peer's port: four associations land all on
-  one of two processes one time in eight, connections waiting in a stopped process's queue are reset, and
-  nothing in the main process would know whether anyone accepts;
+- the main process owns the listening socket and accepts every connection itself (pausing, not spinning, when
+  out of file descriptors: ``front_door.Acceptor``), then hands it at once (the file descriptor, over a Unix
+  socket pair) to the listener process serving the fewest connections. Chosen over SO_REUSEPORT, where the
+  kernel picks a process by a hash of the peer's port: four associations land all on one of two processes one
+  time in eight, connections waiting in a stopped process's queue are reset, and nothing in the main process
+  would know whether anyone accepts;
 - each listener process (``python -m pacs_bridge.dicom.workers``) runs the ordinary ``DicomListener`` with its
-  own pynetdicom AE and its own database engine, so each association is served exactly as with one process
-  (same handlers, same DIMSE status rules, success only after the commit). Several processes writing one
-  SQLite file serialise on its write lock (``BEGIN IMMEDIATE`` with a busy timeout); PostgreSQL takes them
-  concurrently;
+  own pynetdicom AE and its own database engine: its front door holds the connection until the association
+  request is whole (the TLS handshake too, which has to happen in the process that serves the connection),
+  and each association is served exactly as with one process (same handlers, same DIMSE status rules, success
+  only after the commit). Several processes writing one SQLite file serialise on its write lock (``BEGIN
+  IMMEDIATE`` with a busy timeout); PostgreSQL takes them concurrently;
 - what a listener process observes for metrics (associations opened and closed, C-STORE results and bytes)
   goes back over the same socket pair to the main process's ``BridgeObserver``: one Prometheus registry, one
   ``/metrics``, no multiprocess files. C-STORE counts are summed in the listener process and sent twice a
@@ -23,8 +25,9 @@ health endpoints and sd_notify stay in the main process:
   A listener process that exits on its own is a failure: the main process stops the bridge and exits non-zero
   so that systemd restarts it whole (``Restart=on-failure``), rather than run on with part of its capacity.
 
-``max_associations`` is shared out: each listener process admits ceil(max_associations / N), and the main
-process always hands a connection to the least busy one, so the bridge as a whole admits at least
+``max_associations`` and ``max_pending_connections`` are shared out: each listener process admits
+ceil(max / N), and the main process always hands a connection to the least busy one (a listener process
+reports each connection that ends, pending or associated), so the bridge as a whole admits at least
 ``max_associations`` before pynetdicom rejects one.
 """
 
@@ -48,6 +51,7 @@ from typing import Any
 
 import structlog
 
+from pacs_bridge.dicom.front_door import Acceptor
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
 from pacs_bridge.observe import BridgeObserver, NullObserver
 
@@ -124,7 +128,8 @@ class ListenerPool:
         return [worker.process.pid for worker in self._workers]
 
     def start(self) -> None:
-        listening = socket.create_server((self._settings.bind, self._settings.port), backlog=128)
+        family = socket.AF_INET6 if ":" in self._settings.bind else socket.AF_INET
+        listening = socket.create_server((self._settings.bind, self._settings.port), family=family, backlog=1024)
         self._socket = listening
         try:
             for slot in range(self._processes):
@@ -213,16 +218,19 @@ class ListenerPool:
     def _accept_loop(self) -> None:
         listening = self._socket
         assert listening is not None
+        listening.setblocking(False)
+        acceptor = Acceptor(listening)
         with selectors.DefaultSelector() as selector:
             selector.register(listening, selectors.EVENT_READ)
             while self._accepting.is_set():
+                if acceptor.resume_if_due(time.monotonic()):
+                    selector.register(listening, selectors.EVENT_READ)
                 if not selector.select(_ACCEPT_POLL_SECONDS):
                     continue
-                try:
-                    connection, address = listening.accept()
-                except OSError:
-                    continue
-                self._hand_over(connection, address)
+                for connection, address in acceptor.accept_some():
+                    self._hand_over(connection, address)
+                if acceptor.paused_until is not None:
+                    selector.unregister(listening)
 
     def _hand_over(self, connection: socket.socket, address: Any) -> None:
         with connection:
@@ -337,14 +345,16 @@ def run_worker(slot: int, channel: socket.socket, config_json: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     settings = listener_settings(config)
+    processes = config.dicom.listener_processes
     settings = dataclasses.replace(
         settings,
-        max_associations=per_process_associations(settings.max_associations, config.dicom.listener_processes),
+        max_associations=per_process_associations(settings.max_associations, processes),
+        max_pending_connections=per_process_associations(settings.max_pending_connections, processes),
     )
     engine = make_engine(config.database.url)  # the main process has prepared the schema
     observer = ChannelObserver(channel)
     listener = DicomListener(settings, GroupCommit(index_on(engine, config)), clock=utc_now, observer=observer)
-    listener.start(handed_over=lambda: observer.send({"kind": "done"}))
+    listener.start(listen=False, on_connection_closed=lambda: observer.send({"kind": "done"}))
 
     def flush_regularly() -> None:
         while not stop.wait(_FLUSH_SECONDS):

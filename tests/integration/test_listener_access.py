@@ -15,10 +15,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 from pacs_bridge.logs import configure_logging
 from pacs_bridge.observe import NullObserver
+from tests.integration.conftest import listener_settings
 from tests.support.bridge_process import wait_for
 from tests.support.dcmtk import dcmtk_env, require_dcmtk, storescu
 from tests.support.studies import make_dataset, uid, write_file
@@ -33,8 +34,8 @@ RULES = (
 
 
 @pytest.fixture
-def listener(index: Index) -> Iterator[DicomListener]:
-    settings = ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, allowed_calling_aets=RULES)
+def listener(index: Index, receive_path: str) -> Iterator[DicomListener]:
+    settings = listener_settings(receive_path, allowed_calling_aets=RULES)
     running = DicomListener(settings, index, clock=lambda: datetime.now(UTC))
     running.start()
     yield running
@@ -124,7 +125,7 @@ def test_rejection_of_an_unlisted_calling_ae_names_the_allow_list(listener: Dico
 
 def test_rejection_when_every_association_is_taken_names_the_limit(index: Index, logged: Logged):
     """With dicom.max_associations 1 held by one sender, a second is rejected naming the limit."""
-    settings = ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, max_associations=1)
+    settings = listener_settings(max_associations=1)
     listener = DicomListener(settings, index, clock=lambda: datetime.now(UTC))
     listener.start()
     holder = AE(ae_title="HOLDER")
@@ -152,7 +153,7 @@ class FailingMetrics(NullObserver):
 def test_address_refusal_holds_even_when_metrics_fail(index: Index, tmp_path: Path, logged: Logged):
     """The access check does not depend on metrics: with association_opened raising, MR_REMOTE calling from
     127.0.0.1 is still aborted and nothing is indexed (the check used to sit behind the metrics call)."""
-    settings = ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, allowed_calling_aets=RULES)
+    settings = listener_settings(allowed_calling_aets=RULES)
     listener = DicomListener(settings, index, clock=lambda: datetime.now(UTC), observer=FailingMetrics())
     listener.start()
     path = write_file(make_dataset(), tmp_path / "one.dcm")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import threading
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings, server_tls_context
+from pacs_bridge.dicom.scp import DicomListener, server_tls_context
 from pacs_bridge.index.repository import Index
+from tests.integration.conftest import listener_settings
 from tests.support.certificates import Pki, make_pki
 from tests.support.dcmtk import dcmtk_env, require_dcmtk
 from tests.support.studies import make_dataset, uid, write_file
@@ -25,17 +27,20 @@ def pki(tmp_path: Path) -> Pki:
     return make_pki(tmp_path / "pki")
 
 
-def tls_listener(index: Index, pki: Pki, *, verify_clients: bool) -> DicomListener:
+def tls_listener(
+    index: Index, pki: Pki, *, verify_clients: bool, receive_path: str, **settings: object
+) -> DicomListener:
     context = server_tls_context(
         str(pki.server_cert_pem), str(pki.server_key_pem), str(pki.ca_pem) if verify_clients else ""
     )
-    settings = ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, tls=context)
-    return DicomListener(settings, index, clock=lambda: datetime.now(UTC))
+    return DicomListener(
+        listener_settings(receive_path, tls=context, **settings), index, clock=lambda: datetime.now(UTC)
+    )
 
 
 @pytest.fixture
-def running(index: Index, pki: Pki, request: pytest.FixtureRequest) -> Iterator[DicomListener]:
-    listener = tls_listener(index, pki, verify_clients=getattr(request, "param", False))
+def running(index: Index, pki: Pki, receive_path: str, request: pytest.FixtureRequest) -> Iterator[DicomListener]:
+    listener = tls_listener(index, pki, verify_clients=getattr(request, "param", False), receive_path=receive_path)
     listener.start()
     yield listener
     listener.stop(drain_timeout_seconds=5)
@@ -97,12 +102,14 @@ def serve_one_handed_over(listener: DicomListener) -> tuple[int, threading.Threa
     return int(server.getsockname()[1]), thread
 
 
-def test_a_handed_over_connection_is_served_over_tls_and_reported_done(index: Index, pki: Pki, tmp_path: Path) -> None:
+def test_a_handed_over_connection_is_served_over_tls_and_reported_done(
+    index: Index, pki: Pki, tmp_path: Path, receive_path: str
+) -> None:
     """A listener process's listener: TLS is negotiated on the adopted connection, the instance is stored, and
-    the end of the association is reported; a plain TCP sender is dropped and reported done too."""
-    listener = tls_listener(index, pki, verify_clients=False)
+    the end of the connection is reported; a plain TCP sender is dropped and reported done too."""
+    listener = tls_listener(index, pki, verify_clients=False, receive_path=receive_path)
     done = threading.Semaphore(0)
-    listener.start(handed_over=done.release)
+    listener.start(listen=False, on_connection_closed=done.release)
     try:
         path = write_file(make_dataset(), tmp_path / "one.dcm")
         port, thread = serve_one_handed_over(listener)
@@ -115,6 +122,31 @@ def test_a_handed_over_connection_is_served_over_tls_and_reported_done(index: In
         thread.join(30)
         assert done.acquire(timeout=30)
         assert listener.is_accepting
+    finally:
+        listener.stop(drain_timeout_seconds=5)
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+def test_a_tls_handshake_never_finished_is_closed_at_the_deadline_and_keeps_no_one_out(
+    index: Index, pki: Pki, tmp_path: Path, receive_path: str
+) -> None:
+    """Connections that open TLS with half a ClientHello, or none, wait in the front door without a thread and
+    are closed when the association request deadline (1 s here) is up; storescu over TLS gets in meanwhile."""
+    listener = tls_listener(
+        index, pki, verify_clients=False, receive_path=receive_path, association_request_timeout_seconds=1.0
+    )
+    listener.start()
+    try:
+        stalled = [socket.create_connection(("127.0.0.1", listener.port), timeout=10) for _ in range(4)]
+        stalled[0].sendall(b"\x16\x03\x01\x02\x00\x01")  # a TLS record header and the start of a ClientHello
+        path = write_file(make_dataset(), tmp_path / "one.dcm")
+        result = dcmtk_run("storescu", listener.port, "+tla", "+cf", str(pki.ca_pem), files=(path,))
+        assert result.returncode == 0, result.stdout + result.stderr
+        for connection in stalled:
+            with connection:
+                connection.settimeout(30)
+                with contextlib.suppress(ConnectionResetError):
+                    assert connection.recv(4096) == b""
     finally:
         listener.stop(drain_timeout_seconds=5)
     assert index.load_snapshot(uid("1")).number_of_instances == 1

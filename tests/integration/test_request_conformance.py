@@ -2,7 +2,7 @@
 for. pynetdicom, scripted below its SCU API, sends requests whose Affected SOP Class or Instance UID, or
 presentation context, disagree with the dataset; the listener (real index, SQLite and PostgreSQL) answers 0xA900
 ("Data Set does not match SOP Class") or 0xC000 and indexes nothing, both when its C-STOREs are served inline
-(dicom/inline_store.py) and by pynetdicom's own Storage SCP.
+(dicom/fastpath/inline_store.py) and by stock pynetdicom's Storage SCP.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.dimse_primitives import C_STORE
 
-from pacs_bridge.dicom import inline_store
+from pacs_bridge.dicom.fastpath import inline_store
 from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 from tests.support.associations import wait_for_associations_to_end
@@ -46,7 +46,7 @@ def store(listener: DicomListener, *, context: str, request_class: str, request_
     ]
     assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
     assert assoc.is_established
-    (acceptor,) = listener._server.active_associations
+    (acceptor,) = listener.associations
     inline = inline_store.attached(acceptor)
     served_inline = inline.served if inline is not None else None
     context_id = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == context)

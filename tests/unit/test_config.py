@@ -173,7 +173,7 @@ def test_every_problem_is_listed_at_once_with_its_key_path() -> None:
             "dicom",
             {"colour": "red"},
             "dicom.colour",
-            "known keys here: ae_title, allowed_calling_aets, bind, listener_processes, max_associations",
+            "known keys here: ae_title, allowed_calling_aets, association_request_timeout_seconds, bind, fast_path",
         ),
         # unknown keys inside list items are found too
         (

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pynetdicom.dimse_messages import DIMSEMessage
-
-from pacs_bridge.dicom.spool import SpillingBuffer, install
+from pacs_bridge.dicom.spool import SpillingBuffer
 
 
 def test_small_writes_stay_in_memory():
@@ -33,13 +31,3 @@ def test_crossing_the_threshold_moves_everything_to_a_file_and_frees_the_memory(
     assert buffer.getvalue() == b"abcdefghijkl"
     buffer.close()
     assert not buffer.spilled
-
-
-def test_pynetdicom_messages_collect_datasets_in_spilling_buffers_once_installed():
-    """install() pins the one pynetdicom behaviour it relies on: DIMSEMessage starts with a data_set buffer."""
-    install(threshold=1234)
-    message = DIMSEMessage()
-    assert isinstance(message.data_set, SpillingBuffer)
-    assert isinstance(message.data_set, io.BytesIO)  # pynetdicom's C-STORE primitive requires it
-    install(threshold=1234)  # installing again does not wrap twice
-    assert isinstance(DIMSEMessage().data_set, SpillingBuffer)

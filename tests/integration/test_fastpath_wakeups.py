@@ -1,4 +1,4 @@
-"""pynetdicom's association reactor and DUL thread wait for work instead of polling (dicom/reactor.py)."""
+"""pynetdicom's association reactor and DUL thread wait for work instead of polling (dicom/fastpath/wakeups.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,21 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pynetdicom import AE, association, dul
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacs_bridge.dicom import reactor
+from pacs_bridge.dicom.fastpath import wakeups as reactor
 from pacs_bridge.dicom.scp import DicomListener
 from tests.support.associations import wait_for_associations_to_end
 
 REQUESTS = 5
+
+
+@pytest.fixture
+def listener(fast_path_listener: DicomListener) -> DicomListener:
+    """The pieces under test are the fast path's: this module's listener has it on."""
+    return fast_path_listener
 
 
 def test_the_reactor_sleep_is_the_one_the_adaptation_replaces() -> None:
@@ -36,12 +43,12 @@ def verification_association(listener: DicomListener) -> tuple[Any, Any]:
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
     assert assoc.is_established
-    (acceptor,) = listener._server.active_associations
+    (acceptor,) = listener.associations
     return assoc, acceptor
 
 
 def test_each_request_pynetdicom_serves_wakes_the_reactor_of_its_association(listener: DicomListener) -> None:
-    """Five C-ECHOs on one association (C-STOREs are served on the DUL thread, see dicom/inline_store.py): the
+    """Five C-ECHOs on one association (C-STOREs are served on the DUL thread, see dicom/fastpath/inline_store.py): the
     acceptor's message queue is the waking one, and its reactor was woken at least once per request rather
     than only finding them after its sleeps."""
     clock = reactor.install()

@@ -1,16 +1,18 @@
-"""C-STORE responses encoded in one step, instead of through pynetdicom's generic DIMSE message.
+"""Fast path piece ``store_response``: C-STORE responses encoded in one step, instead of through pynetdicom's
+generic DIMSE message.
 
 pynetdicom sends every response by building a ``DIMSEMessage``: a pydicom ``Dataset`` of the command set
 whose elements are each validated and set one by one, encoded twice with pydicom (once only to measure the
 Command Group Length) and cut into P-DATA fragments. For the ~150 bytes of a C-STORE-RSP that is about
 0.25 ms of CPU under the GIL, an eighth of everything the bridge does per instance.
 
-``install`` wraps ``DIMSEServiceProvider.send_msg``: a C-STORE response holding only the fields every response
-has (no ErrorComment, no OffendingElement) is encoded by ``encode_store_response``, byte for byte as pynetdicom
-encodes it (``tests/unit/test_store_response.py`` compares the two), and queued as the single P-DATA-TF
-pynetdicom would queue. Anything else (requests, other responses, a failure with a comment, a peer whose
-maximum PDU is too small for one fragment) and any association with an EVT_DIMSE_SENT handler bound go
-pynetdicom's way. pynetdicom is pinned to 3.0.x.
+``install`` wraps ``DIMSEServiceProvider.send_msg``: on an association ``attach`` prepared, a C-STORE response
+holding only the fields every response has (no ErrorComment, no OffendingElement) is encoded by
+``encode_store_response``, byte for byte as pynetdicom encodes it (``tests/unit/test_store_response.py``
+compares the two), and queued as the single P-DATA-TF pynetdicom would queue. Anything else (requests, other
+responses, a failure with a comment, a peer whose maximum PDU is too small for one fragment), any association
+with an EVT_DIMSE_SENT handler bound and any association not attached go pynetdicom's way. The
+``inline_store`` piece writes its plain responses with ``plain_response_pdv`` itself.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _NO_DATA_SET = 0x0101  # CommandDataSetType
 _LAST_COMMAND_FRAGMENT = b"\x03"  # message control header: command, last fragment
 _PDV_OVERHEAD = 6  # PDV item length (4) + context ID (1) + message control header (1)
 _INSTALLED = "_pacs_bridge_store_response"
+_ATTACHED = "_pacs_bridge_store_response_attached"
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -91,7 +94,8 @@ def store_response_pdv(primitive: Any, *, max_pdu: int, observed: bool) -> bytes
 
 
 def install() -> None:
-    """Send plain C-STORE responses through ``encode_store_response`` (idempotent)."""
+    """Send the plain C-STORE responses of attached associations through ``encode_store_response``
+    (idempotent)."""
     from pynetdicom import evt
     from pynetdicom.dimse import DIMSEServiceProvider
     from pynetdicom.pdu_primitives import P_DATA
@@ -102,6 +106,9 @@ def install() -> None:
     original = provider.send_msg
 
     def send_msg(self: Any, primitive: Any, context_id: int) -> None:
+        if not getattr(self.assoc, _ATTACHED, False):
+            original(self, primitive, context_id)
+            return
         pdv = store_response_pdv(
             primitive, max_pdu=self.maximum_pdu_size, observed=bool(self.assoc.get_handlers(evt.EVT_DIMSE_SENT))
         )
@@ -113,4 +120,20 @@ def install() -> None:
         self.dul.send_pdu(pdata)
 
     setattr(send_msg, _INSTALLED, True)
+    send_msg.original = original  # type: ignore[attr-defined]
     provider.send_msg = send_msg
+
+
+def uninstall() -> None:
+    """Give pynetdicom's DIMSE provider its own ``send_msg`` back."""
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    provider: Any = DIMSEServiceProvider
+    original = getattr(provider.send_msg, "original", None)
+    if original is not None:
+        provider.send_msg = original
+
+
+def attach(assoc: Any) -> None:
+    """Send ``assoc``'s plain C-STORE responses in one step."""
+    setattr(assoc, _ATTACHED, True)

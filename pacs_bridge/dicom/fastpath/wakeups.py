@@ -1,4 +1,4 @@
-"""pynetdicom's two loops per association wait for work instead of polling for it.
+"""Fast path piece ``wakeups``: pynetdicom's two loops per association wait for work instead of polling for it.
 
 **The association reactor** waits for a DIMSE message or a release or abort, instead of polling every 1 ms.
 
@@ -6,7 +6,7 @@ Each association's reactor thread (``Association._run_reactor`` in pynetdicom 3.
 ``time.sleep(0.001)`` and then looks for a complete DIMSE message that its DUL thread has queued, and for an
 A-RELEASE or A-ABORT that its DUL passed up. A request that arrives just after the reactor went to sleep
 waits out the rest of that millisecond, and every association, busy or idle, takes the GIL a thousand times a
-second to look (C-STOREs no longer pass through this loop at all: see ``inline_store``).
+second to look (with the ``inline_store`` piece, C-STOREs do not pass through this loop at all).
 
 ``install`` puts a stand-in for the ``time`` module into ``pynetdicom.association``: its ``sleep`` is
 ``time.sleep`` for every caller except the reactor's 1 ms sleep on an association that ``attach`` prepared,
@@ -27,7 +27,8 @@ is level-triggered, so a PDU queued between the DUL's look at the queue and its 
 TCP sockets only: a TLS socket may hold decrypted bytes that ``poll`` does not see, and keeps the 1 ms
 sleeps.
 
-pynetdicom is pinned to 3.0.x; ``tests/integration/test_reactor_wakeup.py`` fails if this stops applying.
+``install`` and ``uninstall`` change the two modules' ``time``; only associations ``attach`` prepared behave
+differently. ``tests/integration/test_fastpath_wakeups.py`` fails if this stops applying.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import os
 import queue
 import select
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -184,6 +186,16 @@ def install() -> ReactorClock:
     return clock
 
 
+def uninstall() -> None:
+    """Give pynetdicom's association and DUL modules the ``time`` module back."""
+    from pynetdicom import association, dul
+
+    module: Any = association
+    dul_module: Any = dul
+    module.time = time
+    dul_module.time = time
+
+
 def attach(assoc: Any) -> bool:
     """Let ``assoc``'s reactor be woken by its DIMSE messages, releases and aborts (at EVT_CONN_OPEN, before any
     is received). Returns False, changing nothing, when the association does not look like pynetdicom 3.0's."""
@@ -219,8 +231,9 @@ def _attach_dul(dul: Any) -> bool:
     outgoing = getattr(dul, "to_provider_queue", None)
     transport = getattr(dul, "socket", None)
     raw = getattr(transport, "socket", None)
-    raw = getattr(raw, "wrapped", raw)  # the plain socket under the listener's QuickAckSocket
-    if type(outgoing) is not queue.Queue or not outgoing.empty() or type(raw) is not socket.socket:
+    if not isinstance(raw, socket.socket) or isinstance(raw, ssl.SSLSocket):
+        return False
+    if type(outgoing) is not queue.Queue or not outgoing.empty():
         return False
     if not isinstance(getattr(dul, "_run_loop_delay", None), float):
         return False

@@ -6,14 +6,22 @@ import copy
 import inspect
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pynetdicom import AE, transport
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
-from pacs_bridge.dicom.scp import DicomListener, SharedContexts
+from pacs_bridge.dicom.fastpath.shared_contexts import SharedContexts
+from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 from tests.support.associations import wait_for_associations_to_end
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
+
+
+@pytest.fixture
+def listener(fast_path_listener: DicomListener) -> DicomListener:
+    """The pieces under test are the fast path's: this module's listener has it on."""
+    return fast_path_listener
 
 
 def test_pynetdicom_copies_the_server_contexts_with_deepcopy_for_each_association() -> None:
@@ -37,22 +45,23 @@ def _described(contexts: list[object]) -> list[str]:
 def test_associations_negotiate_on_the_shared_contexts_and_leave_them_unchanged(
     listener: DicomListener, index: Index, tmp_path: Path
 ) -> None:
-    server_contexts = listener._server.contexts
-    assert isinstance(server_contexts, SharedContexts)
-    before = _described(server_contexts)
+    """Two associations in turn are given the very same context objects, which negotiation leaves as they were."""
     study_uid = new_study_uid()
     (path,) = write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 1)])
     dataset = dcmread(path)
+    seen: list[list[object]] = []
     for _ in range(2):
         ae = AE()
         ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
         ae.add_requested_context(MRImageStorage, "1.2.3.4.5.6")  # refused: a transfer syntax no one knows
         assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
         assert assoc.is_established
-        (acceptor,) = listener._server.active_associations
-        assert acceptor.acceptor.supported_contexts[0] is server_contexts[0]
+        (acceptor,) = listener.associations
+        seen.append(list(acceptor.acceptor.supported_contexts))
         assert assoc.send_c_store(dataset).Status == 0x0000
         assoc.release()
         wait_for_associations_to_end(listener)
-    assert _described(server_contexts) == before
+    first, second = seen
+    assert all(mine is theirs for mine, theirs in zip(first, second, strict=True))
+    assert _described(second) == _described(first)
     assert index.load_snapshot(study_uid).number_of_instances == 1

@@ -1,4 +1,5 @@
-"""C-STORE requests served on the DUL thread that read them, without pynetdicom's DIMSE message machinery.
+"""Fast path piece ``inline_store``: C-STORE requests served on the DUL thread that read them, without
+pynetdicom's DIMSE message machinery.
 
 For every P-DATA-TF it receives, pynetdicom's DUL thread runs the state machine's DT-2 action: the DIMSE
 provider collects the fragments, decodes the command set into a pydicom ``Dataset``, converts that element by
@@ -11,8 +12,9 @@ of decoding alone and four thread hand-overs under the GIL, paid by every associ
 established (Sta6) with no other event queued is peeked at, read into one buffer (``recv_into``) and its items
 handed to this association's ``InlineStore`` at once, as DT-2 would, instead of being read 4 kB at a time,
 decoded into pynetdicom's PDU and item objects, queued as an event and taken back out on the DUL's next pass.
-Other PDUs, TLS sockets, PDUs over ``LARGEST_PDU_READ_WHOLE`` and associations with a handler bound to the
-PDU, data or state machine events are read by pynetdicom as before.
+It reads through the listener's ``GuardedSocket`` (dicom/connection.py) like pynetdicom would, so the PDU
+deadline and the stream checks hold the same. Other PDUs, TLS sockets, PDUs over ``LARGEST_PDU_READ_WHOLE`` and
+associations with a handler bound to the PDU, data or state machine events are read by pynetdicom as before.
 
 ``install`` replaces the DT-2 action. On an association that ``attach`` prepared and the listener then let in
 (``admit``, at EVT_ESTABLISHED), a C-STORE request is taken apart here instead: command fragments are
@@ -24,11 +26,11 @@ pynetdicom's Storage SCP triggers it. A plain response (a bare status, see
 
 Anything else goes pynetdicom's way unchanged, fragment by fragment: C-ECHO and every other message, a
 C-STORE under a context or SOP class pynetdicom would not serve as storage, one whose command set lacks a
-required field or carries one that does not decode, anything during release, every association with a
-handler bound to the DIMSE or PDU events this path does not raise, and everything while pynetdicom is set to
-write received datasets to files itself (``STORE_RECV_CHUNKED_DATASET``). The sender waits for each response
-before its next request (no asynchronous operations are negotiated), so answers cannot overtake each other.
-pynetdicom is pinned to 3.0.x; ``tests/integration/test_inline_store.py`` fails if this stops applying.
+required field or carries one that does not decode, anything during release, and every association with a
+handler bound to the DIMSE or PDU events this path does not raise. The sender waits for each response before
+its next request (no asynchronous operations are negotiated), so answers cannot overtake each other.
+``install`` and ``uninstall`` swap the DT-2 action; associations not attached get pynetdicom's own.
+``tests/integration/test_fastpath_inline_store.py`` fails if this stops applying.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from pacs_bridge.dicom import store_response
+from pacs_bridge.dicom.connection import GuardedSocket
 from pacs_bridge.dicom.extract import MAX_UID_LENGTH
+from pacs_bridge.dicom.fastpath import store_response
 from pacs_bridge.dicom.spool import SpillingBuffer
 
 log = structlog.get_logger("pacs_bridge.dicom")
@@ -191,7 +194,7 @@ class InlineStore:
             header = data[0]
             if header & _COMMAND_FRAGMENT:
                 if self._request is not None:  # a new command inside a dataset: pynetdicom's to judge
-                    self._give_up()
+                    self.give_up()
                     self._forward(dul, context_id, data)
                     continue
                 self._command += data[1:]
@@ -263,7 +266,7 @@ class InlineStore:
         response = StorageServiceClass(assoc).validate_status(status, response)
         assoc.dimse.send_msg(response, context.context_id)
 
-    def _give_up(self) -> None:
+    def give_up(self) -> None:
         """Drop a half-received request: pynetdicom takes the stream from here."""
         if self._dataset is not None:
             self._dataset.close()
@@ -280,7 +283,7 @@ class InlineStore:
 
 def _is_storage(assoc: Any, request: C_STORE) -> bool:
     """Whether pynetdicom would serve ``request`` with the stock Storage SCP."""
-    if pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE or pynetdicom_config.STORE_RECV_CHUNKED_DATASET:
+    if pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE:
         return False
     sop_class = request.AffectedSOPClassUID
     if sop_class in assoc.acceptor.accepted_common_extended:
@@ -326,11 +329,10 @@ def _read_pdu_data(dul: Any, inline: InlineStore) -> None:
     anything while an event is queued or an observer would miss something, is pynetdicom's own read."""
     transport = dul.socket
     sock = transport.socket
-    plain = getattr(sock, "wrapped", sock)
     assoc = dul.assoc
     if (
         not inline.admitted
-        or type(plain) is not socket.socket  # TLS: the bytes waiting are not the socket's
+        or not isinstance(sock, GuardedSocket)  # TLS: the bytes waiting are not the socket's
         or dul.state_machine.current_state != "Sta6"
         or not dul.event_queue.empty()  # what is queued goes first
         or any(assoc.get_handlers(event) for event in _OBSERVED_ON_READ)
@@ -338,7 +340,7 @@ def _read_pdu_data(dul: Any, inline: InlineStore) -> None:
         type(dul)._read_pdu_data(dul)
         return
     try:
-        header = plain.recv(_PDU_HEADER.size, socket.MSG_PEEK)
+        header = sock.recv(_PDU_HEADER.size, socket.MSG_PEEK)
     except OSError:
         header = b""
     if len(header) < _PDU_HEADER.size:
@@ -379,6 +381,12 @@ def install() -> None:
     fsm.ACTIONS["DT-2"] = (description, _inline_dt_2, state)
 
 
+def uninstall() -> None:
+    """Give the state machine pynetdicom's DT-2 back."""
+    description, _action, state = fsm.ACTIONS["DT-2"]
+    fsm.ACTIONS["DT-2"] = (description, _STOCK_DT_2, state)
+
+
 def attach(assoc: Any) -> bool:
     """Serve ``assoc``'s C-STOREs inline (at EVT_CONN_OPEN, before any P-DATA-TF is received). Returns False,
     changing nothing, when its DUL does not look like pynetdicom 3.0's."""
@@ -397,6 +405,14 @@ def admit(assoc: Any) -> None:
     inline = attached(assoc)
     if inline is not None:
         inline.admitted = True
+
+
+def detach(assoc: Any) -> None:
+    """``assoc``'s connection is closed (EVT_CONN_CLOSE): a request cut off mid-data-set frees its buffer now
+    (a spilled one holds a temporary file) rather than when the association is collected."""
+    inline = attached(assoc)
+    if inline is not None:
+        inline.give_up()
 
 
 def attached(assoc: Any) -> InlineStore | None:

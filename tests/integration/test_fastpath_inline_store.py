@@ -1,4 +1,4 @@
-"""C-STOREs served on the DUL thread that read them (dicom/inline_store.py), on real associations."""
+"""C-STOREs served on the DUL thread that read them (dicom/fastpath/inline_store.py), on real associations."""
 
 from __future__ import annotations
 
@@ -16,12 +16,18 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, dul, evt, fsm
 
-from pacs_bridge.dicom import inline_store
+from pacs_bridge.dicom.fastpath import inline_store
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
 from pacs_bridge.index.repository import Index
 from tests.support.associations import wait_for_associations_to_end
 from tests.support.dcmtk import storescu
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
+
+
+@pytest.fixture
+def listener(fast_path_listener: DicomListener) -> DicomListener:
+    """The pieces under test are the fast path's: this module's listener has it on."""
+    return fast_path_listener
 
 
 def test_the_dt_2_action_is_the_one_the_adaptation_replaces() -> None:
@@ -67,7 +73,7 @@ def test_stores_are_served_inline_and_an_echo_and_a_refusal_still_take_pynetdico
     without_study = copy.deepcopy(datasets[0])
     del without_study.StudyInstanceUID
     assoc = associate(listener.port, datasets[0])
-    (acceptor,) = listener._server.active_associations
+    (acceptor,) = listener.associations
     served = inline_store.attached(acceptor)
     assert served is not None
     assert assoc.send_c_store(datasets[0]).Status == 0x0000
@@ -86,7 +92,7 @@ def test_stores_are_served_inline_and_an_echo_and_a_refusal_still_take_pynetdico
 def small_pdu_listener(index: Index) -> Iterator[DicomListener]:
     """A listener that takes PDUs of at most 128 bytes: every request arrives in many fragments."""
     running = DicomListener(
-        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, max_pdu_size=128),
+        ListenerSettings(ae_title="PACS_BRIDGE", bind="127.0.0.1", port=0, max_pdu_bytes=128),
         index,
         clock=lambda: datetime.now(UTC),
     )
@@ -101,7 +107,7 @@ def test_a_request_cut_into_many_fragments_is_put_back_together(
     """Command sets and datasets of 128-byte PDUs: every instance is stored whole."""
     study_uid, datasets = study(tmp_path, 3)
     assoc = associate(small_pdu_listener.port, datasets[0])
-    (acceptor,) = small_pdu_listener._server.active_associations
+    (acceptor,) = small_pdu_listener.associations
     assert [assoc.send_c_store(dataset).Status for dataset in datasets] == [0x0000] * 3
     assoc.release()
     wait_for_associations_to_end(small_pdu_listener)
@@ -117,7 +123,7 @@ def two_stores_observed(listener: DicomListener, tmp_path: Path, event: Any) -> 
     from before the first; returns the study UID, the acceptor and the events the handler got."""
     study_uid, datasets = study(tmp_path, 2)
     assoc = associate(listener.port, datasets[0])
-    (acceptor,) = listener._server.active_associations
+    (acceptor,) = listener.associations
     observed: list[Any] = []
     acceptor.bind(event, observed.append)
     assert [assoc.send_c_store(dataset).Status for dataset in datasets] == [0x0000] * 2
@@ -165,7 +171,7 @@ def test_until_the_listener_admits_the_association_its_stores_take_pynetdicoms_w
     arriving before admission is left to the association thread, which serves it only after them."""
     study_uid, datasets = study(tmp_path, 2)
     assoc = associate(listener.port, datasets[0])
-    (acceptor,) = listener._server.active_associations
+    (acceptor,) = listener.associations
     inline = inline_store.attached(acceptor)
     assert inline is not None and inline.admitted  # the listener let it in
     inline.admitted = False  # as in the moment between the A-ASSOCIATE-AC and the EVT_ESTABLISHED handlers
@@ -198,7 +204,7 @@ def test_a_pdu_longer_than_what_is_read_whole_is_read_by_pynetdicom(
     monkeypatch.setattr(inline_store, "LARGEST_PDU_READ_WHOLE", 64)
     study_uid, datasets = study(tmp_path, 1)
     assoc = associate(listener.port, datasets[0])
-    (acceptor,) = listener._server.active_associations
+    (acceptor,) = listener.associations
     assert assoc.send_c_store(datasets[0]).Status == 0x0000
     assoc.release()
     wait_for_associations_to_end(listener)
@@ -214,7 +220,7 @@ def test_a_p_data_tf_whose_item_overruns_it_aborts_the_association_not_the_liste
     is indexed, and the next association is served."""
     study_uid, datasets = study(tmp_path, 1)
     assoc = associate(listener.port, datasets[0])
-    (acceptor,) = listener._server.active_associations
+    (acceptor,) = listener.associations
     item = struct.pack(">LB", 500, 1) + b"\x03"  # an item claiming 500 bytes in a 6-byte body
     assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(item)) + item)
     deadline = time.monotonic() + 10

@@ -1,4 +1,4 @@
-"""C-STORE responses encoded in one step (dicom/store_response.py): byte for byte what pynetdicom sends."""
+"""C-STORE responses encoded in one step (dicom/fastpath/store_response.py): byte for byte what pynetdicom sends."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
-from pacs_bridge.dicom.store_response import store_response_pdv
+from pacs_bridge.dicom.fastpath.store_response import store_response_pdv
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -1,5 +1,6 @@
 """The command sets of received C-STORE requests and the items of P-DATA-TF PDUs, read in one step
-(dicom/inline_store.py): what pynetdicom's own decoding makes of them, or None where pynetdicom should judge."""
+(dicom/fastpath/inline_store.py): what pynetdicom's own decoding makes of them, or None where pynetdicom should
+judge."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 
-from pacs_bridge.dicom.inline_store import command_elements, presentation_data_values, store_request
+from pacs_bridge.dicom.fastpath.inline_store import command_elements, presentation_data_values, store_request
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

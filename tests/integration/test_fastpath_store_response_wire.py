@@ -1,4 +1,5 @@
-"""C-STORE responses encoded by dicom/store_response.py, on real associations: pynetdicom and DCMTK read them."""
+"""C-STORE responses encoded by dicom/fastpath/store_response.py, on real associations: pynetdicom and DCMTK
+read them."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from pacs_bridge.dicom import store_response
+from pacs_bridge.dicom.fastpath import store_response
 from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 from tests.support.associations import wait_for_associations_to_end
 from tests.support.dcmtk import storescu
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
+
+
+@pytest.fixture
+def listener(fast_path_listener: DicomListener) -> DicomListener:
+    """The pieces under test are the fast path's: this module's listener has it on."""
+    return fast_path_listener
 
 
 def test_plain_responses_take_the_one_step_encoding_and_both_senders_read_them(
