@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import bridge_process
 from tests.support.bridge_process import free_port, wait_for
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.fhir_server import FhirTestServer
@@ -48,7 +49,7 @@ def bridge(tmp_path: Path, fresh_fhir_server: FhirTestServer) -> Iterator[Runnin
     port = free_port()
     database = tmp_path / "bridge.db"
     config = {
-        "dicom": {"ae_title": "PACS_BRIDGE", "bind": "127.0.0.1", "port": port},
+        "dicom": {"ae_title": "PACS_BRIDGE", "bind": "127.0.0.1", "port": port, "fast_path": bridge_process.FAST_PATH},
         "database": {"url": f"sqlite:///{database}"},
         "fhir": {"base_url": fresh_fhir_server.base_url, "timeout_seconds": 10},
         "debounce": {"quiet_seconds": QUIET_SECONDS, "max_delay_seconds": 60, "tick_seconds": 0.2},

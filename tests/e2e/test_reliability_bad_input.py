@@ -243,14 +243,14 @@ def wait_until_served(bridge: BridgeProcess) -> float:
     return time.monotonic() - started
 
 
-def test_connections_that_never_open_an_association_free_their_slot_after_the_timeout(bridge: BridgeProcess):
-    """Every slot taken by TCP connections that say nothing or send half an A-ASSOCIATE-RQ and stay: a modality
-    is served again after dicom.network_timeout_seconds, not pynetdicom's 30 s ACSE default."""
+def test_connections_that_never_open_an_association_take_no_association_slot(bridge: BridgeProcess):
+    """As many TCP connections as there are association slots, saying nothing or half an A-ASSOCIATE-RQ and
+    staying: they wait in the front door without a slot, and a modality is served while they are held."""
     sockets = [socket.create_connection(("127.0.0.1", bridge.port), timeout=5) for _ in range(MAX_ASSOCIATIONS)]
     try:
         sockets[0].sendall(b"\x01\x00" + struct.pack(">I", 1000) + b"\x00" * 100)
         waited = wait_until_served(bridge)  # while the connections stay open on our side
-        print(f"{MAX_ASSOCIATIONS} half-open connections: served again after {waited:.2f} s")
+        print(f"{MAX_ASSOCIATIONS} half-open connections held: served after {waited:.2f} s")
     finally:
         for sock in sockets:
             sock.close()

@@ -58,6 +58,11 @@ def _json(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+# dicom.fast_path of the bridges tests start; tests/e2e/conftest.py runs every end-to-end test with "auto" and
+# with "off".
+FAST_PATH = "auto"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -84,7 +89,7 @@ class BridgeProcess:
         self.port = free_port()
         self.database_url = database_url
         config: dict[str, Any] = {
-            "dicom": {"ae_title": "PACS_BRIDGE", "bind": "127.0.0.1", "port": self.port},
+            "dicom": {"ae_title": "PACS_BRIDGE", "bind": "127.0.0.1", "port": self.port, "fast_path": FAST_PATH},
             "database": {"url": database_url},
             "fhir": {"base_url": fhir_base_url, "timeout_seconds": fhir_timeout_seconds},
             "debounce": {"quiet_seconds": quiet_seconds, "max_delay_seconds": max_delay_seconds, "tick_seconds": 0.2},
