@@ -18,6 +18,7 @@ import pytest
 from tests.support.bridge_process import BridgeProcess, log_events, wait_for
 from tests.support.dcmtk import dcmtk_env, require_dcmtk, storescu
 from tests.support.fhir_server import FhirTestServer
+from tests.support.relay import PacedRelay
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
 
 pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
@@ -25,7 +26,10 @@ pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
 INSTANCES = 2000  # 4 series of 500, ~9 kB each; a send takes 7-15 s on the 2-core box
 KILL_AFTER = 800  # instances indexed before the kill
 DRAIN_SECONDS = 1.0  # dicom.shutdown_drain_seconds where the send must outlast the drain
-TERM_AFTER = 400  # instances indexed before that SIGTERM: 1600 to go take several seconds at any rate seen here
+TERM_AFTER = 400  # instances indexed before that SIGTERM
+# The send that must outlast the drain goes through a relay passing 1 MB/s: the 1600 instances (~15 MB) still
+# to go at the SIGTERM need 15 s however fast the machine, 15 times the drain.
+PACED_BYTES_PER_SECOND = 1_000_000
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +184,10 @@ def test_sigterm_mid_send_lets_the_association_finish_and_loses_no_acknowledged_
 def test_sigterm_when_the_send_outlasts_the_drain_aborts_it_and_loses_no_acknowledged_instance(
     big_study: tuple[str, Path], tmp_path: Path, fresh_fhir_server: FhirTestServer
 ) -> None:
-    """SIGTERM after ~400 of 2000 instances with a 1 s drain: the association still open is aborted, the bridge
-    exits 0, every instance answered Success is in the index, and after a restart the re-send completes the
-    study into one resource."""
+    """SIGTERM after ~400 of 2000 instances with a 1 s drain, the sender slowed to 1 MB/s by a relay so that
+    what is left takes 15 s on any machine: the association, in the middle of a transfer, is aborted once the
+    drain is over, the bridge exits 0, every instance answered Success is in the index, and after a restart the
+    re-send completes the study into one resource."""
     study_uid, directory = big_study
     bridge = BridgeProcess(
         tmp_path,
@@ -192,15 +197,18 @@ def test_sigterm_when_the_send_outlasts_the_drain_aborts_it_and_loses_no_acknowl
     )
     try:
         bridge.start()
-        send = start_send(bridge.port, directory, tmp_path / "storescu.log")
-        try:
-            wait_for(lambda: bridge.instance_count() >= TERM_AFTER, timeout=120, what=f"{TERM_AFTER} indexed instances")
-            signalled = time.monotonic()
-            # A bound, not a measurement: the drain, then the rest of the shutdown (scheduler, pools).
-            exit_code = bridge.stop(timeout=DRAIN_SECONDS + 30)
-            stopped_after = time.monotonic() - signalled
-        finally:
-            output = finish(send, tmp_path / "storescu.log")
+        with PacedRelay(upstream_port=bridge.port, bytes_per_second=PACED_BYTES_PER_SECOND) as relay:
+            send = start_send(relay.port, directory, tmp_path / "storescu.log")
+            try:
+                wait_for(
+                    lambda: bridge.instance_count() >= TERM_AFTER, timeout=120, what=f"{TERM_AFTER} indexed instances"
+                )
+                signalled = time.monotonic()
+                # A bound, not a measurement: the drain, then the rest of the shutdown (scheduler, pools).
+                exit_code = bridge.stop(timeout=DRAIN_SECONDS + 30)
+                stopped_after = time.monotonic() - signalled
+            finally:
+                output = finish(send, tmp_path / "storescu.log")
         acked = acknowledged(output)
         indexed = bridge.instance_uids(study_uid)
         stopped = log_events(bridge.log(), "listener_stopped")
