@@ -28,6 +28,8 @@ Run from the repository root::
     python benchmarks/ingest.py --pixel-bytes 525312         # 526 kB instances (760 per run by default)
     python benchmarks/ingest.py --nagle                      # sender leaves Nagle on (200 instances)
     python benchmarks/ingest.py --associations 4 --listener-processes 1,2    # bridge with 1, then 2 processes
+    python benchmarks/ingest.py --peers orthanc,sqlite --variants default,stock,without-wakeups   # fast path pieces
+    python benchmarks/ingest.py --pixel-bytes 525312 --variants pdu-16384,pdu-262144,pdu-1048576  # max PDU sizes
     python benchmarks/ingest.py --commit HEAD                # the bridge as committed, not the working tree
 
 The temporary directory (files sent, storage areas, SQLite databases) is made under ``TMPDIR``: put it on the
@@ -445,9 +447,44 @@ def run_orthanc(workload: Workload, run_number: int) -> float:
     return elapsed
 
 
-def bridge_config(*, port: int, database_url: str, listener_processes: int = 1) -> dict[str, Any]:
+VARIANTS_HELP = (
+    "default (the configuration's defaults), stock (dicom.fast_path: off), without-PIECE (the fast path "
+    "without one of its pieces: wakeups, inline_store, store_response, shared_contexts), pdu-N "
+    "(dicom.max_pdu_bytes: N)"
+)
+
+
+def variant_settings(variant: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The dicom settings and the fast path pieces left out that ``variant`` (see VARIANTS_HELP) stands for."""
+    if variant == "default":
+        return {}, ()
+    if variant == "stock":
+        return {"fast_path": "off"}, ()
+    if variant.startswith("without-"):
+        return {}, tuple(variant.removeprefix("without-").split("+"))
+    if variant.startswith("pdu-") and variant.removeprefix("pdu-").isdigit():
+        return {"max_pdu_bytes": int(variant.removeprefix("pdu-"))}, ()
+    raise BenchmarkError(f"unknown --variants entry {variant!r}: expected one of {VARIANTS_HELP}")
+
+
+def serve_bridge_without(pieces: Sequence[str], config_path: str) -> int:
+    """``pacs-bridge run --config CONFIG_PATH`` with the fast path's ``pieces`` left out (for measuring them)."""
+    from pacs_bridge.cli import main as bridge_main
+    from pacs_bridge.dicom import fastpath
+
+    unknown = set(pieces) - set(fastpath.PIECES)
+    if unknown:
+        raise SystemExit(f"unknown fast path pieces {sorted(unknown)}; the pieces are {list(fastpath.PIECES)}")
+    fastpath.PIECES = tuple(piece for piece in fastpath.PIECES if piece not in pieces)
+    bridge_main(["run", "--config", config_path])
+    return 0
+
+
+def bridge_config(
+    *, port: int, database_url: str, listener_processes: int = 1, dicom_settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A bridge on 127.0.0.1:``port`` whose publisher never runs during a benchmark run."""
-    dicom: dict[str, Any] = {"ae_title": CALLED_AE, "bind": "127.0.0.1", "port": port}
+    dicom: dict[str, Any] = {"ae_title": CALLED_AE, "bind": "127.0.0.1", "port": port, **(dicom_settings or {})}
     if listener_processes > 1:
         dicom["listener_processes"] = listener_processes
     return {
@@ -468,15 +505,22 @@ def run_bridge(
     database: Callable[[int], contextlib.AbstractContextManager[str]],
     count_instances: Callable[[str], int],
     listener_processes: int = 1,
+    variant: str = "default",
 ) -> float:
     import yaml
 
+    dicom_settings, pieces_left_out = variant_settings(variant)
     with database(run_number) as database_url:
         port = free_port()
         config_path = workload.workdir / f"{label}-{run_number}.yaml"
-        config = bridge_config(port=port, database_url=database_url, listener_processes=listener_processes)
+        config = bridge_config(
+            port=port, database_url=database_url, listener_processes=listener_processes, dicom_settings=dicom_settings
+        )
         config_path.write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "pacs_bridge", "run", "--config", str(config_path)]
+        if pieces_left_out:
+            launcher = [sys.executable, str(Path(__file__).resolve()), "--serve-bridge-without"]
+            command = [*launcher, "+".join(pieces_left_out), str(config_path)]
         log_path = workload.workdir / f"{label}-{run_number}.log"
         name = f"pacs-bridge ({label})"
         environment = this_tree_environment(dict(os.environ), root=workload.bridge_root)
@@ -672,15 +716,17 @@ def report(targets: Sequence[Target], *, instances: int) -> list[str]:
     def ratio(median: float, key: str) -> str:
         return f"{median / medians[key]:>9.2f}x" if key in medians else f"{'-':>10}"
 
+    width = max(18, *(len(target.name) for target in targets))
     header = (
-        f"{'target':<18} {'median inst/s':>13} {'min':>8} {'max':>8} {'ms/inst':>8} {'vs orthanc':>10} {'vs bare':>10}"
+        f"{'target':<{width}} {'median inst/s':>13} {'min':>8} {'max':>8} {'ms/inst':>8} {'vs orthanc':>10} "
+        f"{'vs bare':>10}"
     )
     lines = [header, "-" * len(header)]
     for target in targets:
         rates = [rate(s) for s in target.seconds]
         median = medians[target.key]
         lines.append(
-            f"{target.name:<18} {median:>13.1f} {min(rates):>8.1f} {max(rates):>8.1f} {1000 / median:>8.2f} "
+            f"{target.name:<{width}} {median:>13.1f} {min(rates):>8.1f} {max(rates):>8.1f} {1000 / median:>8.2f} "
             f"{ratio(median, 'orthanc')} {ratio(median, 'bare')}"
         )
     return lines
@@ -786,7 +832,15 @@ def _parser() -> argparse.ArgumentParser:
         help="measure the bridge as committed at REV (e.g. HEAD), exported once for the whole benchmark, "
         "instead of this working tree as it is at each run",
     )
+    parser.add_argument(
+        "--variants",
+        type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
+        default=("default",),
+        metavar="V[,V...]",
+        help=f"bridge variants to measure, each a target of its own: {VARIANTS_HELP} (default: default)",
+    )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bridge-without", nargs=2, metavar=("PIECES", "CONFIG"), help=argparse.SUPPRESS)
     return parser
 
 
@@ -822,18 +876,21 @@ def make_targets(args: argparse.Namespace, workload: Workload) -> list[Target]:
         elif key in databases:
             database, count = databases[key]
             for processes in args.listener_processes:
-                # "sqlite" is one listener process; "sqlite x2" two, and so on.
-                suffix = f" x{processes}" if processes > 1 else ""
-
-                run = functools.partial(
-                    run_bridge,
-                    workload,
-                    label=key + suffix.replace(" ", "-"),
-                    database=database,
-                    count_instances=count,
-                    listener_processes=processes,
-                )
-                targets.append(Target(key=key + suffix, name=f"bridge {key}{suffix}", run=run))
+                for variant in args.variants:
+                    variant_settings(variant)  # an unknown one fails now, not after minutes of other runs
+                    # "sqlite" is one listener process; "sqlite x2" two, and so on; then the variant, if any.
+                    suffix = f" x{processes}" if processes > 1 else ""
+                    suffix += f" {variant}" if variant != "default" else ""
+                    run = functools.partial(
+                        run_bridge,
+                        workload,
+                        label=key + suffix.replace(" ", "-"),
+                        database=database,
+                        count_instances=count,
+                        listener_processes=processes,
+                        variant=variant,
+                    )
+                    targets.append(Target(key=key + suffix, name=f"bridge {key}{suffix}", run=run))
     return targets
 
 
@@ -879,7 +936,7 @@ def benchmark(args: argparse.Namespace) -> None:
                 seconds = target.run(run_number)
                 target.seconds.append(seconds)
                 print(
-                    f"  run {run_number}: {target.name:<18} {seconds:7.2f} s  {instances / seconds:8.1f} inst/s"
+                    f"  run {run_number}: {target.name:<34} {seconds:7.2f} s  {instances / seconds:8.1f} inst/s"
                     f"  (load {os.getloadavg()[0]:.2f})",
                     flush=True,
                 )
@@ -902,6 +959,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_bare(args.serve_bare)
         return 0
     use_this_tree()
+    if args.serve_bridge_without is not None:
+        pieces, config_path = args.serve_bridge_without
+        return serve_bridge_without(pieces.split("+"), config_path)
     try:
         benchmark(args)
     except BenchmarkError as exc:

@@ -98,10 +98,12 @@ def is_supported(version: str) -> bool:
     return ".".join(version.split(".")[:2]) in SUPPORTED_VERSIONS
 
 
-def install(pieces: Collection[str] = PIECES, *, version: str | None = None) -> FastPath | FastPathUnavailable:
-    """Install and check ``pieces`` once per process; see the module docstring. ``version``: the pynetdicom
-    release to judge (by default the one installed)."""
-    wanted = frozenset(pieces)
+def install(
+    pieces: Collection[str] | None = None, *, version: str | None = None
+) -> FastPath | FastPathUnavailable:
+    """Install and check ``pieces`` (by default ``PIECES``) once per process; see the module docstring.
+    ``version``: the pynetdicom release to judge (by default the one installed)."""
+    wanted = frozenset(PIECES if pieces is None else pieces)
     unknown = wanted - set(PIECES)
     if unknown:
         raise ValueError(f"unknown fast path pieces {sorted(unknown)}; the pieces are {list(PIECES)}")
