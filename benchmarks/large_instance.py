@@ -7,6 +7,7 @@ temporary file, so the peak should not grow with the object.
 
     python benchmarks/large_instance.py                 # 1024 MB
     python benchmarks/large_instance.py --megabytes 256
+    python benchmarks/large_instance.py --stock         # dicom.fast_path: off (stock pynetdicom receives it)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def write_large_instance(path: Path, megabytes: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=int, default=1024, help="pixel data of the instance (default 1024)")
+    parser.add_argument("--stock", action="store_true", help="run the bridge with dicom.fast_path: off")
     args = parser.parse_args(argv)
     ingest.use_this_tree()
     with tempfile.TemporaryDirectory(prefix="pacs-bridge-large-") as temporary:
@@ -56,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = ingest.free_port()
         database = workdir / "index.db"
         config_path = workdir / "bridge.yaml"
-        config_path.write_text(yaml.safe_dump(ingest.bridge_config(port=port, database_url=f"sqlite:///{database}")))
+        dicom_settings = {"fast_path": "off"} if args.stock else {}
+        config = ingest.bridge_config(port=port, database_url=f"sqlite:///{database}", dicom_settings=dicom_settings)
+        config_path.write_text(yaml.safe_dump(config))
         log_path = workdir / "bridge.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -98,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             indexed = connection.execute("SELECT count(*) FROM instances").fetchone()[0]
         if indexed != 1:
             raise ingest.BenchmarkError("the instance was acknowledged but is not in the index")
+    print(f"receive path: {'stock pynetdicom' if args.stock else 'fast path'}")
     print(f"instance: {size / 2**20:.0f} MiB, sent in {elapsed:.1f} s ({size / 2**20 / elapsed:.0f} MiB/s)")
     print(f"bridge RSS before the send: {before / 1024:.0f} MiB; peak during the whole run: {peak / 1024:.0f} MiB")
     print(f"peak - before = {(peak - before) / 1024:.0f} MiB for a {size / 2**20:.0f} MiB object")
