@@ -958,10 +958,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve_bare is not None:
         serve_bare(args.serve_bare)
         return 0
-    use_this_tree()
-    if args.serve_bridge_without is not None:
+    if args.serve_bridge_without is not None:  # pacs_bridge from PYTHONPATH: the code measured (--commit)
         pieces, config_path = args.serve_bridge_without
         return serve_bridge_without(pieces.split("+"), config_path)
+    use_this_tree()
     try:
         benchmark(args)
     except BenchmarkError as exc:
