@@ -449,7 +449,7 @@ def run_orthanc(workload: Workload, run_number: int) -> float:
 
 VARIANTS_HELP = (
     "default (the configuration's defaults), stock (dicom.fast_path: off), without-PIECE (the fast path "
-    "without one of its pieces: wakeups, inline_store, store_response, shared_contexts), pdu-N "
+    "without one of its pieces: wakeups, inline_store, shared_contexts), pdu-N "
     "(dicom.max_pdu_bytes: N)"
 )
 

@@ -1,4 +1,4 @@
-"""C-STORE responses encoded by dicom/fastpath/store_response.py, on real associations: pynetdicom and DCMTK
+"""C-STORE responses encoded by dicom/fastpath/inline_store.py, on real associations: pynetdicom and DCMTK
 read them."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from pacs_bridge.dicom.fastpath import store_response
+from pacs_bridge.dicom.fastpath import inline_store
 from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 from tests.support.associations import wait_for_associations_to_end
@@ -27,13 +27,13 @@ def test_plain_responses_take_the_one_step_encoding_and_both_senders_read_them(
     listener: DicomListener, index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     encoded: list[str] = []
-    original = store_response.encode_store_response
+    original = inline_store.encode_store_response
 
     def counting(**fields: object) -> bytes:
         encoded.append(str(fields["sop_instance_uid"]))
         return original(**fields)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store_response, "encode_store_response", counting)
+    monkeypatch.setattr(inline_store, "encode_store_response", counting)
     first_uid, second_uid = new_study_uid(), new_study_uid()
     paths = write_study(tmp_path / "first", first_uid, [SeriesSpec("CT", 3)])
     datasets = [dcmread(path) for path in paths]

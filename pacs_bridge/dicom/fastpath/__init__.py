@@ -7,15 +7,14 @@ that for pynetdicom 3.0 only, by reaching into its internals; each was measured 
 
 - ``wakeups`` (wakeups.py): the association reactor and the DUL thread wait for work instead of polling;
 - ``inline_store`` (inline_store.py): C-STOREs served on the DUL thread that read them, each P-DATA-TF read
-  whole, the command set read with ``struct``, a plain response written at once;
-- ``store_response`` (store_response.py): other plain C-STORE responses encoded in one step;
+  whole, the command set read with ``struct``, a plain response encoded in one step and written at once;
 - ``shared_contexts`` (shared_contexts.py): associations share the listener's contexts instead of copying them.
 
 ``install`` checks the installed pynetdicom's version against ``SUPPORTED_VERSIONS``, installs the pieces
 (process-wide patches that change nothing for an association ``FastPath.attach`` did not prepare) and runs a
 self-check (self_check.py): one real association over loopback through the listener's guarded socket, whose
-C-ECHO must wake its reactor, whose C-STORE must be served inline and answered Success, and whose plain
-response must be the bytes pynetdicom would send. An unsupported version, a piece that does not import or a
+C-ECHO must wake its reactor, whose C-STORE must be served inline and answered Success, with a plain response
+encoded as the bytes pynetdicom would send. An unsupported version, a piece that does not import or a
 failed check uninstalls everything and returns ``FastPathUnavailable`` with the reason: the listener then runs
 stock pynetdicom (``dicom.fast_path: off`` does the same on purpose). The result is kept for the process.
 """
@@ -32,7 +31,7 @@ import structlog
 log = structlog.get_logger("pacs_bridge.dicom")
 
 SUPPORTED_VERSIONS = ("3.0",)  # pynetdicom major.minor releases the pieces were written and tested against
-PIECES = ("wakeups", "inline_store", "store_response", "shared_contexts")
+PIECES = ("wakeups", "inline_store", "shared_contexts")
 
 _lock = threading.Lock()
 _results: dict[tuple[frozenset[str], str], FastPath | FastPathUnavailable] = {}
@@ -61,14 +60,12 @@ class FastPath:
 
     def attach(self, assoc: Any) -> None:
         """EVT_CONN_OPEN: prepare ``assoc`` before anything of it is read."""
-        from pacs_bridge.dicom.fastpath import inline_store, store_response, wakeups
+        from pacs_bridge.dicom.fastpath import inline_store, wakeups
 
         if "wakeups" in self.pieces:
             wakeups.attach(assoc)
         if "inline_store" in self.pieces:
             inline_store.attach(assoc)
-        if "store_response" in self.pieces:
-            store_response.attach(assoc)
 
     def admit(self, assoc: Any) -> None:
         """EVT_ESTABLISHED, once the listener has let ``assoc`` in: its C-STOREs may be served inline."""
@@ -98,9 +95,7 @@ def is_supported(version: str) -> bool:
     return ".".join(version.split(".")[:2]) in SUPPORTED_VERSIONS
 
 
-def install(
-    pieces: Collection[str] | None = None, *, version: str | None = None
-) -> FastPath | FastPathUnavailable:
+def install(pieces: Collection[str] | None = None, *, version: str | None = None) -> FastPath | FastPathUnavailable:
     """Install and check ``pieces`` (by default ``PIECES``) once per process; see the module docstring.
     ``version``: the pynetdicom release to judge (by default the one installed)."""
     wanted = frozenset(PIECES if pieces is None else pieces)
@@ -120,15 +115,13 @@ def _install(pieces: frozenset[str], version: str) -> FastPath | FastPathUnavail
             f"pynetdicom {version} is not a release the fast path supports ({', '.join(SUPPORTED_VERSIONS)}.x)"
         )
     try:
-        from pacs_bridge.dicom.fastpath import inline_store, store_response, wakeups
+        from pacs_bridge.dicom.fastpath import inline_store, wakeups
         from pacs_bridge.dicom.fastpath.self_check import run_self_check
 
         if "wakeups" in pieces:
             wakeups.install()
         if "inline_store" in pieces:
             inline_store.install()
-        if "store_response" in pieces:
-            store_response.install()
         fast = FastPath(pieces)
         problem = run_self_check(fast)
     except Exception as exc:  # a piece that no longer fits this pynetdicom: stock pynetdicom instead
@@ -142,9 +135,8 @@ def _install(pieces: frozenset[str], version: str) -> FastPath | FastPathUnavail
 
 def _uninstall() -> None:
     try:
-        from pacs_bridge.dicom.fastpath import inline_store, store_response, wakeups
+        from pacs_bridge.dicom.fastpath import inline_store, wakeups
     except Exception:  # nothing was installed then
         return
     wakeups.uninstall()
     inline_store.uninstall()
-    store_response.uninstall()

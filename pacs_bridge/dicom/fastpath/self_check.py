@@ -4,8 +4,8 @@ A pynetdicom requestor of this process associates with a pynetdicom acceptor of 
 ``GuardedSocket`` handed to an ``AdoptingAssociationServer`` as the listener hands its connections, with the
 pieces attached at the same events. It sends a C-ECHO and a C-STORE of a one-element data set. The check
 passes when both are answered Success and each installed piece did its part: the reactor was woken for the
-C-ECHO (``wakeups``), the C-STORE was read whole and served inline (``inline_store``), and a plain C-STORE
-response encodes to the bytes pynetdicom's own DIMSE message would send (``store_response``).
+C-ECHO (``wakeups``), the C-STORE was read whole and served inline, its plain response encoded to the bytes
+pynetdicom's own DIMSE message would send (``inline_store``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _dataset() -> Dataset:
 
 
 def _response_matches_pynetdicom() -> bool:
-    from pacs_bridge.dicom.fastpath.store_response import store_response_pdv
+    from pacs_bridge.dicom.fastpath.inline_store import plain_response_pdv
 
     primitive = C_STORE()
     primitive.MessageIDBeingRespondedTo = 7
@@ -50,14 +50,21 @@ def _response_matches_pynetdicom() -> bool:
     message = C_STORE_RSP()
     message.primitive_to_message(primitive)
     theirs = [pdv for pdata in message.encode_msg(1, 16382) for _, pdv in pdata.presentation_data_value_list]
-    return [store_response_pdv(primitive, max_pdu=16382, observed=False)] == theirs
+    ours = plain_response_pdv(
+        message_id=7,
+        sop_class_uid=SecondaryCaptureImageStorage,
+        sop_instance_uid=_SOP_INSTANCE_UID,
+        status=0,
+        max_pdu=16382,
+    )
+    return [ours] == theirs
 
 
 def run_self_check(fast: Any) -> str | None:
     """None when ``fast``'s pieces work on a real association, else what did not."""
     from pacs_bridge.dicom.fastpath import inline_store, wakeups
 
-    if "store_response" in fast.pieces and not _response_matches_pynetdicom():
+    if "inline_store" in fast.pieces and not _response_matches_pynetdicom():
         return "a plain C-STORE response does not encode as pynetdicom encodes it"
     acceptors: list[Any] = []
     stores: list[int] = []
