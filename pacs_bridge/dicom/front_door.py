@@ -425,7 +425,8 @@ class FrontDoor:
                     raise _Dropped("peer_closed")
             except BlockingIOError:
                 pass
-            return False  # nothing yet: stays watched
+            self._watch(pending, selectors.EVENT_READ)  # nothing yet: wait for the first bytes
+            return False
         if pending.request_length is None:
             if available < PDU_HEADER.size:
                 if _peer_has_closed(sock):
