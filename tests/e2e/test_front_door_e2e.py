@@ -123,3 +123,34 @@ def test_out_of_file_descriptors_the_accept_loop_pauses_logs_once_and_recovers(
     assert log_events(bridge.log(), "accept_resumed")
     assert not log_events(bridge.log(), "front_door_failed")
     assert len(bridge.instance_uids(study_uid)) == 3
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"/proc/{pid}/status has no VmHWM")
+
+
+def test_a_large_instance_costs_the_bridge_a_bounded_amount_of_memory(bridge: BridgeProcess, tmp_path: Path) -> None:
+    """A 160 MB instance, sent by storescu in the largest PDUs the bridge announces, raises the bridge's peak
+    resident memory by well under the instance's size, whichever path receives it (the fast path spills it to
+    a temporary file past 4 MB; stock pynetdicom writes every data set to one)."""
+    from tests.support.studies import make_dataset, write_file
+
+    side = 8944  # 8944 x 8944 x 2 bytes: 160 MB of pixel data
+    ds = make_dataset(SOPInstanceUID="1.2.826.0.1.3680043.10.1482.7.1")
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.SamplesPerPixel = 16, 12, 11, 1
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME2"
+    ds.PixelData = bytes(side * side * 2)
+    path = write_file(ds, tmp_path / "large.dcm")
+    del ds
+    assert bridge.process is not None
+    before = peak_rss_bytes(bridge.process.pid)
+    result = storescu(bridge.port, [path])
+    assert result.returncode == 0, result.stdout + result.stderr
+    grown = peak_rss_bytes(bridge.process.pid) - before
+    print(f"{path.stat().st_size / 2**20:.0f} MiB instance: the bridge's peak RSS grew {grown / 2**20:.1f} MiB")
+    assert grown < 48 * 2**20
+    assert bridge.instance_count() == 1
