@@ -221,7 +221,9 @@ def test_connection_dropped_mid_pdu_stores_nothing(bridge: BridgeProcess):
     assoc = associate(bridge.port)
     assert assoc.is_established
     sock = assoc.dul.socket.socket
-    sock.sendall(b"\x04\x00" + struct.pack(">I", 20000) + b"\x00" * 500)  # 500 of 20000 bytes promised
+    # 500 of the 20000 bytes promised: the start of a command fragment (an item of 19994 bytes, context 1)
+    item_header = struct.pack(">IBB", 19994, assoc.accepted_contexts[0].context_id, 0x01)
+    sock.sendall(b"\x04\x00" + struct.pack(">I", 20000) + item_header + b"\x00" * 494)
     sock.shutdown(socket.SHUT_RDWR)
     sock.close()
     wait_for(lambda: not assoc.is_alive(), timeout=10, what="the cut association to end")
