@@ -305,6 +305,34 @@ class _IngestStatements:
         )
 
 
+class _SnapshotStatements:
+    """The queries of ``Index.load_snapshot``, built once."""
+
+    def __init__(self) -> None:
+        self.study = select(
+            _studies.c.id,
+            _studies.c.study_uid,
+            _studies.c.change_seq,
+            _studies.c.published_hash,
+            *(_studies.c[name] for name in _STUDY_FIELDS),
+        ).where(_studies.c.study_uid == bindparam("uid"))
+        self.series = select(_series.c.id, _series.c.series_uid, *(_series.c[name] for name in _SERIES_FIELDS)).where(
+            _series.c.study_id == bindparam("study_id")
+        )
+        self.instances = (
+            select(
+                _instances.c.series_id,
+                _instances.c.sop_instance_uid,
+                _instances.c.sop_class_uid,
+                _instances.c.instance_number,
+                _instances.c.image_laterality,
+                _instances.c.title,
+            )
+            .join(_series, _series.c.id == _instances.c.series_id)
+            .where(_series.c.study_id == bindparam("study_id"))
+        )
+
+
 class _DriverIngest:
     """The hot path's statements as ``_DriverStatement``s for one dialect."""
 
@@ -378,7 +406,9 @@ class Index:
         self._engine = engine
         self._debounce = debounce
         self._write_sessions = sessionmaker(engine, expire_on_commit=False)
-        self._read_sessions = sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
+        self._read_engine = engine.execution_options(**{READ_ONLY_OPTION: True})
+        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
+        self._snapshot_statements = _SnapshotStatements()
         self._dialect = engine.dialect.name
         postgres = self._dialect == "postgresql"
         self._statements = _IngestStatements(postgresql.insert if postgres else sqlite.insert, postgres=postgres)
@@ -802,32 +832,22 @@ class Index:
             ]
 
     def load_snapshot(self, study_uid: str) -> StudySnapshot:
-        """Everything indexed for one study, series ordered by number then UID, instances likewise."""
-        with self._unit_of_work(read_only=True) as session:
-            study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+        """Everything indexed for one study, series ordered by number then UID, instances likewise.
+
+        Read with statements built once, on a connection rather than a session: the publisher loads one snapshot
+        per study, and for a small study the ORM's bookkeeping cost more than the three queries.
+        """
+        statements = self._snapshot_statements
+        with self._translated_errors(), self._read_engine.begin() as connection:
+            study = connection.execute(statements.study, {"uid": study_uid}).first()
             if study is None:
                 raise UnknownStudyError(f"study {study_uid} is not in the index")
             attributes = StudyAttributes(
                 study_uid=study.study_uid, **{name: getattr(study, name) for name in _STUDY_FIELDS}
             )
-            series_rows = session.execute(
-                select(Series.id, Series.series_uid, *(getattr(Series, name) for name in _SERIES_FIELDS)).where(
-                    Series.study_id == study.id
-                )
-            ).all()
+            series_rows = connection.execute(statements.series, {"study_id": study.id}).all()
             instances_by_series: dict[int, list[InstanceSnapshot]] = defaultdict(list)
-            instance_rows = session.execute(
-                select(
-                    Instance.series_id,
-                    Instance.sop_instance_uid,
-                    Instance.sop_class_uid,
-                    Instance.instance_number,
-                    Instance.image_laterality,
-                    Instance.title,
-                )
-                .join(Series, Series.id == Instance.series_id)
-                .where(Series.study_id == study.id)
-            )
+            instance_rows = connection.execute(statements.instances, {"study_id": study.id})
             for series_id, sop_instance_uid, sop_class_uid, instance_number, laterality, title in instance_rows:
                 instances_by_series[series_id].append(
                     InstanceSnapshot(
@@ -850,7 +870,7 @@ class Index:
             series_snapshots.sort(key=_series_order)
             withdrawal = None
             if not instances_by_series:  # only rejection notes leave a study row without instances
-                withdrawal = self._withdrawal(session, study_uid)
+                withdrawal = self._withdrawal(connection, study_uid)
             return StudySnapshot(
                 attributes=attributes,
                 series=tuple(series_snapshots),
@@ -860,8 +880,8 @@ class Index:
             )
 
     @staticmethod
-    def _withdrawal(session: Session, study_uid: str) -> StudyWithdrawal | None:
-        rows = session.execute(
+    def _withdrawal(connection: Connection, study_uid: str) -> StudyWithdrawal | None:
+        rows = connection.execute(
             select(RejectedInstance.reason_code, RejectedInstance.modality)
             .where(RejectedInstance.study_uid == study_uid)
             .distinct()
