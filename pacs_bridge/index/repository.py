@@ -45,6 +45,14 @@ from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, 
 from pacs_bridge.index.engine import READ_ONLY_OPTION, writer_queue
 from pacs_bridge.index.links import LinkIndex
 from pacs_bridge.index.models import EndpointPublication, Instance, PublishState, RejectedInstance, Series, Study
+from pacs_bridge.index.publish_results import (
+    Published,
+    PublishResult,
+    Refused,
+    Released,
+    RetryLater,
+    apply_publish_result,
+)
 from pacs_bridge.publish.debounce import DebounceSettings, due_at
 from pacs_bridge.records import (
     InstanceRecord,
@@ -72,6 +80,7 @@ class ClaimedStudy:
     attempts: int  # failed attempts since the last success, for the backoff
     last_change_at: datetime | None = None  # for the publish latency metric
     published_version: str | None = None  # the server's version id of what we last wrote, for If-Match
+    claimed_until: datetime | None = None  # when the claim's lease ends
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -827,6 +836,7 @@ class Index:
                     attempts=row.attempts,
                     last_change_at=row.last_change_at,
                     published_version=row.published_version,
+                    claimed_until=now + lease,
                 )
                 for row in rows
             ]
@@ -908,21 +918,15 @@ class Index:
 
         If the study changed while it was being published, it stays pending: its newer due time stands.
         """
-        with self._unit_of_work() as session:
-            study = self._locked_study(session, study_uid)
-            study.published_hash = content_hash
-            study.published_seq = change_seq
-            if sent:
-                study.published_at = now
-                study.published_version = version_id
-            study.attempts = 0
-            study.next_attempt_at = None
-            study.last_error = None
-            self._release(study)
-            if study.change_seq == change_seq:
-                study.publish_state = PublishState.PUBLISHED.value
-                study.due_at = None
-                study.first_change_at = None
+        published = Published(
+            study_uid=study_uid,
+            change_seq=change_seq,
+            content_hash=content_hash,
+            at=now,
+            sent=sent,
+            version_id=version_id,
+        )
+        self.record_publish_results([published])
 
     def mark_retry(
         self, study_uid: str, *, error: str, next_attempt_at: datetime, not_before: datetime | None = None
@@ -933,12 +937,24 @@ class Index:
         """
         with self._unit_of_work() as session:
             study = self._locked_study(session, study_uid)
-            study.attempts += 1
-            study.last_error = error
-            study.next_attempt_at = next_attempt_at
-            study.retry_not_before = not_before
-            self._release(study)
+            retry = RetryLater(study_uid=study_uid, error=error, next_attempt_at=next_attempt_at, not_before=not_before)
+            apply_publish_result(study, retry)
             return study.attempts
+
+    def record_publish_results(self, results: Sequence[PublishResult]) -> None:
+        """Record what a batch of publishing attempts came to, in one transaction (``index/publish_results.py``
+        says what each result writes). The rows are locked in Study Instance UID order, so two bridges recording
+        at once wait for each other rather than deadlock. A study no longer in the index is skipped."""
+        if not results:
+            return
+        by_uid = {result.study_uid: result for result in results}
+        with self._unit_of_work() as session:
+            for chunk in _chunks(sorted(by_uid)):
+                locked = session.scalars(
+                    select(Study).where(Study.study_uid.in_(chunk)).order_by(Study.study_uid).with_for_update()
+                )
+                for study in locked:
+                    apply_publish_result(study, by_uid[study.study_uid])
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
@@ -994,25 +1010,11 @@ class Index:
 
     def mark_failed(self, study_uid: str, *, change_seq: int, error: str) -> None:
         """Record a refusal that will not pass by itself. A change newer than ``change_seq`` keeps it pending."""
-        with self._unit_of_work() as session:
-            study = self._locked_study(session, study_uid)
-            study.attempts += 1
-            study.last_error = error
-            study.next_attempt_at = None
-            self._release(study)
-            if study.change_seq == change_seq:
-                study.publish_state = PublishState.FAILED.value
-                study.due_at = None
+        self.record_publish_results([Refused(study_uid=study_uid, change_seq=change_seq, error=error)])
 
     def release_claim(self, study_uid: str) -> None:
         """Give a claimed study back without recording anything (e.g. on shutdown)."""
-        with self._unit_of_work() as session:
-            self._release(self._locked_study(session, study_uid))
-
-    @staticmethod
-    def _release(study: Study) -> None:
-        study.claimed_until = None
-        study.claimed_by = None
+        self.record_publish_results([Released(study_uid=study_uid)])
 
     @staticmethod
     def _locked_study(session: Session, study_uid: str) -> Study:

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, event, select, text
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.models import PublishState, Study
+from pacs_bridge.index.publish_results import Published, Refused, Released, RetryLater
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.debounce import DebounceSettings
@@ -270,6 +271,45 @@ def test_failed_study_waits_for_a_change_then_is_due_again(index: Index, engine:
     index.record_instance(record(instance="1.1.2", number=2), received_at=clock())
     row = study_row(engine)
     assert (row.publish_state, row.attempts, row.due_at) == ("pending", 0, clock() + QUIET)
+
+
+def test_a_batch_of_publish_results_is_recorded_in_one_transaction_each_by_its_own_rule(
+    index: Index, engine: Engine, clock: FakeClock
+):
+    """Five claimed studies, five results in one call: published (and one changed meanwhile: still pending),
+    a retry, a refusal, a release; every claim is given back, and one transaction wrote them all."""
+    for n in range(1, 6):
+        index.record_instance(record(study=str(n), series=f"{n}.1", instance=f"{n}.1.1"), received_at=clock())
+    clock.advance(QUIET)
+    assert len(index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="a")) == 5
+    index.record_instance(record(study="2", series="2.1", instance="2.1.2", number=2), received_at=clock())
+    commits: list[object] = []
+    count_commit = commits.append  # one bound method, so that event.remove finds the listener
+    event.listen(engine, "commit", count_commit)
+    try:
+        index.record_publish_results(
+            [
+                Published(study_uid=uid("1"), change_seq=1, content_hash="h1", at=clock(), sent=True, version_id="1"),
+                Published(study_uid=uid("2"), change_seq=1, content_hash="h2", at=clock(), sent=True, version_id="1"),
+                RetryLater(study_uid=uid("3"), error="HTTP 503", next_attempt_at=clock() + LEASE),
+                Refused(study_uid=uid("4"), change_seq=1, error="HTTP 400: no"),
+                Released(study_uid=uid("5")),
+            ]
+        )
+    finally:
+        event.remove(engine, "commit", count_commit)
+
+    assert len(commits) == 1
+    rows = {n: study_row(engine, str(n)) for n in range(1, 6)}
+    assert [(rows[n].publish_state, rows[n].attempts, rows[n].claimed_until) for n in range(1, 6)] == [
+        ("published", 0, None),
+        ("pending", 0, None),  # changed while it was sent: its newer change is published next
+        ("pending", 1, None),
+        ("failed", 1, None),
+        ("pending", 0, None),
+    ]
+    assert (rows[2].published_seq, rows[3].next_attempt_at, rows[4].last_error) == (1, clock() + LEASE, "HTTP 400: no")
+    assert [c.study_uid for c in index.claim_due_studies(clock(), limit=10, lease=LEASE, claimer="b")] == [uid("5")]
 
 
 def test_concurrent_associations_storing_one_new_study_lose_nothing(index: Index, clock: FakeClock):
