@@ -477,12 +477,13 @@ class SiteConfig(_Section):
 
 
 class PublishConfig(_Section):
-    batch_size: int = Field(default=16, ge=1, le=1000)
+    batch_size: int = Field(default=64, ge=1, le=1000)  # studies claimed, and recorded, per transaction
+    concurrency: int = Field(default=8, ge=1, le=64)  # studies published at once, one connection each
     retry_base_seconds: float = Field(default=5.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=0, ge=0)  # 0: retry retryable failures without limit
-    # While studies wait out a backoff, probe the FHIR server this often; once it answers they are retried.
-    probe_seconds: float = Field(default=15.0, gt=0)
+    # During a FHIR outage, probe the server this often; once it answers, studies in backoff are retried.
+    probe_seconds: float = Field(default=1.0, gt=0)
     include_instances: bool = True  # false: series without their instance lists (counts stay)
     # A study published with subject or basedOn by identifier only (patient.mode lookup/create, accession.mode
     # lookup) is looked up again this long after, then less and less often, at least daily; 0: never.

@@ -233,6 +233,20 @@ class BridgeMetrics:
         )
         if relink_counts is not None:
             self.registry.register(_RelinkQueueCollector(relink_counts))
+        self._fhir_up = Gauge(
+            "pacs_bridge_fhir_up",
+            "1 while the FHIR server answers the publisher, 0 during an outage (no answer, 408, 429, 502-504)",
+            registry=self.registry,
+        )
+        self._fhir_up.set(1)
+        self._fhir_outages = Counter(
+            "pacs_bridge_fhir_outages", "FHIR server outages seen by the publisher", registry=self.registry
+        )
+        self._fhir_outage_seconds = Counter(
+            "pacs_bridge_fhir_outage_seconds",
+            "Seconds of FHIR server outage, counted when each outage ends",
+            registry=self.registry,
+        )
         self._store_result_counters: dict[tuple[int, str], Any] = {}  # (status, calling AE) -> its child
         self._lock = threading.Lock()
         self.last_pass_monotonic: float | None = None
@@ -289,6 +303,14 @@ class BridgeMetrics:
 
     def relink_looked_up(self, *, link: str, outcome: str) -> None:
         self._relink_lookups.labels(link=link, outcome=outcome).inc()
+
+    def fhir_outage_started(self) -> None:
+        self._fhir_up.set(0)
+        self._fhir_outages.inc()
+
+    def fhir_outage_ended(self, *, seconds: float) -> None:
+        self._fhir_up.set(1)
+        self._fhir_outage_seconds.inc(max(seconds, 0.0))
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

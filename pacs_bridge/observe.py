@@ -35,6 +35,12 @@ class BridgeObserver(Protocol):
         is linked, no_match, several_matches, invalid_id, not_searchable, refused or unavailable."""
         ...
 
+    def fhir_outage_started(self) -> None:
+        """The FHIR server stopped answering (``publish/outage.py`` says what counts)."""
+        ...
+
+    def fhir_outage_ended(self, *, seconds: float) -> None: ...
+
 
 class NullObserver:
     """Observes nothing."""
@@ -61,4 +67,10 @@ class NullObserver:
         pass
 
     def relink_looked_up(self, *, link: str, outcome: str) -> None:
+        pass
+
+    def fhir_outage_started(self) -> None:
+        pass
+
+    def fhir_outage_ended(self, *, seconds: float) -> None:
         pass

@@ -42,7 +42,7 @@ from pacs_bridge.metrics import BridgeMetrics
 from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher
 from pacs_bridge.publish.relink import Relinker
-from pacs_bridge.publish.scheduler import PublishScheduler, run_pass_on_time
+from pacs_bridge.publish.scheduler import PublishScheduler, next_pass_delay
 from pacs_bridge.redaction import redact_url
 from pacs_bridge.systemd import notify
 
@@ -110,9 +110,13 @@ def open_fhir_http(config: Config) -> tuple[httpx.Client, httpx.Client]:
         TlsSettings(ca_bundle=tls.ca_bundle, client_certificate=tls.client_certificate, client_key=tls.client_key)
     )
 
-    def client(auth: httpx.Auth | None = None) -> httpx.Client:
+    def client(auth: httpx.Auth | None = None, *, connections: int = 4) -> httpx.Client:
         headers = {"User-Agent": f"pacs-bridge/{__version__}"}
-        return httpx.Client(timeout=config.fhir.timeout_seconds, headers=headers, verify=ssl_context, auth=auth)
+        # Every publishing worker keeps its connection alive between studies (plus the probe's).
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return httpx.Client(
+            timeout=config.fhir.timeout_seconds, headers=headers, verify=ssl_context, auth=auth, limits=limits
+        )
 
     token_http = client()
     try:
@@ -125,7 +129,7 @@ def open_fhir_http(config: Config) -> tuple[httpx.Client, httpx.Client]:
         log.warning(
             "fhir_credentials_sent_in_clear", fhir_base_url=redact_url(config.fhir.base_url), mode=config.fhir.auth.mode
         )
-    return client(auth), token_http
+    return client(auth, connections=config.publish.concurrency + 2), token_http
 
 
 def open_index(config: Config, *, config_path: str = "FILE", create: bool = False) -> tuple[Engine, Index]:
@@ -135,7 +139,8 @@ def open_index(config: Config, *, config_path: str = "FILE", create: bool = Fals
     was looked for, and nothing is left behind (not even an empty SQLite file).
     """
     check_index_location(config, config_path=config_path, create=create)
-    engine = make_engine(config.database.url)
+    # The pool's default (5 + 10 overflow) would make publishing workers wait for connections above ~12.
+    engine = make_engine(config.database.url, pool_size=max(5, config.publish.concurrency + 2))
     try:
         change = prepare_schema(engine, create=create, config_hint=config_path)
     except BaseException:
@@ -218,6 +223,12 @@ class PassHeartbeat:
         with self._lock:
             self._started = time.monotonic()
 
+    def pass_progressed(self) -> None:
+        """A running pass recorded a batch: it is working, however long it has been running."""
+        with self._lock:
+            if self._started is not None:
+                self._started = time.monotonic()
+
     def pass_ended(self) -> None:
         with self._lock:
             self._started = None
@@ -251,6 +262,9 @@ class BridgeService:
             backfill_totals=BackfillLedger(self.engine).totals,
             relink_counts=(lambda: self.index.links.counts(utc_now())) if relink_interval else None,
         )
+        self._heartbeat = PassHeartbeat(
+            stale_after=max(60.0, 5 * config.debounce.tick_seconds), lease=self._publish_lease(config)
+        )
         fhir = FhirClient(self._http, base_url=config.fhir.base_url)
         mapping = mapping_settings(config)
         claimer = f"{socket.gethostname()}:{os.getpid()}"
@@ -265,11 +279,13 @@ class BridgeService:
             clock=utc_now,
             claimer=claimer,
             batch_size=config.publish.batch_size,
+            concurrency=config.publish.concurrency,
             max_attempts=config.publish.max_attempts,
             observer=self.metrics,
             lease=timedelta(seconds=self._publish_lease(config)),
             probe_interval=timedelta(seconds=config.publish.probe_seconds),
             relink_interval=relink_interval,
+            on_progress=self._heartbeat.pass_progressed,
         )
         self.relinker = Relinker(
             links=self.index.links,
@@ -288,9 +304,7 @@ class BridgeService:
             interval=timedelta(seconds=config.debounce.tick_seconds),
             relink=self.relinker.run_once if self.relinker.enabled else None,
         )
-        self._heartbeat = PassHeartbeat(
-            stale_after=max(60.0, 5 * config.debounce.tick_seconds), lease=self._publish_lease(config)
-        )
+        self._server_checked = False
         self._failure: str | None = None
         self.listener: DicomListener | ListenerPool
         if config.dicom.listener_processes > 1:
@@ -318,7 +332,6 @@ class BridgeService:
                 render_metrics=self.metrics.render,
             )
         self._watchdog_stop = threading.Event()
-        self._stopping = threading.Event()  # cuts short a pass waiting for a study to fall due
 
     def _oldest_pending_since(self) -> datetime | None:
         """The first unpublished change of the longest-waiting pending study, for the metric read at scrape time."""
@@ -331,10 +344,20 @@ class BridgeService:
         # come back after it.
         return 2 * config.fhir.timeout_seconds + 30
 
-    def _tick(self) -> None:
+    def _tick(self) -> float:
+        """One publishing pass (the first one asks the FHIR server whether it answers); returns the seconds
+        until the next pass: the tick, or sooner when a study falls due or a probe is planned before."""
         self._heartbeat.pass_started()
         try:
-            run_pass_on_time(self.publisher, tick_seconds=self._config.debounce.tick_seconds, stopping=self._stopping)
+            if not self._server_checked:
+                self._server_checked = True
+                self.publisher.check_server()
+            self.publisher.run_once()
+            return next_pass_delay(
+                self._config.debounce.tick_seconds,
+                self.publisher.seconds_until_next_due(),
+                self.publisher.seconds_until_next_probe(),
+            )
         finally:
             self._heartbeat.pass_ended()
 
@@ -372,7 +395,7 @@ class BridgeService:
         log.info("bridge_stopping")
         notify("STOPPING=1")
         self._watchdog_stop.set()
-        self._stopping.set()
+        self.publisher.request_stop()
         self.listener.stop(drain_timeout_seconds=self._config.dicom.shutdown_drain_seconds)
         self._scheduler.stop()
         if self._health is not None:

@@ -1,61 +1,84 @@
-"""APScheduler wiring only: one interval job that runs a publishing pass, and one that runs a relink pass.
+"""APScheduler wiring only: publishing passes, and relink passes, each one at a time, each scheduling the next.
 
-The database holds all state; the scheduler just ticks. ``coalesce`` and ``max_instances=1`` make a slow
-pass delay the next tick instead of piling passes up.
+The database holds all state; the scheduler just ticks. A pass that ends schedules the next of its kind as a
+one-off job: a publishing pass after ``interval`` (the tick), or sooner when a study falls due or the FHIR server
+is to be probed before then; a relink pass (``publish/relink.py``) after ``interval``, as a job of its own so that
+a batch of lookups never holds up publishing. A pass that drains a long backlog therefore delays the next one
+instead of overlapping it, and APScheduler never has a tick to skip (its "maximum number of running instances
+reached" warning, once a second).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import timedelta
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 PUBLISH_JOB_ID = "publish-due-studies"
 RELINK_JOB_ID = "relink-published-studies"
 
-
-class _Passes(Protocol):
-    def run_once(self) -> Any: ...
-
-    def seconds_until_next_due(self) -> float | None: ...
+log = structlog.get_logger("pacs_bridge.publish")
 
 
-def run_pass_on_time(publisher: _Passes, *, tick_seconds: float, stopping: threading.Event) -> None:
-    """One tick: a publishing pass, then, when a study falls due before the next tick, a wait until then and a
-    second pass. A quiet study is so published when its quiet period ends, not up to a tick later; the tick
-    stays the longest a pass waits. ``stopping`` cuts the wait short (no second pass then)."""
-    publisher.run_once()
-    wait = publisher.seconds_until_next_due()
-    if wait is not None and wait < tick_seconds and not stopping.wait(wait):
-        publisher.run_once()
+def next_pass_delay(tick_seconds: float, *waits: float | None) -> float:
+    """Seconds until the next pass: the tick, or the soonest of ``waits`` (seconds until a study falls due,
+    until the next probe; None: nothing planned) when that comes first."""
+    planned = [wait for wait in waits if wait is not None]
+    return max(0.0, min([tick_seconds, *planned]))
 
 
 class PublishScheduler:
+    """Runs ``run_pass`` on APScheduler's threads: first at once, then each time after the delay the previous
+    pass returned (seconds, at most ``interval``); ``relink``, when given, likewise every ``interval``."""
+
     def __init__(
-        self, tick: Callable[[], Any], *, interval: timedelta, relink: Callable[[], Any] | None = None
+        self, run_pass: Callable[[], float], *, interval: timedelta, relink: Callable[[], Any] | None = None
     ) -> None:
-        """``relink``: the relink pass (``publish/relink.py``), a job of its own at the same interval, so that a
-        batch of lookups never holds up publishing."""
+        self._interval = interval.total_seconds()
+        self._stopped = threading.Event()
         self._scheduler = BackgroundScheduler(timezone="UTC")
-        jobs = [(PUBLISH_JOB_ID, tick)] + ([(RELINK_JOB_ID, relink)] if relink is not None else [])
-        for job_id, job in jobs:
-            self._scheduler.add_job(
-                job,
-                "interval",
-                seconds=interval.total_seconds(),
-                id=job_id,
-                coalesce=True,
-                max_instances=1,
-                misfire_grace_time=None,
-            )
+        self._jobs: dict[str, Callable[[], float]] = {PUBLISH_JOB_ID: run_pass}
+        if relink is not None:
+
+            def run_relink() -> float:
+                relink()
+                return self._interval
+
+            self._jobs[RELINK_JOB_ID] = run_relink
 
     def start(self) -> None:
         self._scheduler.start()
+        for job_id in self._jobs:
+            self._schedule(job_id, 0.0)
 
     def stop(self) -> None:
-        """Stop ticking and wait for a running pass to finish."""
+        """Stop scheduling and wait for a running pass to finish."""
+        self._stopped.set()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+
+    def _schedule(self, job_id: str, delay: float) -> None:
+        if self._stopped.is_set():
+            return
+        self._scheduler.add_job(
+            self._run,
+            "date",
+            args=(job_id,),
+            run_date=datetime.now(UTC) + timedelta(seconds=delay),
+            id=job_id,
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    def _run(self, job_id: str) -> None:
+        delay = self._interval
+        try:
+            delay = min(self._jobs[job_id](), self._interval)
+        except Exception:  # a pass never raises; should one, the next still comes
+            log.exception("pass_crashed", job=job_id)
+        finally:
+            self._schedule(job_id, delay)

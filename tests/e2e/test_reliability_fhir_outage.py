@@ -24,9 +24,12 @@ pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
 RETRY_BASE = 0.2
 RETRY_MAX = 2.0
 FHIR_TIMEOUT = 1.0
+PROBE = 0.5
 
 
-def make_bridge(tmp_path: Path, database_url: str, proxy: HttpFaultProxy) -> BridgeProcess:
+def make_bridge(
+    tmp_path: Path, database_url: str, proxy: HttpFaultProxy, *, probe_seconds: float = 1.0, log_level: str = "info"
+) -> BridgeProcess:
     return BridgeProcess(
         tmp_path,
         database_url=database_url,
@@ -34,6 +37,7 @@ def make_bridge(tmp_path: Path, database_url: str, proxy: HttpFaultProxy) -> Bri
         fhir_timeout_seconds=FHIR_TIMEOUT,
         retry_base_seconds=RETRY_BASE,
         retry_max_seconds=RETRY_MAX,
+        extra={"publish": {"probe_seconds": probe_seconds}, "logging": {"level": log_level}},
     )
 
 
@@ -41,16 +45,26 @@ def imaging_studies(server: FhirTestServer, study_uid: str) -> list[dict[str, An
     return server.search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
 
 
-def test_each_fhir_fault_is_retried_with_backoff_honouring_retry_after_and_writes_one_version(
+def test_each_fhir_fault_is_retried_honouring_retry_after_and_writes_one_version(
     tmp_path: Path, proxy: HttpFaultProxy, fresh_fhir_server: FhirTestServer
 ):
     """503 and 429 with Retry-After, a reset after the server applied the PUT, an answer slower than the
-    client timeout and a 500: each is retried, never sooner than Retry-After or the backoff, and the study
-    ends as one ImagingStudy with one version."""
-    # Request by request: PUT Endpoint gets 503 (Retry-After 2), then 429 (Retry-After 1), then passes; the
-    # PUT ImagingStudy is applied upstream but its answer is cut, then held beyond the 1 s timeout, then 500.
-    proxy.program(Respond(503, retry_after="2"), Respond(429, retry_after="1"), Pass(), Reset(), Slow(3), Respond(500))
-    bridge = make_bridge(tmp_path, f"sqlite:///{tmp_path / 'bridge.db'}", proxy)
+    client timeout and a 500: each is retried, never sooner than Retry-After; after the server-wide faults
+    (503, 429, reset, timeout) as soon as a probe finds the server answering, after the 500 (about that request
+    alone) at the end of its backoff. The study ends as one ImagingStudy with one version."""
+    # PUT by PUT (the probes, GET metadata, pass): PUT Endpoint gets 503 (Retry-After 2), then 429 (Retry-After
+    # 1), then passes; the PUT ImagingStudy is applied upstream but its answer is cut, then held beyond the 1 s
+    # timeout, then 500.
+    proxy.program(
+        Respond(503, retry_after="2"),
+        Respond(429, retry_after="1"),
+        Pass(),
+        Reset(),
+        Slow(3),
+        Respond(500),
+        methods={"PUT"},
+    )
+    bridge = make_bridge(tmp_path, f"sqlite:///{tmp_path / 'bridge.db'}", proxy, probe_seconds=PROBE, log_level="debug")
     study_uid = new_study_uid()
     write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 3)])
     try:
@@ -67,18 +81,17 @@ def test_each_fhir_fault_is_retried_with_backoff_honouring_retry_after_and_write
             timeout=10,
             what="the held request to reach the server",
         )
-        requests = proxy.requests
-        faults = [request.fault for request in requests]
+        puts = [request for request in proxy.requests if request.method == "PUT"]
+        faults = [request.fault for request in puts]
         assert faults == ["503 Retry-After: 2", "429 Retry-After: 1", "passed", "reset", "slow 3 s", "500", "passed"]
-        assert [request.path.split("/")[2] for request in requests] == ["Endpoint"] * 3 + ["ImagingStudy"] * 4
-        gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(requests)]
-        # Retry-After is a floor; otherwise base * 2**(attempt-1), -20 % jitter at most, capped at RETRY_MAX.
+        assert [request.path.split("/")[2] for request in puts] == ["Endpoint"] * 3 + ["ImagingStudy"] * 4
+        gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(puts)]
         assert gaps[0] >= 2.0, f"came back {gaps[0]:.2f} s after a 503 with Retry-After: 2"
         assert gaps[1] >= 1.0, f"came back {gaps[1]:.2f} s after a 429 with Retry-After: 1"
-        assert gaps[3] >= RETRY_BASE * 4 * 0.8, "third failed attempt: backoff 0.8 s"
-        assert gaps[4] >= FHIR_TIMEOUT + RETRY_BASE * 8 * 0.8, "the client timeout, then a backoff of 1.6 s"
-        assert gaps[5] >= RETRY_MAX, "fifth failed attempt: backoff capped at 2 s"
-        print(f"gaps between attempts: {', '.join(f'{gap:.2f}' for gap in gaps)} s")
+        assert gaps[3] >= PROBE, "after the reset: once a probe found the server answering"
+        assert gaps[4] >= FHIR_TIMEOUT + PROBE, "the client timeout, then the probe"
+        assert gaps[5] >= RETRY_MAX, "a 500 is about that request: its backoff, capped at 2 s, runs out"
+        print(f"gaps between PUTs: {', '.join(f'{gap:.2f}' for gap in gaps)} s")
 
         published = imaging_studies(fresh_fhir_server, study_uid)
         assert len(published) == 1 and published[0]["numberOfInstances"] == 3
@@ -87,12 +100,19 @@ def test_each_fhir_fault_is_retried_with_backoff_honouring_retry_after_and_write
         row = bridge.study_row(study_uid)
         assert row is not None and (row["attempts"], row["last_error"]) == (0, None)
         retries = log_events(bridge.log(), "publish_retry_scheduled")
-        assert [(entry["attempt"], entry["http_status"]) for entry in retries] == [
-            (1, 503),
-            (2, 429),
-            (3, None),
-            (4, None),
-            (5, 500),
+        assert [(entry["attempt"], entry["http_status"], entry["level"]) for entry in retries] == [
+            (1, 503, "debug"),  # server-wide: the outage is logged, not each study's attempt
+            (2, 429, "debug"),
+            (3, None, "debug"),
+            (4, None, "debug"),
+            (5, 500, "warning"),
+        ]
+        # One outage: from the 503 until the 500, the first answer to a whole publish (the Endpoint PUT that
+        # passed was followed by the reset of the ImagingStudy PUT).
+        outages = log_events(bridge.log(), "fhir_outage_started", "fhir_outage_ended")
+        assert [(entry["event"], entry.get("http_status")) for entry in outages] == [
+            ("fhir_outage_started", 503),
+            ("fhir_outage_ended", None),
         ]
     finally:
         bridge.close()

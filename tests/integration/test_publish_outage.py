@@ -4,11 +4,13 @@ and PostgreSQL, a fake clock to move through the backoff."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
+from structlog.testing import capture_logs
 
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.index.models import Study
@@ -96,7 +98,7 @@ def test_once_the_server_answers_a_probe_backed_off_studies_are_retried_at_once(
     index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, fresh_fhir_server
 ):
     """Refused connections put the study in a 10 s backoff; a probe while refused changes nothing; the first
-    probe after the server is back makes it due at once, well before its backoff ends."""
+    probe after the server is back releases it, and the same pass publishes it, well before its backoff ends."""
     proxy.refuse()
     probing = publisher(index, http, proxy, clock, probe_interval=PROBE)
     index.record_instance(record(), received_at=clock())
@@ -110,10 +112,8 @@ def test_once_the_server_answers_a_probe_backed_off_studies_are_retried_at_once(
 
     proxy.restore()
     clock.advance(PROBE)
-    assert probing.run_once() == {}  # probed, answered: due now
-    assert study_row(engine).next_attempt_at == clock()
-    assert probing.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
-    assert clock() < backoff_ends
+    assert probing.run_once() == {uid("1"): PublishOutcome.PUBLISHED}  # probed, answered: released and sent
+    assert backoff_ends is not None and clock() < backoff_ends
     assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 1}
 
 
@@ -179,3 +179,152 @@ def test_a_study_another_pass_has_claimed_falls_due_when_its_lease_ends(
     assert [c.study_uid for c in index.claim_due_studies(clock(), limit=1, lease=lease, claimer="other")] == [uid("1")]
 
     assert probing.seconds_until_next_due() == lease.total_seconds()
+
+
+def studies_due(index: Index, clock: FakeClock, count: int) -> list[str]:
+    """``count`` one-instance studies, all due now."""
+    for number in range(1, count + 1):
+        index.record_instance(record(study=str(number)), received_at=clock())
+    clock.advance(QUIET)
+    return [uid(str(number)) for number in range(1, count + 1)]
+
+
+def events(logs: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] in names]
+
+
+def test_an_outage_is_logged_when_it_starts_while_it_lasts_and_when_it_ends_not_per_study_and_attempt(
+    index: Index, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, fresh_fhir_server
+):
+    """Ten studies through two minutes of 503s and many passes: one warning with the cause when it starts, a
+    summary each minute, one line when it ends with the studies that waited; each study's own failed attempts
+    only at debug level."""
+    proxy.outage(Respond(503, body="down for maintenance"))
+    bridge = publisher(index, http, proxy, clock, probe_interval=timedelta(seconds=1))
+    studies_due(index, clock, 10)
+    with capture_logs() as logs:
+        for _ in range(130):  # a pass a second, as the scheduler runs them during an outage
+            bridge.run_once()
+            clock.advance(timedelta(seconds=1))
+        proxy.restore()
+        outcomes = bridge.run_once()
+
+    assert set(outcomes.values()) == {PublishOutcome.PUBLISHED} and len(outcomes) == 10
+    outage = events(logs, "fhir_outage_started", "fhir_outage_continues", "fhir_outage_ended")
+    assert [(entry["event"], entry["log_level"]) for entry in outage] == [
+        ("fhir_outage_started", "warning"),
+        ("fhir_outage_continues", "warning"),
+        ("fhir_outage_continues", "warning"),
+        ("fhir_outage_ended", "info"),
+    ]
+    started, first_summary, _, ended = outage
+    assert (started["cause"], started["http_status"]) == ("HTTP 503: down for maintenance", 503)
+    assert (first_summary["outage_seconds"], first_summary["studies_waiting"]) == (60, 10)
+    assert (ended["studies_waiting"], ended["studies_released"]) == (10, 10)
+    retries = events(logs, "publish_retry_scheduled")
+    assert retries and {entry["log_level"] for entry in retries} == {"debug"}
+    assert not [entry for entry in logs if entry["log_level"] in ("warning", "error") and entry not in outage]
+
+
+def test_during_an_outage_a_pass_tries_at_most_concurrency_studies(
+    index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock
+):
+    """Twelve due studies, connections refused, two at a time: the first pass sends two and gives the other
+    ten back untried; later passes of the outage try two each, not the whole backlog."""
+    proxy.refuse()
+    bridge = publisher(index, http, proxy, clock, concurrency=2, batch_size=64)
+    studies_due(index, clock, 12)
+
+    first = bridge.run_once()
+    clock.advance(timedelta(milliseconds=100))
+    second = bridge.run_once()
+
+    assert list(first.values()).count(PublishOutcome.RETRY_SCHEDULED) <= 2
+    assert list(first.values()).count(PublishOutcome.DEFERRED) >= 10
+    assert len(second) <= 2, "during the outage a pass claims no more than concurrency studies"
+    with Session(engine) as session:
+        attempts = sum(session.scalars(select(Study.attempts)))
+    assert 1 <= attempts <= 4, "two passes of the outage: two attempts each at most"
+
+
+def test_when_the_server_answers_again_every_backed_off_study_is_released_at_once(
+    index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, fresh_fhir_server
+):
+    """Studies backed off for 10 s after a 503 with Retry-After: 1 are all published by the pass whose probe
+    finds the server back, 2 s later: Retry-After is a floor, not a schedule."""
+    bridge = publisher(index, http, proxy, clock, concurrency=8)
+    study_uids = studies_due(index, clock, 8)
+    proxy.outage(Respond(503, retry_after="1"))
+
+    def rows() -> list[Study]:
+        with Session(engine) as session:
+            return list(session.scalars(select(Study)))
+
+    for _ in range(8):  # a pass a second until every study has failed once (an outage pass may leave some untried)
+        if all(row.attempts for row in rows()):
+            break
+        bridge.run_once()
+        clock.advance(timedelta(seconds=1))
+    assert all(row.attempts == 1 and row.next_attempt_at > clock() for row in rows()), "all in a 10 s backoff"
+
+    proxy.restore()
+    clock.advance(timedelta(seconds=1))
+    outcomes = bridge.run_once()
+
+    assert outcomes == {study_uid: PublishOutcome.PUBLISHED for study_uid in study_uids}
+    assert fresh_fhir_server.request_counts()["PUT ImagingStudy"] == 8
+
+
+def test_a_retry_after_is_a_floor_even_when_the_server_answers_sooner(
+    index: Index, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock
+):
+    """503 with Retry-After: 5, then the server is back at once: no request before the 5 s, then the study is
+    published although its exponential backoff (10 s) has not run out."""
+    bridge = publisher(index, http, proxy, clock)
+    studies_due(index, clock, 1)
+    proxy.outage(Respond(503, retry_after="5"))
+    assert bridge.run_once() == {uid("1"): PublishOutcome.RETRY_SCHEDULED}
+    proxy.restore()
+    sent = len(proxy.requests)
+
+    clock.advance(timedelta(seconds=4))
+    assert bridge.run_once() == {}
+    assert len(proxy.requests) == sent, "nothing asked of the server before its Retry-After"
+    clock.advance(timedelta(seconds=1))
+    assert bridge.run_once() == {uid("1"): PublishOutcome.PUBLISHED}
+
+
+def test_the_start_check_logs_an_unreachable_server_and_its_cause(
+    index: Index, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock
+):
+    """At start the bridge asks the server (GET metadata): refused, it says so once, with the URL and cause."""
+    proxy.refuse()
+    bridge = publisher(index, http, proxy, clock)
+
+    with capture_logs() as logs:
+        bridge.check_server()
+
+    (started,) = events(logs, "fhir_outage_started", "fhir_server_reachable")
+    assert (started["event"], started["detected_by"]) == ("fhir_outage_started", "startup_check")
+    assert started["fhir_base_url"] == f"{proxy.root_url}/fhir"
+    assert "Connection refused" in started["cause"]
+    assert bridge.fhir_server_problem() is not None and "Connection refused" in bridge.fhir_server_problem()
+
+
+def test_the_start_check_releases_studies_a_backoff_from_before_the_start_holds(
+    index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock
+):
+    """Restarted after the outage ended: the server answers the check, so what waited on it goes now."""
+    studies_due(index, clock, 1)
+    index.claim_due_studies(clock(), limit=1, lease=timedelta(minutes=5), claimer="before the restart")
+    index.mark_retry(uid("1"), error="cannot reach", next_attempt_at=clock() + timedelta(minutes=10))
+    bridge = publisher(index, http, proxy, clock)
+
+    with capture_logs() as logs:
+        bridge.check_server()
+
+    assert [(entry["event"], entry["studies_released"]) for entry in events(logs, "fhir_server_reachable")] == [
+        ("fhir_server_reachable", 1)
+    ]
+    assert study_row(engine).next_attempt_at == clock()
+    assert bridge.fhir_server_problem() is None

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
 
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
+from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.models import Study
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.debounce import RetrySettings
+from pacs_bridge.index.schema import prepare_schema
+from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
-from tests.conftest import QUIET, FakeClock
+from tests.conftest import MAX_DELAY, QUIET, FakeClock
 from tests.support.fhir_server import FhirTestServer
 from tests.support.studies import uid
 
@@ -39,12 +42,11 @@ def record(study: str = "1", series: int = 1, instance: int = 1) -> InstanceReco
 
 
 def make_publisher(index: Index, http: httpx.Client, base_url: str, clock: FakeClock, **kwargs) -> Publisher:
-    options = {"mapping": MAPPING, "retry": RETRY, **kwargs}
+    options = {"mapping": MAPPING, "retry": RETRY, "claimer": "test", **kwargs}
     return Publisher(
         index=index,
         fhir=FhirClient(http, base_url=base_url),
         clock=clock,
-        claimer="test",
         random_fraction=lambda: 0.5,
         **options,
     )
@@ -162,3 +164,82 @@ def test_endpoint_is_put_once_for_many_studies(
     outcomes = publisher.run_once()
     assert list(outcomes.values()) == [PublishOutcome.PUBLISHED] * 5
     assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 5}
+
+
+def due_studies(index: Index, clock: FakeClock, count: int, *, first: int = 1) -> list[str]:
+    """``count`` one-instance studies, all due now."""
+    numbers = range(first, first + count)
+    for number in numbers:
+        index.record_instance(record(study=str(number)), received_at=clock())
+    clock.advance(QUIET)
+    return [uid(str(number)) for number in numbers]
+
+
+def test_a_pass_publishes_every_due_study_with_one_claim_and_one_record_per_batch(
+    index: Index, engine: Engine, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """40 due studies, batches of 8, 3 at a time: one pass publishes all of them (no cap per tick), and the
+    studies table is written twice per batch (the claim, the results), not once per study."""
+    publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock, batch_size=8, concurrency=3)
+    study_uids = due_studies(index, clock, 40)
+    study_writes: list[str] = []
+
+    def count_writes(_conn, _cursor, statement: str, *_args) -> None:
+        if statement.lstrip().upper().startswith("UPDATE STUDIES"):
+            study_writes.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count_writes)
+    try:
+        outcomes = publisher.run_once()
+    finally:
+        event.remove(engine, "before_cursor_execute", count_writes)
+
+    assert outcomes == {study_uid: PublishOutcome.PUBLISHED for study_uid in study_uids}
+    assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 40}
+    batches = 40 // 8
+    assert len(study_writes) <= 2 * batches + 1, (
+        f"{len(study_writes)} writes of the studies table for {batches} batches"
+    )
+
+
+@pytest.mark.postgresql
+def test_two_bridges_on_one_postgresql_write_each_study_once_per_change(
+    postgres_schema_url: str, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """Two publishers on their own engines (as two bridges) drain 60 due studies at once, then 10 changed ones:
+    every study is written once per change, and each ends with one version per change."""
+    engines = [make_engine(postgres_schema_url) for _ in range(2)]
+    prepare_schema(engines[0])
+    indexes = [Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY)) for engine in engines]
+    bridges = [
+        make_publisher(index, http, fresh_fhir_server.base_url, clock, batch_size=4, concurrency=3, claimer=name)
+        for index, name in zip(indexes, ("a", "b"), strict=True)
+    ]
+
+    def drain_at_once() -> dict[str, PublishOutcome]:
+        outcomes: list[dict[str, PublishOutcome]] = [{}, {}]
+        threads = [threading.Thread(target=lambda n=n: outcomes[n].update(bridges[n].run_once())) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not outcomes[0].keys() & outcomes[1].keys(), "a study published by both bridges"
+        return {**outcomes[0], **outcomes[1]}
+
+    try:
+        first = due_studies(indexes[0], clock, 60)
+        assert drain_at_once() == {study_uid: PublishOutcome.PUBLISHED for study_uid in first}
+        changed = first[:10]
+        for number in range(1, 11):
+            indexes[1].record_instance(record(study=str(number), instance=2), received_at=clock())
+        clock.advance(QUIET)
+        assert drain_at_once() == {study_uid: PublishOutcome.PUBLISHED for study_uid in changed}
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+    # Each bridge sends the Endpoint before its first study unless the other has recorded it: identical, one version.
+    assert fresh_fhir_server.request_counts()["PUT ImagingStudy"] == 70
+    assert fresh_fhir_server.versions("Endpoint", WADO.id) == 1
+    assert [fresh_fhir_server.versions("ImagingStudy", study_uid) for study_uid in changed] == [2] * 10
+    assert {fresh_fhir_server.versions("ImagingStudy", study_uid) for study_uid in first[10:]} == {1}

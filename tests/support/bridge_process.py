@@ -45,9 +45,9 @@ def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval:
         time.sleep(interval)
 
 
-def log_events(log: str, event: str) -> list[dict[str, Any]]:
-    """The JSON log entries of ``log`` (a bridge's output) whose ``event`` is ``event``."""
-    return [entry for line in log.splitlines() if (entry := _json(line)) and entry.get("event") == event]
+def log_events(log: str, *events: str) -> list[dict[str, Any]]:
+    """The JSON log entries of ``log`` (a bridge's output) whose ``event`` is one of ``events``, in order."""
+    return [entry for line in log.splitlines() if (entry := _json(line)) and entry.get("event") in events]
 
 
 def _json(line: str) -> dict[str, Any] | None:

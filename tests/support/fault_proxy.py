@@ -5,6 +5,7 @@ request with the next programmed fault, or passes it through::
 
     with HttpFaultProxy(upstream_port=fhir.port) as proxy:
         proxy.program(Respond(503, retry_after="2"), Pass(), Reset(), Slow(3))  # the next four requests
+        proxy.program(Respond(500), methods={"PUT"})  # the next PUT; other requests pass (or get the outage's)
         proxy.outage(Respond(503))   # every request until proxy.restore()
         proxy.refuse()               # close the listening socket: connections are refused
         proxy.restore()              # pass everything through again (re-listening on the same port)
@@ -21,7 +22,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -165,7 +166,7 @@ class HttpFaultProxy:
     def __init__(self, *, upstream_port: int, upstream_host: str = HOST) -> None:
         self._upstream = (upstream_host, upstream_port)
         self._lock = threading.Lock()
-        self._programmed: list[Fault] = []
+        self._programmed: list[tuple[Fault, frozenset[str] | None]] = []  # (fault, methods it is for)
         self._standing: Fault | None = None
         self._stopped = threading.Event()
         self._requests: list[ProxiedRequest] = []
@@ -197,10 +198,15 @@ class HttpFaultProxy:
         return f"http://{HOST}:{self.port}"
 
     # ---- programming -----------------------------------------------------------------------------------------
-    def program(self, *faults: Fault) -> None:
-        """The next requests get these faults, one each, in order; later ones pass (or get the outage's)."""
+    def program(self, *faults: Fault, methods: Collection[str] | None = None) -> None:
+        """The next requests get these faults, one each, in order; later ones pass (or get the outage's).
+
+        ``methods``: only requests with one of these methods take the faults (e.g. the bridge's PUTs, not its
+        ``GET metadata`` probes, which then pass or get the outage's fault).
+        """
+        only = frozenset(methods) if methods is not None else None
         with self._lock:
-            self._programmed.extend(faults)
+            self._programmed.extend((fault, only) for fault in faults)
 
     def outage(self, fault: Fault) -> None:
         """Every request gets ``fault`` until ``restore()``."""
@@ -224,10 +230,12 @@ class HttpFaultProxy:
         with self._lock:
             return list(self._requests)
 
-    def _next_fault(self) -> Fault | None:
+    def _next_fault(self, method: str) -> Fault | None:
         with self._lock:
-            if self._programmed:
-                return self._programmed.pop(0)
+            for position, (fault, methods) in enumerate(self._programmed):
+                if methods is None or method in methods:
+                    del self._programmed[position]
+                    return fault
             return self._standing
 
     # ---- serving ---------------------------------------------------------------------------------------------
@@ -242,7 +250,7 @@ class HttpFaultProxy:
             return
         head, body = request
         method, path, *_ = [*head.split(b"\r\n", 1)[0].decode("latin-1").split(" "), "", ""]
-        fault = self._next_fault()
+        fault = self._next_fault(method)
         with self._lock:
             self._requests.append(ProxiedRequest(method, path, time.monotonic(), fault.name if fault else "passed"))
         try:
