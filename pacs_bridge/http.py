@@ -2,7 +2,9 @@
 
 ``/healthz`` answers while the process serves HTTP at all. ``/readyz`` answers 200 only when the database is
 writable, the publishing scheduler ticks and the DICOM listener accepts associations, else 503 with the
-reasons, so a load balancer or Prometheus alert can tell which part is down.
+reasons, so a load balancer or Prometheus alert can tell which part is down. What works but holds work back
+(the FHIR server down: studies wait, nothing is lost) does not make the bridge unready: it is listed under
+``degraded`` in the body of either answer.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ class HealthServer:
         port: int,
         readiness_checks: dict[str, ReadinessCheck],
         render_metrics: Callable[[], bytes],
+        degradation_checks: dict[str, ReadinessCheck] | None = None,
     ) -> None:
         self._checks = readiness_checks
+        self._degradation_checks = degradation_checks or {}
         self._render_metrics = render_metrics
         try:
             self._server = ThreadingHTTPServer((bind, port), self._handler_class())
@@ -59,8 +63,16 @@ class HealthServer:
 
     def readiness(self) -> dict[str, str]:
         """Each failing check's reason, by check name; empty when ready."""
+        return self._failing(self._checks)
+
+    def degradation(self) -> dict[str, str]:
+        """What works but holds work back, by check name; empty when nothing does."""
+        return self._failing(self._degradation_checks)
+
+    @staticmethod
+    def _failing(checks: dict[str, ReadinessCheck]) -> dict[str, str]:
         problems: dict[str, str] = {}
-        for name, check in self._checks.items():
+        for name, check in checks.items():
             try:
                 reason = check()
             except Exception as exc:  # a check that crashes reports itself as not ready
@@ -81,7 +93,12 @@ class HealthServer:
                     self._send(200, "application/json", {"status": "alive"})
                 elif path == "/readyz":
                     problems = server.readiness()
-                    body = {"status": "not ready", "problems": problems} if problems else {"status": "ready"}
+                    body: dict[str, Any] = (
+                        {"status": "not ready", "problems": problems} if problems else {"status": "ready"}
+                    )
+                    degraded = server.degradation()
+                    if degraded:
+                        body["degraded"] = degraded
                     self._send(503 if problems else 200, "application/json", body)
                 elif path == "/metrics":
                     self._send(200, "text/plain; version=0.0.4; charset=utf-8", server._render_metrics())

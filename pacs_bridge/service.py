@@ -329,6 +329,9 @@ class BridgeService:
                     "scheduler": self._heartbeat.problem,
                     "listener": lambda: None if self.listener.is_accepting else "the DICOM listener is not accepting",
                 },
+                # Not a readiness check: while the FHIR server is down the bridge still takes and keeps every
+                # instance, and taking it out of a load balancer would turn a FHIR outage into a DICOM one.
+                degradation_checks={"fhir_server": self.publisher.fhir_server_problem},
                 render_metrics=self.metrics.render,
             )
         self._watchdog_stop = threading.Event()

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.support.bridge_process import BridgeProcess, log_events, wait_for
+from tests.support.bridge_process import BridgeProcess, free_port, log_events, wait_for
 from tests.support.dcmtk import storescu
 from tests.support.fault_proxy import HttpFaultProxy, Pass, Reset, Respond, Slow
 from tests.support.fhir_server import FhirTestServer
@@ -214,4 +215,51 @@ def test_a_long_backoff_ends_when_the_server_answers_again_not_when_it_runs_out(
         assert len(log_events(bridge.log(), "fhir_server_answers_again")) == 1
         assert fresh_fhir_server.request_counts() == {"PUT Endpoint": 1, "PUT ImagingStudy": 1}
     finally:
+        bridge.close()
+
+
+def test_a_bridge_started_while_the_fhir_server_is_down_says_so_and_stays_ready(
+    tmp_path: Path, proxy: HttpFaultProxy, fresh_fhir_server: FhirTestServer
+):
+    """Connections refused at start: one warning naming the server and the cause; /readyz stays 200 (instances
+    are still taken and kept) and shows the outage under "degraded"; pacs_bridge_fhir_up is 0. When the server
+    is back: one line with the studies that waited, no degradation, pacs_bridge_fhir_up 1."""
+    proxy.refuse()
+    http_port = free_port()
+    bridge = BridgeProcess(
+        tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'bridge.db'}",
+        fhir_base_url=f"{proxy.root_url}/fhir",
+        fhir_timeout_seconds=FHIR_TIMEOUT,
+        extra={"http": {"bind": "127.0.0.1", "port": http_port}},
+    )
+    study_uid = new_study_uid()
+    write_study(tmp_path / "study", study_uid, [SeriesSpec("CT", 2)])
+    health = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=5, trust_env=False)
+    try:
+        bridge.start()
+        (started,) = wait_for(
+            lambda: log_events(bridge.log(), "fhir_outage_started"), timeout=10, what="the start check's warning"
+        )
+        assert (started["level"], started["detected_by"]) == ("warning", "startup_check")
+        assert started["fhir_base_url"] == f"{proxy.root_url}/fhir" and "Connection refused" in started["cause"]
+        assert storescu(bridge.port, tmp_path / "study").returncode == 0, "instances are taken during the outage"
+        ready = health.get("/readyz")
+        assert ready.status_code == 200
+        assert "Connection refused" in ready.json()["degraded"]["fhir_server"]
+        assert "pacs_bridge_fhir_up 0.0" in health.get("/metrics").text
+
+        proxy.restore()
+        wait_for(
+            lambda: (bridge.study_row(study_uid) or {}).get("publish_state") == "published",
+            timeout=30,
+            what="the study to be published once the server is back",
+        )
+        (ended,) = wait_for(lambda: log_events(bridge.log(), "fhir_outage_ended"), timeout=10, what="the end")
+        assert ended["studies_waiting"] == 1
+        assert health.get("/readyz").json() == {"status": "ready"}
+        assert "pacs_bridge_fhir_up 1.0" in health.get("/metrics").text
+        assert len(log_events(bridge.log(), "fhir_outage_started")) == 1
+    finally:
+        health.close()
         bridge.close()

@@ -14,8 +14,8 @@ from pacs_bridge.metrics import BridgeMetrics
 
 @pytest.fixture
 def checks() -> dict[str, str | None]:
-    """What the scheduler check answers; a test sets a reason to make it fail."""
-    return {"scheduler": None}
+    """What the scheduler and FHIR server checks answer; a test sets a reason to make one fail."""
+    return {"scheduler": None, "fhir_server": None}
 
 
 @pytest.fixture
@@ -29,6 +29,7 @@ def server(checks: dict[str, str | None], index: Index) -> Iterator[HealthServer
             "database": index.check_writable,
             "scheduler": lambda: checks["scheduler"],
         },
+        degradation_checks={"fhir_server": lambda: checks["fhir_server"]},
         render_metrics=metrics.render,
     )
     running.start()
@@ -53,6 +54,25 @@ def test_readyz_answers_503_naming_the_part_that_is_down(server: HealthServer, c
     assert ready.status_code == 503
     assert ready.json() == {"status": "not ready", "problems": {"scheduler": "no publishing pass for 300 s"}}
     assert alive.status_code == 200
+
+
+def test_a_fhir_outage_leaves_the_bridge_ready_and_says_so_in_the_body(
+    server: HealthServer, checks: dict[str, str | None]
+):
+    """The FHIR server down: still 200 (instances are taken and kept; a load balancer must not drop the bridge),
+    the outage under "degraded"; with a part really down as well, 503 names that part and still shows it."""
+    checks["fhir_server"] = "no answer since 2024-03-15T09:00:00+00:00: HTTP 503: down"
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}") as client:
+        degraded = client.get("/readyz")
+        checks["scheduler"] = "no publishing pass for 300 s"
+        down = client.get("/readyz")
+
+    assert (degraded.status_code, degraded.json()) == (
+        200,
+        {"status": "ready", "degraded": {"fhir_server": checks["fhir_server"]}},
+    )
+    assert down.status_code == 503
+    assert down.json()["degraded"] == {"fhir_server": checks["fhir_server"]}
 
 
 def test_metrics_are_prometheus_text_with_study_counts_from_the_index(server: HealthServer):
