@@ -75,6 +75,14 @@ def _model(fhir_version: str, resource_type: str) -> Any:
     return package.get_fhir_model_class(resource_type)
 
 
+def load_models(fhir_version: str) -> None:
+    """Import the models of every resource type the bridge sends now, not at the first study (the wiring does
+    it before it freezes what lives as long as the process: see ``service.BridgeService.start``)."""
+    for resource_type in REQUIRED_CODES:
+        _model(fhir_version, resource_type)
+    _instance_model(fhir_version)
+
+
 @functools.cache
 def _instance_model(fhir_version: str) -> Any:
     """The model of one ``ImagingStudy.series.instance`` entry."""
