@@ -424,6 +424,7 @@ class Index:
         self._driver = _DriverIngest(self._statements, engine.dialect)
         self._writers = writer_queue(engine)
         self._kept_connection: Connection | None = None  # see _ingest_connection
+        self._locked_studies: dict[str, Any] = {}  # the running ingest transaction's, see _locking_studies
         self._keeps_connection = self._writers is not None or self._dialect == "postgresql"
         # Ingest transactions' turns where there is no writer queue; reentrant like the queue's (see writer_turn).
         self._ingest_lock = threading.RLock()
@@ -464,19 +465,30 @@ class Index:
         ``_ingest_connection``). On an SQLite file it first waits its turn among writers."""
         with self._translated_errors():
             if not self._keeps_connection:
-                with self._engine.begin() as connection:
+                with self._engine.begin() as connection, self._locking_studies():
                     yield connection
                 return
             with self.writer_turn():
                 connection = self._ingest_connection()
                 try:
-                    with connection.begin():
+                    with connection.begin(), self._locking_studies():
                         yield connection
                 except (SQLAlchemyError, self._driver_error):
                     # The database failed, not the instance: the next transaction starts on a new connection.
                     self._kept_connection = None
                     connection.close()
                     raise
+
+    @contextmanager
+    def _locking_studies(self) -> Iterator[None]:
+        """The studies an ingest transaction locks, by UID, as it last wrote them (``_record``): the study row
+        another instance of the same study reads in that transaction. Ingest transactions take turns, so there is
+        one set at a time; it is dropped with the transaction, committed or not."""
+        self._locked_studies = {}
+        try:
+            yield
+        finally:
+            self._locked_studies = {}
 
     def _ingest_connection(self) -> Connection:
         """The connection every ingest transaction runs on, checked out once (SQLite files and PostgreSQL).
@@ -613,10 +625,14 @@ class Index:
         driver = self._driver
         cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
         study_uid = record.study.study_uid
-        study = driver.lock_study.first(cursor, {"uid": study_uid})
+        # A study this transaction has locked already is as the transaction left it: no statement to read it again.
+        study = self._locked_studies.get(study_uid)
         if study is None:
-            driver.insert_study.execute(cursor, {"study_uid": study_uid})
             study = driver.lock_study.first(cursor, {"uid": study_uid})
+            if study is None:
+                driver.insert_study.execute(cursor, {"study_uid": study_uid})
+                study = driver.lock_study.first(cursor, {"uid": study_uid})
+            self._locked_studies[study_uid] = study
         study_changes = _changed(study, record.study, _STUDY_FIELDS)
 
         series_uid = record.series.series_uid
@@ -665,6 +681,9 @@ class Index:
         """Write the study's changed attributes and one more indexed change at ``changed_at``."""
         values = {"_id": study.id, **study_changes, **self._change_noted(study, changed_at)}
         self._driver.update_study(values).execute(cursor, values)
+        self._locked_studies[study.study_uid] = study._replace(
+            **{k: v for k, v in values.items() if k in study._fields}
+        )
 
     def _record_instance_row(
         self, connection: Connection, cursor: Any, record: InstanceRecord, series_id: int, received_at: datetime

@@ -164,6 +164,31 @@ def test_interleaved_studies_are_each_compared_with_their_own_row(index: Index, 
     assert (study_row(engine, "2").reasons, study_row(engine, "2").change_seq) == ((RequestedReason(text="fever"),), 2)
 
 
+def test_instances_of_one_study_in_one_batch_each_see_what_the_one_before_wrote(
+    index: Index, engine: Engine, clock: FakeClock
+):
+    """A batch locks a study once and carries its row along: the second instance's new description, the third
+    (a re-send of the first, with the older description) changing it back, each counted, the due time the
+    last one's; a failed study's fresh chance applies once."""
+    index.record_instance(record(study_description="CT"), received_at=clock())
+    clock.advance(QUIET)
+    index.claim_due_studies(clock(), limit=1, lease=LEASE, claimer="a")
+    index.mark_failed(uid("1"), change_seq=1, error="HTTP 400: no")
+    batch = [
+        (record(instance="1.1.2", number=2, study_description="CT"), clock()),
+        (record(instance="1.1.3", number=3, study_description="CT chest"), clock() + timedelta(seconds=1)),
+        (record(instance="1.1.2", number=2, study_description="CT"), clock() + timedelta(seconds=2)),
+        (record(instance="1.1.4", number=4, study_description="CT"), clock() + timedelta(seconds=3)),
+    ]
+
+    outcomes = index.record_instances(batch, joining=lambda _may_join: [])
+
+    assert outcomes == [RecordOutcome.NEW, RecordOutcome.NEW, RecordOutcome.UPDATED, RecordOutcome.NEW]
+    row = study_row(engine)
+    assert (row.study_description, row.change_seq, row.publish_state, row.attempts) == ("CT", 5, "pending", 0)
+    assert (row.first_change_at, row.due_at) == (clock(), clock() + timedelta(seconds=3) + QUIET)
+
+
 def test_a_study_that_keeps_changing_is_due_no_later_than_max_delay(index: Index, engine: Engine, clock: FakeClock):
     """Instances every 10 s never let the study go quiet; it is due max_delay after the first one."""
     first = clock()
