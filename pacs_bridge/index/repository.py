@@ -1082,13 +1082,18 @@ class Index:
             return {endpoint_id: digest for endpoint_id, digest in rows}
 
     def mark_endpoint_published(self, endpoint_id: str, *, content_hash: str, now: datetime) -> None:
+        """Record the Endpoint's content as sent. One statement that inserts or updates: two bridges sending the
+        same new Endpoint at once both record it (a read, then an insert, failed the second on the key)."""
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        table = cast(Table, EndpointPublication.__table__)
+        values = {"content_hash": content_hash, "published_at": now}
+        statement = (
+            insert(table)
+            .values(endpoint_id=endpoint_id, **values)
+            .on_conflict_do_update(index_elements=[table.c.endpoint_id], set_=values)
+        )
         with self._unit_of_work() as session:
-            row = session.get(EndpointPublication, endpoint_id)
-            if row is None:
-                session.add(EndpointPublication(endpoint_id=endpoint_id, content_hash=content_hash, published_at=now))
-            else:
-                row.content_hash = content_hash
-                row.published_at = now
+            session.execute(statement)
 
     def count_by_state(self) -> StateCounts:
         with self._unit_of_work(read_only=True) as session:

@@ -407,6 +407,34 @@ def test_endpoint_hashes_are_remembered(index: Index, clock: FakeClock):
     assert index.endpoint_hashes() == {"pacs-wado-rs": "b"}
 
 
+def test_two_bridges_recording_the_same_new_endpoint_at_once_both_succeed(
+    database_url: str, index: Index, clock: FakeClock
+):
+    """Two bridges (their own engines) send the same new Endpoint and record it at the same moment, twenty
+    Endpoints over: neither fails on the key (a read then an insert did, the second one)."""
+    other_engine = make_engine(database_url)
+    other = Index(other_engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+    start = threading.Barrier(2)
+    errors: list[Exception] = []
+
+    def record(which: Index, digest: str) -> None:
+        for number in range(20):
+            start.wait(timeout=10)
+            try:
+                which.mark_endpoint_published(f"endpoint-{number}", content_hash=digest, now=clock())
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=record, args=(which, "h")) for which in (index, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    other_engine.dispose()
+    assert errors == []
+    assert index.endpoint_hashes() == {f"endpoint-{number}": "h" for number in range(20)}
+
+
 def test_snapshot_reflects_latest_study_attributes(index: Index, clock: FakeClock):
     """Study-level attributes come from the latest instance that stated them."""
     index.record_instance(record(accession_number="A1"), received_at=clock())
