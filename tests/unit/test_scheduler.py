@@ -102,3 +102,18 @@ def test_stop_waits_for_the_running_pass_and_schedules_no_other() -> None:
     assert passes.running == 0
     time.sleep(0.3)  # long enough for a pass that was wrongly scheduled to have started
     assert passes.count == stopped_at
+
+
+def test_a_long_relink_pass_holds_up_neither_publishing_nor_itself() -> None:
+    """The relink pass is a chain of its own: a 0.3 s relink pass and a quick publishing pass each run again
+    and again, neither overlapping itself, and nothing is skipped."""
+    publishing = Passes(seconds=0.0, next_in=0.0)
+    relinking = Passes(seconds=0.3, next_in=0.0)
+    scheduler = PublishScheduler(publishing, interval=timedelta(seconds=0.05), relink=relinking)
+    scheduler.start()
+    try:
+        wait_until(lambda: relinking.count >= 3 and publishing.count >= 10, timeout=30)
+    finally:
+        scheduler.stop()
+
+    assert not relinking.overlapped and not publishing.overlapped
