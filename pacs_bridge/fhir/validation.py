@@ -97,24 +97,28 @@ _PLAIN_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _PLAIN_TOKEN = re.compile(r"[!-~]{1,4096}")
 _PLAIN_TEXT = re.compile(r"[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]{0,4094}[^\s\x00-\x1f\x7f])?")
 _MAX_UNSIGNED_INT = 2_147_483_647
+_PLAIN_CODINGS_KEPT = 8
 
 
-def _plainly_valid_instance(entry: Any) -> bool:
+def _plainly_valid_instance(entry: Any, plain_codings: list[Any] | None = None) -> bool:
     """Whether ``entry`` is an instance entry of the mapping's shape whose values are valid in R4 and R5.
 
     False says only "not plainly": the entry then goes to the instance model, which reports what is wrong.
+    ``plain_codings``: sopClass values found plain already (a study's entries share one or two); one equal to
+    them is not checked again, and a new plain one is added.
     """
     if type(entry) is not dict or not entry.keys() <= _INSTANCE_KEYS:
         return False
     uid, sop_class = entry.get("uid"), entry.get("sopClass")
     if type(uid) is not str or not _PLAIN_ID.fullmatch(uid):
         return False
-    if type(sop_class) is not dict or not sop_class or not sop_class.keys() <= _SOP_CLASS_KEYS:
+    if type(sop_class) is not dict:
         return False
-    for key, value in sop_class.items():
-        pattern = _PLAIN_TEXT if key == "display" else _PLAIN_TOKEN
-        if type(value) is not str or not pattern.fullmatch(value):
+    if plain_codings is None or sop_class not in plain_codings:
+        if not _plainly_valid_coding(sop_class):
             return False
+        if plain_codings is not None and len(plain_codings) < _PLAIN_CODINGS_KEPT:
+            plain_codings.append(sop_class)
     if "number" in entry:
         number = entry["number"]
         if type(number) is not int or not 0 <= number <= _MAX_UNSIGNED_INT:
@@ -122,6 +126,16 @@ def _plainly_valid_instance(entry: Any) -> bool:
     if "title" in entry:
         title = entry["title"]
         if type(title) is not str or not _PLAIN_TEXT.fullmatch(title):
+            return False
+    return True
+
+
+def _plainly_valid_coding(coding: dict[Any, Any]) -> bool:
+    if not coding or not coding.keys() <= _SOP_CLASS_KEYS:
+        return False
+    for key, value in coding.items():
+        pattern = _PLAIN_TEXT if key == "display" else _PLAIN_TOKEN
+        if type(value) is not str or not pattern.fullmatch(value):
             return False
     return True
 
@@ -135,13 +149,14 @@ def _without_plain_instances(resource: FhirResource) -> tuple[FhirResource, list
         return resource, []
     others: list[tuple[tuple[int | str, ...], Any]] = []
     trimmed_series: list[Any] = []
+    plain_codings: list[Any] = []
     for series_position, element in enumerate(series):
         entries = element.get("instance") if type(element) is dict else None
         if type(entries) is not list or not entries:
             trimmed_series.append(element)
             continue
         for position, entry in enumerate(entries):
-            if not _plainly_valid_instance(entry):
+            if not _plainly_valid_instance(entry, plain_codings):
                 others.append((("series", series_position, "instance", position), entry))
         trimmed_series.append({key: value for key, value in element.items() if key != "instance"})
     return {**resource, "series": trimmed_series}, others

@@ -109,6 +109,18 @@ def test_an_entry_accepted_without_the_models_is_one_the_models_accept(entry: An
         assert model_accepts(entry, fhir_version), entry
 
 
+@PROPERTY
+@given(st.lists(st.one_of(near_plain_entries(), instance_entries()), max_size=12))
+def test_remembering_plain_sop_classes_changes_no_answer(entries: list[Any]) -> None:
+    """Within a resource a sopClass found plain is not checked again: every entry still gets the answer it gets
+    alone."""
+    remembered: list[Any] = []
+
+    assert [_plainly_valid_instance(entry, remembered) for entry in entries] == [
+        _plainly_valid_instance(entry) for entry in entries
+    ]
+
+
 @pytest.mark.parametrize("fhir_version", VERSIONS)
 def test_the_mapping_s_own_instance_entries_need_no_model(fhir_version: str) -> None:
     """Every entry the mapping builds (number, title, SOP class) takes the fast path: that is its point."""
