@@ -478,7 +478,7 @@ class SiteConfig(_Section):
 
 class PublishConfig(_Section):
     batch_size: int = Field(default=64, ge=1, le=1000)  # studies claimed, and recorded, per transaction
-    concurrency: int = Field(default=8, ge=1, le=64)  # studies published at once, one connection each
+    concurrency: int = Field(default=4, ge=1, le=64)  # studies published at once, one connection each
     retry_base_seconds: float = Field(default=5.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=0, ge=0)  # 0: retry retryable failures without limit

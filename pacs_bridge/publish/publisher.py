@@ -97,7 +97,7 @@ class Publisher:
         clock: Clock,
         claimer: str,
         batch_size: int = 64,
-        concurrency: int = 8,
+        concurrency: int = 4,
         lease: timedelta = timedelta(minutes=5),
         random_fraction: Callable[[], float] = random.random,
         observer: BridgeObserver | None = None,
