@@ -3,7 +3,7 @@
 New tables only; nothing existing changes.
 
 Revision ID: 0010
-Revises: 0014
+Revises: 0009
 Create Date: 2026-12-06
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
-down_revision = "0014"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 

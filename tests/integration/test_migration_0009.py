@@ -1,4 +1,4 @@
-"""Revision 0014 on SQLite and PostgreSQL: a study indexed before it keeps its reasons (each code and each text
+"""Revision 0009 on SQLite and PostgreSQL: a study indexed before it keeps its reasons (each code and each text
 its own reason, as they were sent until then) and gets empty accession issuers; downgrade gives the old columns
 back."""
 
@@ -44,7 +44,7 @@ def engine_at_0008(database_url: str) -> Iterator[Engine]:
 
 
 def test_existing_reasons_and_codes_become_one_reason_each(engine_at_0008: Engine) -> None:
-    alembic_upgrade(engine_at_0008, "0014")
+    alembic_upgrade(engine_at_0008, "0009")
 
     index = Index(engine_at_0008, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
     migrated = index.load_snapshot("1.2.3").attributes
@@ -60,7 +60,7 @@ def test_existing_reasons_and_codes_become_one_reason_each(engine_at_0008: Engin
 
 
 def test_downgrade_restores_texts_and_codes_apart(engine_at_0008: Engine) -> None:
-    alembic_upgrade(engine_at_0008, "0014")
+    alembic_upgrade(engine_at_0008, "0009")
     alembic_downgrade(engine_at_0008, "0008")
 
     with engine_at_0008.connect() as connection:

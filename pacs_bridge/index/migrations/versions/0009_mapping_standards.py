@@ -9,7 +9,7 @@ whole.
   stated with it are one reason. ``reason_codes`` goes. Existing rows cannot say which code went with which
   text, so each becomes its own reason, as the mapping sent them until now, until the study's next instance.
 
-Revision ID: 0014
+Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-24
 """
@@ -21,7 +21,7 @@ import json
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0014"
+revision = "0009"
 down_revision = "0008"
 branch_labels = None
 depends_on = None

@@ -5,7 +5,7 @@ the literal reference sent for the subject (``patient.mode`` lookup/create) and 
 lookup), the relink schedule and its lease. Studies published before it have no row: they get one at their next
 publish (``pacs-bridge republish --since`` gives it to all of them at once).
 
-Revision ID: 0009
+Revision ID: 0011
 Revises: 0010
 Create Date: 2026-11-25
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009"
+revision = "0011"
 down_revision = "0010"
 branch_labels = None
 depends_on = None
