@@ -31,6 +31,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    literal,
     or_,
     select,
     text,
@@ -986,7 +987,7 @@ class Index:
     ) -> int:
         """Record a failed attempt that may pass by itself; the study stays pending. Returns the attempt count.
 
-        ``not_before``: the server asked for no retry before then (Retry-After); ``wake_backed_off`` keeps it.
+        ``not_before``: the server asked for no retry before then (Retry-After): ``wake_backed_off`` keeps it, a floor.
         """
         with self._unit_of_work() as session:
             study = self._locked_study(session, study_uid)
@@ -1042,23 +1043,27 @@ class Index:
 
     @staticmethod
     def _wakeable(now: datetime) -> Any:
-        """Pending studies waiting out a backoff that the server did not ask for (no Retry-After, no 429)."""
+        """Pending studies waiting out a backoff that ``wake_backed_off`` brings forward: to now, or to the
+        server's own ``retry_not_before`` (Retry-After, a 429's backoff) when that comes before the backoff ends."""
         return and_(
             Study.publish_state == PublishState.PENDING.value,
             Study.next_attempt_at > now,
-            or_(Study.retry_not_before.is_(None), Study.retry_not_before <= now),
+            or_(Study.retry_not_before.is_(None), Study.retry_not_before < Study.next_attempt_at),
         )
 
     def wakeable_count(self, now: datetime) -> int:
-        """How many studies ``wake_backed_off`` would make due now."""
+        """How many studies ``wake_backed_off`` would bring forward now."""
         with self._unit_of_work(read_only=True) as session:
             return int(session.execute(select(func.count()).select_from(Study).where(self._wakeable(now))).scalar_one())
 
     def wake_backed_off(self, now: datetime) -> int:
-        """Make every study waiting out a backoff due now, except where the server asked for a later retry
-        (Retry-After, 429). For when the FHIR server answers again. Returns how many were woken."""
+        """For when the FHIR server answers again: every study waiting out a backoff is due now, except that
+        where the server asked for a later retry (``retry_not_before``: Retry-After, 429) it is due at that time,
+        not at the end of its exponential backoff. Returns how many studies were brought forward."""
+        at_now = literal(now, type_=Study.next_attempt_at.type)
+        due = case((Study.retry_not_before > at_now, Study.retry_not_before), else_=at_now)
         with self._unit_of_work() as session:
-            result = session.execute(update(Study).where(self._wakeable(now)).values(next_attempt_at=now))
+            result = session.execute(update(Study).where(self._wakeable(now)).values(next_attempt_at=due))
             return int(getattr(result, "rowcount", 0) or 0)
 
     def mark_failed(self, study_uid: str, *, change_seq: int, error: str) -> None:

@@ -10,7 +10,9 @@ server, not the bridge, sets the pace.
 The FHIR server's availability is tracked by ``publish/outage.py``: an outage is logged when it starts, as a
 summary while it lasts and when it ends, not once per study and attempt. During an outage a pass tries at most
 ``concurrency`` studies (the rest stay due), the server is probed every ``probe_interval``, and when it answers
-every study waiting out a backoff is released at once (a ``Retry-After`` stays a floor).
+every study waiting out a backoff is released at once: due now, or when its ``Retry-After`` ends, never at the
+end of its exponential backoff (a ``Retry-After`` is a floor, not a schedule). An outage may end by a
+publishing request answered before any probe; the same release follows.
 
 One study's failure never stops the pass, and ``run_once`` itself never raises. The index, the FHIR client and
 the mapping settings come in through the constructor; this module owns only the sequence.
@@ -493,7 +495,8 @@ class Publisher:
             self._probe(at_start=False)
 
     def _probe(self, *, at_start: bool) -> None:
-        """GET metadata; an answer releases every study waiting out a backoff (not those a Retry-After holds)."""
+        """GET metadata; an answer makes every study waiting out a backoff due now (one a Retry-After holds, at
+        its end)."""
         now = self._clock()
         try:
             self._fhir.probe()

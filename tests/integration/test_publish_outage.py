@@ -328,3 +328,41 @@ def test_the_start_check_releases_studies_a_backoff_from_before_the_start_holds(
     ]
     assert study_row(engine).next_attempt_at == clock()
     assert bridge.fhir_server_problem() is None
+
+
+def test_after_a_long_outage_studies_a_retry_after_holds_are_published_when_it_ends_not_after_their_backoff(
+    index: Index, engine: Engine, http: httpx.Client, proxy: HttpFaultProxy, clock: FakeClock, fresh_fhir_server
+):
+    """24 studies through 90 s of 503 with Retry-After: 5, two tried a second (the backoff grows to 40 s and
+    more). The server comes back right after a pass whose studies failed: when it answers, the studies that
+    failed in the last 5 s are due when their Retry-After ends, not when their backoff does, so the last study
+    is published sooner after the recovery than the backoff it would otherwise have waited."""
+    retry_after = timedelta(seconds=5)
+    bridge = publisher(index, http, proxy, clock, concurrency=2, probe_interval=PROBE)
+    study_uids = studies_due(index, clock, 24)
+    proxy.outage(Respond(503, retry_after=str(int(retry_after.total_seconds()))))
+    failed_last_pass = False
+    for second in range(180):  # a pass a second, as the scheduler runs them while studies keep falling due
+        clock.advance(timedelta(seconds=1))
+        failed_last_pass = PublishOutcome.RETRY_SCHEDULED in bridge.run_once().values()
+        if second >= 90 and failed_last_pass:
+            break
+    assert failed_last_pass, "the outage ends right after studies failed"
+
+    proxy.restore()
+    recovery = clock()
+    with Session(engine) as session:
+        backoff_ends = {row.study_uid: row.next_attempt_at for row in session.scalars(select(Study))}
+    assert max(backoff_ends.values()) - recovery > timedelta(seconds=20), "backoffs beyond 20 s"
+    published_at: dict[str, Any] = {}
+    while len(published_at) < len(study_uids) and clock() - recovery < timedelta(minutes=5):
+        clock.advance(timedelta(seconds=1))
+        for study_uid, outcome in bridge.run_once().items():
+            if outcome is PublishOutcome.PUBLISHED:
+                published_at[study_uid] = clock()
+
+    assert sorted(published_at) == sorted(study_uids)
+    last = max(published_at, key=published_at.__getitem__)
+    assert published_at[last] - recovery < backoff_ends[last] - recovery, "published before its backoff ended"
+    assert published_at[last] - recovery <= retry_after + timedelta(seconds=1), "Retry-After is the only wait"
+    assert fresh_fhir_server.request_counts()["PUT ImagingStudy"] == 24
