@@ -127,9 +127,7 @@ def test_every_metric_the_dashboard_queries_is_exported_by_the_bridge(exported: 
     used = {query: metric_names(expr) for query, expr in dashboard_queries().items()}
 
     assert all(used.values()), used
-    assert {"pacs_bridge_publish_latency_seconds_bucket", "pacs_bridge_fhir_last_attempt_answered"} <= set().union(
-        *used.values()
-    )
+    assert {"pacs_bridge_publish_latency_seconds_bucket", "pacs_bridge_fhir_up"} <= set().union(*used.values())
     missing = {query: names - exported for query, names in used.items() if names - exported}
     assert missing == {}
 
