@@ -18,7 +18,10 @@ every write), started here on a free loopback port and emptied between measureme
   ``--changed`` of them get a new instance. Target: the server counts N + changed ImagingStudy PUTs, and every
   study holds one version per change.
 
-Run from the repository root::
+It uses the test suite's helpers (tests/support: the FHIR test server, the fault proxy, DCMTK's echoscu to see
+the bridge answer), which import pytest: install the test extras first, ``pip install -e '.[test]'``, with
+DCMTK (``apt-get install -y dcmtk``) and Node + npm for the FHIR test server (it runs ``npm ci`` in
+tests/fhir_server itself when its packages are missing). Run from the repository root::
 
     python benchmarks/publish_backlog.py                        # small, large, outage on SQLite: ~3 min
     python benchmarks/publish_backlog.py --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test
