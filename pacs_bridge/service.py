@@ -42,6 +42,7 @@ from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.metrics import BridgeMetrics
 from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
+from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.publisher import Publisher
 from pacs_bridge.publish.relink import Relinker
 from pacs_bridge.publish.scheduler import PublishScheduler, next_pass_delay
@@ -270,6 +271,7 @@ class BridgeService:
         fhir = FhirClient(self._http, base_url=config.fhir.base_url)
         mapping = mapping_settings(config)
         claimer = f"{socket.gethostname()}:{os.getpid()}"
+        index_outage = IndexOutageLog(clock=utc_now)  # one log of a database outage for both kinds of pass
         self.publisher = Publisher(
             index=self.index,
             fhir=fhir,
@@ -288,6 +290,7 @@ class BridgeService:
             probe_interval=timedelta(seconds=config.publish.probe_seconds),
             relink_interval=relink_interval,
             on_progress=self._heartbeat.pass_progressed,
+            index_outage=index_outage,
         )
         self.relinker = Relinker(
             links=self.index.links,
@@ -300,6 +303,7 @@ class BridgeService:
             lease=timedelta(seconds=self._publish_lease(config)),
             pause=timedelta(seconds=config.publish.probe_seconds),
             observer=self.metrics,
+            index_outage=index_outage,
         )
         self._scheduler = PublishScheduler(
             self._tick,

@@ -43,6 +43,7 @@ from pacs_bridge.index.publish_results import Published, PublishResult, Refused,
 from pacs_bridge.index.repository import ClaimedStudy, Index
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.debounce import RetrySettings, retry_delay
+from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.outage import OutageEnded, OutageStarted, OutageTracker, is_outage
 from pacs_bridge.publish.references import DEFAULT_RELINK_INTERVAL, ReferenceResolver, StudyReferences
 from pacs_bridge.records import StudyAttributes
@@ -108,6 +109,7 @@ class Publisher:
         probe_interval: timedelta = timedelta(seconds=1),
         on_progress: Callable[[], None] | None = None,
         relink_interval: timedelta = DEFAULT_RELINK_INTERVAL,
+        index_outage: IndexOutageLog | None = None,
     ) -> None:
         """``batch_size``: studies claimed (and recorded) per transaction; ``concurrency``: studies published at
         once, each over its own kept-alive connection. ``max_attempts``: after this many failed attempts in a row
@@ -116,7 +118,8 @@ class Publisher:
         FHIR models of ``mapping.fhir_version``. ``probe_interval``: how often the server is asked (GET metadata)
         during an outage. ``on_progress`` is called after each recorded batch (a heartbeat for long passes).
         ``relink_interval``: ``publish.relink_seconds``, when a study published without the literal reference of its
-        Patient or ServiceRequest is first looked up again (``publish/relink.py``)."""
+        Patient or ServiceRequest is first looked up again (``publish/relink.py``). ``index_outage``: where a
+        pass reports that the index cannot be used (``publish/index_outage.py``), shared with the relinker."""
         self._validate = validate or functools.partial(
             validate_resource,
             fhir_version=mapping.fhir_version,
@@ -149,6 +152,7 @@ class Publisher:
             validate=self._validate,
             exclusive=index.exclusive,
         )
+        self._index_outage = index_outage or IndexOutageLog(clock=clock)
         self._probe_interval = probe_interval
         self._outage = OutageTracker(probe_interval=probe_interval)
         self._outage_lock = threading.Lock()
@@ -232,10 +236,13 @@ class Publisher:
 
     def _claim(self, limit: int) -> list[ClaimedStudy]:
         try:
-            return self._index.claim_due_studies(self._clock(), limit=limit, lease=self._lease, claimer=self._claimer)
+            now = self._clock()
+            claimed = self._index.claim_due_studies(now, limit=limit, lease=self._lease, claimer=self._claimer)
         except IndexUnavailableError as exc:
-            log.error("claim_failed", error=str(exc))
+            self._index_outage.failed("claim", exc)
             return []
+        self._index_outage.succeeded()
+        return claimed
 
     def _release(self, study_uids: Sequence[str]) -> None:
         try:
@@ -515,7 +522,7 @@ class Publisher:
             released = self._index.wake_backed_off(now)
             work_left = released > 0 or self._has_due_now(now)
         except IndexUnavailableError as exc:
-            log.error("probe_release_failed", error=str(exc))
+            self._index_outage.failed("probe_release", exc)
             return
         with self._outage_lock:
             in_outage = self._outage.in_outage

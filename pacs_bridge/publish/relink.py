@@ -29,6 +29,7 @@ from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.index.links import LinkIndex, RelinkCandidate
 from pacs_bridge.observe import BridgeObserver, NullObserver
+from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.linking import Lookup, kept_link, links_after_relink
 from pacs_bridge.publish.orders import OrderResolver
 from pacs_bridge.publish.patients import PatientResolver
@@ -61,9 +62,11 @@ class Relinker:
         lease: timedelta = timedelta(minutes=5),
         pause: timedelta = timedelta(seconds=15),
         observer: BridgeObserver | None = None,
+        index_outage: IndexOutageLog | None = None,
     ) -> None:
         """``interval``: ``publish.relink_seconds`` (0: the pass does nothing); ``pause``: how long relinking
-        rests after the server failed to answer a search."""
+        rests after the server failed to answer a search; ``index_outage``: where a pass reports that the index
+        cannot be used (``publish/index_outage.py``), shared with the publisher."""
         self._links = links
         self._patients = PatientResolver(fhir, mapping)  # only ever looked up here: create=False
         self._orders = OrderResolver(fhir, mapping)
@@ -75,6 +78,7 @@ class Relinker:
         self._pause = pause
         self._paused_until: datetime | None = None
         self._observer: BridgeObserver = observer or NullObserver()
+        self._index_outage = index_outage or IndexOutageLog(clock=clock)
 
     @property
     def enabled(self) -> bool:
@@ -88,8 +92,9 @@ class Relinker:
         try:
             claimed = self._links.claim_due(now, limit=self._batch_size, lease=self._lease, claimer=self._claimer)
         except IndexUnavailableError as exc:
-            log.error("relink_claim_failed", error=str(exc))
+            self._index_outage.failed("relink_claim", exc)
             return {}
+        self._index_outage.succeeded()
         outcomes: dict[str, RelinkOutcome] = {}
         for position, candidate in enumerate(claimed):
             study_uid = candidate.study.study_uid
