@@ -349,6 +349,8 @@ def _reconcile(config: Config, *, config_path: str, fix: bool) -> None:
         action = {"missing": "republished", "stale": "republished", "duplicate": "deleted"}[discrepancy.kind]
         suffix = f" -> {action}" if discrepancy.fixed else ""
         print(f"{discrepancy.kind:<9} {discrepancy.study_uid}  {redact_urls(discrepancy.detail)}{suffix}")
+    for line in _lookup_fallback_lines(report.lookup_fallbacks):
+        print(line)
     print(
         f"{report.checked} published studies checked against {redact_url(config.fhir.base_url)}: "
         f"{len(report.discrepancies)} discrepancies, {len(report.unresolved)} unresolved"
@@ -356,6 +358,21 @@ def _reconcile(config: Config, *, config_path: str, fix: bool) -> None:
     if report.unresolved:
         print("run again with --fix to repair them", file=sys.stderr)
         sys.exit(EXIT_DISCREPANCIES)
+
+
+def _lookup_fallback_lines(fallbacks: Mapping[tuple[str, str], int]) -> list[str]:
+    """One line per link for the studies reconcile compared with a reference by identifier, by reason."""
+    resources = {"patient": ("Patient", "subject"), "order": ("ServiceRequest", "basedOn")}
+    lines = []
+    for link, (resource, element) in resources.items():
+        reasons = {reason: count for (name, reason), count in sorted(fallbacks.items()) if name == link}
+        if reasons:
+            counts = ", ".join(f"{reason} {count}" for reason, count in reasons.items())
+            lines.append(
+                f"{element} by identifier for {sum(reasons.values())} studies, the {resource} lookup found none to "
+                f"reference ({counts}): compared as published, not a discrepancy"
+            )
+    return lines
 
 
 def _backfill(config: Config, args: argparse.Namespace, *, config_path: str) -> None:

@@ -8,10 +8,16 @@ For every published study the server is searched by the study's identifier (``ur
 - **duplicate**: other ImagingStudy resources carry the same study identifier.
 ``fix`` makes missing and stale studies due for republishing (the next tick sends them) and deletes the
 duplicates, keeping the resource at our own id.
+
+In ``patient.mode`` lookup or create and ``accession.mode`` lookup the references are resolved as the publisher
+would send them; a study whose Patient or ServiceRequest is not found (no match, several, an issuer not mapped)
+is compared with its reference by identifier, as published. Those fallbacks are counted in the report by link
+and reason, not logged study by study.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +29,7 @@ from pacs_bridge.fhir.merge import merge_imaging_study
 from pacs_bridge.fhir.resource import FhirResource, content_hash
 from pacs_bridge.index.models import PublishState
 from pacs_bridge.index.repository import Index
+from pacs_bridge.publish.linking import Lookup
 from pacs_bridge.publish.references import ReferenceResolver
 
 DiscrepancyKind = Literal["missing", "stale", "duplicate"]
@@ -42,6 +49,8 @@ class Discrepancy:
 class ReconcileReport:
     checked: int = 0
     discrepancies: list[Discrepancy] = field(default_factory=list)
+    # Studies whose Patient ("patient") or ServiceRequest ("order") lookup found no reference, by (link, reason).
+    lookup_fallbacks: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def unresolved(self) -> list[Discrepancy]:
@@ -64,6 +73,10 @@ def reconcile(
     """Check every published study (at most ``limit``) against the server; repair when ``fix``."""
     report = ReconcileReport()
     references = ReferenceResolver(fhir, mapping, index.links)
+
+    def count_fallback(link: str, found: Lookup) -> None:
+        report.lookup_fallbacks[(link, found.reason)] += 1
+
     for status in index.studies_in_state(PublishState.PUBLISHED, limit=limit):
         study_uid = status.study_uid
         report.checked += 1
@@ -88,7 +101,7 @@ def reconcile(
             snapshot = index.load_snapshot(study_uid)
             # lookup / create modes: the Patient and ServiceRequest the server holds now, or the literal references
             # published before (never downgraded), as the publisher would send them; reconcile never creates one
-            resolved = references.resolve(snapshot.attributes, create=False)
+            resolved = references.resolve(snapshot.attributes, create=False, on_fallback=count_fallback)
             expected = build_imaging_study(
                 snapshot,
                 mapping,

@@ -31,6 +31,9 @@ log = structlog.get_logger("pacs_bridge.publish")
 # ServiceRequest is looked up again (config.py documents it).
 DEFAULT_RELINK_INTERVAL = timedelta(seconds=900)
 
+# Told of each lookup that found no reference, in place of its log line: ("patient" or "order", the lookup).
+FallbackSink = Callable[[str, Lookup], None]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StudyReferences:
@@ -63,17 +66,28 @@ class ReferenceResolver:
         # Both modes identifier (the defaults): nothing is looked up or linked, and the index is not asked.
         self._links_nothing = mapping.patient_mode == "identifier" and mapping.accession_mode == "identifier"
 
-    def resolve(self, study: StudyAttributes, *, create: bool = True) -> StudyReferences:
+    def resolve(
+        self, study: StudyAttributes, *, create: bool = True, on_fallback: FallbackSink | None = None
+    ) -> StudyReferences:
         """The references to send for ``study`` now. Raises ``PublishError`` when a request fails, and
         ``IndexUnavailableError`` when the recorded links cannot be read. ``create=False``: the Patient is only
-        looked up, never created (reconcile)."""
+        looked up, never created (reconcile). Each lookup that falls back to the identifier is logged
+        (``patient_lookup_fallback``, ``order_lookup_fallback``), or, with ``on_fallback``, handed to it as
+        (``"patient"`` or ``"order"``, the lookup) instead, for a caller that reports them together."""
         if self._links_nothing:
             return StudyReferences(patient=Link(), order=Link(), published=None)
         published = self._links.load(study.study_uid)
-        patient = self._kept(
-            "patient", study, self._patients.resolve(study, create=create), published.patient if published else None
-        )
-        order = self._kept("order", study, self._orders.resolve(study), published.order if published else None)
+        if on_fallback is None:
+            patient_found = self._patients.resolve(study, create=create)
+            order_found = self._orders.resolve(study)
+        else:
+            patient_found = self._patients.look_up(study, create=create)
+            order_found = self._orders.look_up(study)
+            for link, found in (("patient", patient_found), ("order", order_found)):
+                if found.reason:
+                    on_fallback(link, found)
+        patient = self._kept("patient", study, patient_found, published.patient if published else None)
+        order = self._kept("order", study, order_found, published.order if published else None)
         return StudyReferences(patient=patient, order=order, published=published)
 
     @staticmethod

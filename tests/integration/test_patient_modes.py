@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from sqlalchemy import Engine
 from structlog.testing import capture_logs
 
+from pacs_bridge.cli import main
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.fhir.patient import PatientMode
@@ -329,3 +333,58 @@ def test_reconcile_compares_with_the_patient_the_server_holds_and_creates_none(
     report = reconcile(index, fhir, mapping(mode), fix=False, clock=clock)
     assert [(d.kind, d.study_uid) for d in report.discrepancies] == [("stale", uid("1"))]
     assert fresh_fhir_server.request_counts() == writes, "reconcile wrote nothing"
+
+
+def test_reconcile_counts_the_studies_whose_patient_it_found_none_for_in_one_line_not_one_warning_each(
+    index: Index,
+    database_url: str,
+    http: httpx.Client,
+    clock: FakeClock,
+    fresh_fhir_server: FhirTestServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Three studies published in lookup mode with no Patient on the server (subject by identifier): reconcile
+    finds nothing to repair, counts the three fallbacks by reason, and says so in one line."""
+    fhir = FhirClient(http, base_url=fresh_fhir_server.base_url)
+    for number in range(1, 4):
+        instance = InstanceRecord(
+            study=replace(JANE, study_uid=uid(str(number)), patient_id=f"PAT-000{number}"),
+            series=SeriesAttributes(series_uid=uid(f"{number}.1"), modality="CT", series_number=1),
+            sop_instance_uid=uid(f"{number}.1.1"),
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        )
+        index.record_instance(instance, received_at=clock())
+    clock.advance(QUIET)
+    published = Publisher(
+        index=index, fhir=fhir, mapping=mapping("lookup"), retry=RETRY, clock=clock, claimer="test"
+    ).run_once()
+    assert set(published.values()) == {PublishOutcome.PUBLISHED} and len(published) == 3
+
+    with capture_logs() as logs:
+        report = reconcile(index, fhir, mapping("lookup"), fix=False, clock=clock)
+    assert (report.discrepancies, report.lookup_fallbacks) == ([], {("patient", "no_match"): 3})
+    assert fallbacks(logs) == []
+
+    config = tmp_path / "pacs-bridge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"url": database_url},
+                "fhir": {"base_url": fresh_fhir_server.base_url},
+                "patient": {"mode": "lookup", "identifier_system": SYSTEM},
+            }
+        ),
+        encoding="utf-8",
+    )
+    capsys.readouterr()  # the publisher's lines
+    main(["reconcile", "--config", str(config)])
+    captured = capsys.readouterr()
+    assert (
+        captured.out.count(
+            "subject by identifier for 3 studies, the Patient lookup found none to reference "
+            "(no_match 3): compared as published, not a discrepancy"
+        )
+        == 1
+    )
+    assert "patient_lookup_fallback" not in captured.out + captured.err
