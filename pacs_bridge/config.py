@@ -813,6 +813,15 @@ _YAML_HINTS = (
 )
 
 
+# A value the parser reads to its end before it finds the mistake: the error is reported where the value starts
+# (where the fix goes), not where the parser gave up, maybe many lines on. (parser's context, what it is, the fix)
+_UNCLOSED = {
+    "while scanning a quoted scalar": ("the quoted value", "close the quote"),
+    "while parsing a flow sequence": ("the [ list", "close the [ list with ]"),
+    "while parsing a flow mapping": ("the { mapping", "close the { mapping with }"),
+}
+
+
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
     """A YAML error as one problem: where it is (line and column, from 1), what the parser says, the line
     itself and, for common mistakes, what to do."""
@@ -820,16 +829,27 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
         return f"not valid YAML: {exc}"
     mark = exc.problem_mark
     problem = exc.problem or "syntax error"
-    message = f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
     context_mark = exc.context_mark
+    unclosed = _UNCLOSED.get(exc.context or "")
+    if unclosed is not None and context_mark is not None and context_mark.line != mark.line:
+        value, fix = unclosed
+        where = f"line {context_mark.line + 1}, column {context_mark.column + 1}"
+        ended = "the end of the file" if problem == "found unexpected end of stream" else f"line {mark.line + 1}"
+        message = f"not valid YAML at {where}: {value} that starts here runs on to {ended} ({problem})"
+        return message + _quoted_line(text, context_mark.line) + f"; {fix}"
+    message = f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
     if exc.context and context_mark is not None and context_mark.line != mark.line:
         message += f" ({exc.context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
-    lines = text.splitlines()
-    line = re.sub(r"\s+#.*$", "", lines[mark.line]) if 0 <= mark.line < len(lines) else ""  # without its comment
-    if line.strip():
-        message += f"; the line reads {line.rstrip()!r}"
+    message += _quoted_line(text, mark.line)
     hint = next((hint for pattern, hint in _YAML_HINTS if pattern in problem), None)
     return f"{message}; {hint}" if hint else message
+
+
+def _quoted_line(text: str, number: int) -> str:
+    """Line ``number`` (from 0) of ``text`` without its comment, as "; the line reads '...'"; "" for none."""
+    lines = text.splitlines()
+    line = re.sub(r"\s+#.*$", "", lines[number]) if 0 <= number < len(lines) else ""
+    return f"; the line reads {line.rstrip()!r}" if line.strip() else ""
 
 
 def load_config(path: str | Path) -> Config:

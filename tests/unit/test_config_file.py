@@ -43,8 +43,22 @@ def problem_in(tmp_path: Path, text: str) -> str:
         ("fhir:\n\tbase_url: http://f\n", "line 2, column 1", ("cannot start any token", "spaces, not tabs")),
         # a value holding ': ' without quotes
         ("fhir:\n  base_url: a: b\n", "line 2, column 14", ("mapping values are not allowed here", "quote a value")),
-        # a quote never closed: reported where the file ends, naming where the quote opened
-        ('fhir:\n  base_url: "http://f\n', "line 3, column 1", ("starts at line 2, column 13", "close the quote")),
+        # a quote never closed: reported where it opens (the parser gives up only at the end of the file)
+        (
+            'fhir:\n  base_url: "http://f\n  timeout_seconds: 5\ndicom:\n  port: 104\n',
+            "line 2, column 13",
+            (
+                "the quoted value that starts here runs on to the end of the file",
+                "'  base_url: \"http://f'",
+                "close the quote",
+            ),
+        ),
+        # a [ list never closed: reported where it opens
+        (
+            "fhir:\n  base_url: http://f\nlisteners: [a, b\ndicom:\n  port: 104\n",
+            "line 3, column 12",
+            ("the [ list that starts here runs on to line 4", "'listeners: [a, b'", "close the [ list with ]"),
+        ),
         # a key without its colon
         ("fhir:\n  base_url: http://f\n  version R4\n", "line 4, column 1", ("could not find expected ':'",)),
     ],
