@@ -6,7 +6,8 @@ that reconcile found and did not repair, 4 a backfill stopped by SIGINT/SIGTERM 
 
 Every command reads its configuration from ``--config``, else ``$PACS_BRIDGE_CONFIG``, else
 ``/etc/pacs-bridge/pacs-bridge.yaml``, and says which file it used: ``run`` in its ``configuration_loaded``
-log line, the other commands on stderr (their stdout stays theirs, e.g. ``status --json``).
+log line (on stderr, before the error, when the file cannot be loaded: there is no log yet), the other commands
+on stderr (their stdout stays theirs, e.g. ``status --json``).
 """
 
 from __future__ import annotations
@@ -218,10 +219,14 @@ def _parse_since(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"expected a date such as 2024-03-15, got {text!r}") from exc
 
 
-def _load(choice: ConfigChoice) -> Config:
+def _load(choice: ConfigChoice, *, announce: str | None = None) -> Config:
+    """The configuration ``choice`` names; exits 2 saying why not (after ``announce``, the file and why that one,
+    for a command that has not said it yet)."""
     try:
         return load_config(choice.path)
     except ConfigError as exc:
+        if announce is not None:
+            print(announce, file=sys.stderr)
         print(exc, file=sys.stderr)
         if choice.source == "default" and not os.path.exists(choice.path):
             hint = f"pacs-bridge: name the configuration file with --config FILE or {CONFIG_VARIABLE}=FILE"
@@ -473,9 +478,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     choice = choose_config(args.config, os.environ)
     config_path = os.path.abspath(choice.path)
-    if args.command != "run":  # run says it in its log, which stays JSON under systemd
-        print(f"pacs-bridge: configuration {config_path} ({choice.described})", file=sys.stderr)
-    config = _load(choice)
+    announcement = f"pacs-bridge: configuration {config_path} ({choice.described})"
+    if args.command != "run":  # run says it in its log, which stays JSON under systemd, once the file is loaded
+        print(announcement, file=sys.stderr)
+    config = _load(choice, announce=announcement if args.command == "run" else None)
     if args.command == "check-config":
         print(f"{choice.path}: configuration is valid")
         for warning in config_warnings(config):

@@ -91,3 +91,26 @@ def test_a_missing_default_config_says_how_to_name_another(
     assert f"pacs-bridge: configuration {absent} (the default path; neither --config nor PACS_BRIDGE_CONFIG" in err
     assert f"{absent}: cannot read the file: No such file or directory" in err
     assert "name the configuration file with --config FILE or PACS_BRIDGE_CONFIG=FILE" in err
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "backfill"])
+def test_every_command_says_it_tried_the_default_path_when_nothing_is_there(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run` too, which otherwise says it in its log: before the error, as no log is written yet."""
+    monkeypatch.delenv("PACS_BRIDGE_CONFIG", raising=False)
+    absent = tmp_path / "etc" / "pacs-bridge.yaml"
+    monkeypatch.setattr("pacs_bridge.cli.DEFAULT_CONFIG_PATH", str(absent))
+    arguments = {
+        "retry": ["--failed"],
+        "republish": ["1.2.3"],
+        "backfill": ["--source", "dicomweb", "--study", "1.2.3"],
+    }
+
+    with pytest.raises(SystemExit) as exited:
+        main([command, *arguments.get(command, [])])
+
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pacs-bridge: configuration {absent} (the default path; neither --config nor "), err
+    assert f"{absent}: cannot read the file: No such file or directory" in err
