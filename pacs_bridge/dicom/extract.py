@@ -86,7 +86,6 @@ HEADER_KEYWORDS: tuple[str, ...] = (
 
 
 @functools.cache
-@functools.cache
 def _tag_of(keyword: str) -> BaseTag:
     """The tag of ``keyword``, as a ``BaseTag``: a dataset looks that up without converting it (every element
     read of every C-STORE)."""
