@@ -234,7 +234,7 @@ class DicomListener:
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         settings = self._settings
         self._fast_path = (
-            fastpath.install() if settings.fast_path else fastpath.FastPathUnavailable("dicom.fast_path is off")
+            fastpath.enable() if settings.fast_path else fastpath.FastPathUnavailable("dicom.fast_path is off")
         )
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_connection_opened),
@@ -447,17 +447,17 @@ class DicomListener:
         fast = self._fast_path
         if isinstance(fast, fastpath.FastPath):
             try:
-                fast.attach(assoc)
+                fast.prepare(assoc)
             except Exception:  # pynetdicom serves it its own way then
-                log.exception("fast_path_attach_failed")
+                log.exception("fast_path_prepare_failed")
 
     def _handle_connection_closed(self, event: Any) -> None:
         fast = self._fast_path
         if isinstance(fast, fastpath.FastPath):
             try:
-                fast.detach(event.assoc)
+                fast.connection_closed(event.assoc)
             except Exception:
-                log.exception("fast_path_detach_failed")
+                log.exception("fast_path_close_failed")
 
     @staticmethod
     def _handle_echo(event: Any) -> int:
@@ -485,7 +485,7 @@ class DicomListener:
                 return
             fast = self._fast_path
             if isinstance(fast, fastpath.FastPath):
-                fast.admit(event.assoc)
+                fast.let_in(event.assoc)
             log.info("association_established", **_peer(event))
         except Exception:  # logging must never take a handler down
             log.exception("association_log_failed")

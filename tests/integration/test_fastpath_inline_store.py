@@ -30,20 +30,20 @@ def listener(fast_path_listener: DicomListener) -> DicomListener:
     return fast_path_listener
 
 
-def test_the_dt_2_action_is_the_one_the_adaptation_replaces() -> None:
+def test_the_dt_2_action_is_the_one_the_patch_replaces() -> None:
     """pynetdicom 3.0 runs DT-2 for a P-DATA-TF received in Sta6 and hands the PDU to its DIMSE provider: if a
     release changes either, this fails."""
     assert fsm.TRANSITION_TABLE[("Evt10", "Sta6")] == "DT-2"
     source = inspect.getsource(fsm.DT_2)
     assert "pdu = dul._recv_pdu.get(False)" in source
     assert 'dul.assoc.dimse.receive_primitive(cast("P_DATA", pdu.to_primitive()))' in source
-    inline_store.install()
+    inline_store.patch()
     assert fsm.ACTIONS["DT-2"][1] is inline_store._inline_dt_2
 
 
-def test_the_dul_reads_every_pdu_through_the_method_the_adaptation_shadows() -> None:
+def test_the_dul_reads_every_pdu_through_the_method_the_patch_shadows() -> None:
     """pynetdicom 3.0's DUL thread reads a PDU by calling ``self._read_pdu_data()`` when its socket is readable,
-    and that read queues the PDU for the state machine: the attached association's own read stands in there."""
+    and that read queues the PDU for the state machine: the prepared association's own read stands in there."""
     source = inspect.getsource(dul.DULServiceProvider._is_transport_event)
     assert source.count("self._read_pdu_data()") == 2
     read = inspect.getsource(dul.DULServiceProvider._read_pdu_data)
@@ -74,7 +74,7 @@ def test_stores_are_served_inline_and_an_echo_and_a_refusal_still_take_pynetdico
     del without_study.StudyInstanceUID
     assoc = associate(listener.port, datasets[0])
     (acceptor,) = listener.associations
-    served = inline_store.attached(acceptor)
+    served = inline_store.inline_store_of(acceptor)
     assert served is not None
     assert assoc.send_c_store(datasets[0]).Status == 0x0000
     assert assoc.send_c_echo().Status == 0x0000
@@ -111,7 +111,7 @@ def test_a_request_cut_into_many_fragments_is_put_back_together(
     assert [assoc.send_c_store(dataset).Status for dataset in datasets] == [0x0000] * 3
     assoc.release()
     wait_for_associations_to_end(small_pdu_listener)
-    assert inline_store.attached(acceptor).served == 3  # type: ignore[union-attr]
+    assert inline_store.inline_store_of(acceptor).served == 3  # type: ignore[union-attr]
     snapshot = index.load_snapshot(study_uid)
     assert {instance.sop_instance_uid for series in snapshot.series for instance in series.instances} == {
         dataset.SOPInstanceUID for dataset in datasets
@@ -138,7 +138,7 @@ def test_an_association_someone_observes_is_left_to_pynetdicom(
     """A handler bound to EVT_DIMSE_RECV expects pynetdicom's decoded messages: that association's stores go
     pynetdicom's way, and still succeed."""
     study_uid, acceptor, messages = two_stores_observed(listener, tmp_path, evt.EVT_DIMSE_RECV)
-    assert inline_store.attached(acceptor).served == 0  # type: ignore[union-attr]
+    assert inline_store.inline_store_of(acceptor).served == 0  # type: ignore[union-attr]
     assert len(messages) == 2
     assert index.load_snapshot(study_uid).number_of_instances == 2
 
@@ -147,14 +147,14 @@ def test_dcmtk_storescu_is_served_inline(
     listener: DicomListener, index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served: list[inline_store.InlineStore] = []
-    original = inline_store.attach
+    original = inline_store.prepare
 
     def recording(assoc: Any) -> bool:
-        attached = original(assoc)
-        served.append(inline_store.attached(assoc))  # type: ignore[arg-type]
-        return attached
+        prepared = original(assoc)
+        served.append(inline_store.inline_store_of(assoc))  # type: ignore[arg-type]
+        return prepared
 
-    monkeypatch.setattr(inline_store, "attach", recording)
+    monkeypatch.setattr(inline_store, "prepare", recording)
     study_uid = new_study_uid()
     write_study(tmp_path / "study", study_uid, [SeriesSpec("MR", 5)])
     result = storescu(listener.port, tmp_path / "study")
@@ -164,20 +164,20 @@ def test_dcmtk_storescu_is_served_inline(
     assert index.load_snapshot(study_uid).number_of_instances == 5
 
 
-def test_until_the_listener_admits_the_association_its_stores_take_pynetdicoms_way(
+def test_until_the_listener_lets_the_association_in_its_stores_take_pynetdicoms_way(
     listener: DicomListener, index: Index, tmp_path: Path
 ) -> None:
     """pynetdicom accepts before the EVT_ESTABLISHED handlers run, and those may still refuse the peer: a store
-    arriving before admission is left to the association thread, which serves it only after them."""
+    arriving before the listener lets the peer in is left to the association thread, which serves it only after them."""
     study_uid, datasets = study(tmp_path, 2)
     assoc = associate(listener.port, datasets[0])
     (acceptor,) = listener.associations
-    inline = inline_store.attached(acceptor)
-    assert inline is not None and inline.admitted  # the listener let it in
-    inline.admitted = False  # as in the moment between the A-ASSOCIATE-AC and the EVT_ESTABLISHED handlers
+    inline = inline_store.inline_store_of(acceptor)
+    assert inline is not None and inline.peer_let_in  # the listener let it in
+    inline.peer_let_in = False  # as in the moment between the A-ASSOCIATE-AC and the EVT_ESTABLISHED handlers
     assert assoc.send_c_store(datasets[0]).Status == 0x0000
     assert inline.served == 0
-    inline_store.admit(acceptor)
+    inline_store.let_in(acceptor)
     assert assoc.send_c_store(datasets[1]).Status == 0x0000
     assert inline.served == 1
     assoc.release()
@@ -191,7 +191,7 @@ def test_an_association_someone_observes_reading_pdus_is_read_by_pynetdicom(
     """A handler bound to EVT_PDU_RECV expects pynetdicom's decoded PDUs: that association's PDUs are read by
     pynetdicom, and its stores still served inline."""
     study_uid, acceptor, pdus = two_stores_observed(listener, tmp_path, evt.EVT_PDU_RECV)
-    inline = inline_store.attached(acceptor)
+    inline = inline_store.inline_store_of(acceptor)
     assert inline is not None and inline.pdus_read == 0 and inline.served == 2
     assert len(pdus) >= 3  # the two stores' P-DATA-TFs and the release request
     assert index.load_snapshot(study_uid).number_of_instances == 2
@@ -208,7 +208,7 @@ def test_a_pdu_longer_than_what_is_read_whole_is_read_by_pynetdicom(
     assert assoc.send_c_store(datasets[0]).Status == 0x0000
     assoc.release()
     wait_for_associations_to_end(listener)
-    inline = inline_store.attached(acceptor)
+    inline = inline_store.inline_store_of(acceptor)
     assert inline is not None and inline.served == 1 and inline.pdus_read == 0
     assert index.load_snapshot(study_uid).number_of_instances == 1
 
@@ -228,7 +228,7 @@ def test_a_p_data_tf_whose_item_overruns_it_aborts_the_association_not_the_liste
         time.sleep(0.02)
     assert assoc.is_aborted
     wait_for_associations_to_end(listener)
-    assert inline_store.attached(acceptor).served == 0  # type: ignore[union-attr]
+    assert inline_store.inline_store_of(acceptor).served == 0  # type: ignore[union-attr]
     again = associate(listener.port, datasets[0])
     assert again.send_c_store(datasets[0]).Status == 0x0000
     again.release()

@@ -41,7 +41,7 @@ def test_auto_with_this_pynetdicom_serves_on_every_piece_of_the_fast_path(starte
     assert started.fast_path == fastpath.FastPath(frozenset(fastpath.PIECES))
     assoc, acceptor = acceptor_of(started)
     try:
-        assert inline_store.attached(acceptor) is not None
+        assert inline_store.inline_store_of(acceptor) is not None
     finally:
         assoc.release()
         wait_for_associations_to_end(started)
@@ -51,11 +51,11 @@ def test_auto_with_this_pynetdicom_serves_on_every_piece_of_the_fast_path(starte
 def test_off_serves_with_stock_pynetdicom_even_where_the_fast_path_is_installed(started: DicomListener) -> None:
     """The pieces are process-wide patches, installed by earlier listeners of this test run; an association of
     a listener with the fast path off is left exactly as pynetdicom made it."""
-    fastpath.install()
+    fastpath.enable()
     assert started.fast_path == fastpath.FastPathUnavailable("dicom.fast_path is off")
     assoc, acceptor = acceptor_of(started)
     try:
-        assert inline_store.attached(acceptor) is None
+        assert inline_store.inline_store_of(acceptor) is None
         assert type(acceptor.dimse.msg_queue) is queue.Queue
         assert type(acceptor.dul.to_provider_queue) is queue.Queue
         assert assoc.send_c_echo().Status == 0x0000

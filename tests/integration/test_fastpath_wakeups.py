@@ -1,4 +1,4 @@
-"""pynetdicom's association reactor and DUL thread wait for work instead of polling (dicom/fastpath/wakeups.py)."""
+"""pynetdicom's association thread and DUL thread wait for work instead of polling (dicom/fastpath/wakeups.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from pynetdicom import AE, association, dul
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacs_bridge.dicom.fastpath import wakeups as reactor
+from pacs_bridge.dicom.fastpath import wakeups
 from pacs_bridge.dicom.scp import DicomListener
 from tests.support.associations import wait_for_associations_to_end
 
@@ -25,15 +25,15 @@ def listener(fast_path_listener: DicomListener) -> DicomListener:
     return fast_path_listener
 
 
-def test_the_reactor_sleep_is_the_one_the_adaptation_replaces() -> None:
-    """pynetdicom 3.0's reactor sleeps exactly ``REACTOR_SLEEP`` on ``association.time``, and ``kill`` waits for
-    its DUL in ``KILL_SLEEP`` steps: if a release changes a literal or the import, the adaptation stops applying
-    and this fails."""
+def test_the_association_loop_sleep_is_the_one_the_patch_replaces() -> None:
+    """pynetdicom 3.0's association loop (``_run_reactor``) sleeps exactly ``ASSOCIATION_LOOP_SLEEP`` on
+    ``association.time``, and ``kill`` waits for its DUL in ``KILL_SLEEP`` steps: if a release changes a literal
+    or the import, the patch stops applying and this fails."""
     source = Path(association.__file__).read_text(encoding="utf-8")
-    reactor_body = source.split("def _run_reactor(self)", 1)[1].split("\n    def ", 1)[0]
-    assert f"time.sleep({reactor.REACTOR_SLEEP})" in reactor_body
+    loop_body = source.split("def _run_reactor(self)", 1)[1].split("\n    def ", 1)[0]
+    assert f"time.sleep({wakeups.ASSOCIATION_LOOP_SLEEP})" in loop_body
     kill_body = source.split("    def kill(self)", 1)[1].split("\n    def ", 1)[0]
-    assert f"time.sleep({reactor.KILL_SLEEP})" in kill_body and "self.dul.stop_dul()" in kill_body
+    assert f"time.sleep({wakeups.KILL_SLEEP})" in kill_body and "self.dul.stop_dul()" in kill_body
     assert "\nimport time\n" in source
 
 
@@ -47,43 +47,43 @@ def verification_association(listener: DicomListener) -> tuple[Any, Any]:
     return assoc, acceptor
 
 
-def test_each_request_pynetdicom_serves_wakes_the_reactor_of_its_association(listener: DicomListener) -> None:
+def test_each_request_pynetdicom_serves_wakes_the_thread_of_its_association(listener: DicomListener) -> None:
     """Five C-ECHOs on one association (C-STOREs are served on the DUL thread, see dicom/fastpath/inline_store.py): the
-    acceptor's message queue is the waking one, and its reactor was woken at least once per request rather
+    acceptor's message queue is the waking one, and its association thread was woken at least once per request rather
     than only finding them after its sleeps."""
-    clock = reactor.install()
+    association_time = wakeups.patch()
     module: Any = association
-    assert module.time is clock
+    assert module.time is association_time
     assoc, acceptor = verification_association(listener)
-    assert isinstance(acceptor.dimse.msg_queue, reactor._WakingQueue)
-    assert not isinstance(assoc.dimse.msg_queue, reactor._WakingQueue)  # our own SCU is left alone
-    woken_before = clock.woken
+    assert isinstance(acceptor.dimse.msg_queue, wakeups.WakingQueue)
+    assert not isinstance(assoc.dimse.msg_queue, wakeups.WakingQueue)  # our own SCU is left alone
+    woken_before = association_time.woken
     for _ in range(REQUESTS):
         assert assoc.send_c_echo().Status == 0x0000
-    woken = clock.woken - woken_before
+    woken = association_time.woken - woken_before
     assoc.release()
     wait_for_associations_to_end(listener)
     assert woken >= REQUESTS
 
 
-def test_an_idle_association_reactor_waits_and_a_release_wakes_it(listener: DicomListener) -> None:
-    """Half a second of silence costs the acceptor's reactor about ten waits (stock pynetdicom: ~500 polls);
+def test_an_idle_association_thread_waits_and_a_release_wakes_it(listener: DicomListener) -> None:
+    """Half a second of silence costs the acceptor's association thread about ten waits (stock pynetdicom: ~500 polls);
     the peer's A-RELEASE, passed up by its DUL, ends the wait it is in."""
-    clock = reactor.install()
+    association_time = wakeups.patch()
     assoc, acceptor = verification_association(listener)
-    assert isinstance(acceptor.dul.to_user_queue, reactor._WakingQueue)
+    assert isinstance(acceptor.dul.to_user_queue, wakeups.WakingQueue)
     threading.Event().wait(0.05)
-    waits_before = clock.waits
+    waits_before = association_time.waits
     threading.Event().wait(0.5)
-    assert clock.waits - waits_before <= 30  # 0.5 / REACTOR_LONGEST_WAIT, and room for a slow machine
-    woken_before = clock.woken
+    assert association_time.waits - waits_before <= 30  # 0.5 / ASSOCIATION_LONGEST_WAIT, and room for a slow machine
+    woken_before = association_time.woken
     assoc.release()
     wait_for_associations_to_end(listener)
-    assert clock.woken > woken_before
+    assert association_time.woken > woken_before
     assert acceptor.is_released
 
 
-def test_the_dul_sleep_and_queue_are_the_ones_the_adaptation_replaces() -> None:
+def test_the_dul_sleep_and_queue_are_the_ones_the_patch_replaces() -> None:
     """pynetdicom 3.0's DUL loop sleeps ``self._run_loop_delay`` on ``dul.time`` when a pass found nothing, and
     its outgoing queue is a plain ``queue.Queue`` made in ``__init__``: if either changes, this fails."""
     source = Path(dul.__file__).read_text(encoding="utf-8")
@@ -113,7 +113,7 @@ def test_a_waiting_dul_thread_wakes_for_a_queued_primitive_or_a_received_pdu(
     """A wake-up given before the wait is not lost (the eventfd keeps it); bytes on the socket end the wait too;
     with neither, the wait runs out (and counts no wake-up)."""
     peer, ours = tcp_pair
-    wakeup = reactor.DulWakeup(ours)
+    wakeup = wakeups.DulWakeup(ours)
     loop = _Dul(ours)
     wakeup.wake()
     wakeup.wait(loop, 0.001)
@@ -131,7 +131,7 @@ def test_a_stopping_dul_thread_closes_its_eventfd_and_sleeps_plainly(
 ) -> None:
     _, ours = tcp_pair
     open_before = len(os.listdir("/proc/self/fd"))
-    wakeup = reactor.DulWakeup(ours)
+    wakeup = wakeups.DulWakeup(ours)
     assert len(os.listdir("/proc/self/fd")) == open_before + 1
     loop = _Dul(ours)
     loop._kill_thread = True
@@ -147,13 +147,13 @@ def test_an_idle_association_waits_and_its_eventfd_goes_with_it(listener: DicomL
     released its eventfd is closed."""
     open_before = len(os.listdir("/proc/self/fd"))
     assoc, acceptor = verification_association(listener)
-    wakeup = getattr(acceptor.dul, reactor._WAKEUP_ATTRIBUTE)
-    assert isinstance(wakeup, reactor.DulWakeup)
-    assert isinstance(acceptor.dul.to_provider_queue, reactor._WakingQueue)
-    assert not hasattr(assoc.dul, reactor._WAKEUP_ATTRIBUTE)  # our own SCU is left alone
+    wakeup = wakeups.dul_wakeup(acceptor)
+    assert wakeup is not None
+    assert isinstance(acceptor.dul.to_provider_queue, wakeups.WakingQueue)
+    assert wakeups.dul_wakeup(assoc) is None  # our own SCU is left alone
     polls_before = wakeup.polls
     threading.Event().wait(0.5)
-    assert wakeup.polls - polls_before <= 0.5 * 1000 / reactor.DUL_LONGEST_WAIT_MS + 5
+    assert wakeup.polls - polls_before <= 0.5 * 1000 / wakeups.DUL_LONGEST_WAIT_MS + 5
     woken_before = wakeup.woken
     for _ in range(REQUESTS):
         assert assoc.send_c_echo().Status == 0x0000
@@ -161,5 +161,5 @@ def test_an_idle_association_waits_and_its_eventfd_goes_with_it(listener: DicomL
     assoc.release()
     wait_for_associations_to_end(listener)
     acceptor.dul.join(5)
-    assert wakeup._event_fd == -1
+    assert wakeup.is_closed
     assert len(os.listdir("/proc/self/fd")) <= open_before

@@ -47,7 +47,7 @@ def store(listener: DicomListener, *, context: str, request_class: str, request_
     assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
     assert assoc.is_established
     (acceptor,) = listener.associations
-    inline = inline_store.attached(acceptor)
+    inline = inline_store.inline_store_of(acceptor)
     served_inline = inline.served if inline is not None else None
     context_id = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == context)
     request = C_STORE()

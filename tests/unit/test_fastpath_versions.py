@@ -23,11 +23,11 @@ def test_only_the_releases_the_pieces_were_made_for_are_supported(version: str, 
 
 
 def test_an_unsupported_release_gets_stock_pynetdicom_and_the_reason_names_it() -> None:
-    result = fastpath.install(version="3.1.0")
+    result = fastpath.enable(version="3.1.0")
     assert isinstance(result, fastpath.FastPathUnavailable)
     assert "pynetdicom 3.1.0" in result.reason and "3.0.x" in result.reason
 
 
 def test_an_unknown_piece_is_refused_naming_the_pieces() -> None:
     with pytest.raises(ValueError, match="inline_store"):
-        fastpath.install(["warp_drive"])
+        fastpath.enable(["warp_drive"])

@@ -5,18 +5,23 @@ millisecond, and copies the listener's presentation contexts for every associati
 that for pynetdicom 3.0 only, by reaching into its internals; each was measured on and off
 (docs/performance.md, "The fast path, piece by piece") and is kept because it pays:
 
-- ``wakeups`` (wakeups.py): the association reactor and the DUL thread wait for work instead of polling;
+- ``wakeups`` (wakeups.py): each association's own thread and its DUL thread wait for work instead of polling;
 - ``inline_store`` (inline_store.py): C-STOREs served on the DUL thread that read them, each P-DATA-TF read
   whole, the command set read with ``struct``, a plain response encoded in one step and written at once;
 - ``shared_contexts`` (shared_contexts.py): associations share the listener's contexts instead of copying them.
 
-``install`` checks the installed pynetdicom's version against ``SUPPORTED_VERSIONS``, installs the pieces
-(process-wide patches that change nothing for an association ``FastPath.attach`` did not prepare) and runs a
-self-check (self_check.py): one real association over loopback through the listener's guarded socket, whose
-C-ECHO must wake its reactor, whose C-STORE must be served inline and answered Success, with a plain response
-encoded as the bytes pynetdicom would send. An unsupported version, a piece that does not import or a
-failed check uninstalls everything and returns ``FastPathUnavailable`` with the reason: the listener then runs
-stock pynetdicom (``dicom.fast_path: off`` does the same on purpose). The result is kept for the process.
+``enable`` checks the installed pynetdicom's version against ``SUPPORTED_VERSIONS``, patches pynetdicom with
+the pieces (process-wide patches that change nothing for an association ``FastPath.prepare`` did not prepare)
+and runs a self-check (self_check.py): one real association over loopback through the listener's guarded
+socket, whose C-ECHO must wake its association thread, whose C-STORE must be served inline and answered
+Success, with a plain response encoded as the bytes pynetdicom would send. An unsupported version, a piece that
+does not import or a failed check removes every patch and returns ``FastPathUnavailable`` with the reason: the
+listener then runs stock pynetdicom (``dicom.fast_path: off`` does the same on purpose). The result is kept for
+the process.
+
+The listener calls ``FastPath`` from three of its pynetdicom event handlers: ``prepare`` when a connection
+opens (EVT_CONN_OPEN), ``let_in`` once the access check has let the peer in (EVT_ESTABLISHED), and
+``connection_closed`` (EVT_CONN_CLOSE).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import structlog
 
 log = structlog.get_logger("pacs_bridge.dicom")
 
-SUPPORTED_VERSIONS = ("3.0",)  # pynetdicom major.minor releases the pieces were written and tested against
+SUPPORTED_VERSIONS = ("3.0",)  # pynetdicom major.minor releases the pieces are written and tested against
 PIECES = ("wakeups", "inline_store", "shared_contexts")
 
 _lock = threading.Lock()
@@ -46,7 +51,8 @@ class FastPathUnavailable:
 
 @dataclass(frozen=True, slots=True)
 class FastPath:
-    """The installed, checked pieces; the listener calls these from its pynetdicom event handlers."""
+    """The pieces pynetdicom is patched with and the self-check passed; the listener calls these from its
+    pynetdicom event handlers."""
 
     pieces: frozenset[str]
 
@@ -58,30 +64,30 @@ class FastPath:
 
         return SharedContexts(supported)
 
-    def attach(self, assoc: Any) -> None:
+    def prepare(self, assoc: Any) -> None:
         """EVT_CONN_OPEN: prepare ``assoc`` before anything of it is read."""
         from pacs_bridge.dicom.fastpath import inline_store, wakeups
 
         if "wakeups" in self.pieces:
-            wakeups.attach(assoc)
+            wakeups.prepare(assoc)
         if "inline_store" in self.pieces:
-            inline_store.attach(assoc)
+            inline_store.prepare(assoc)
 
-    def admit(self, assoc: Any) -> None:
+    def let_in(self, assoc: Any) -> None:
         """EVT_ESTABLISHED, once the listener has let ``assoc`` in: its C-STOREs may be served inline."""
         if "inline_store" in self.pieces:
             from pacs_bridge.dicom.fastpath import inline_store
 
-            inline_store.admit(assoc)
+            inline_store.let_in(assoc)
 
-    def detach(self, assoc: Any) -> None:
-        """EVT_CONN_CLOSE: release what ``attach`` opened, and what a request cut off mid-data-set holds."""
+    def connection_closed(self, assoc: Any) -> None:
+        """EVT_CONN_CLOSE: release what ``prepare`` opened, and what a request cut off mid-data-set holds."""
         from pacs_bridge.dicom.fastpath import inline_store, wakeups
 
         if "wakeups" in self.pieces:
-            wakeups.detach(assoc)
+            wakeups.connection_closed(assoc)
         if "inline_store" in self.pieces:
-            inline_store.detach(assoc)
+            inline_store.connection_closed(assoc)
 
 
 def pynetdicom_version() -> str:
@@ -95,9 +101,9 @@ def is_supported(version: str) -> bool:
     return ".".join(version.split(".")[:2]) in SUPPORTED_VERSIONS
 
 
-def install(pieces: Collection[str] | None = None, *, version: str | None = None) -> FastPath | FastPathUnavailable:
-    """Install and check ``pieces`` (by default ``PIECES``) once per process; see the module docstring.
-    ``version``: the pynetdicom release to judge (by default the one installed)."""
+def enable(pieces: Collection[str] | None = None, *, version: str | None = None) -> FastPath | FastPathUnavailable:
+    """Patch pynetdicom with ``pieces`` (by default ``PIECES``) and check them, once per process; see the
+    module docstring. ``version``: the pynetdicom release to judge (by default the one installed)."""
     wanted = frozenset(PIECES if pieces is None else pieces)
     unknown = wanted - set(PIECES)
     if unknown:
@@ -105,11 +111,11 @@ def install(pieces: Collection[str] | None = None, *, version: str | None = None
     version = version or pynetdicom_version()
     with _lock:
         if (wanted, version) not in _results:
-            _results[wanted, version] = _install(wanted, version)
+            _results[wanted, version] = _enable(wanted, version)
         return _results[wanted, version]
 
 
-def _install(pieces: frozenset[str], version: str) -> FastPath | FastPathUnavailable:
+def _enable(pieces: frozenset[str], version: str) -> FastPath | FastPathUnavailable:
     if not is_supported(version):
         return FastPathUnavailable(
             f"pynetdicom {version} is not a release the fast path supports ({', '.join(SUPPORTED_VERSIONS)}.x)"
@@ -119,9 +125,9 @@ def _install(pieces: frozenset[str], version: str) -> FastPath | FastPathUnavail
         from pacs_bridge.dicom.fastpath.self_check import run_self_check
 
         if "wakeups" in pieces:
-            wakeups.install()
+            wakeups.patch()
         if "inline_store" in pieces:
-            inline_store.install()
+            inline_store.patch()
         fast = FastPath(pieces)
         problem = run_self_check(fast)
     except Exception as exc:  # a piece that no longer fits this pynetdicom: stock pynetdicom instead
@@ -129,14 +135,14 @@ def _install(pieces: frozenset[str], version: str) -> FastPath | FastPathUnavail
         problem = f"{type(exc).__name__}: {exc}"
     if problem is None:
         return fast
-    _uninstall()
+    _unpatch()
     return FastPathUnavailable(f"self-check failed: {problem}")
 
 
-def _uninstall() -> None:
+def _unpatch() -> None:
     try:
         from pacs_bridge.dicom.fastpath import inline_store, wakeups
-    except Exception:  # nothing was installed then
+    except Exception:  # nothing was patched then
         return
-    wakeups.uninstall()
-    inline_store.uninstall()
+    wakeups.unpatch()
+    inline_store.unpatch()

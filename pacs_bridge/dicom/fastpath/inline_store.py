@@ -8,7 +8,7 @@ up the service class, builds a response primitive, calls the EVT_C_STORE handler
 queues it back to the DUL thread, which wakes once more to send it. Per 10 kB instance that is about 0.15 ms
 of decoding alone and four thread hand-overs under the GIL, paid by every association of the process.
 
-``attach`` also stands in for the DUL's ``_read_pdu_data`` on the association: a P-DATA-TF received while
+``prepare`` also stands in for the DUL's ``_read_pdu_data`` on the association: a P-DATA-TF received while
 established (Sta6) with no other event queued is peeked at, read into one buffer (``recv_into``) and its items
 handed to this association's ``InlineStore`` at once, as DT-2 would, instead of being read 4 kB at a time,
 decoded into pynetdicom's PDU and item objects, queued as an event and taken back out on the DUL's next pass.
@@ -16,8 +16,8 @@ It reads through the listener's ``GuardedSocket`` (dicom/connection.py) like pyn
 deadline and the stream checks hold the same. Other PDUs, TLS sockets, PDUs over ``LARGEST_PDU_READ_WHOLE`` and
 associations with a handler bound to the PDU, data or state machine events are read by pynetdicom as before.
 
-``install`` replaces the DT-2 action. On an association that ``attach`` prepared and the listener then let in
-(``admit``, at EVT_ESTABLISHED), a C-STORE request is taken apart here instead: command fragments are
+``patch`` replaces the DT-2 action. On an association that ``prepare`` prepared and the listener then let in
+(``let_in``, at EVT_ESTABLISHED), a C-STORE request is taken apart here instead: command fragments are
 collected and the command set read with ``struct`` (implicit VR little endian, PS3.7 6.3.1), dataset
 fragments go into a ``SpillingBuffer``, and once the last one is in, the EVT_C_STORE handler bound to the
 association is triggered on this thread with a ``C_STORE`` primitive and the presentation context, as
@@ -31,7 +31,7 @@ C-STORE under a context or SOP class pynetdicom would not serve as storage, one 
 required field or carries one that does not decode, anything during release, and every association with a
 handler bound to the DIMSE or PDU events this path does not raise. The sender waits for each response before
 its next request (no asynchronous operations are negotiated), so answers cannot overtake each other.
-``install`` and ``uninstall`` swap the DT-2 action; associations not attached get pynetdicom's own.
+``patch`` and ``unpatch`` swap the DT-2 action; associations not prepared get pynetdicom's own.
 ``tests/integration/test_fastpath_inline_store.py`` fails if this stops applying.
 """
 
@@ -60,8 +60,8 @@ from pacs_bridge.dicom.spool import SpillingBuffer
 
 log = structlog.get_logger("pacs_bridge.dicom")
 
-_ATTACHED = "_pacs_bridge_inline_store"
-_INSTALLED = "_pacs_bridge_inline_dt_2"
+_PREPARED = "_pacs_bridge_inline_store"
+_PATCHED = "_pacs_bridge_inline_dt_2"
 _COMMAND_FRAGMENT = 0x01  # message control header bits (PS3.8 E.2)
 _LAST_FRAGMENT = 0x02
 _C_STORE_RQ = 0x0001
@@ -217,13 +217,13 @@ def _p_data_tf(context_id: int, pdv: bytes) -> bytes:
 class InlineStore:
     """One association's C-STOREs, collected and served on its DUL thread (see the module docstring)."""
 
-    __slots__ = ("_command", "_context", "_dataset", "_forwarding", "_request", "admitted", "pdus_read", "served")
+    __slots__ = ("_command", "_context", "_dataset", "_forwarding", "_request", "pdus_read", "peer_let_in", "served")
 
     def __init__(self) -> None:
         # pynetdicom sends the A-ASSOCIATE-AC before it runs the EVT_ESTABLISHED handlers, where the listener
-        # may still refuse the peer (calling AE pinned to other addresses): until ``admit``, every request takes
+        # may still refuse the peer (calling AE pinned to other addresses): until ``let_in``, every request takes
         # pynetdicom's way, which the association thread serves only after those handlers.
-        self.admitted = False
+        self.peer_let_in = False
         self._command = bytearray()
         self._request: C_STORE | None = None
         self._context: Any = None  # the accepted presentation context of the request being received
@@ -235,7 +235,7 @@ class InlineStore:
     def receive(self, dul: Any, items: Iterable[tuple[int, bytes | memoryview]]) -> None:
         """Take in the presentation data value items of one received P-DATA-TF PDU, as (context ID, value)."""
         for context_id, data in items:
-            if self._forwarding or not data or not self.admitted:
+            if self._forwarding or not data or not self.peer_let_in:
                 self._forward(dul, context_id, data)
                 continue
             header = data[0]
@@ -343,8 +343,8 @@ _STOCK_DT_2 = fsm.DT_2
 
 
 def _inline_dt_2(dul: Any) -> str:
-    """The state machine's DT-2 (Sta6 + Evt10: P-DATA-TF received), serving C-STOREs inline when attached."""
-    inline = getattr(dul, _ATTACHED, None)
+    """The state machine's DT-2 (Sta6 + Evt10: P-DATA-TF received), serving C-STOREs inline when prepared."""
+    inline = getattr(dul, _PREPARED, None)
     if not isinstance(inline, InlineStore):
         return _STOCK_DT_2(dul)
     items = dul._recv_pdu.get(False).presentation_data_value_items
@@ -370,7 +370,7 @@ def presentation_data_values(body: memoryview) -> list[tuple[int, memoryview]] |
 
 
 def _read_pdu_data(dul: Any, inline: InlineStore) -> None:
-    """Stands in for the DUL's ``_read_pdu_data`` on an attached association: a P-DATA-TF received in Sta6 is
+    """Stands in for the DUL's ``_read_pdu_data`` on a prepared association: a P-DATA-TF received in Sta6 is
     read in one piece and its items handed to ``inline`` straight away (what the state machine's DT-2 would do
     with it), without decoding it into pynetdicom's PDU objects and without the event queue. Anything else, and
     anything while an event is queued or an observer would miss something, is pynetdicom's own read."""
@@ -378,7 +378,7 @@ def _read_pdu_data(dul: Any, inline: InlineStore) -> None:
     sock = transport.socket
     assoc = dul.assoc
     if (
-        not inline.admitted
+        not inline.peer_let_in
         or not isinstance(sock, GuardedSocket)  # TLS: the bytes waiting are not the socket's
         or dul.state_machine.current_state != "Sta6"
         or not dul.event_queue.empty()  # what is queued goes first
@@ -419,50 +419,50 @@ def _read_pdu_data(dul: Any, inline: InlineStore) -> None:
     inline.receive(dul, items)
 
 
-def install() -> None:
-    """Replace the state machine's DT-2 action (idempotent; unattached associations behave as before)."""
+def patch() -> None:
+    """Replace the state machine's DT-2 action (idempotent; associations not prepared behave as before)."""
     description, action, state = fsm.ACTIONS["DT-2"]
-    if getattr(action, _INSTALLED, False):
+    if getattr(action, _PATCHED, False):
         return
-    setattr(_inline_dt_2, _INSTALLED, True)
+    setattr(_inline_dt_2, _PATCHED, True)
     fsm.ACTIONS["DT-2"] = (description, _inline_dt_2, state)
 
 
-def uninstall() -> None:
+def unpatch() -> None:
     """Give the state machine pynetdicom's DT-2 back."""
     description, _action, state = fsm.ACTIONS["DT-2"]
     fsm.ACTIONS["DT-2"] = (description, _STOCK_DT_2, state)
 
 
-def attach(assoc: Any) -> bool:
+def prepare(assoc: Any) -> bool:
     """Serve ``assoc``'s C-STOREs inline (at EVT_CONN_OPEN, before any P-DATA-TF is received). Returns False,
     changing nothing, when its DUL does not look like pynetdicom 3.0's."""
     dul = getattr(assoc, "dul", None)
     if not isinstance(dul, threading.Thread) or not hasattr(dul, "_recv_pdu"):
         return False
     inline = InlineStore()
-    setattr(dul, _ATTACHED, inline)
+    setattr(dul, _PREPARED, inline)
     provider: Any = dul
     provider._read_pdu_data = functools.partial(_read_pdu_data, dul, inline)  # shadows the method
     return True
 
 
-def admit(assoc: Any) -> None:
+def let_in(assoc: Any) -> None:
     """Serve ``assoc``'s C-STOREs inline from now on: the listener has let it in (EVT_ESTABLISHED)."""
-    inline = attached(assoc)
+    inline = inline_store_of(assoc)
     if inline is not None:
-        inline.admitted = True
+        inline.peer_let_in = True
 
 
-def detach(assoc: Any) -> None:
+def connection_closed(assoc: Any) -> None:
     """``assoc``'s connection is closed (EVT_CONN_CLOSE): a request cut off mid-data-set frees its buffer now
     (a spilled one holds a temporary file) rather than when the association is collected."""
-    inline = attached(assoc)
+    inline = inline_store_of(assoc)
     if inline is not None:
         inline.give_up()
 
 
-def attached(assoc: Any) -> InlineStore | None:
-    """The inline store of ``assoc``, if attached."""
-    inline = getattr(getattr(assoc, "dul", None), _ATTACHED, None)
+def inline_store_of(assoc: Any) -> InlineStore | None:
+    """The inline store of ``assoc``, if ``prepare`` gave it one."""
+    inline = getattr(getattr(assoc, "dul", None), _PREPARED, None)
     return inline if isinstance(inline, InlineStore) else None

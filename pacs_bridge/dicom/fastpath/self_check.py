@@ -2,8 +2,8 @@
 
 A pynetdicom requestor of this process associates with a pynetdicom acceptor of this process, through a
 ``GuardedSocket`` handed to an ``AdoptingAssociationServer`` as the listener hands its connections, with the
-pieces attached at the same events. It sends a C-ECHO and a C-STORE of a one-element data set. The check
-passes when both are answered Success and each installed piece did its part: the reactor was woken for the
+pieces prepared and let in at the same events. It sends a C-ECHO and a C-STORE of a one-element data set. The check
+passes when both are answered Success and each piece did its part: the association thread was woken for the
 C-ECHO (``wakeups``), the C-STORE was read whole and served inline, its plain response encoded to the bytes
 pynetdicom's own DIMSE message would send (``inline_store``).
 """
@@ -71,7 +71,7 @@ def run_self_check(fast: Any) -> str | None:
 
     def opened(event: Any) -> None:
         acceptors.append(event.assoc)
-        fast.attach(event.assoc)
+        fast.prepare(event.assoc)
 
     def store(_event: Any) -> int:
         stores.append(1)
@@ -79,8 +79,8 @@ def run_self_check(fast: Any) -> str | None:
 
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, opened),
-        (evt.EVT_ESTABLISHED, lambda event: fast.admit(event.assoc)),
-        (evt.EVT_CONN_CLOSE, lambda event: fast.detach(event.assoc)),
+        (evt.EVT_ESTABLISHED, lambda event: fast.let_in(event.assoc)),
+        (evt.EVT_CONN_CLOSE, lambda event: fast.connection_closed(event.assoc)),
         (evt.EVT_C_STORE, store),
     ]
     acceptor_ae = AE(ae_title=_AE_TITLE)
@@ -106,8 +106,8 @@ def run_self_check(fast: Any) -> str | None:
 
     accepter = threading.Thread(target=accept_one, name="pacs-bridge-fast-path-check", daemon=True)
     accepter.start()
-    clock = wakeups.install() if "wakeups" in fast.pieces else None
-    woken_before = clock.woken if clock is not None else 0
+    association_time = wakeups.patch() if "wakeups" in fast.pieces else None
+    woken_before = association_time.woken if association_time is not None else 0
     requestor_ae = AE(ae_title=_AE_TITLE)
     requestor_ae.add_requested_context(Verification)
     requestor_ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
@@ -126,10 +126,10 @@ def run_self_check(fast: Any) -> str | None:
             return "the check's C-ECHO or C-STORE was not answered Success"
         if not acceptors or stores != [1]:
             return "the check's C-STORE did not reach the handler once"
-        if clock is not None and clock.woken == woken_before:
-            return "the association reactor was not woken by the check's C-ECHO"
+        if association_time is not None and association_time.woken == woken_before:
+            return "the association thread was not woken by the check's C-ECHO"
         if "inline_store" in fast.pieces:
-            served = inline_store.attached(acceptors[0])
+            served = inline_store.inline_store_of(acceptors[0])
             if served is None or served.served != 1 or served.pdus_read < 1:
                 return "the check's C-STORE was not read whole and served inline"
         return None

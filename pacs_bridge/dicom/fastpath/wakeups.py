@@ -1,34 +1,36 @@
 """Fast path piece ``wakeups``: pynetdicom's two loops per association wait for work instead of polling for it.
 
-**The association reactor** waits for a DIMSE message or a release or abort, instead of polling every 1 ms.
+**The association thread** waits for a DIMSE message or a release or abort, instead of polling every 1 ms.
 
-Each association's reactor thread (``Association._run_reactor`` in pynetdicom 3.0) loops on
+Each association's own thread runs a loop (``Association._run_reactor`` in pynetdicom 3.0) that sleeps
 ``time.sleep(0.001)`` and then looks for a complete DIMSE message that its DUL thread has queued, and for an
-A-RELEASE or A-ABORT that its DUL passed up. A request that arrives just after the reactor went to sleep
-waits out the rest of that millisecond, and every association, busy or idle, takes the GIL a thousand times a
-second to look (with the ``inline_store`` piece, C-STOREs do not pass through this loop at all).
+A-RELEASE or A-ABORT that its DUL passed up. A request that arrives just after the loop went to sleep waits out
+the rest of that millisecond, and every association, busy or idle, takes the GIL a thousand times a second to
+look (with the ``inline_store`` piece, C-STOREs do not pass through this loop at all).
 
-``install`` puts a stand-in for the ``time`` module into ``pynetdicom.association``: its ``sleep`` is
-``time.sleep`` for every caller except the reactor's 1 ms sleep on an association that ``attach`` prepared,
-where it waits on an event instead, for at most ``REACTOR_LONGEST_WAIT`` (its stop flag, its DUL thread and its
-network timeout are still looked at that often). ``attach`` (at EVT_CONN_OPEN) swaps the association's DIMSE
-message queue and its DUL's queue to the user (``to_user_queue``: release and abort) for ones that set that
-event on every ``put``. The event is cleared before the reactor looks at the queues, so nothing put after
-that look is missed: it ends the next wait at once.
+``patch`` puts ``AssociationModuleTime``, a stand-in for the ``time`` module, into ``pynetdicom.association``:
+its ``sleep`` is ``time.sleep`` for every caller except the loop's 1 ms sleep on an association that
+``prepare`` prepared, where it waits on an event instead, for at most ``ASSOCIATION_LONGEST_WAIT`` (its stop
+flag, its DUL thread and its network timeout are still looked at that often). ``prepare`` (at EVT_CONN_OPEN)
+swaps the association's DIMSE message queue and its DUL's queue to the user (``to_user_queue``: release and
+abort) for ``WakingQueue``s that set that event on every ``put``. The event is cleared before the loop looks
+at the queues, so nothing put after that look is missed: it ends the next wait at once.
 
 **The DUL thread** (``DULServiceProvider.run_reactor``) reads PDUs from the socket and sends those the
 association queues; whenever a pass finds nothing to do it sleeps ``_run_loop_delay`` (1 ms). Each PDU
 received and each response to send therefore waits up to a millisecond, which on one association bounds the
-rate, and every idle association wakes a thousand times a second. ``attach`` gives the DUL an ``eventfd``
-that its outgoing queue (``to_provider_queue``) writes on every ``put``; the stand-in ``time`` put into
-``pynetdicom.dul`` turns that thread's sleep into a ``poll`` on the socket and the eventfd, for at most
-``DUL_LONGEST_WAIT_MS`` (its ARTIM timer and its stop flag are looked at on every pass, as before). The eventfd
-is level-triggered, so a PDU queued between the DUL's look at the queue and its wait is never missed. Plain
-TCP sockets only: a TLS socket may hold decrypted bytes that ``poll`` does not see, and keeps the 1 ms
-sleeps.
+rate, and every idle association wakes a thousand times a second. ``prepare`` gives the DUL a ``DulWakeup``:
+an ``eventfd`` that its outgoing queue (``to_provider_queue``, a ``WakingQueue``) writes on every ``put``;
+``DulModuleTime``, the stand-in ``time`` put into ``pynetdicom.dul``, turns that thread's sleep into a ``poll``
+on the socket and the eventfd, for at most ``DUL_LONGEST_WAIT_MS`` (its ARTIM timer and its stop flag are
+looked at on every pass, as in pynetdicom). The eventfd is level-triggered, so a PDU queued between the DUL's
+look at the queue and its wait is never missed. Plain TCP sockets only: a TLS socket may hold decrypted bytes
+that ``poll`` does not see, and keeps the 1 ms sleeps.
 
-``install`` and ``uninstall`` change the two modules' ``time``; only associations ``attach`` prepared behave
-differently. ``tests/integration/test_fastpath_wakeups.py`` fails if this stops applying.
+``patch`` and ``unpatch`` change the two modules' ``time``; only associations ``prepare`` prepared behave
+differently. ``AssociationModuleTime.woken`` is what the self-check (self_check.py) reads to see that an
+association thread was woken; the other wait counters let ``tests/integration/test_fastpath_wakeups.py`` tell
+a wait from a poll, and that test fails if this stops applying.
 """
 
 from __future__ import annotations
@@ -46,17 +48,17 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-REACTOR_SLEEP = 0.001  # the literal in pynetdicom 3.0's Association._run_reactor
-REACTOR_LONGEST_WAIT = 0.05  # a waiting association reactor still looks at its stop flag and timers this often
+ASSOCIATION_LOOP_SLEEP = 0.001  # the literal in pynetdicom 3.0's Association._run_reactor loop
+ASSOCIATION_LONGEST_WAIT = 0.05  # a waiting association thread still looks at its stop flag and timers this often
 KILL_SLEEP = 0.01  # the literal in pynetdicom 3.0's Association.kill, between looks at whether its DUL has stopped
 _WAKEUP_ATTRIBUTE = "_pacs_bridge_wakeup"
 DUL_LONGEST_WAIT_MS = 50  # a waiting DUL thread still looks at its ARTIM timer and stop flag this often
 _POLL_IN = select.POLLIN | select.POLLPRI
 
 
-class _WakingQueue(queue.Queue[Any]):
+class WakingQueue(queue.Queue[Any]):
     """A queue that wakes whoever waits for it on every ``put``: the DIMSE provider's message queue (sets the
-    association reactor's event), the DUL's outgoing queue (writes its eventfd)."""
+    association thread's event), the DUL's outgoing queue (writes its eventfd)."""
 
     def __init__(self, wake: Callable[[], None]) -> None:
         super().__init__()
@@ -67,28 +69,28 @@ class _WakingQueue(queue.Queue[Any]):
         self._wake()
 
 
-class ReactorClock:
+class AssociationModuleTime:
     """Stands in for the ``time`` module inside ``pynetdicom.association``; see the module docstring."""
 
     def __init__(self, module: ModuleType) -> None:
         self._time = module
-        self.waits = 0  # reactor waits begun (tests read these counters; not worth a lock)
-        self.woken = 0  # reactor waits cut short by a message, a release or an abort
+        self.waits = 0  # waits begun by association threads (counters without a lock: a lost count only reads low)
+        self.woken = 0  # waits cut short by a message, a release or an abort
 
     def sleep(self, seconds: float) -> None:
         wakeup = getattr(threading.current_thread(), _WAKEUP_ATTRIBUTE, None)
         if wakeup is not None and seconds == KILL_SLEEP:
             # A released or aborted association waits for its DUL to stop, which it does once the peer has closed
             # the connection: looking each millisecond frees its slot (max_associations) at once, not up to 10 ms
-            # later. The reactor, woken by the release, gets here before the peer has closed more often than not.
-            self._time.sleep(REACTOR_SLEEP)
+            # later. The association thread, woken by the release, mostly gets here before the peer has closed.
+            self._time.sleep(ASSOCIATION_LOOP_SLEEP)
             return
-        if wakeup is None or seconds != REACTOR_SLEEP:
+        if wakeup is None or seconds != ASSOCIATION_LOOP_SLEEP:
             self._time.sleep(seconds)
             return
         self.waits += 1
-        if wakeup.wait(REACTOR_LONGEST_WAIT):
-            # Cleared before the reactor looks at its queues: what was put before is taken in this pass, what is
+        if wakeup.wait(ASSOCIATION_LONGEST_WAIT):
+            # Cleared before the loop looks at its queues: what was put before is taken in this pass, what is
             # put after sets the event again.
             wakeup.clear()
             self.woken += 1
@@ -112,8 +114,13 @@ class DulWakeup:
         self._poller = select.poll()
         self._poller.register(self._socket_fd, _POLL_IN)
         self._poller.register(self._event_fd, _POLL_IN)
-        self.polls = 0  # waits begun (tests read these counters; not worth a lock)
+        self.polls = 0  # waits begun (counters without a lock: a lost count only reads low)
         self.woken = 0  # waits ended early, by a PDU or a primitive to send
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether its eventfd is closed: the DUL thread sleeps plainly from here on."""
+        return self._event_fd < 0
 
     def wake(self) -> None:
         with self._lock:  # never write to a closed eventfd's number, which may belong to another file by now
@@ -152,7 +159,7 @@ class DulWakeup:
                 self._closer()
 
 
-class DulClock:
+class DulModuleTime:
     """Stands in for the ``time`` module inside ``pynetdicom.dul``; see the module docstring."""
 
     def __init__(self, module: ModuleType) -> None:
@@ -170,23 +177,23 @@ class DulClock:
         return getattr(self._time, name)
 
 
-def install() -> ReactorClock:
-    """Make pynetdicom's association reactors and DUL threads wakeable (idempotent); returns the association
-    reactors' clock."""
+def patch() -> AssociationModuleTime:
+    """Make pynetdicom's association threads and DUL threads wakeable (idempotent); returns the stand-in
+    ``time`` of ``pynetdicom.association``, whose counters show the association threads' waits."""
     from pynetdicom import association, dul
 
     module: Any = association
-    clock = module.time
-    if not isinstance(clock, ReactorClock):
-        clock = ReactorClock(time)
-        module.time = clock
+    association_time = module.time
+    if not isinstance(association_time, AssociationModuleTime):
+        association_time = AssociationModuleTime(time)
+        module.time = association_time
     dul_module: Any = dul
-    if not isinstance(dul_module.time, DulClock):
-        dul_module.time = DulClock(time)
-    return clock
+    if not isinstance(dul_module.time, DulModuleTime):
+        dul_module.time = DulModuleTime(time)
+    return association_time
 
 
-def uninstall() -> None:
+def unpatch() -> None:
     """Give pynetdicom's association and DUL modules the ``time`` module back."""
     from pynetdicom import association, dul
 
@@ -196,8 +203,8 @@ def uninstall() -> None:
     dul_module.time = time
 
 
-def attach(assoc: Any) -> bool:
-    """Let ``assoc``'s reactor be woken by its DIMSE messages, releases and aborts (at EVT_CONN_OPEN, before any
+def prepare(assoc: Any) -> bool:
+    """Let ``assoc``'s own thread be woken by its DIMSE messages, releases and aborts (at EVT_CONN_OPEN, before any
     is received). Returns False, changing nothing, when the association does not look like pynetdicom 3.0's."""
     dimse = getattr(assoc, "dimse", None)
     messages = getattr(dimse, "msg_queue", None)
@@ -208,22 +215,28 @@ def attach(assoc: Any) -> bool:
     ):
         return False
     wakeup = threading.Event()
-    dimse.msg_queue = _WakingQueue(wakeup.set)  # type: ignore[union-attr]
-    provider.to_user_queue = _WakingQueue(wakeup.set)  # type: ignore[union-attr]
+    dimse.msg_queue = WakingQueue(wakeup.set)  # type: ignore[union-attr]
+    provider.to_user_queue = WakingQueue(wakeup.set)  # type: ignore[union-attr]
     setattr(assoc, _WAKEUP_ATTRIBUTE, wakeup)
-    _attach_dul(provider)
+    _prepare_dul(provider)
     return True
 
 
-def detach(assoc: Any) -> None:
+def connection_closed(assoc: Any) -> None:
     """``assoc``'s connection is closed (EVT_CONN_CLOSE, on its DUL thread): close its DUL's eventfd now rather
     than when the association is collected. Its thread, if it loops once more, sleeps plainly."""
-    wakeup = getattr(getattr(assoc, "dul", None), _WAKEUP_ATTRIBUTE, None)
-    if isinstance(wakeup, DulWakeup):
+    wakeup = dul_wakeup(assoc)
+    if wakeup is not None:
         wakeup.close()
 
 
-def _attach_dul(dul: Any) -> bool:
+def dul_wakeup(assoc: Any) -> DulWakeup | None:
+    """What ``assoc``'s DUL thread waits on, when ``prepare`` gave it one (plain TCP only)."""
+    wakeup = getattr(getattr(assoc, "dul", None), _WAKEUP_ATTRIBUTE, None)
+    return wakeup if isinstance(wakeup, DulWakeup) else None
+
+
+def _prepare_dul(dul: Any) -> bool:
     """Let ``dul``'s thread wait on its socket and its outgoing queue (before the thread starts)."""
     if not hasattr(os, "eventfd") or not isinstance(dul, threading.Thread) or dul.is_alive():
         return False
@@ -238,6 +251,6 @@ def _attach_dul(dul: Any) -> bool:
     if not isinstance(getattr(dul, "_run_loop_delay", None), float):
         return False
     wakeup = DulWakeup(raw)
-    provider.to_provider_queue = _WakingQueue(wakeup.wake)
+    provider.to_provider_queue = WakingQueue(wakeup.wake)
     setattr(provider, _WAKEUP_ATTRIBUTE, wakeup)
     return True
