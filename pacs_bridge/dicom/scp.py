@@ -464,9 +464,9 @@ class DicomListener:
         return int(StoreStatus.SUCCESS)
 
     def _handle_established(self, event: Any) -> None:
-        # The access check comes first, fails closed, and stands alone: nothing after it (metrics, logging) can
-        # skip the refusal. pynetdicom cannot reject on the source address, so a refused association is aborted
-        # before any DIMSE message of it is processed.
+        # The access check comes first, fails closed, and stands alone: metrics, logging and the fast path each
+        # run in a try of their own after it, so none of them can skip a refusal. pynetdicom cannot reject on
+        # the source address, so a refused association is aborted before any DIMSE message of it is processed.
         try:
             reason = refusal_reason(
                 self._settings.allowed_calling_aets, _calling_ae(event), str(event.assoc.requestor.address)
@@ -474,25 +474,47 @@ class DicomListener:
         except Exception as exc:
             reason = f"the access check failed ({type(exc).__name__}: {exc})"
         if reason is not None:
-            event.assoc.abort()
+            self._refuse(event.assoc)
         try:
             self._observer.association_opened()  # counted either way: the abort's EVT_ABORTED counts it closed
         except Exception:
             log.exception("metrics_failed")
-        try:
-            if reason is not None:
+        if reason is not None:
+            try:
                 log.warning("association_refused", **_peer(event), reason=reason)
-                return
-            fast = self._fast_path
-            if isinstance(fast, fastpath.FastPath):
+            except Exception:
+                log.exception("association_log_failed")
+            return
+        fast = self._fast_path
+        if isinstance(fast, fastpath.FastPath):
+            try:
                 fast.let_in(event.assoc)
+            except Exception:  # its C-STOREs take pynetdicom's way then
+                log.exception("fast_path_let_in_failed")
+        try:
             log.info("association_established", **_peer(event))
-        except Exception:  # logging must never take a handler down
+        except Exception:
             log.exception("association_log_failed")
+
+    def _refuse(self, assoc: Any) -> None:
+        """Abort a refused association (inside an event handler pynetdicom's abort queues the A-ABORT); when the
+        abort itself fails, cut its connection instead: a refusal never depends on pynetdicom's abort working."""
+        try:
+            assoc.abort()
+            return
+        except Exception:
+            log.exception("association_abort_failed")
+        with self._lock:
+            refused = [known for known in self._connections.values() if known.assoc is assoc]
+        for connection in refused:
+            connection.guard.cut()
 
     def _handle_closed(self, event: Any) -> None:
         try:
             self._observer.association_closed()
+        except Exception:
+            log.exception("metrics_failed")
+        try:
             stored, refused = self._stats.pop(event.assoc)
             name = "association_released" if event.event is evt.EVT_RELEASED else "association_aborted"
             log.info(name, **_peer(event), stored=stored, refused=refused)

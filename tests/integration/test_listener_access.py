@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import structlog
-from pynetdicom import AE
+from pynetdicom import AE, association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
@@ -167,4 +167,27 @@ def test_address_refusal_holds_even_when_metrics_fail(index: Index, tmp_path: Pa
     assert result.returncode != 0
     assert refused["reason"] == "calling AE title 'MR_REMOTE' is not allowed from 127.0.0.1"
     assert metrics_failure["level"] == "error"
+    assert index.study_status(uid("1")) is None
+
+
+def test_a_refused_association_whose_abort_fails_is_cut_off(
+    listener: DicomListener, index: Index, tmp_path: Path, logged: Logged, monkeypatch: pytest.MonkeyPatch
+):
+    """When pynetdicom's abort raises, the refusal still holds: the listener cuts the connection, the sender's
+    store fails and nothing is indexed. (Inside an event handler, pynetdicom 3.0 binds ``assoc.abort`` to
+    ``_abort_nonblocking``: that is the abort the listener calls there.)"""
+
+    def failing_abort(self: association.Association) -> None:
+        raise RuntimeError("abort is broken")
+
+    path = write_file(make_dataset(), tmp_path / "one.dcm")
+    with monkeypatch.context() as patched:
+        patched.setattr(association.Association, "_abort_nonblocking", failing_abort)
+        result = storescu(listener.port, [path], calling_ae="MR_REMOTE")
+        abort_failure = logged("association_abort_failed")
+        refused = logged("association_refused")
+
+    assert result.returncode != 0
+    assert abort_failure["level"] == "error"
+    assert refused["reason"] == "calling AE title 'MR_REMOTE' is not allowed from 127.0.0.1"
     assert index.study_status(uid("1")) is None
