@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydicom import config as pydicom_config
+from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import Engine, create_engine, text
 
 from pacs_bridge.index.engine import make_engine
@@ -38,6 +40,33 @@ class FakeClock:
     def advance(self, delta: timedelta) -> datetime:
         self.now += delta
         return self.now
+
+
+# pydicom's and pynetdicom's process-wide settings that the bridge's code or a test may change
+_DICOM_SETTINGS: tuple[tuple[object, str], ...] = (
+    (pydicom_config.settings, "reading_validation_mode"),
+    (pydicom_config.settings, "writing_validation_mode"),
+    (pynetdicom_config, "STORE_RECV_CHUNKED_DATASET"),
+    (pynetdicom_config, "STORE_SEND_CHUNKED_DATASET"),
+    (pynetdicom_config, "LOG_HANDLER_LEVEL"),
+)
+
+
+@pytest.fixture(autouse=True)
+def no_dicom_settings_leak() -> Iterator[None]:
+    """Every test leaves pydicom's and pynetdicom's process-wide settings as it found them (a listener puts
+    back what it changed when it stops): a test that does not fails here, and the settings are put back so
+    that the next test starts from the same ones."""
+    before = [getattr(owner, name) for owner, name in _DICOM_SETTINGS]
+    yield
+    after = [getattr(owner, name) for owner, name in _DICOM_SETTINGS]
+    changed = {
+        name: (was, now) for (_, name), was, now in zip(_DICOM_SETTINGS, before, after, strict=True) if was != now
+    }
+    for (owner, name), value in zip(_DICOM_SETTINGS, before, strict=True):
+        setattr(owner, name, value)
+    if changed:
+        pytest.fail(f"the test left process-wide DICOM settings changed, (before, after): {changed}")
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ never decoded), turned into an ``InstanceRecord`` and handed to the ``InstanceSi
 answered only after the sink has committed; every failure becomes a status from ``dicom/status.py`` and the
 association goes on.
 
-Starting a listener sets pynetdicom's and pydicom's process-wide switches it depends on: pynetdicom writes a
-C-STORE it receives itself to a temporary file (``STORE_RECV_CHUNKED_DATASET``: memory stays flat for any
-instance size), its standard per-message log handlers are off (they would read every received data set
-whole), and pydicom does not check the values it decodes against their VR (extraction checks what the index
-needs, dicom/extract.py; those checks only ever produced warnings).
+While any listener of the process runs, pynetdicom's and pydicom's process-wide switches it depends on are set
+(``LISTENER_SWITCHES``): pynetdicom writes a C-STORE it receives itself to a temporary file
+(``STORE_RECV_CHUNKED_DATASET``: memory stays flat for any instance size), its standard per-message log
+handlers are off (they would read every received data set whole), and pydicom does not check the values it
+decodes against their VR (extraction checks what the index needs, dicom/extract.py; those checks only ever
+produced warnings). The first listener to start sets them; the last to stop puts back what was there before.
 
 Stopping closes the listening socket and every pending connection at once, aborts each association that is
 idle (no PDU or message partly received, no C-STORE awaiting its answer, nothing received for a second), and
@@ -63,6 +64,42 @@ _LISTEN_BACKLOG = 1024
 _STOP_POLL_SECONDS = 0.02
 _CUT_AFTER_ABORT_SECONDS = 1.0  # an aborted association whose connection is still open then is cut
 _STOP_GIVE_UP_SECONDS = 10.0  # past the drain and the cut, stop returns whatever is left
+
+
+class _ListenerSwitches:
+    """pynetdicom's and pydicom's process-wide settings a running listener needs (see the module docstring): set
+    when the first listener of the process starts, restored when the last one stops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._before: tuple[bool, str, Any] | None = None
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._before = (
+                    _pynetdicom_config.STORE_RECV_CHUNKED_DATASET,
+                    _pynetdicom_config.LOG_HANDLER_LEVEL,
+                    pydicom_config.settings.reading_validation_mode,
+                )
+                _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+                _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+                pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+            self._holders += 1
+
+    def let_go(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._before is not None:
+                chunked, log_level, validation = self._before
+                _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = chunked
+                _pynetdicom_config.LOG_HANDLER_LEVEL = log_level
+                pydicom_config.settings.reading_validation_mode = validation
+                self._before = None
+
+
+LISTENER_SWITCHES = _ListenerSwitches()
 
 
 class InstanceSink(Protocol):
@@ -173,6 +210,7 @@ class DicomListener:
         self._lock = threading.Lock()
         self._connections: dict[int, _Connection] = {}  # by id of its socket
         self._orphans = OrphanedReceiveFiles()
+        self._holds_switches = False  # LISTENER_SWITCHES, from start to stop
         self._ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -229,9 +267,22 @@ class DicomListener:
     def start(self, *, listen: bool = True, on_connection_closed: Callable[[], None] | None = None) -> None:
         """Listen on the configured address; or, with ``listen=False``, serve the connections passed to
         ``adopt``. ``on_connection_closed`` is called once for each connection that ends, handed over or not."""
-        _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-        _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
-        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        if self._front_door is not None:
+            raise RuntimeError("the listener is already started")
+        LISTENER_SWITCHES.hold()
+        self._holds_switches = True
+        try:
+            self._start(listen=listen, on_connection_closed=on_connection_closed)
+        except BaseException:
+            self._let_go_of_switches()
+            raise
+
+    def _let_go_of_switches(self) -> None:
+        if self._holds_switches:
+            self._holds_switches = False
+            LISTENER_SWITCHES.let_go()
+
+    def _start(self, *, listen: bool, on_connection_closed: Callable[[], None] | None) -> None:
         settings = self._settings
         self._fast_path = (
             fastpath.enable() if settings.fast_path else fastpath.FastPathUnavailable("dicom.fast_path is off")
@@ -355,6 +406,7 @@ class DicomListener:
             time.sleep(_STOP_POLL_SECONDS)
         left = len(self._live_connections())
         self._server.server_close()
+        self._let_go_of_switches()
         log.info(
             "listener_stopped",
             aborted_associations=idle_aborted + drained_aborted,

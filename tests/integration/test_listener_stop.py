@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydicom import config as pydicom_config
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -117,3 +118,25 @@ def test_pending_connections_are_closed_at_once(index: Index, receive_path: str)
             with contextlib.suppress(ConnectionResetError):
                 assert connection.recv(16) == b""
     assert took < LONG_DRAIN / 4
+
+
+def test_pydicoms_value_checks_are_off_only_while_a_listener_runs(index: Index) -> None:
+    """Starting a listener turns pydicom's value checks off for the process; they stay off while any listener
+    runs and come back as they were when the last one stops."""
+    settings = pydicom_config.settings
+    before = settings.reading_validation_mode
+    assert before != pydicom_config.IGNORE  # the test run's own setting, which the listener must put back
+    first = DicomListener(listener_settings(), index, clock=utc_now)
+    second = DicomListener(listener_settings(), index, clock=utc_now)
+    first.start()
+    try:
+        second.start()
+        try:
+            assert settings.reading_validation_mode == pydicom_config.IGNORE
+            first.stop(drain_timeout_seconds=5)
+            assert settings.reading_validation_mode == pydicom_config.IGNORE  # the second still needs it
+        finally:
+            second.stop(drain_timeout_seconds=5)
+    finally:
+        first.stop(drain_timeout_seconds=5)
+    assert settings.reading_validation_mode == before
