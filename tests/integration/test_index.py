@@ -463,11 +463,25 @@ def test_ingest_checks_out_one_connection_for_all_its_instances(index: Index, en
     assert index.load_snapshot(uid("1")).number_of_instances == 8
 
 
-def close_kept_connection_from_the_server(index: Index, engine: Engine) -> None:
+class CheckedOutConnections:
+    """The PostgreSQL backends of ``engine``'s connections that are checked out of its pool (SQLAlchemy's pool
+    events): while nothing else runs, that is the connection the index keeps for ingest."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.backend_pids: dict[int, int] = {}
+        event.listen(engine, "checkout", self._checked_out)
+        event.listen(engine, "checkin", self._checked_in)
+
+    def _checked_out(self, dbapi_connection: Any, pool_record: Any, _proxy: Any) -> None:
+        self.backend_pids[id(pool_record)] = dbapi_connection.info.backend_pid
+
+    def _checked_in(self, _dbapi_connection: Any, pool_record: Any) -> None:
+        self.backend_pids.pop(id(pool_record), None)
+
+
+def close_kept_connection_from_the_server(checked_out: CheckedOutConnections, engine: Engine) -> None:
     """Terminate the backend of the index's kept ingest connection, as a PostgreSQL restart or idle timeout does."""
-    kept = index._kept_connection
-    assert kept is not None
-    kept_pid = kept.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
+    (kept_pid,) = checked_out.backend_pids.values()
     with engine.connect() as admin:
         assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": kept_pid}).scalar()
 
@@ -481,9 +495,10 @@ def test_a_kept_connection_the_server_closed_is_replaced_and_the_instance_record
     engine = make_engine(postgres_schema_url)
     prepare_schema(engine)
     index = Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+    checked_out = CheckedOutConnections(engine)
     try:
         assert index.record_instance(record(instance="1.1.1"), received_at=clock()) is RecordOutcome.NEW
-        close_kept_connection_from_the_server(index, engine)
+        close_kept_connection_from_the_server(checked_out, engine)
         assert index.record_instance(record(instance="1.1.2"), received_at=clock()) is RecordOutcome.NEW
         assert index.load_snapshot(uid("1")).number_of_instances == 2
     finally:
@@ -530,12 +545,13 @@ def test_instances_that_joined_are_recorded_again_when_the_kept_connection_is_re
     engine = make_engine(postgres_schema_url)
     prepare_schema(engine)
     index = Index(engine, DebounceSettings(quiet_period=QUIET, max_delay=MAX_DELAY))
+    checked_out = CheckedOutConnections(engine)
     offered = [[(record(instance="1.1.3", number=3), clock())]]
 
     def joining_as_the_server_closes_the_connection(_: object) -> list[tuple[InstanceRecord, datetime]]:
         if not offered:
             return []
-        close_kept_connection_from_the_server(index, engine)
+        close_kept_connection_from_the_server(checked_out, engine)
         return offered.pop()
 
     try:
