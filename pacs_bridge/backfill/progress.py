@@ -2,7 +2,9 @@
 log events, one every ``interval`` seconds and at the end) when not on one.
 
 The bar measures study dates covered (the only total known before the PACS is asked): days done of days
-planned, with studies found and indexed, the rate of studies per second and the time left.
+planned and the time left, with the studies found, indexed, unchanged and failed and their rate on a line
+below. Both fit the terminal's width: the bar shrinks, the label and the elapsed time are left out under
+``WIDE_COLUMNS``, and the figures are worded more briefly, then fewer, as the width needs.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import io
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.console import Console, RenderableType
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from pacs_bridge.backfill.runner import BackfillFailure, BackfillSummary
 from pacs_bridge.index.backfill_progress import RunCounts
@@ -82,23 +85,54 @@ class JsonLinesProgress:
         )
 
 
+# From this many columns on, the bar's line also has its label and the elapsed time.
+WIDE_COLUMNS = 100
+
+
+def figures_line(counts: RunCounts, rate: float, width: int) -> str:
+    """The studies' figures in at most ``width`` characters: the most that fits, failures always."""
+    found, indexed, unchanged, failed = (
+        f"{value:,}"
+        for value in (counts.studies_found, counts.studies_indexed, counts.studies_unchanged, counts.failures)
+    )
+    variants = (
+        f"{found} studies found, {indexed} indexed, {unchanged} unchanged, {failed} failed, {rate:.1f} studies/s",
+        f"{found} found, {indexed} indexed, {unchanged} unchanged, {failed} failed, {rate:.1f}/s",
+        f"{found} found, {indexed} indexed, {failed} failed",
+        f"{found} found, {failed} failed",
+    )
+    return next((line for line in variants if len(line) <= width), variants[-1])
+
+
+class _FittedProgress(Progress):
+    """The bar's line with the columns the console's width has room for, and the figures on a line below."""
+
+    def __init__(self, *, console: Console, wide: tuple[ProgressColumn, ...], narrow: tuple[ProgressColumn, ...]):
+        self._wide, self._narrow, self._display = wide, narrow, console  # rendered once before init ends
+        super().__init__(*wide, console=console, expand=True, redirect_stdout=False, redirect_stderr=False)
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        width = self._display.width
+        self.columns = self._wide if width >= WIDE_COLUMNS else self._narrow
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            line = figures_line(task.fields["counts"], task.fields["rate"], width)
+            yield Text(line, no_wrap=True, overflow="ellipsis")
+
+
 class TerminalProgress:
     """On a terminal: a rich progress bar on stderr; log lines and failures print above it."""
 
     def __init__(self, *, console: Console | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._console = console or Console(stderr=True)
         self._rate = _Rate(monotonic)
-        self._progress = Progress(
-            TextColumn("[bold]backfill[/bold]"),
-            BarColumn(),
-            TextColumn("{task.completed:,.0f}/{task.total:,.0f} days"),
-            TextColumn("{task.fields[studies]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+        bar = BarColumn(bar_width=None)  # as wide as the other columns leave
+        days = TextColumn("{task.completed:,.0f}/{task.total:,.0f} days")
+        eta = (TextColumn("ETA"), TimeRemainingColumn())
+        self._progress = _FittedProgress(
             console=self._console,
-            redirect_stdout=False,
-            redirect_stderr=False,
+            wide=(TextColumn("[bold]backfill[/bold]"), bar, days, TimeElapsedColumn(), *eta),
+            narrow=(bar, days, *eta),
         )
         self._task: Any = None
         self._handlers: list[tuple[logging.StreamHandler[Any], Any]] = []
@@ -106,7 +140,7 @@ class TerminalProgress:
     def started(self, *, days_total: int, days_done: int, resumed: bool, counts: RunCounts) -> None:
         self._rate.per_second(counts.studies_found)
         self._task = self._progress.add_task(
-            "backfill", total=max(days_total, 1), completed=days_done, studies=self._studies(counts)
+            "backfill", total=max(days_total, 1), completed=days_done, **self._figures(counts)
         )
         self._progress.start()
         self._route_logs_above_bar()
@@ -114,22 +148,18 @@ class TerminalProgress:
             self._console.print(f"continuing an earlier run: {days_done:,} of {days_total:,} days done already")
 
     def advanced(self, *, days: int, counts: RunCounts) -> None:
-        self._progress.update(self._task, advance=days, studies=self._studies(counts))
+        self._progress.update(self._task, advance=days, **self._figures(counts))
 
     def failed(self, failure: BackfillFailure) -> None:
         pass  # logged by the runner as backfill_failed, above the bar
 
     def finished(self, summary: BackfillSummary) -> None:
-        self._progress.update(self._task, studies=self._studies(summary.counts))
+        self._progress.update(self._task, **self._figures(summary.counts))
         self._progress.stop()
         self._restore_logs()
 
-    def _studies(self, counts: RunCounts) -> str:
-        rate = self._rate.per_second(counts.studies_found)
-        return (
-            f"{counts.studies_found:,} studies found, {counts.studies_indexed:,} indexed, "
-            f"{counts.studies_unchanged:,} unchanged, {counts.failures:,} failed, {rate:.1f}/s"
-        )
+    def _figures(self, counts: RunCounts) -> dict[str, Any]:
+        return {"counts": counts, "rate": self._rate.per_second(counts.studies_found)}
 
     def _route_logs_above_bar(self) -> None:
         """Log lines written while the bar shows go through its console, which prints them above it."""

@@ -12,7 +12,7 @@ from rich.console import Console
 from structlog.testing import capture_logs
 
 from pacs_bridge.backfill.pacing import Pacer, backoff_seconds
-from pacs_bridge.backfill.progress import JsonLinesProgress, TerminalProgress, progress_reporter
+from pacs_bridge.backfill.progress import JsonLinesProgress, TerminalProgress, figures_line, progress_reporter
 from pacs_bridge.backfill.runner import BackfillFailure, BackfillSummary
 from pacs_bridge.errors import BackfillStoppedError
 from pacs_bridge.index.backfill_progress import RunCounts
@@ -139,6 +139,36 @@ def test_on_a_terminal_a_bar_shows_days_and_studies_and_log_lines_print_above_it
     assert "366/366 days" in text
     assert "40 studies found, 38 indexed, 0 unchanged, 2 failed" in text
     assert handler.stream is original_stream
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 100, 160])
+def test_the_bar_and_its_figures_fit_the_terminal_width(width: int) -> None:
+    """A backfill since 1900 with six-figure counts: at any width from 40 columns the days done, the time left
+    and the failures show whole, every line within the width; the label and the elapsed time from 100 on."""
+    screen = io.StringIO()
+    progress = TerminalProgress(console=Console(file=screen, width=width, force_terminal=False, color_system=None))
+    counts = RunCounts(studies_found=123_456, studies_indexed=120_000, studies_unchanged=3_000, failures=456)
+    progress.started(days_total=45_656, days_done=0, resumed=False, counts=RunCounts())
+    progress.advanced(days=20_000, counts=counts)
+    progress.finished(summary(counts))
+
+    lines = screen.getvalue().splitlines()
+    assert lines and all(len(line) <= width for line in lines), lines
+    assert "20,000/45,656 days" in lines[0] and "ETA" in lines[0]
+    assert "456 failed" in lines[1] and "…" not in screen.getvalue()
+    assert lines[0].startswith("backfill") == (width >= 100)
+
+
+def test_the_figures_are_worded_more_briefly_then_fewer_as_the_width_needs() -> None:
+    """The longest wording that fits; the failures always."""
+    counts = RunCounts(studies_found=1_234_567, studies_indexed=1_200_000, studies_unchanged=34_567, failures=1)
+
+    assert figures_line(counts, 12.34, 200) == (
+        "1,234,567 studies found, 1,200,000 indexed, 34,567 unchanged, 1 failed, 12.3 studies/s"
+    )
+    assert figures_line(counts, 12.34, 80) == "1,234,567 found, 1,200,000 indexed, 34,567 unchanged, 1 failed, 12.3/s"
+    assert figures_line(counts, 12.34, 50) == "1,234,567 found, 1,200,000 indexed, 1 failed"
+    assert figures_line(counts, 12.34, 30) == "1,234,567 found, 1 failed"
 
 
 def test_the_bar_is_for_terminals_only() -> None:
