@@ -381,8 +381,12 @@ def _lookup_fallback_lines(fallbacks: Mapping[tuple[str, str], int]) -> list[str
 
 
 def _backfill(config: Config, args: argparse.Namespace, *, config_path: str) -> None:
+    from sqlalchemy import Engine
+
     from pacs_bridge.backfill.command import run_backfill
     from pacs_bridge.backfill.runner import BackfillRequest
+    from pacs_bridge.errors import IndexNotFoundError
+    from pacs_bridge.index.repository import Index
     from pacs_bridge.logs import configure_logging
     from pacs_bridge.service import open_index
 
@@ -399,8 +403,16 @@ def _backfill(config: Config, args: argparse.Namespace, *, config_path: str) -> 
         dry_run=args.dry_run,
     )
     configure_logging(config.logging.level, config.logging.format)
-    # The index the service fills: never created here, so that a wrong database.url is named, not filled.
-    engine, index = open_index(config, config_path=config_path)
+    # The index the service fills: never created here, so that a wrong database.url is named, not filled. A
+    # dry run only reads it, and without one compares with nothing.
+    engine: Engine | None = None
+    index: Index | None = None
+    try:
+        engine, index = open_index(config, config_path=config_path)
+    except IndexNotFoundError as exc:
+        if not args.dry_run:
+            raise
+        print(f"{exc}\ndry run: compared with no index, every study found is new", file=sys.stderr)
     try:
         summary = run_backfill(config, request, engine=engine, index=index, config_path=config_path)
     except ConfigError as exc:
@@ -410,14 +422,25 @@ def _backfill(config: Config, args: argparse.Namespace, *, config_path: str) -> 
         print("stopped at once; run the same command again to continue", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
     counts = summary.counts
-    what = "would index" if summary.dry_run else "indexed"
-    print(
-        f"backfill from {args.source}{' (dry run)' if summary.dry_run else ''}: {counts.studies_found} studies "
-        f"found, {counts.studies_indexed} {what} ({counts.instances_indexed} instances), "
-        f"{counts.studies_unchanged} unchanged, {len(summary.failures)} failed"
-    )
+    if summary.dry_run:
+        changed = counts.studies_indexed - summary.new_studies
+        print(
+            f"backfill from {args.source} (dry run): {counts.studies_found} studies found: {summary.new_studies} "
+            f"new, {changed} changed, {counts.studies_unchanged} unchanged; it would index "
+            f"{counts.studies_indexed} studies ({counts.instances_indexed} instances), {len(summary.failures)} failed"
+        )
+    else:
+        print(
+            f"backfill from {args.source}: {counts.studies_found} studies found, {counts.studies_indexed} indexed "
+            f"({counts.instances_indexed} instances), {counts.studies_unchanged} unchanged, "
+            f"{len(summary.failures)} failed"
+        )
+    if summary.unreachable is not None:
+        print(f"pacs-bridge: {summary.unreachable}", file=sys.stderr)
+        sys.exit(EXIT_RUNTIME_ERROR)
     for failure in summary.failures[:50]:
         print(f"  failed: {failure.what}: {failure.error}", file=sys.stderr)
     if len(summary.failures) > 50:

@@ -158,5 +158,11 @@ class PacsQueryError(PacsBridgeError):
     exits non-zero; running it again retries what failed."""
 
 
+class PacsUnreachableError(PacsBridgeError):
+    """The backfill cannot reach the PACS at all: nothing answered at its URL or AE from the start, or several
+    requests in a row found it gone. Asking about each window would only wait for each in turn, so the run
+    stops; the message names the URL or AE and what to check, and the same command continues the run."""
+
+
 class BackfillStoppedError(PacsBridgeError):
     """The backfill was stopped (SIGINT or SIGTERM) before its end; run the same command again to continue."""

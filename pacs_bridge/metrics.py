@@ -65,14 +65,19 @@ class _StudyStateCollector(Collector):
 
 class _BackfillCollector(Collector):
     """``pacs_bridge_backfill_*`` from the index: a backfill runs as its own process (``pacs-bridge backfill``),
-    and its progress is kept in the database, so the service's scrape reports it. Counters add up every run."""
+    and its progress is kept in the database, so the service's scrape reports it. The study counters add up the
+    windows every run has done (a window retried counts once, when done); the failures counter every failure
+    reported. The gauges follow the running run (``BackfillTotals.latest``)."""
 
     _COUNTERS = (
-        ("studies_found", "Studies a backfill found in the PACS"),
-        ("studies_indexed", "Studies a backfill indexed with a new or changed instance"),
-        ("studies_unchanged", "Studies a backfill found already indexed as the PACS holds them"),
-        ("instances_indexed", "Instances a backfill indexed (new or changed)"),
-        ("failures", "Windows and studies a backfill could not index (the run goes on; rerun to retry)"),
+        ("studies_found", "Studies found in the PACS, counted when the backfill window holding them is done"),
+        ("studies_indexed", "Studies a backfill indexed with a new or changed instance, when their window is done"),
+        (
+            "studies_unchanged",
+            "Studies a backfill found already indexed as the PACS holds them, when their window is done",
+        ),
+        ("instances_indexed", "Instances a backfill indexed (new or changed), when their window is done"),
+        ("failures", "Windows and studies a backfill could not index, each time (the run goes on; rerun to retry)"),
     )
 
     def __init__(self, totals: Callable[[], BackfillTotals]) -> None:
@@ -91,16 +96,17 @@ class _BackfillCollector(Collector):
         latest = totals.latest
         yield GaugeMetricFamily(
             "pacs_bridge_backfill_running",
-            "1 while the latest backfill run is running (or its process died without ending it)",
+            "1 while a backfill run is running (or its process died without ending it)",
             value=1 if latest is not None and latest.state == RunState.RUNNING.value else 0,
         )
         # Declared (with a sample once a run exists) from the start, so that alert rules always find them.
         progress = GaugeMetricFamily(
             "pacs_bridge_backfill_last_progress_timestamp_seconds",
-            "Unix time at which the latest backfill run last recorded progress",
+            "Unix time at which the running backfill run (else the last one) last recorded progress",
         )
         remaining = GaugeMetricFamily(
-            "pacs_bridge_backfill_days_remaining", "Study dates the latest backfill run has still to cover"
+            "pacs_bridge_backfill_days_remaining",
+            "Study dates the running backfill run (else the last one) has still to cover",
         )
         if latest is not None:
             progress.add_metric([], latest.updated_at.timestamp())

@@ -112,12 +112,13 @@ def run_backfill(
     config: Config,
     request: BackfillRequest,
     *,
-    engine: Engine,
-    index: InstanceSink,
+    engine: Engine | None,
+    index: InstanceSink | None,
     config_path: str,
     on_terminal: bool | None = None,
 ) -> BackfillSummary:
-    """Run ``request`` against the configured PACS into ``index``; returns what it did."""
+    """Run ``request`` against the configured PACS into ``index``; returns what it did. A dry run compares with
+    ``index`` read only, or with none (``engine`` and ``index`` None: there is no index yet)."""
     pacs = pacs_section(config, request.source, config_path=config_path)
     stopping = threading.Event()
     pacer = Pacer(pacs.max_requests_per_second, stopping)
@@ -125,7 +126,7 @@ def run_backfill(
     runner = BackfillRunner(
         source=source,
         sink=index,
-        ledger=BackfillLedger(engine),
+        ledger=BackfillLedger(engine) if engine is not None else None,
         reporter=progress_reporter(on_terminal=on_terminal),
         clock=_utc_now,
     )

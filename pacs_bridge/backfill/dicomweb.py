@@ -5,7 +5,10 @@ Nothing else is ever requested: no frames, no bulk data (an element given by ``B
 no rendered images, no whole instances. Every answer is bounded: ``timeout`` per request (the client's),
 ``max_response_bytes`` per body, and it must be a JSON array of DICOM JSON objects. A 429 or 503 is waited
 out (its ``Retry-After``, else 1, 2, 4 ... s) and asked again, at most ``max_attempts`` times in all; so is
-a refused or dropped connection. A timeout is not: a PACS that slow is not asked again at once.
+a refused or dropped connection once the PACS has answered. Before it has answered anything, a connection
+refused (or not made in time) means the URL or the PACS is wrong: ``PacsUnreachableError`` at once, and so
+after ``UNREACHABLE_AFTER`` requests in a row whose attempts all failed to connect. A timeout waiting for an
+answer is not retried: a PACS that slow is not asked again at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pydicom.dataset import Dataset
 from pacs_bridge.backfill.pacing import Pacer, backoff_seconds
 from pacs_bridge.backfill.source import FoundStudies, StudyQuery
 from pacs_bridge.dicom.extract import HEADER_TAGS
-from pacs_bridge.errors import PacsQueryError
+from pacs_bridge.errors import PacsQueryError, PacsUnreachableError
 from pacs_bridge.fhir.auth import SecretAuth
 from pacs_bridge.fhir.client import parse_retry_after
 
@@ -31,14 +34,18 @@ STUDY_INSTANCE_UID_TAG = "0020000D"
 HEADER_JSON_KEYS = frozenset(f"{tag:08X}" for tag in HEADER_TAGS)
 BUSY_STATUSES = frozenset({429, 503})
 MAX_DETAIL_CHARS = 300
+# Requests in a row that could not connect, once the PACS had answered, after which it is taken for gone.
+UNREACHABLE_AFTER = 3
 
 
 class _ConnectionLostError(Exception):
-    """Internal: the connection failed before an answer came; ``error`` is what to raise if it keeps failing."""
+    """Internal: the connection failed before an answer came; ``error`` is what to raise if it keeps failing,
+    ``reason`` what failed (``ConnectError: ...``)."""
 
-    def __init__(self, error: PacsQueryError) -> None:
+    def __init__(self, error: PacsQueryError, reason: str) -> None:
         super().__init__(str(error))
         self.error = error
+        self.reason = reason
 
 
 class DicomWebSource:
@@ -62,6 +69,8 @@ class DicomWebSource:
         self._page_size = page_size
         self._max_response_bytes = max_response_bytes
         self._max_attempts = max_attempts
+        self._ever_answered = False
+        self._unconnected_requests = 0  # in a row, each after its attempts
         self.requests_sent = 0
 
     def close(self) -> None:
@@ -73,6 +82,8 @@ class DicomWebSource:
         params: dict[str, str | int] = {}
         if query.window is not None:
             params["StudyDate"] = query.window.dicom_range()
+        if query.study_times is not None:
+            params["StudyTime"] = query.study_times.dicom_range()
         if query.modality:
             params["ModalitiesInStudy"] = query.modality
         if query.study_uid:
@@ -138,10 +149,24 @@ class DicomWebSource:
             try:
                 status, headers, body = self._get(url, what=what, params=params)
             except _ConnectionLostError as exc:
+                if not self._ever_answered:
+                    raise PacsUnreachableError(
+                        f"cannot reach the PACS at {self._base_url} ({exc.reason}); check pacs.dicomweb_url and that "
+                        "the PACS runs. Nothing was asked of it; the same command continues once it answers"
+                    ) from exc.__cause__
                 if attempt >= self._max_attempts:
+                    self._unconnected_requests += 1
+                    if self._unconnected_requests >= UNREACHABLE_AFTER:
+                        raise PacsUnreachableError(
+                            f"the PACS at {self._base_url} stopped answering: {self._unconnected_requests} requests in "
+                            f"a row could not connect, {attempt} attempts each ({exc.reason}); check that the PACS "
+                            "runs; the same command continues once it answers"
+                        ) from exc.__cause__
                     raise exc.error from exc.__cause__
                 self._pacer.pause(backoff_seconds(attempt))
                 continue
+            self._ever_answered = True
+            self._unconnected_requests = 0
             if status in BUSY_STATUSES and attempt < self._max_attempts:
                 wait = parse_retry_after(headers.get("Retry-After"), now=datetime.now(UTC))
                 self._pacer.pause(wait if wait is not None else backoff_seconds(attempt))
@@ -191,6 +216,8 @@ class DicomWebSource:
                         raise self._too_large(what, url)
                     chunks.append(chunk)
                 return response.status_code, response.headers, b"".join(chunks)
+        except httpx.ConnectTimeout as exc:  # no connection made in time: nothing answers at that address
+            raise self._connection_lost(what, url, exc) from exc
         except httpx.TimeoutException as exc:
             raise PacsQueryError(
                 f"{what}: no answer to GET {url} in time ({type(exc).__name__}); the PACS is overloaded or down, "
@@ -199,12 +226,18 @@ class DicomWebSource:
         except httpx.TransportError as exc:
             # A refused or dropped connection (a kept-alive one the PACS closed meanwhile, a restart) is tried
             # again like a busy answer; the error is raised once the attempts are spent.
-            raise _ConnectionLostError(
-                PacsQueryError(
-                    f"{what}: cannot reach the PACS for GET {url} ({type(exc).__name__}: {exc}); check "
-                    "pacs.dicomweb_url and that the PACS runs"
-                )
-            ) from exc
+            raise self._connection_lost(what, url, exc) from exc
+
+    @staticmethod
+    def _connection_lost(what: str, url: str, exc: httpx.TransportError) -> _ConnectionLostError:
+        reason = f"{type(exc).__name__}: {exc}"
+        return _ConnectionLostError(
+            PacsQueryError(
+                f"{what}: cannot reach the PACS for GET {url} ({reason}); check pacs.dicomweb_url and that the PACS "
+                "runs"
+            ),
+            reason,
+        )
 
     def _too_large(self, what: str, url: str) -> PacsQueryError:
         megabytes = self._max_response_bytes / (1024 * 1024)

@@ -8,7 +8,8 @@ PACS does not return stays empty (docs/backfill.md lists what the resource then 
 Bounds: ``timeout_seconds`` for the association, each response and the connection; a study-level answer with
 ``max_results`` identifiers, or ended by the PACS with 0xFE00 (Orthanc at its ``LimitFindResults``) or
 0xA700, is *full* and its window is split. A stop request (SIGINT/SIGTERM) sends C-CANCEL for the query under
-way. One association is kept for the run and opened again after a failure.
+way. One association is kept for the run and opened again after a failure. A PACS that accepts no association
+from the first, or none ``UNREACHABLE_AFTER`` times in a row later, is unreachable: the run stops.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 
 from pacs_bridge.backfill.pacing import Pacer
 from pacs_bridge.backfill.source import FoundStudies, StudyQuery
-from pacs_bridge.errors import BackfillStoppedError, PacsQueryError
+from pacs_bridge.errors import BackfillStoppedError, PacsQueryError, PacsUnreachableError
 
 FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
 PENDING = frozenset({0xFF00, 0xFF01})
 SUCCESS = 0x0000
 CANCELLED = 0xFE00
 OUT_OF_RESOURCES = 0xA700
+# Associations refused (or not answered) in a row, once one was accepted, after which the PACS is taken for gone.
+UNREACHABLE_AFTER = 3
 
 # The return keys asked at each level: together, every element dicom/extract.py reads (a unit test holds
 # them to extract.HEADER_KEYWORDS). Sequences are asked with an empty value (universal sequence matching).
@@ -156,6 +159,9 @@ class CFindSource:
         self._ae.connection_timeout = timeout_seconds
         self._ae.add_requested_context(FIND_MODEL)
         self._association: Any = None
+        self._calling = calling_ae_title
+        self._ever_associated = False
+        self._failed_associations = 0  # in a row
         self._message_ids = itertools.count(1)
         # The study-level answers of the last window: study_instances takes its study's attributes from them
         # instead of asking the PACS again.
@@ -173,6 +179,8 @@ class CFindSource:
         matching: dict[str, str] = {}
         if query.window is not None:
             matching["StudyDate"] = query.window.dicom_range()
+        if query.study_times is not None:
+            matching["StudyTime"] = query.study_times.dicom_range()
         if query.modality:
             matching["ModalitiesInStudy"] = query.modality
         if query.study_uid:
@@ -266,11 +274,27 @@ class CFindSource:
         host, port, called = self._called
         association = self._ae.associate(host, port, ae_title=called)
         if not association.is_established:
+            self._failed_associations += 1
             reason = "rejected it" if association.is_rejected else "did not answer or aborted"
-            raise PacsQueryError(
-                f"{what}: cannot open an association with the PACS {called}@{host}:{port}: it {reason}; check "
-                "pacs.dimse (ae_title, host, port) and that the PACS allows C-FIND from dicom.ae_title"
+            check = (
+                f"check pacs.dimse (ae_title, host, port) and that the PACS allows C-FIND from dicom.ae_title "
+                f"({self._calling})"
             )
+            if not self._ever_associated:
+                raise PacsUnreachableError(
+                    f"cannot open an association with the PACS {called}@{host}:{port}: it {reason}; {check}. "
+                    "Nothing was asked of it; the same command continues once it answers"
+                )
+            if self._failed_associations >= UNREACHABLE_AFTER:
+                raise PacsUnreachableError(
+                    f"the PACS {called}@{host}:{port} {reason} {self._failed_associations} associations in a row; "
+                    f"it is down or refuses us now ({check}); the same command continues once it answers"
+                )
+            raise PacsQueryError(
+                f"{what}: cannot open an association with the PACS {called}@{host}:{port}: it {reason}; {check}"
+            )
+        self._ever_associated = True
+        self._failed_associations = 0
         self._association = association
         return association
 

@@ -2,7 +2,8 @@
 
 A backfill covers ``[since, until]`` in calendar-year windows. A window whose answer is full (the PACS's
 maximum of C-FIND answers, or a whole QIDO page) is split in two halves, down to a single day, so that no
-query asks for more than the PACS will give. The windows done are kept in the index; a window is skipped
+query asks for more than the PACS will give. A single day still full is asked by StudyTime ranges
+(``TimeRange``), halved likewise down to a single second. The windows done are kept in the index; a window is skipped
 when windows done cover every one of its days, which is how a resumed run skips what it did before even
 though it splits the same way again.
 """
@@ -42,6 +43,49 @@ class Window:
 
     def __str__(self) -> str:
         return str(self.first_day) if self.first_day == self.last_day else f"{self.first_day}..{self.last_day}"
+
+
+SECONDS_PER_DAY = 24 * 60 * 60
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+class TimeRange:
+    """StudyTime from ``first_second`` to ``last_second`` of the day (seconds since midnight), both included."""
+
+    first_second: int
+    last_second: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first_second <= self.last_second < SECONDS_PER_DAY:
+            raise ValueError(f"a time range runs within one day, forwards: {self.first_second}..{self.last_second}")
+
+    @property
+    def splittable(self) -> bool:
+        return self.last_second > self.first_second
+
+    def halves(self) -> tuple[TimeRange, TimeRange]:
+        """The two halves of a range of more than one second (the first the longer when the seconds are odd)."""
+        if not self.splittable:
+            raise ValueError(f"time range {self} is a single second and cannot be split")
+        middle = self.first_second + (self.last_second - self.first_second + 1 + 1) // 2 - 1
+        return (
+            TimeRange(first_second=self.first_second, last_second=middle),
+            TimeRange(first_second=middle + 1, last_second=self.last_second),
+        )
+
+    def dicom_range(self) -> str:
+        """The DICOM time range matching it, fractions of its last second included: ``HHMMSS-HHMMSS.999999``."""
+        return f"{_hhmmss(self.first_second, '')}-{_hhmmss(self.last_second, '')}.999999"
+
+    def __str__(self) -> str:
+        return f"{_hhmmss(self.first_second, ':')}..{_hhmmss(self.last_second, ':')}"
+
+
+WHOLE_DAY = TimeRange(first_second=0, last_second=SECONDS_PER_DAY - 1)
+
+
+def _hhmmss(seconds: int, separator: str) -> str:
+    return separator.join(f"{part:02d}" for part in (seconds // 3600, seconds // 60 % 60, seconds % 60))
 
 
 def plan_windows(since: date, until: date) -> list[Window]:

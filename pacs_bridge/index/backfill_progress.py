@@ -3,8 +3,13 @@
 A run is identified by what it asks for (``RunKey``: source, dates, modality, study). Starting a backfill
 continues the last run with the same key that did not complete, skipping the windows it did; once a run
 has completed, the same command starts a new one (which asks the PACS again, and changes nothing in the
-index for studies it already holds). Counters are cumulative per run and are read by ``status`` and by the
-metrics at scrape time, so a backfill running as its own process shows in the service's ``/metrics``.
+index for studies it already holds).
+
+A run's figures (``status``) are those of its windows done, each kept with the window, plus those its latest
+start found in the windows it has not done: a start asks those windows again, so their studies are counted
+once, as the latest attempt found them, and a failure is counted until the window or study that failed is
+done. The metrics, read at scrape time so that a backfill running as its own process shows in the service's
+``/metrics``, add up what only grows: the figures of every window done, and every failure reported.
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ class BackfillRun(Base):
     studies_indexed: Mapped[int] = mapped_column(Integer, default=0)  # with a new or changed instance
     studies_unchanged: Mapped[int] = mapped_column(Integer, default=0)  # already indexed as the PACS has them
     instances_indexed: Mapped[int] = mapped_column(Integer, default=0)  # new or changed instances
-    failures: Mapped[int] = mapped_column(Integer, default=0)  # studies and windows that failed
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # studies and windows failed and not done since
+    failures_reported: Mapped[int] = mapped_column(Integer, default=0)  # every failure of every start
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
@@ -79,7 +85,10 @@ class BackfillWindow(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("backfill_runs.id", ondelete="CASCADE"), index=True)
     first_day: Mapped[date | None] = mapped_column(Date)
     last_day: Mapped[date | None] = mapped_column(Date)
-    studies: Mapped[int] = mapped_column(Integer, default=0)
+    studies: Mapped[int] = mapped_column(Integer, default=0)  # found
+    studies_indexed: Mapped[int] = mapped_column(Integer, default=0)
+    studies_unchanged: Mapped[int] = mapped_column(Integer, default=0)
+    instances_indexed: Mapped[int] = mapped_column(Integer, default=0)
     done_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
@@ -114,14 +123,10 @@ class RunCounts:
     failures: int = 0
 
     def __add__(self, other: RunCounts) -> RunCounts:
-        return RunCounts(
-            days_done=self.days_done + other.days_done,
-            studies_found=self.studies_found + other.studies_found,
-            studies_indexed=self.studies_indexed + other.studies_indexed,
-            studies_unchanged=self.studies_unchanged + other.studies_unchanged,
-            instances_indexed=self.instances_indexed + other.instances_indexed,
-            failures=self.failures + other.failures,
-        )
+        return RunCounts(**{name: getattr(self, name) + getattr(other, name) for name in _COUNT_COLUMNS})
+
+    def __sub__(self, other: RunCounts) -> RunCounts:
+        return RunCounts(**{name: getattr(self, name) - getattr(other, name) for name in _COUNT_COLUMNS})
 
     @property
     def is_empty(self) -> bool:
@@ -129,6 +134,13 @@ class RunCounts:
 
 
 _COUNT_COLUMNS = tuple(RunCounts.__dataclass_fields__)
+# What a window done keeps of the counts of its studies (``studies`` being those found).
+_WINDOW_COLUMNS = {
+    "studies": "studies_found",
+    "studies_indexed": "studies_indexed",
+    "studies_unchanged": "studies_unchanged",
+    "instances_indexed": "instances_indexed",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,7 +149,7 @@ class OpenedRun:
     resumed: bool  # an earlier, unfinished run with the same key is continued
     windows_done: tuple[Window, ...]
     whole_query_done: bool  # a one-study run: its study was indexed
-    counts: RunCounts  # what it had done before this start (days_done recomputed by the runner)
+    counts: RunCounts  # of its windows done (days_done recomputed by the runner)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,7 +173,8 @@ class RunStatus:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackfillTotals:
-    """Every run's counters added up (they only grow: Prometheus counters), and the latest run's state."""
+    """What only grows (Prometheus counters): every window done's figures and every failure reported, added
+    up; and the run the gauges follow: the running one that recorded progress last, else the last updated."""
 
     counts: RunCounts
     latest: RunStatus | None
@@ -199,6 +212,17 @@ class BackfillLedger:
                 .limit(1)
             ).first()
             if row is not None:
+                # This start asks again every window not done: what earlier starts found in them (and their
+                # failures) is dropped, and the run's figures start again from those of its windows done.
+                sums = conn.execute(
+                    select(*(func.coalesce(func.sum(_windows.c[column]), 0) for column in _WINDOW_COLUMNS)).where(
+                        _windows.c.run_id == row.id
+                    )
+                ).one()
+                counts = RunCounts(
+                    days_done=row.days_done,
+                    **{name: int(value) for name, value in zip(_WINDOW_COLUMNS.values(), sums, strict=True)},
+                )
                 conn.execute(
                     update(_runs)
                     .where(_runs.c.id == row.id)
@@ -209,6 +233,8 @@ class BackfillLedger:
                         days_total=days_total,
                         since=since,
                         until=until,
+                        last_error=None,
+                        **{name: getattr(counts, name) for name in _COUNT_COLUMNS},
                     )
                 )
                 done = conn.execute(
@@ -221,7 +247,7 @@ class BackfillLedger:
                         Window(first_day=first, last_day=last) for first, last in done if first is not None
                     ),
                     whole_query_done=any(first is None for first, _ in done),
-                    counts=RunCounts(**{name: getattr(row, name) for name in _COUNT_COLUMNS}),
+                    counts=counts,
                 )
             run_id = conn.execute(
                 insert(_runs)
@@ -249,24 +275,27 @@ class BackfillLedger:
         now: datetime,
         window_done: Window | None = None,
         whole_query_done: bool = False,
-        window_studies: int = 0,
+        window_counts: RunCounts | None = None,
         last_error: str | None = None,
     ) -> None:
-        """Add ``counts`` to the run and, in the same transaction, note a window (or the whole query) done."""
+        """Add ``counts`` to the run and, in the same transaction, note a window (or the whole query) done with
+        ``window_counts``, the figures of its studies."""
         values: dict[str, object] = {name: _runs.c[name] + getattr(counts, name) for name in _COUNT_COLUMNS}
+        values["failures_reported"] = _runs.c.failures_reported + counts.failures
         values["updated_at"] = now
         if last_error is not None:
             values["last_error"] = last_error
         with self._transaction() as conn:
             conn.execute(update(_runs).where(_runs.c.id == run_id).values(**values))
             if window_done is not None or whole_query_done:
+                window_counts = window_counts or RunCounts()
                 conn.execute(
                     insert(_windows).values(
                         run_id=run_id,
                         first_day=window_done.first_day if window_done else None,
                         last_day=window_done.last_day if window_done else None,
-                        studies=window_studies,
                         done_at=now,
+                        **{column: getattr(window_counts, name) for column, name in _WINDOW_COLUMNS.items()},
                     )
                 )
 
@@ -277,17 +306,30 @@ class BackfillLedger:
             )
 
     def latest_runs(self, *, limit: int = 5) -> list[RunStatus]:
-        """The most recent runs, newest first."""
+        """The runs that recorded progress last (a resumed old run among them), most recent first."""
         with self._transaction() as conn:
-            rows = conn.execute(select(_runs).order_by(_runs.c.id.desc()).limit(limit)).all()
+            rows = conn.execute(select(_runs).order_by(_runs.c.updated_at.desc(), _runs.c.id.desc()).limit(limit)).all()
         return [_run_status(row) for row in rows]
 
     def totals(self) -> BackfillTotals:
         with self._transaction() as conn:
-            sums = conn.execute(select(*(func.coalesce(func.sum(_runs.c[name]), 0) for name in _COUNT_COLUMNS))).one()
-            latest = conn.execute(select(_runs).order_by(_runs.c.id.desc()).limit(1)).first()
+            found, indexed, unchanged, instances = conn.execute(
+                select(*(func.coalesce(func.sum(_windows.c[column]), 0) for column in _WINDOW_COLUMNS))
+            ).one()
+            failures = conn.execute(select(func.coalesce(func.sum(_runs.c.failures_reported), 0))).scalar_one()
+            running = _runs.c.state == RunState.RUNNING.value
+            # The running run first (an older one resumed included), then the one updated last.
+            latest = conn.execute(
+                select(_runs).order_by(running.desc(), _runs.c.updated_at.desc(), _runs.c.id.desc()).limit(1)
+            ).first()
         return BackfillTotals(
-            counts=RunCounts(**{name: int(value) for name, value in zip(_COUNT_COLUMNS, sums, strict=True)}),
+            counts=RunCounts(
+                studies_found=int(found),
+                studies_indexed=int(indexed),
+                studies_unchanged=int(unchanged),
+                instances_indexed=int(instances),
+                failures=int(failures),
+            ),
             latest=_run_status(latest) if latest is not None else None,
         )
 

@@ -15,7 +15,7 @@ import weakref
 from collections import defaultdict, namedtuple
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -629,6 +629,45 @@ class Index:
             return [exc] * len(received)
         except Exception:  # each one again, alone, reports its own error
             return self._record_each_alone(received)
+
+    def preview_study(self, records: Sequence[InstanceRecord]) -> list[RecordOutcome] | None:
+        """What ``record_instances`` would answer for ``records``, instances of one study, read only (for
+        ``pacs-bridge backfill --dry-run``); None when the index has no such study (each would be new).
+
+        The same comparison as recording's (``_changed``), each instance seeing what those before it would have
+        changed. Not foreseen: an instance or series that another study holds (recording refuses it) and
+        instances an IOCM rejection note withdrew (recording keeps them out); rejection notes are not previewed.
+        """
+        if not records:
+            return []
+        try:
+            snapshot = self.load_snapshot(records[0].study.study_uid)
+        except UnknownStudyError:
+            return None
+        study = snapshot.attributes
+        series = {item.attributes.series_uid: item.attributes for item in snapshot.series}
+        instances = {instance.sop_instance_uid: instance for item in snapshot.series for instance in item.instances}
+        outcomes = []
+        for record in records:
+            study_changes = _changed(study, record.study, _STUDY_FIELDS)
+            study = replace(study, **study_changes)
+            known_series = series.get(record.series.series_uid)
+            series_changes = _changed(known_series, record.series, _SERIES_FIELDS) if known_series else {}
+            series[record.series.series_uid] = (
+                replace(known_series, **series_changes) if known_series else record.series
+            )
+            instance = instances.get(record.sop_instance_uid)
+            instance_changes = _changed(instance, record, _INSTANCE_FIELDS) if instance else {}
+            instances[record.sop_instance_uid] = InstanceSnapshot(
+                **{name: getattr(record, name) for name in _INSTANCE_FIELDS}
+            )
+            if instance is None:
+                outcomes.append(RecordOutcome.NEW)
+            elif study_changes or series_changes or instance_changes:
+                outcomes.append(RecordOutcome.UPDATED)
+            else:
+                outcomes.append(RecordOutcome.UNCHANGED)
+        return outcomes
 
     @staticmethod
     def _may_join(locked: set[str]) -> Callable[[InstanceRecord], bool]:

@@ -130,7 +130,8 @@ def test_sigint_stops_a_backfill_that_the_same_command_then_continues(
 def test_dry_run_asks_the_pacs_and_records_nothing(
     orthanc_with_three_years: tuple[OrthancServer, list[str]], tmp_path: Path
 ):
-    """--dry-run reports what it would index and leaves the index empty."""
+    """--dry-run says which studies are new, changed or unchanged and what it would index, and leaves the index
+    empty."""
     orthanc, study_uids = orthanc_with_three_years
     config, database_url = write_config(tmp_path, {"dicomweb_url": orthanc.dicomweb_url})
 
@@ -142,7 +143,9 @@ def test_dry_run_asks_the_pacs_and_records_nothing(
     )
 
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert "(dry run): 1 studies found, 1 would index (2 instances)" in dry.stdout
+    assert (
+        "(dry run): 1 studies found: 1 new, 0 changed, 0 unchanged; it would index 1 studies (2 instances), 0 failed"
+    ) in dry.stdout
     engine = create_engine(database_url)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM instances")).scalar_one() == 0
@@ -171,6 +174,53 @@ def test_a_source_the_configuration_does_not_describe_is_refused_naming_the_key(
 
     assert refused.returncode == 2
     assert named in refused.stderr
+
+
+def test_a_dry_run_without_an_index_compares_with_none_and_creates_none(
+    orthanc_with_three_years: tuple[OrthancServer, list[str]], tmp_path: Path
+):
+    """Before the bridge has created its index a dry run still asks the PACS: it says there is no index (and
+    where it looked), counts every study as new, and leaves no file behind."""
+    orthanc, _ = orthanc_with_three_years
+    config, _ = write_config(tmp_path, {"dicomweb_url": orthanc.dicomweb_url})
+    config.write_text(config.read_text(encoding="utf-8").replace("index.db", "not-yet.db"), encoding="utf-8")
+
+    dry = subprocess.run(
+        bridge("backfill", "--config", str(config), "--source", "dicomweb", "--since", "2022-01-01", "--dry-run"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert f"no index database at {tmp_path / 'not-yet.db'}" in dry.stderr
+    assert "dry run: compared with no index, every study found is new" in dry.stderr
+    assert "3 studies found: 3 new, 0 changed, 0 unchanged; it would index 3 studies (6 instances)" in dry.stdout
+    assert not (tmp_path / "not-yet.db").exists()
+
+
+def test_an_unreachable_pacs_ends_the_backfill_with_one_error_naming_it(tmp_path: Path):
+    """Orthanc is down: the backfill of five years exits 1 at once with one error naming the URL to check, and
+    no window failed one after the other; status shows the run incomplete with that error."""
+    with OrthancServer(tmp_path / "down") as orthanc:
+        url = orthanc.dicomweb_url  # started for real ports, then stopped
+    config, _ = write_config(tmp_path, {"dicomweb_url": url})
+
+    refused = subprocess.run(
+        bridge("backfill", "--config", str(config), "--source", "dicomweb", "--since", "2020-01-01"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    [error] = [line for line in refused.stderr.splitlines() if "PACS" in line]
+    assert error.startswith(f"pacs-bridge: cannot reach the PACS at {url} (ConnectError")
+    assert "check pacs.dicomweb_url" in error
+    assert not log_events(refused.stdout, "backfill_failed")
+    status = subprocess.run(bridge("status", "--config", str(config), "--json"), capture_output=True, text=True)
+    [run] = json.loads(status.stdout)["backfills"]
+    assert run["state"] == "incomplete" and f"cannot reach the PACS at {url}" in run["last_error"]
 
 
 def test_a_backfill_never_creates_an_index_and_names_where_it_looked(tmp_path: Path):

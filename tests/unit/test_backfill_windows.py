@@ -1,4 +1,5 @@
-"""The backfill's StudyDate windows: planned by calendar year, split in halves, skipped when done."""
+"""The backfill's StudyDate windows: planned by calendar year, split in halves, skipped when done; a full day
+halved by StudyTime ranges."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ from datetime import date
 
 import pytest
 
-from pacs_bridge.backfill.windows import Window, days_covered, is_covered, plan_windows, split_window
+from pacs_bridge.backfill.windows import (
+    WHOLE_DAY,
+    TimeRange,
+    Window,
+    days_covered,
+    is_covered,
+    plan_windows,
+    split_window,
+)
 
 
 def w(first: str, last: str) -> Window:
@@ -90,3 +99,23 @@ def test_dicom_range_is_one_date_for_a_single_day() -> None:
     """StudyDate matching: a range YYYYMMDD-YYYYMMDD, or one date."""
     assert w("2024-01-01", "2024-06-30").dicom_range() == "20240101-20240630"
     assert w("2024-01-01", "2024-01-01").dicom_range() == "20240101"
+
+
+def test_a_day_is_halved_by_study_time_down_to_single_seconds_leaving_no_gap() -> None:
+    """Halving the whole day again and again reaches single seconds; each range's DICOM form takes in the
+    fractions of its last second, so the halves meet with no time between them."""
+    first, second = WHOLE_DAY.halves()
+    assert (first.dicom_range(), second.dicom_range()) == ("000000-115959.999999", "120000-235959.999999")
+    assert (str(first), str(second)) == ("00:00:00..11:59:59", "12:00:00..23:59:59")
+
+    narrowest = WHOLE_DAY
+    steps = 0
+    while narrowest.splittable:
+        narrowest = narrowest.halves()[0]
+        steps += 1
+    assert (narrowest, steps) == (TimeRange(first_second=0, last_second=0), 17)
+    assert narrowest.dicom_range() == "000000-000000.999999"
+    with pytest.raises(ValueError, match="single second"):
+        narrowest.halves()
+    odd = TimeRange(first_second=10, last_second=12)
+    assert odd.halves() == (TimeRange(first_second=10, last_second=11), TimeRange(first_second=12, last_second=12))
