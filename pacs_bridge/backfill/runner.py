@@ -156,8 +156,16 @@ class BackfillRunner:
         if not request.dry_run and (self._sink is None or self._ledger is None):
             raise ValueError("a backfill that records needs the index and its ledger")
         # Values longer than their VR allows (and the like) are read as they come, without a warning per
-        # instance: extract_instance bounds what it keeps, as it does for the listener (dicom/scp.py).
+        # instance: extract_instance bounds what it keeps, as it does for the listener (dicom/scp.py). The
+        # setting is pydicom's, process-wide: it is put back when the run ends.
+        previous_mode = pydicom_config.settings.reading_validation_mode
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        try:
+            return self._run(request)
+        finally:
+            pydicom_config.settings.reading_validation_mode = previous_mode
+
+    def _run(self, request: BackfillRequest) -> BackfillSummary:
         self._dry_run = request.dry_run
         self._modality = request.modality
         windows: list[Window] = []

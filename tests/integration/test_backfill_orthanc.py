@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from pydicom import config as pydicom_config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from rich.console import Console
 from sqlalchemy import Engine
@@ -664,9 +665,9 @@ def test_over_long_values_are_indexed_as_the_listener_indexes_them_without_a_war
     warning is raised or logged, and the ImagingStudy is the one the listener builds from C-STORE."""
     study_uid = new_study_uid()
     datasets = rich_study(study_uid)
-    for ds in datasets:
-        ds.StudyDescription = "CT THORAX " * 20
-        ds.AccessionNumber = "A" * 40
+    for ds in datasets:  # elements made without validation: pydicom would warn as each value is set
+        ds["StudyDescription"] = DataElement(0x00081030, "LO", "CT THORAX " * 20, validation_mode=pydicom_config.IGNORE)
+        ds["AccessionNumber"] = DataElement(0x00080050, "SH", "A" * 40, validation_mode=pydicom_config.IGNORE)
     paths = write_studies(tmp_path / "files", [datasets])
     received_by_c_store(c_store_index, paths)
     store_in_orthanc(orthanc, paths)
