@@ -47,6 +47,7 @@ from typing import Any
 import structlog
 
 from pacs_bridge.dicom.connection import ConnectionLimits, Guarded, GuardedSocket, GuardedSSLSocket
+from pacs_bridge.dicom.negotiation import RequestRefusal, check_association_request
 from pacs_bridge.dicom.pdu_stream import A_ABORT, A_ASSOCIATE_RQ, MAX_ASSOCIATION_PDU_BYTES, PDU_HEADER
 
 log = structlog.get_logger("pacs_bridge.dicom")
@@ -413,7 +414,7 @@ class FrontDoor:
             log.exception("pending_connection_failed", peer=pending.peer)
             self._close(pending, "internal_error")
             return
-        if whole:
+        if whole and self._request_is_acceptable(pending):
             self._hand_over(pending)
 
     def _advance_plain(self, pending: _Pending) -> bool:
@@ -506,6 +507,45 @@ class FrontDoor:
             if oldest.deadline > now:
                 return
             self._close(oldest, "association_request_timeout")
+
+    def _request_is_acceptable(self, pending: _Pending) -> bool:
+        """Check the whole request (dicom/negotiation.py); refuse one that is not acceptable here, at once."""
+        assert pending.request_length is not None
+        size = PDU_HEADER.size + pending.request_length
+        request = bytes(pending.buffer[:size]) if self._tls is not None else pending.sock.recv(size, socket.MSG_PEEK)
+        if len(request) < size:  # not whole after all: look again
+            self._recheck_later(pending)
+            return False
+        verdict = check_association_request(request)
+        if isinstance(verdict, RequestRefusal):
+            self._refuse(pending, verdict)
+            return False
+        if verdict.unknown_transfer_syntaxes:  # pynetdicom's warning for each of them is held back (logs.py)
+            log.info(
+                "unknown_transfer_syntaxes_proposed",
+                peer=pending.peer,
+                presentation_contexts=verdict.presentation_contexts,
+                transfer_syntaxes=verdict.transfer_syntaxes,
+                unknown_transfer_syntaxes=verdict.unknown_transfer_syntaxes,
+                first_unknown=verdict.first_unknown_transfer_syntax,
+            )
+        return True
+
+    def _refuse(self, pending: _Pending, refusal: RequestRefusal) -> None:
+        """Answer ``refusal`` and close: the request is read first, so that closing sends no reset ahead of the
+        answer."""
+        log.warning(
+            "association_request_refused",
+            peer=pending.peer,
+            reason=refusal.reason,
+            detail=refusal.detail,
+            answer=refusal.answer_name,
+        )
+        with contextlib.suppress(OSError, ValueError):
+            if self._tls is None:
+                pending.sock.recv(PDU_HEADER.size + (pending.request_length or 0))
+            pending.sock.send(refusal.answer)
+        self._close(pending, "association_request_refused")
 
     def _hand_over(self, pending: _Pending) -> None:
         self._forget(pending)
