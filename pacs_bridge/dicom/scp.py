@@ -22,10 +22,16 @@ produced warnings). The first listener to start sets them; the last to stop puts
 Stopping closes the listening socket and every pending connection at once, aborts each association that is
 idle (no PDU or message partly received, no C-STORE awaiting its answer, nothing received for a second), and
 gives those in the middle of a transfer up to the drain time before aborting them too.
+
+No connection outlives its association: one whose association thread has stopped while the connection is still
+open (pynetdicom failing on a request it could not negotiate) is closed, its DUL thread stopped
+(``_close_orphaned``); and every association counted open is counted closed, with its end line, however it ends
+(dicom/association_ledger.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -45,6 +51,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom import fastpath
 from pacs_bridge.dicom.access import CallingAeRule, refusal_reason, rejection_reason
+from pacs_bridge.dicom.association_ledger import AssociationLedger
 from pacs_bridge.dicom.association_server import AdoptingAssociationServer
 from pacs_bridge.dicom.conformance import check_request_matches_dataset
 from pacs_bridge.dicom.connection import ConnectionLimits, Guarded
@@ -64,6 +71,9 @@ _LISTEN_BACKLOG = 1024
 _STOP_POLL_SECONDS = 0.02
 _CUT_AFTER_ABORT_SECONDS = 1.0  # an aborted association whose connection is still open then is cut
 _STOP_GIVE_UP_SECONDS = 10.0  # past the drain and the cut, stop returns whatever is left
+# A connection still open this long after its association thread stopped is closed (its normal end closes it
+# before the thread stops); its DUL thread is stopped first and given this long again to let go of the socket.
+_ORPHAN_GRACE_SECONDS = 1.0
 
 
 class _ListenerSwitches:
@@ -151,30 +161,22 @@ def _received_size(event: Any) -> int:
 class _Connection:
     """One connection the front door handed over, and its association once pynetdicom made it."""
 
-    __slots__ = ("assoc", "ended_at", "guard")
+    __slots__ = ("assoc", "ended_at", "guard", "orphan_cut_at", "orphaned_at")
 
     def __init__(self, guarded: Guarded) -> None:
         self.guard = guarded
         self.assoc: Any = None
         self.ended_at: float | None = None  # when the stop aborted (or cut) it
+        self.orphaned_at: float | None = None  # when its association thread was first seen stopped, the socket open
+        self.orphan_cut_at: float | None = None  # when the connection was cut for that
 
+    def association_running(self) -> bool:
+        """Whether its association thread is running."""
+        return self.assoc is not None and self.assoc.is_alive()
 
-class _AssociationStats:
-    """Per-association counters for the closing log event."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stored: dict[int, int] = {}
-        self._refused: dict[int, int] = {}
-
-    def count(self, assoc: Any, *, stored: bool) -> None:
-        table = self._stored if stored else self._refused
-        with self._lock:
-            table[id(assoc)] = table.get(id(assoc), 0) + 1
-
-    def pop(self, assoc: Any) -> tuple[int, int]:
-        with self._lock:
-            return self._stored.pop(id(assoc), 0), self._refused.pop(id(assoc), 0)
+    def association_stopped(self) -> bool:
+        """Whether its association thread was started and has stopped."""
+        return self.assoc is not None and self.assoc.ident is not None and not self.assoc.is_alive()
 
 
 def _calling_ae(event: Any) -> str:
@@ -201,7 +203,7 @@ class DicomListener:
         self._sink = sink
         self._clock = clock
         self._observer: BridgeObserver = observer or NullObserver()
-        self._stats = _AssociationStats()
+        self._ledger = AssociationLedger(self._observer)
         self._server: Any = None
         self._front_door: FrontDoor | None = None
         self._fast_path: fastpath.FastPath | fastpath.FastPathUnavailable = fastpath.FastPathUnavailable(
@@ -359,17 +361,61 @@ class DicomListener:
         self._server.process_request(guarded, address)
 
     def _forget_closed(self, now: float) -> None:
-        """Drop the connections that have closed; note those that may have been cut off in a message."""
+        """Drop the connections that have closed and whose association thread has stopped; note those that may
+        have been cut off in a message; end, in the ledger, an association that ended without its event."""
         with self._lock:
-            closed = [key for key, known in self._connections.items() if known.guard.guard.is_closed]
-            for key in closed:
-                if self._connections.pop(key).guard.guard.monitor.message_unfinished:
-                    self._orphans.note_interrupted(now)
+            closed = [
+                key
+                for key, known in self._connections.items()
+                if known.guard.guard.is_closed and not known.association_running()
+            ]
+            forgotten = [self._connections.pop(key) for key in closed]
+        for known in forgotten:
+            if known.guard.guard.monitor.message_unfinished:
+                self._orphans.note_interrupted(now)
+            if known.assoc is not None:
+                # A DUL thread stopped by an exception raised no EVT_CONN_CLOSE: release what the fast path holds
+                # for it now (its eventfd, a partial data set), not when the association is collected.
+                if not known.assoc.dul.is_alive():
+                    self._handle_connection_closed_for(known.assoc)
+                self._ledger.ended(known.assoc, released=False, cause="error")
 
     def _look_after_connections(self, now: float) -> None:
         """On the front door's thread, at least once a second."""
         self._forget_closed(now)
+        self._close_orphaned(now)
         self._orphans.sweep_if_due(now)
+
+    def _close_orphaned(self, now: float) -> None:
+        """Close each connection whose association thread stopped without closing it: first stop its DUL thread
+        and cut the connection (which wakes that thread), then, once the thread has stopped (or a grace period
+        later), close the socket."""
+        with self._lock:
+            candidates = [
+                known
+                for known in self._connections.values()
+                if not known.guard.guard.is_closed and known.association_stopped()
+            ]
+        for known in candidates:
+            assoc = known.assoc
+            if known.orphaned_at is None:
+                known.orphaned_at = now
+                continue
+            if known.orphan_cut_at is None:
+                if now - known.orphaned_at < _ORPHAN_GRACE_SECONDS:
+                    continue
+                log.warning("association_thread_stopped", peer=known.guard.guard.peer, action="connection closed")
+                known.orphan_cut_at = now
+                with contextlib.suppress(Exception):
+                    assoc.dul.kill_dul()
+                known.guard.cut()
+                continue
+            if assoc.dul.is_alive() and now - known.orphan_cut_at < _ORPHAN_GRACE_SECONDS:
+                continue
+            self._handle_connection_closed_for(assoc)
+            with contextlib.suppress(Exception):
+                assoc.dul.socket.close()
+            known.guard.close()
 
     def _live_connections(self) -> list[_Connection]:
         with self._lock:
@@ -447,7 +493,7 @@ class DicomListener:
             outcome = self._sink.record_instance(record, received_at=self._clock())
         except Exception as exc:
             status = status_for_error(exc)
-            self._stats.count(event.assoc, stored=False)
+            self._ledger.count(event.assoc, stored=False)
             self._observe_instance(event, status, calling_ae)
             fields = {**_peer(event), "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}"}
             if status is StoreStatus.PROCESSING_FAILURE:
@@ -455,7 +501,7 @@ class DicomListener:
             else:
                 log.warning("instance_rejected", **fields, error=str(exc))
             return status_dataset(status, str(exc))
-        self._stats.count(event.assoc, stored=True)
+        self._ledger.count(event.assoc, stored=True)
         self._observe_instance(event, StoreStatus.SUCCESS, calling_ae)
         if _stdlib_log.isEnabledFor(logging.DEBUG):  # structlog would build the event only to drop it
             log.debug(
@@ -504,10 +550,13 @@ class DicomListener:
                 log.exception("fast_path_prepare_failed")
 
     def _handle_connection_closed(self, event: Any) -> None:
+        self._handle_connection_closed_for(event.assoc)
+
+    def _handle_connection_closed_for(self, assoc: Any) -> None:
         fast = self._fast_path
         if isinstance(fast, fastpath.FastPath):
             try:
-                fast.connection_closed(event.assoc)
+                fast.connection_closed(assoc)
             except Exception:
                 log.exception("fast_path_close_failed")
 
@@ -528,9 +577,10 @@ class DicomListener:
         if reason is not None:
             self._refuse(event.assoc)
         try:
-            self._observer.association_opened()  # counted either way: the abort's EVT_ABORTED counts it closed
+            # Counted either way: the abort ends it in the ledger.
+            self._ledger.opened(event.assoc, _peer(event))
         except Exception:
-            log.exception("metrics_failed")
+            log.exception("association_log_failed")
         if reason is not None:
             try:
                 log.warning("association_refused", **_peer(event), reason=reason)
@@ -563,13 +613,7 @@ class DicomListener:
 
     def _handle_closed(self, event: Any) -> None:
         try:
-            self._observer.association_closed()
-        except Exception:
-            log.exception("metrics_failed")
-        try:
-            stored, refused = self._stats.pop(event.assoc)
-            name = "association_released" if event.event is evt.EVT_RELEASED else "association_aborted"
-            log.info(name, **_peer(event), stored=stored, refused=refused)
+            self._ledger.ended(event.assoc, released=event.event is evt.EVT_RELEASED)
         except Exception:
             log.exception("association_log_failed")
 
