@@ -12,6 +12,8 @@ for what no conformant peer sends and what would cost the bridge unbounded memor
 - a data set fragment with no command before it, before its command's last fragment, or on another
   presentation context than its command (PS3.8 E.2: a message's fragments share one context);
 - a command fragment while a data set is still being received;
+- an A-RELEASE-RQ while a message's command or data set is still being received (a release cuts no message
+  short: the peer is aborted, and the partial message dropped);
 - a command set over ``MAX_COMMAND_BYTES`` (a real one is a few hundred bytes).
 
 A data set over ``max_instance_bytes`` is not an error: ``discarding`` turns true and stays true until that
@@ -173,6 +175,12 @@ class PduStreamMonitor:
         pdu_type, _reserved, length = PDU_HEADER.unpack(self._pdu_header)
         self._pdu_header.clear()
         check_pdu_header(pdu_type, length, max_pdu_bytes=self._max_pdu_bytes)
+        if pdu_type == A_RELEASE_RQ and self._phase in (_Phase.COMMAND, _Phase.DATA_SET):
+            raise PeerProtocolError(
+                "message_out_of_order",
+                f"an A-RELEASE-RQ arrived before the last {self._phase.value.replace('_', ' ')} fragment of a "
+                "message; the partial message is dropped",
+            )
         self._pdu_type = pdu_type
         self._pdu_remaining = length
         if length == 0:

@@ -81,6 +81,10 @@ def test_a_c_store_and_a_release_pass_in_chunks_of_any_size(chunk: int) -> None:
         ),
         # a command set of 64 kB and more, in fragments
         (b"".join(p_data(item(1, COMMAND, b"c" * 8000)) for _ in range(9)), "command_too_large"),
+        # a release in the middle of a data set (the partial message would be dropped without a word)
+        (p_data(item(1, COMMAND | LAST, b"c"), item(1, 0, b"d")) + RELEASE_RQ, "message_out_of_order"),
+        # a release in the middle of a command
+        (p_data(item(1, COMMAND, b"c")) + RELEASE_RQ, "message_out_of_order"),
     ],
 )
 def test_what_no_conformant_peer_sends_is_refused_naming_it(stream: bytes, reason: str) -> None:
@@ -126,3 +130,9 @@ def test_a_message_is_under_way_from_its_first_byte_to_its_data_sets_last() -> N
     assert watcher.in_message
     watcher.feed(STORE[command_pdu_length + 20 :])
     assert not watcher.in_message
+
+
+def test_a_release_after_a_whole_message_passes() -> None:
+    """After a data set's last fragment, or after a command without a data set (a C-ECHO), a release is in order."""
+    fed(STORE + RELEASE_RQ, monitor(), chunk=7)
+    fed(p_data(item(1, COMMAND | LAST, b"e")) + RELEASE_RQ, monitor(), chunk=7)
