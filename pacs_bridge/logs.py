@@ -1,5 +1,5 @@
 """Logging: structlog for our events, with the stdlib loggers of pynetdicom, httpx, SQLAlchemy and
-APScheduler routed through the same pipeline.
+APScheduler routed through the same pipeline, and so are exceptions that end a thread (``threading.excepthook``).
 
 Off a TTY (systemd/journald) every line is one JSON object on stdout; on a TTY, readable key=value lines.
 Patient data never leaves through the logs: ``drop_patient_data`` removes such keys from every event, and
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
+from types import TracebackType
 from typing import Any, Literal
 
 import structlog
@@ -25,6 +27,13 @@ PATIENT_DATA_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date
 # Library loggers that are chatty at INFO (pynetdicom logs every PDU summary, httpx every request,
 # APScheduler every tick): they speak from WARNING unless we run at debug level.
 _QUIET_LIBRARIES = ("pynetdicom", "httpx", "httpcore", "apscheduler", "sqlalchemy", "alembic")
+# pynetdicom.presentation warns once per UID of a request it does not know as a transfer syntax: a peer could
+# make one A-ASSOCIATE-RQ write thousands of lines. The front door logs one line per request instead
+# (``unknown_transfer_syntaxes_proposed``, dicom/front_door.py).
+_PER_UID_LOGGERS = ("pynetdicom.presentation",)
+_QUOTED_ERROR_CHARS = 200
+
+log = structlog.get_logger("pacs_bridge")
 
 
 def drop_patient_data(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -41,6 +50,43 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
         if type(value) is str:
             event_dict[key] = redact_urls(value)
     return event_dict
+
+
+def _in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _raised_by_pynetdicom(traceback: TracebackType | None) -> bool:
+    """Whether the exception went through pynetdicom's code and was not raised by the bridge's own."""
+    modules = []
+    while traceback is not None:
+        modules.append(str(traceback.tb_frame.f_globals.get("__name__", "")))
+        traceback = traceback.tb_next
+    return (
+        bool(modules)
+        and any(_in_package(module, "pynetdicom") for module in modules)
+        and not _in_package(modules[-1], "pacs_bridge")
+    )
+
+
+def log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: an exception that ends a thread, as one log event instead of a plain-text
+    traceback on stderr.
+
+    One raised in pynetdicom (or in what it called, pydicom decoding a command set), not in the bridge's code,
+    ends the thread serving one association on what its peer sent (an event its state machine does not allow,
+    a request it cannot decode): a warning naming the error, without a traceback. Anything else is a defect of
+    the bridge's: an error with its traceback."""
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread.name if args.thread is not None else ""
+    if _raised_by_pynetdicom(args.exc_traceback):
+        error = f"{args.exc_type.__name__}: {args.exc_value}"
+        if len(error) > _QUOTED_ERROR_CHARS:
+            error = error[:_QUOTED_ERROR_CHARS] + "..."
+        log.warning("association_thread_failed", thread=thread, error=error)
+        return
+    log.error("thread_failed", thread=thread, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _shared_processors() -> list[Any]:
@@ -90,6 +136,11 @@ def configure_logging(level: str = "info", log_format: LogFormat = "auto") -> No
     # SQLAlchemy's engine prints every result row at DEBUG, patient names and IDs among them: at debug level it
     # shows statements only (INFO), their parameters hidden by the engine itself (index/engine.py).
     logging.getLogger("sqlalchemy.engine").setLevel(max(library_level, logging.INFO))
+    for name in _PER_UID_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     # pynetdicom installs its own handler on import; one pipeline means no second copy of its lines.
     logging.getLogger("pynetdicom").handlers[:] = []
     logging.getLogger("pynetdicom").propagate = True
+    # Unless something else (a test runner, a debugger) has installed a hook of its own.
+    if threading.excepthook is threading.__excepthook__:
+        threading.excepthook = log_thread_exception

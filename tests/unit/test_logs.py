@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
 
-from pacs_bridge.logs import PATIENT_DATA_KEYS, configure_logging, drop_patient_data, redact_secrets
+from pacs_bridge.logs import (
+    PATIENT_DATA_KEYS,
+    configure_logging,
+    drop_patient_data,
+    log_thread_exception,
+    redact_secrets,
+)
 
 
 def test_drop_patient_data_removes_patient_keys_and_keeps_the_rest() -> None:
@@ -110,3 +119,84 @@ def test_configured_logging_hides_url_passwords_in_library_lines_and_tracebacks(
     output = capsys.readouterr().out
     assert "http://***@fhir.example.org/fhir" in output and "postgresql://***@db/pacs" in output
     assert "s3cret" not in output
+
+
+def run_thread_that_fails(target: Any) -> None:
+    thread = threading.Thread(target=target, name="failing-thread")
+    thread.start()
+    thread.join()
+
+
+def a_peer_protocol_error() -> None:
+    """What pynetdicom raises on a request with an even presentation context ID (QA finding F2)."""
+    from pynetdicom.presentation import PresentationContext
+
+    PresentationContext().context_id = 2
+
+
+def a_bridge_defect() -> None:
+    raise KeyError("a defect of the bridge's own")
+
+
+@pytest.fixture
+def logging_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The test may configure logging as the bridge's processes do, thread hook included; the previous set-up
+    comes back afterwards. pytest's own thread hook, which ``configure_logging`` leaves in place, is swapped out
+    for Python's default meanwhile."""
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    try:
+        yield
+    finally:
+        structlog.configure(**structlog_config)
+        root.handlers[:], root.level = root_handlers, root_level
+
+
+def test_an_exception_ending_a_thread_in_pynetdicom_is_one_json_warning_without_a_traceback(
+    logging_restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """QA finding F3: Python's default hook printed a multi-line plain-text traceback, which a JSON-lines
+    consumer cannot parse; a peer's protocol error is a warning, not an error with a traceback."""
+    configure_logging("info", "json")
+    assert threading.excepthook is log_thread_exception
+    run_thread_that_fails(a_peer_protocol_error)
+    captured = capsys.readouterr()
+    (line,) = captured.out.splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["level"], event["thread"]) == (
+        "association_thread_failed",
+        "warning",
+        "failing-thread",
+    )
+    assert event["error"].startswith("ValueError: 'context_id' must be an odd integer")
+    assert "exception" not in event and captured.err == ""
+
+
+def test_an_exception_ending_a_thread_in_the_bridges_code_is_one_json_error_with_its_traceback(
+    logging_restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("info", "json")
+    run_thread_that_fails(a_bridge_defect)
+    captured = capsys.readouterr()
+    (line,) = captured.out.splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["level"]) == ("thread_failed", "error")
+    assert 'KeyError: "a defect of the bridge\'s own"' in event["exception"]
+    assert captured.err == ""
+
+
+def test_pynetdicoms_warning_for_each_unknown_transfer_syntax_is_held_back(
+    logging_restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """QA finding F4: one request proposing 2,560 unknown transfer syntax UIDs wrote 2,560 lines; the front door
+    logs one line per request instead (unknown_transfer_syntaxes_proposed)."""
+    from pynetdicom.presentation import PresentationContext
+
+    configure_logging("info", "json")
+    context = PresentationContext()
+    for number in range(50):
+        context.add_transfer_syntax(f"1.2.840.10008.1.2.4.{300 + number}")  # DICOM root, not a transfer syntax
+    logging.getLogger("pynetdicom").warning("a line pynetdicom's other loggers still write")
+    assert capsys.readouterr().out.count("\n") == 1
