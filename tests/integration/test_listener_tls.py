@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,13 @@ import pytest
 from pacs_bridge.dicom.scp import DicomListener, server_tls_context
 from pacs_bridge.index.repository import Index
 from tests.integration.conftest import listener_settings
+from tests.support.association_requests import (
+    CT_IMAGE_STORAGE,
+    RELEASE_RQ,
+    associate_rq,
+    presentation_context,
+    read_pdu,
+)
 from tests.support.certificates import Pki, make_pki
 from tests.support.dcmtk import dcmtk_env, require_dcmtk
 from tests.support.studies import make_dataset, uid, write_file
@@ -150,3 +158,23 @@ def test_a_tls_handshake_never_finished_is_closed_at_the_deadline_and_keeps_no_o
     finally:
         listener.stop(drain_timeout_seconds=5)
     assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+def test_over_tls_a_request_pynetdicom_cannot_negotiate_gets_an_abort_and_a_valid_one_an_accept(
+    running: DicomListener, pki: Pki
+) -> None:
+    """The front door checks a TLS peer's request from what it decrypted (dicom/negotiation.py): a presentation
+    context without a transfer syntax gets its A-ABORT at once; a valid request is accepted and released."""
+    client = ssl.create_default_context(cafile=str(pki.ca_pem))
+    client.check_hostname = False
+    malformed = associate_rq([presentation_context(1, CT_IMAGE_STORAGE, ())])
+    with client.wrap_socket(socket.create_connection(("127.0.0.1", running.port), timeout=10)) as connection:
+        connection.sendall(malformed)
+        assert read_pdu(connection, timeout=5) == (0x07, bytes([0, 0, 2, 6]))
+    with client.wrap_socket(socket.create_connection(("127.0.0.1", running.port), timeout=10)) as connection:
+        connection.sendall(associate_rq())
+        accepted = read_pdu(connection, timeout=5)
+        assert accepted is not None and accepted[0] == 0x02
+        connection.sendall(RELEASE_RQ)
+        released = read_pdu(connection, timeout=5)
+        assert released is not None and released[0] == 0x06
