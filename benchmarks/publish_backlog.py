@@ -189,7 +189,7 @@ class Backlog:
         """Each study's ImagingStudy as the bridge builds it: (id, JSON body), for the bare client."""
         from pacs_bridge.config import Config
         from pacs_bridge.fhir.imaging_study import build_imaging_study
-        from pacs_bridge.service import mapping_settings
+        from pacs_bridge.wiring import mapping_settings
 
         mapping = mapping_settings(Config.model_validate(config))
         built = []

@@ -243,7 +243,7 @@ def _jsonable(value: Any) -> Any:
 def _status(config: Config, *, config_path: str, as_json: bool, limit: int) -> None:
     from pacs_bridge.index.backfill_progress import BackfillLedger
     from pacs_bridge.index.models import PublishState
-    from pacs_bridge.service import open_index, utc_now
+    from pacs_bridge.wiring import open_index, utc_now
 
     engine, index = open_index(config, config_path=config_path)
     try:
@@ -316,7 +316,7 @@ def _describe_run(run: Any) -> str:
 
 
 def _request(config: Config, args: argparse.Namespace, *, config_path: str) -> None:
-    from pacs_bridge.service import open_index, utc_now
+    from pacs_bridge.wiring import open_index, utc_now
 
     engine, index = open_index(config, config_path=config_path)
     try:
@@ -340,7 +340,7 @@ def _request(config: Config, args: argparse.Namespace, *, config_path: str) -> N
 def _reconcile(config: Config, *, config_path: str, fix: bool) -> None:
     from pacs_bridge.fhir.client import FhirClient
     from pacs_bridge.reconcile import reconcile
-    from pacs_bridge.service import mapping_settings, open_fhir_http, open_index, utc_now
+    from pacs_bridge.wiring import mapping_settings, open_fhir_http, open_index, utc_now
 
     http, token_http = open_fhir_http(config)  # TLS and fhir.auth as the bridge uses them
     with http, token_http:
@@ -388,7 +388,7 @@ def _backfill(config: Config, args: argparse.Namespace, *, config_path: str) -> 
     from pacs_bridge.errors import IndexNotFoundError
     from pacs_bridge.index.repository import Index
     from pacs_bridge.logs import configure_logging
-    from pacs_bridge.service import open_index
+    from pacs_bridge.wiring import open_index
 
     until = args.until or date.today()
     if args.since and until < args.since:
@@ -456,7 +456,7 @@ def _backfill(config: Config, args: argparse.Namespace, *, config_path: str) -> 
 def _migrate(config: Config, *, config_path: str) -> None:
     from pacs_bridge.index.engine import make_engine
     from pacs_bridge.index.schema import prepare_schema
-    from pacs_bridge.service import check_index_location
+    from pacs_bridge.wiring import check_index_location
 
     check_index_location(config, config_path=config_path, create=False)
     engine = make_engine(config.database.url)
@@ -478,7 +478,7 @@ def _check_online(config: Config) -> None:
         check_order_search,
         check_patient_search,
     )
-    from pacs_bridge.service import open_fhir_http
+    from pacs_bridge.wiring import open_fhir_http
 
     results = [check_database(config)]
     try:

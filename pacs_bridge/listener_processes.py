@@ -10,7 +10,7 @@ the main process:
   kernel picks a process by a hash of the peer's port: four associations land all on one of two processes one
   time in eight, connections waiting in a stopped process's queue are reset, and nothing in the main process
   would know whether anyone accepts;
-- each listener process (``python -m pacs_bridge.dicom.workers``) runs the ordinary ``DicomListener`` with its
+- each listener process (``python -m pacs_bridge.listener_processes``) runs the ordinary ``DicomListener`` with its
   own pynetdicom AE and its own database engine: its front door holds the connection until the association
   request is whole (the TLS handshake too, which has to happen in the process that serves the connection),
   and each association is served exactly as with one process (same handlers, same DIMSE status rules, success
@@ -51,9 +51,14 @@ from typing import Any
 
 import structlog
 
+from pacs_bridge.config import Config
 from pacs_bridge.dicom.front_door import Acceptor
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.index.engine import make_engine
+from pacs_bridge.index.group_commit import GroupCommit
+from pacs_bridge.logs import configure_logging
 from pacs_bridge.observe import BridgeObserver, NullObserver
+from pacs_bridge.wiring import index_on, listener_settings, utc_now
 
 log = structlog.get_logger("pacs_bridge.dicom")
 
@@ -91,7 +96,7 @@ class ListenerPool:
         worker_config: str,
         observer: BridgeObserver,
         on_failure: Callable[[str], None],
-        worker_command: Sequence[str] = (sys.executable, "-m", "pacs_bridge.dicom.workers"),
+        worker_command: Sequence[str] = (sys.executable, "-m", "pacs_bridge.listener_processes"),
     ) -> None:
         self._settings = settings
         self._processes = processes
@@ -327,12 +332,6 @@ def _add_listener_fields(slot: int) -> Callable[[Any, str, Any], Any]:
 def run_worker(slot: int, channel: socket.socket, config_json: str) -> int:
     """A listener process: serve the connections the main process hands over until SIGTERM (or until the
     main process is gone), then drain and return 0."""
-    from pacs_bridge.config import Config
-    from pacs_bridge.index.engine import make_engine
-    from pacs_bridge.index.group_commit import GroupCommit
-    from pacs_bridge.logs import configure_logging
-    from pacs_bridge.service import index_on, listener_settings, utc_now
-
     config = Config.model_validate_json(config_json)
     configure_logging(config.logging.level, config.logging.format)
     processors = list(structlog.get_config()["processors"])

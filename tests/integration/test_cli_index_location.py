@@ -16,7 +16,7 @@ from pacs_bridge.cli import main
 from pacs_bridge.config import load_config
 from pacs_bridge.index.engine import normalized_database_url, sqlite_file
 from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
-from pacs_bridge.service import open_index, utc_now
+from pacs_bridge.wiring import open_index, utc_now
 from tests.support.studies import uid
 
 # Each command that reads or changes an existing index, with the arguments it needs.

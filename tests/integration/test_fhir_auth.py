@@ -39,7 +39,7 @@ from pacs_bridge.index.repository import Index
 from pacs_bridge.publish.debounce import RetrySettings
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
-from pacs_bridge.service import open_fhir_http
+from pacs_bridge.wiring import open_fhir_http
 from tests.conftest import QUIET, FakeClock
 from tests.support.auth_proxy import AuthProxy, ServerTls
 from tests.support.certificates import Pki, make_pki

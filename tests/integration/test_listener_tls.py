@@ -97,7 +97,7 @@ def test_client_certificate_is_required_when_client_ca_is_set(running: DicomList
 
 def serve_one_handed_over(listener: DicomListener) -> tuple[int, threading.Thread]:
     """A socket that accepts one connection and hands it to ``listener``, as the main process does for its
-    listener processes (dicom/workers.py); returns its port and the accepting thread."""
+    listener processes (listener_processes.py); returns its port and the accepting thread."""
     server = socket.create_server(("127.0.0.1", 0))
 
     def accept() -> None:

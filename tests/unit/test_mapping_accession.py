@@ -21,7 +21,7 @@ from pacs_bridge.fhir.identifier import IssuedSystem, identifier_search
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study, unmapped_issuers
 from pacs_bridge.fhir.validation import resource_problems
 from pacs_bridge.records import StudyAttributes
-from pacs_bridge.service import mapping_settings
+from pacs_bridge.wiring import mapping_settings
 from tests.support.studies import make_dataset
 from tests.unit.test_extract import encode
 from tests.unit.test_imaging_study import ct_one_series_snapshot

@@ -16,7 +16,7 @@ from pacs_bridge.config import parse_config
 from pacs_bridge.errors import ConfigError
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import build_imaging_study
-from pacs_bridge.service import mapping_settings
+from pacs_bridge.wiring import mapping_settings
 from tests.unit.test_mapping_golden import R4_SETTINGS, ct_with_dose_sr_and_presentation_state, snapshot_of
 
 STUDY_WADO = EndpointSettings(id="pacs-wado-rs", connection_type="dicom-wado-rs", address="https://pacs.example.org/rs")

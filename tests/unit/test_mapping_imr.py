@@ -15,7 +15,7 @@ from pacs_bridge.fhir.endpoint import IHE_IMR_IMAGING_STUDY_ENDPOINT, EndpointSe
 from pacs_bridge.fhir.imaging_study import IHE_IMR_IMAGING_STUDY, build_imaging_study
 from pacs_bridge.fhir.validation import resource_problems
 from pacs_bridge.records import StudySnapshot
-from pacs_bridge.service import mapping_settings
+from pacs_bridge.wiring import mapping_settings
 from tests.unit.test_mapping_golden import R4_SETTINGS, ct_with_dose_sr_and_presentation_state, snapshot_of
 
 IMR = dataclasses.replace(R4_SETTINGS, profile="ihe-imr")

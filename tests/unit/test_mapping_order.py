@@ -12,7 +12,7 @@ from pacs_bridge.config import config_warnings, parse_config
 from pacs_bridge.errors import ConfigError
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
 from pacs_bridge.fhir.validation import resource_problems
-from pacs_bridge.service import mapping_settings
+from pacs_bridge.wiring import mapping_settings
 from tests.unit.test_imaging_study import ct_one_series_snapshot
 from tests.unit.test_mapping_accession import ACSN, OURS, with_accession
 

@@ -11,7 +11,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy as ImagingStudyR4
 from pacs_bridge.config import parse_config
 from pacs_bridge.errors import ConfigError
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
-from pacs_bridge.service import mapping_settings
+from pacs_bridge.wiring import mapping_settings
 from tests.unit.test_imaging_study import ct_one_series_snapshot
 
 DEFAULT = "urn:oid:1.2.250.1.71.4.2.1"

@@ -162,7 +162,7 @@ def test_without_instances_series_keep_their_counts_and_the_resource_stays_valid
 
 def test_config_include_instances_defaults_to_true_and_reaches_the_mapping() -> None:
     """The key is optional (true); false reaches MappingSettings through the service wiring."""
-    from pacs_bridge.service import mapping_settings
+    from pacs_bridge.wiring import mapping_settings
 
     default = parse_config({"fhir": {"base_url": "http://fhir.example.org"}}, path="test.yaml")
     off = parse_config(

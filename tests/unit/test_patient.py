@@ -25,7 +25,7 @@ from pacs_bridge.fhir.patient import (
 from pacs_bridge.fhir.person_name import NAME_REPRESENTATION_URL
 from pacs_bridge.fhir.validation import resource_problems
 from pacs_bridge.records import StudyAttributes
-from pacs_bridge.service import mapping_settings
+from pacs_bridge.wiring import mapping_settings
 from tests.support.studies import make_dataset
 from tests.unit.test_extract import from_wire
 from tests.unit.test_imaging_study import ct_one_series_snapshot
