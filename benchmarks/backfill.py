@@ -49,11 +49,11 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from pacs_bridge.backfill.dicomweb import DicomWebSource  # noqa: E402
 from pacs_bridge.backfill.pacing import Pacer  # noqa: E402
 from pacs_bridge.backfill.runner import BackfillRequest, BackfillRunner  # noqa: E402
+from pacs_bridge.debounce import DebounceSettings  # noqa: E402
 from pacs_bridge.index.backfill_progress import BackfillLedger, RunCounts  # noqa: E402
 from pacs_bridge.index.engine import make_engine  # noqa: E402
 from pacs_bridge.index.repository import Index  # noqa: E402
 from pacs_bridge.index.schema import prepare_schema  # noqa: E402
-from pacs_bridge.publish.debounce import DebounceSettings  # noqa: E402
 from tests.support.orthanc import OrthancServer, orthanc_missing  # noqa: E402
 from tests.support.studies import SeriesSpec, new_study_uid, study_datasets, write_file  # noqa: E402
 

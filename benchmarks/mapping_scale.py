@@ -34,13 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from sqlalchemy import insert, select
 
+    from pacs_bridge.debounce import DebounceSettings
     from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study
     from pacs_bridge.fhir.resource import content_hash
     from pacs_bridge.index.engine import make_engine
     from pacs_bridge.index.models import Instance, Series, Study
     from pacs_bridge.index.repository import Index
     from pacs_bridge.index.schema import prepare_schema
-    from pacs_bridge.publish.debounce import DebounceSettings
     from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
 
     with tempfile.TemporaryDirectory(prefix="pacs-bridge-mapping-") as temporary:

@@ -143,10 +143,10 @@ class Backlog:
 
     @classmethod
     def fill(cls, database_url: str, *, studies: int, instances: int, series: int, first: int = 1) -> Backlog:
+        from pacs_bridge.debounce import DebounceSettings
         from pacs_bridge.index.engine import make_engine
         from pacs_bridge.index.repository import Index
         from pacs_bridge.index.schema import prepare_schema
-        from pacs_bridge.publish.debounce import DebounceSettings
 
         engine = make_engine(database_url)
         prepare_schema(engine)

@@ -21,6 +21,7 @@ import structlog
 
 from pacs_bridge import __version__
 from pacs_bridge.config import Config
+from pacs_bridge.debounce import RetrySettings
 from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.errors import LISTEN_ERRNOS, ListenError, PacsBridgeError
 from pacs_bridge.fhir.client import FhirClient
@@ -31,7 +32,6 @@ from pacs_bridge.index.group_commit import GroupCommit
 from pacs_bridge.index.models import PublishState
 from pacs_bridge.listener_processes import ListenerPool
 from pacs_bridge.metrics import BridgeMetrics
-from pacs_bridge.publish.debounce import RetrySettings
 from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.publisher import Publisher
 from pacs_bridge.publish.relink import Relinker

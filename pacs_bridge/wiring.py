@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 
 from pacs_bridge import __version__
 from pacs_bridge.config import Config
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.dicom.scp import ListenerSettings, server_tls_context
 from pacs_bridge.errors import IndexNotFoundError, IndexUnavailableError
 from pacs_bridge.fhir.auth import AuthSettings, SecretSource, TlsSettings, make_auth, make_ssl_context
@@ -24,7 +25,6 @@ from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.index.engine import make_engine, sqlite_file
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.redaction import redact_url
 
 log = structlog.get_logger("pacs_bridge.service")

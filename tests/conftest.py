@@ -15,10 +15,10 @@ from pydicom import config as pydicom_config
 from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import Engine, create_engine, text
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
-from pacs_bridge.publish.debounce import DebounceSettings
 from tests.support.fault_proxy import HttpFaultProxy
 from tests.support.fhir_server import FhirTestServer
 from tests.support.private_postgres import PrivatePostgres

@@ -42,6 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_bridge.debounce import DebounceSettings, due_at
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, UnknownStudyError, UnstorableValueError
 from pacs_bridge.index.engine import READ_ONLY_OPTION, writer_queue
 from pacs_bridge.index.links import LinkIndex
@@ -54,7 +55,6 @@ from pacs_bridge.index.publish_results import (
     RetryLater,
     apply_publish_result,
 )
-from pacs_bridge.publish.debounce import DebounceSettings, due_at
 from pacs_bridge.records import (
     InstanceRecord,
     InstanceSnapshot,

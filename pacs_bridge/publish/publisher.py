@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from pacs_bridge.debounce import RetrySettings, retry_delay
 from pacs_bridge.errors import IndexUnavailableError, PublishError
 from pacs_bridge.fhir.client import FhirClient, PutResult
 from pacs_bridge.fhir.endpoint import build_endpoint
@@ -42,7 +43,6 @@ from pacs_bridge.fhir.validation import validate_resource
 from pacs_bridge.index.publish_results import Published, PublishResult, Refused, Released, RetryLater
 from pacs_bridge.index.repository import ClaimedStudy, Index
 from pacs_bridge.observe import BridgeObserver, NullObserver
-from pacs_bridge.publish.debounce import RetrySettings, retry_delay
 from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.outage import OutageEnded, OutageStarted, OutageTracker, is_outage
 from pacs_bridge.publish.references import DEFAULT_RELINK_INTERVAL, ReferenceResolver, StudyReferences

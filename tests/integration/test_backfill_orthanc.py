@@ -25,6 +25,7 @@ from pacs_bridge.backfill.pacing import Pacer
 from pacs_bridge.backfill.progress import JsonLinesProgress, TerminalProgress
 from pacs_bridge.backfill.runner import BackfillRequest, BackfillRunner, BackfillSummary
 from pacs_bridge.backfill.source import StudySource
+from pacs_bridge.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
@@ -34,7 +35,6 @@ from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index, StateCounts
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.metrics import BridgeMetrics
-from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher
 from tests.conftest import MAX_DELAY, QUIET
 from tests.support.dcmtk import storescu

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from pacs_bridge.cli import main
 from pacs_bridge.config import parse_config
+from pacs_bridge.debounce import RetrySettings
 from pacs_bridge.fhir.auth import (
     AuthSettings,
     CredentialsError,
@@ -36,7 +37,6 @@ from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.index.models import Study
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.debounce import RetrySettings
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
 from pacs_bridge.wiring import open_fhir_http

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
 from pacs_bridge.index.engine import make_engine, writer_queue
 from pacs_bridge.index.group_commit import GroupCommit
 from pacs_bridge.index.repository import Index, Joining
 from pacs_bridge.index.schema import prepare_schema
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
 from tests.integration.test_index import record, study_row

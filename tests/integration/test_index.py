@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, select, text
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.models import PublishState, Study
 from pacs_bridge.index.publish_results import Published, Refused, Released, RetryLater
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import (
     CodedConcept,
     InstanceRecord,

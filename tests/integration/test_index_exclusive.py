@@ -10,13 +10,13 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.fhir.client import CreateResult
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.fhir.resource import FhirResource
 from pacs_bridge.index import repository
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.publish.patients import PatientResolver
 from pacs_bridge.records import StudyAttributes
 from tests.conftest import MAX_DELAY, QUIET

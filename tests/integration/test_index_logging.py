@@ -13,12 +13,12 @@ import structlog
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.errors import UnstorableValueError
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.logs import configure_logging
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
 from tests.support.studies import uid

@@ -8,11 +8,11 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.errors import UnknownStudyError
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.models import Instance, PublishState, RejectedInstance
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import (
     InstanceRecord,
     RecordOutcome,

@@ -20,11 +20,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBase
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
 from pacs_bridge.logs import configure_logging
-from pacs_bridge.publish.debounce import DebounceSettings
 from tests.conftest import MAX_DELAY, QUIET
 from tests.integration.conftest import listener_settings
 from tests.support.dcmtk import echoscu, storescu

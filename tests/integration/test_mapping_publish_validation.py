@@ -11,6 +11,7 @@ import httpx
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
+from pacs_bridge.debounce import RetrySettings
 from pacs_bridge.dicom.extract import extract_instance
 from pacs_bridge.dicom.header import read_header
 from pacs_bridge.fhir.client import FhirClient
@@ -18,7 +19,6 @@ from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.index.models import PublishState
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.debounce import RetrySettings
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from tests.conftest import QUIET, FakeClock
 from tests.support.fhir_server import FhirTestServer

@@ -13,10 +13,10 @@ from fhir.resources.endpoint import Endpoint as EndpointR5
 from fhir.resources.imagingstudy import ImagingStudy as ImagingStudyR5
 from pydicom.dataset import Dataset
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.fhir.imaging_study import build_imaging_study
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.debounce import DebounceSettings
 from tests.conftest import MAX_DELAY, QUIET
 from tests.support.bridge_process import BridgeProcess, wait_for
 from tests.support.dcmtk import storescu

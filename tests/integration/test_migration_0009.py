@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, text
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import CodedConcept, RequestedReason
 from tests.conftest import MAX_DELAY, QUIET
 from tests.support.schema import alembic_downgrade, alembic_upgrade

@@ -21,6 +21,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import Engine, select
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.dicom.status import StoreStatus, status_for_error
 from pacs_bridge.errors import UnstorableValueError
@@ -28,7 +29,6 @@ from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.models import Study
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import InstanceRecord, RecordOutcome, SeriesAttributes, StudyAttributes
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
 from tests.support.studies import make_dataset, uid

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from pacs_bridge.publish.relink import Relinker

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
 
+from pacs_bridge.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
@@ -17,7 +18,6 @@ from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.models import Study
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
-from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
 from tests.conftest import MAX_DELAY, QUIET, FakeClock

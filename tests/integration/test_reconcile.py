@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from pacs_bridge.cli import main
+from pacs_bridge.debounce import RetrySettings
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.index.repository import Index
-from pacs_bridge.publish.debounce import RetrySettings
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from pacs_bridge.reconcile import reconcile
 from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes

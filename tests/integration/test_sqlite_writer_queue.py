@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 
+from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.errors import IndexUnavailableError
 from pacs_bridge.index import engine as engine_module
 from pacs_bridge.index.engine import make_engine, writer_queue
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
-from pacs_bridge.publish.debounce import DebounceSettings
 from pacs_bridge.records import InstanceRecord, RecordOutcome, SeriesAttributes, StudyAttributes
 from tests.conftest import MAX_DELAY, QUIET
 from tests.support.studies import uid

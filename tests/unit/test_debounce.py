@@ -1,4 +1,4 @@
-"""Unit tests for ``pacs_bridge.publish.debounce``: when a study is due, and how long to wait before a retry."""
+"""Unit tests for ``pacs_bridge.debounce``: when a study is due, and how long to wait before a retry."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pacs_bridge.publish.debounce import DebounceSettings, RetrySettings, due_at, retry_delay
+from pacs_bridge.debounce import DebounceSettings, RetrySettings, due_at, retry_delay
 
 T0 = datetime(2024, 3, 15, 10, 0, 0, tzinfo=UTC)
 SECOND = timedelta(seconds=1)
