@@ -19,8 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pacs_bridge.index.backfill_progress import BackfillTotals, RunState
-from pacs_bridge.index.links import RelinkCounts
-from pacs_bridge.index.repository import StateCounts
+from pacs_bridge.study_queue import RelinkCounts, StateCounts
 
 # Seconds from a study's last indexed change to its successful publish: the quiet period plus the tick,
 # the PUT, and any retries. Buckets span a short test quiet period to hours of FHIR outage.

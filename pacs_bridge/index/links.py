@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -24,28 +24,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs_bridge.errors import IndexUnavailableError
 from pacs_bridge.index.models import PublishState, Study, StudyLink
 from pacs_bridge.records import Link, StudyAttributes, StudyLinks
+from pacs_bridge.study_queue import RelinkCandidate, RelinkCounts
 
 _links = cast(Table, StudyLink.__table__)
 _studies = cast(Table, Study.__table__)
 _ATTRIBUTES = tuple(f.name for f in fields(StudyAttributes))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RelinkCandidate:
-    """A published study whose waiting links are due for a lookup, with what the lookup needs."""
-
-    study: StudyAttributes
-    links: StudyLinks
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RelinkCounts:
-    """The relink queue as the operator sees it (``status``, metrics)."""
-
-    patient_waiting: int  # studies whose subject waits for a Patient reference
-    order_waiting: int  # studies whose basedOn waits for a ServiceRequest reference
-    due: int  # published studies whose lookup is due now (a growing number: relinking does not keep up)
-    next_at: datetime | None  # the earliest scheduled lookup
 
 
 def _links_of(row: Any) -> StudyLinks:

@@ -1,4 +1,5 @@
-"""What a publishing attempt leaves on its study's row: the four results and the rule each one writes.
+"""What a publishing attempt leaves on its study's row: the rule each of the four results writes (the results
+themselves: ``pacs_bridge/study_queue.py``).
 
 The publisher hands a batch of them to ``Index.record_publish_results``, which locks the batch's rows and
 applies them in one transaction; ``Index.mark_published`` and its siblings apply one. Every result also gives
@@ -7,54 +8,8 @@ the study's claim back (``claimed_until``, ``claimed_by``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-
 from pacs_bridge.index.models import PublishState, Study
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Published:
-    """The snapshot at ``change_seq`` is on the FHIR server (``sent``: we PUT it just now, and the server
-    called it ``version_id``; else it equalled what we last sent). A change newer than ``change_seq`` keeps the
-    study pending with its due time: no lost update."""
-
-    study_uid: str
-    change_seq: int
-    content_hash: str
-    at: datetime
-    sent: bool
-    version_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryLater:
-    """A failure that may pass by itself: the study stays pending until ``next_attempt_at``; ``not_before``
-    is the server's own ``Retry-After``, which no recovery brings forward."""
-
-    study_uid: str
-    error: str
-    next_attempt_at: datetime
-    not_before: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Refused:
-    """A refusal that will not pass by itself: failed, unless the study changed after ``change_seq``."""
-
-    study_uid: str
-    change_seq: int
-    error: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Released:
-    """Not attempted, or our own failure: the claim is given back and nothing else changes."""
-
-    study_uid: str
-
-
-PublishResult = Published | RetryLater | Refused | Released
+from pacs_bridge.study_queue import Published, PublishResult, Refused, RetryLater
 
 
 def apply_publish_result(study: Study, result: PublishResult) -> None:

@@ -47,14 +47,7 @@ from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError, 
 from pacs_bridge.index.engine import READ_ONLY_OPTION, writer_queue
 from pacs_bridge.index.links import LinkIndex
 from pacs_bridge.index.models import EndpointPublication, Instance, PublishState, RejectedInstance, Series, Study
-from pacs_bridge.index.publish_results import (
-    Published,
-    PublishResult,
-    Refused,
-    Released,
-    RetryLater,
-    apply_publish_result,
-)
+from pacs_bridge.index.publish_results import apply_publish_result
 from pacs_bridge.records import (
     InstanceRecord,
     InstanceSnapshot,
@@ -67,28 +60,13 @@ from pacs_bridge.records import (
     StudySnapshot,
     StudyWithdrawal,
 )
+from pacs_bridge.study_queue import ClaimedStudy, Published, PublishResult, Refused, Released, RetryLater, StateCounts
 
 log = structlog.get_logger("pacs_bridge.index")
 _Result = TypeVar("_Result")
 _Received = tuple[InstanceRecord, datetime]  # an instance and when it was received
 # Asked by a batch's transaction for waiting instances that may join it (see Index.record_instances).
 Joining = Callable[[Callable[[InstanceRecord], bool]], Sequence[_Received]]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClaimedStudy:
-    study_uid: str
-    attempts: int  # failed attempts since the last success, for the backoff
-    last_change_at: datetime | None = None  # for the publish latency metric
-    published_version: str | None = None  # the server's version id of what we last wrote, for If-Match
-    claimed_until: datetime | None = None  # when the claim's lease ends
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StateCounts:
-    pending: int
-    published: int
-    failed: int
 
 
 _STUDY_FIELDS = tuple(f.name for f in fields(StudyAttributes) if f.name != "study_uid")

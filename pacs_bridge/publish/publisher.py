@@ -40,13 +40,12 @@ from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study,
 from pacs_bridge.fhir.merge import merge_imaging_study
 from pacs_bridge.fhir.resource import FhirResource, content_hash
 from pacs_bridge.fhir.validation import validate_resource
-from pacs_bridge.index.publish_results import Published, PublishResult, Refused, Released, RetryLater
-from pacs_bridge.index.repository import ClaimedStudy, Index
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.outage import OutageEnded, OutageStarted, OutageTracker, is_outage
 from pacs_bridge.publish.references import DEFAULT_RELINK_INTERVAL, ReferenceResolver, StudyReferences
 from pacs_bridge.records import StudyAttributes
+from pacs_bridge.study_queue import ClaimedStudy, Published, PublishQueue, PublishResult, Refused, Released, RetryLater
 
 Clock = Callable[[], datetime]
 
@@ -93,7 +92,7 @@ class Publisher:
     def __init__(
         self,
         *,
-        index: Index,
+        index: PublishQueue,
         fhir: FhirClient,
         mapping: MappingSettings,
         retry: RetrySettings,

@@ -19,11 +19,11 @@ import structlog
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.fhir.resource import FhirResource
-from pacs_bridge.index.links import LinkIndex
 from pacs_bridge.publish.linking import Lookup, kept_link, links_after_publish
 from pacs_bridge.publish.orders import OrderResolver
 from pacs_bridge.publish.patients import PatientResolver
 from pacs_bridge.records import Link, StudyAttributes, StudyLinks
+from pacs_bridge.study_queue import LinkStore
 
 log = structlog.get_logger("pacs_bridge.publish")
 
@@ -51,7 +51,7 @@ class ReferenceResolver:
         self,
         fhir: FhirClient,
         mapping: MappingSettings,
-        links: LinkIndex,
+        links: LinkStore,
         *,
         relink_interval: timedelta = DEFAULT_RELINK_INTERVAL,
         validate: Callable[[FhirResource], None] | None = None,

@@ -27,13 +27,13 @@ import structlog
 from pacs_bridge.errors import IndexUnavailableError, PublishError
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.imaging_study import MappingSettings
-from pacs_bridge.index.links import LinkIndex, RelinkCandidate
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.linking import Lookup, kept_link, links_after_relink
 from pacs_bridge.publish.orders import OrderResolver
 from pacs_bridge.publish.patients import PatientResolver
 from pacs_bridge.records import Link
+from pacs_bridge.study_queue import LinkStore, RelinkCandidate
 
 Clock = Callable[[], datetime]
 
@@ -52,7 +52,7 @@ class Relinker:
     def __init__(
         self,
         *,
-        links: LinkIndex,
+        links: LinkStore,
         fhir: FhirClient,
         mapping: MappingSettings,
         interval: timedelta,

@@ -17,9 +17,9 @@ from sqlalchemy import create_engine, text
 
 from pacs_bridge.index.backfill_progress import BackfillLedger
 from pacs_bridge.index.engine import make_engine
-from pacs_bridge.index.repository import StateCounts
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.metrics import BridgeMetrics
+from pacs_bridge.study_queue import StateCounts
 from tests.support.bridge_process import log_events, wait_for
 from tests.support.dcmtk import storescu
 from tests.support.orthanc import OrthancServer, orthanc_missing

@@ -15,7 +15,6 @@ from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.models import PublishState, Study
-from pacs_bridge.index.publish_results import Published, Refused, Released, RetryLater
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.records import (
@@ -27,6 +26,7 @@ from pacs_bridge.records import (
     SeriesAttributes,
     StudyAttributes,
 )
+from pacs_bridge.study_queue import Published, Refused, Released, RetryLater
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
 from tests.support.studies import uid
 

@@ -9,12 +9,12 @@ from sqlalchemy import Engine, select
 
 from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.index.engine import make_engine
-from pacs_bridge.index.links import RelinkCounts
 from pacs_bridge.index.models import Study, StudyLink
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.linking import search_key
 from pacs_bridge.records import InstanceRecord, Link, SeriesAttributes, StudyAttributes, StudyLinks
+from pacs_bridge.study_queue import RelinkCounts
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
 from tests.support.studies import uid
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pacs_bridge.index.repository import StateCounts
 from pacs_bridge.metrics import BridgeMetrics
+from pacs_bridge.study_queue import StateCounts
 
 NOW = datetime(2024, 3, 15, 9, 0, tzinfo=UTC)
 NO_STUDIES = StateCounts(pending=0, published=0, failed=0)

@@ -3,8 +3,8 @@ number of label values (the issuer comes from received datasets)."""
 
 from __future__ import annotations
 
-from pacs_bridge.index.repository import StateCounts
 from pacs_bridge.metrics import ISSUER_LABEL_CHARACTERS, ISSUER_LABELS, OTHER_ISSUER, BridgeMetrics
+from pacs_bridge.study_queue import StateCounts
 
 
 def metrics() -> BridgeMetrics:

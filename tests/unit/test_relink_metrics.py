@@ -9,9 +9,8 @@ import pytest
 
 from pacs_bridge.config import parse_config
 from pacs_bridge.errors import ConfigError
-from pacs_bridge.index.links import RelinkCounts
-from pacs_bridge.index.repository import StateCounts
 from pacs_bridge.metrics import BridgeMetrics
+from pacs_bridge.study_queue import RelinkCounts, StateCounts
 
 NO_STUDIES = StateCounts(pending=0, published=0, failed=0)
 MINIMAL: dict[str, Any] = {"fhir": {"base_url": "https://fhir.example.org/r4"}}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pacs_bridge.index.repository import StateCounts
 from pacs_bridge.metrics import BridgeMetrics
+from pacs_bridge.study_queue import StateCounts
 
 
 def test_store_results_are_counted_per_status_and_calling_ae() -> None:
