@@ -49,8 +49,9 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from pacs_bridge.backfill.dicomweb import DicomWebSource  # noqa: E402
 from pacs_bridge.backfill.pacing import Pacer  # noqa: E402
 from pacs_bridge.backfill.runner import BackfillRequest, BackfillRunner  # noqa: E402
+from pacs_bridge.backfill_runs import RunCounts  # noqa: E402
 from pacs_bridge.debounce import DebounceSettings  # noqa: E402
-from pacs_bridge.index.backfill_progress import BackfillLedger, RunCounts  # noqa: E402
+from pacs_bridge.index.backfill_progress import BackfillLedger  # noqa: E402
 from pacs_bridge.index.engine import make_engine  # noqa: E402
 from pacs_bridge.index.repository import Index  # noqa: E402
 from pacs_bridge.index.schema import prepare_schema  # noqa: E402

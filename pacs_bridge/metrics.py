@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pacs_bridge.index.backfill_progress import BackfillTotals, RunState
+from pacs_bridge.backfill_runs import BackfillTotals, RunState
 from pacs_bridge.study_queue import RelinkCounts, StateCounts
 
 # Seconds from a study's last indexed change to its successful publish: the quiet period plus the tick,

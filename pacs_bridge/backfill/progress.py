@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from pacs_bridge.backfill.runner import BackfillFailure, BackfillSummary
-from pacs_bridge.index.backfill_progress import RunCounts
+from pacs_bridge.backfill_runs import RunCounts
 
 log = structlog.get_logger("pacs_bridge.backfill")
 

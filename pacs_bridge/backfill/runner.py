@@ -33,11 +33,11 @@ from pacs_bridge.backfill.windows import (
     EARLIEST_STUDY_DATE,
     WHOLE_DAY,
     TimeRange,
-    Window,
     days_covered,
     plan_windows,
     split_window,
 )
+from pacs_bridge.backfill_runs import RunCounts, RunKey, RunState, Window
 from pacs_bridge.dicom.extract import extract_instance
 from pacs_bridge.errors import (
     BackfillStoppedError,
@@ -46,7 +46,7 @@ from pacs_bridge.errors import (
     PacsQueryError,
     PacsUnreachableError,
 )
-from pacs_bridge.index.backfill_progress import BackfillLedger, RunCounts, RunKey, RunState
+from pacs_bridge.index.backfill_progress import BackfillLedger
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 
 log = structlog.get_logger("pacs_bridge.backfill")

@@ -7,7 +7,8 @@ from typing import Protocol
 
 from pydicom.dataset import Dataset
 
-from pacs_bridge.backfill.windows import TimeRange, Window
+from pacs_bridge.backfill.windows import TimeRange
+from pacs_bridge.backfill_runs import Window
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

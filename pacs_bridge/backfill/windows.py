@@ -1,4 +1,4 @@
-"""Pure planning of the StudyDate windows a backfill asks the PACS about (stdlib only).
+"""Pure planning of the StudyDate windows (``backfill_runs.Window``) a backfill asks the PACS about.
 
 A backfill covers ``[since, until]`` in calendar-year windows. A window whose answer is full (the PACS's
 maximum of C-FIND answers, or a whole QIDO page) is split in two halves, down to a single day, so that no
@@ -14,35 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
+from pacs_bridge.backfill_runs import Window
+
 EARLIEST_STUDY_DATE = date(1900, 1, 1)  # --since when not given: before any digital image
-
-
-@dataclass(frozen=True, slots=True, kw_only=True, order=True)
-class Window:
-    """StudyDate from ``first_day`` to ``last_day``, both included."""
-
-    first_day: date
-    last_day: date
-
-    def __post_init__(self) -> None:
-        if self.last_day < self.first_day:
-            raise ValueError(f"a window cannot end ({self.last_day}) before it starts ({self.first_day})")
-
-    @property
-    def days(self) -> int:
-        return (self.last_day - self.first_day).days + 1
-
-    @property
-    def splittable(self) -> bool:
-        return self.days > 1
-
-    def dicom_range(self) -> str:
-        """The DICOM date range matching this window: ``YYYYMMDD-YYYYMMDD``, or one date for a single day."""
-        first = self.first_day.strftime("%Y%m%d")
-        return first if self.first_day == self.last_day else f"{first}-{self.last_day.strftime('%Y%m%d')}"
-
-    def __str__(self) -> str:
-        return str(self.first_day) if self.first_day == self.last_day else f"{self.first_day}..{self.last_day}"
 
 
 SECONDS_PER_DAY = 24 * 60 * 60

@@ -14,10 +14,8 @@ done. The metrics, read at scrape time so that a backfill running as its own pro
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, cast
 
@@ -39,16 +37,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from pacs_bridge.backfill.windows import Window
+from pacs_bridge.backfill_runs import BackfillTotals, OpenedRun, RunCounts, RunKey, RunState, RunStatus, Window
 from pacs_bridge.errors import IndexUnavailableError
 from pacs_bridge.index.models import Base, UtcDateTime
-
-
-class RunState(enum.StrEnum):
-    RUNNING = "running"  # a backfill process is (or was, if it died) working on it
-    STOPPED = "stopped"  # stopped by SIGINT/SIGTERM: the same command continues it
-    INCOMPLETE = "incomplete"  # ended with windows or studies that failed: the same command retries them
-    COMPLETE = "complete"  # every window done
 
 
 class BackfillRun(Base):
@@ -96,43 +87,6 @@ _runs = cast(Table, BackfillRun.__table__)
 _windows = cast(Table, BackfillWindow.__table__)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunKey:
-    """What a backfill asks for, as its flags say (None: the flag was not given, so that a run without
-    --until started yesterday is continued today); runs with equal keys continue each other."""
-
-    source: str
-    since: date | None = None
-    until: date | None = None
-    modality: str = ""
-    study_uid: str = ""
-
-    def text(self) -> str:
-        return "|".join((self.source, str(self.since or ""), str(self.until or ""), self.modality, self.study_uid))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunCounts:
-    """What a run did; also the increments written as it goes."""
-
-    days_done: int = 0
-    studies_found: int = 0
-    studies_indexed: int = 0
-    studies_unchanged: int = 0
-    instances_indexed: int = 0
-    failures: int = 0
-
-    def __add__(self, other: RunCounts) -> RunCounts:
-        return RunCounts(**{name: getattr(self, name) + getattr(other, name) for name in _COUNT_COLUMNS})
-
-    def __sub__(self, other: RunCounts) -> RunCounts:
-        return RunCounts(**{name: getattr(self, name) - getattr(other, name) for name in _COUNT_COLUMNS})
-
-    @property
-    def is_empty(self) -> bool:
-        return self == RunCounts()
-
-
 _COUNT_COLUMNS = tuple(RunCounts.__dataclass_fields__)
 # What a window done keeps of the counts of its studies (``studies`` being those found).
 _WINDOW_COLUMNS = {
@@ -141,43 +95,6 @@ _WINDOW_COLUMNS = {
     "studies_unchanged": "studies_unchanged",
     "instances_indexed": "instances_indexed",
 }
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OpenedRun:
-    run_id: int
-    resumed: bool  # an earlier, unfinished run with the same key is continued
-    windows_done: tuple[Window, ...]
-    whole_query_done: bool  # a one-study run: its study was indexed
-    counts: RunCounts  # of its windows done (days_done recomputed by the runner)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunStatus:
-    """One run as ``pacs-bridge status`` shows it."""
-
-    run_id: int
-    source: str
-    since: date | None
-    until: date | None
-    modality: str
-    study_uid: str
-    state: str
-    started_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-    days_total: int
-    counts: RunCounts
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BackfillTotals:
-    """What only grows (Prometheus counters): every window done's figures and every failure reported, added
-    up; and the run the gauges follow: the running one that recorded progress last, else the last updated."""
-
-    counts: RunCounts
-    latest: RunStatus | None
 
 
 class BackfillLedger:

@@ -25,12 +25,13 @@ from pacs_bridge.backfill.pacing import Pacer
 from pacs_bridge.backfill.progress import JsonLinesProgress, TerminalProgress
 from pacs_bridge.backfill.runner import BackfillRequest, BackfillRunner, BackfillSummary
 from pacs_bridge.backfill.source import StudySource
+from pacs_bridge.backfill_runs import RunState
 from pacs_bridge.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study, imaging_study_id
-from pacs_bridge.index.backfill_progress import BackfillLedger, RunState
+from pacs_bridge.index.backfill_progress import BackfillLedger
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.repository import Index, StateCounts
 from pacs_bridge.index.schema import prepare_schema

@@ -14,8 +14,8 @@ from structlog.testing import capture_logs
 from pacs_bridge.backfill.pacing import Pacer, backoff_seconds
 from pacs_bridge.backfill.progress import JsonLinesProgress, TerminalProgress, figures_line, progress_reporter
 from pacs_bridge.backfill.runner import BackfillFailure, BackfillSummary
+from pacs_bridge.backfill_runs import RunCounts
 from pacs_bridge.errors import BackfillStoppedError
-from pacs_bridge.index.backfill_progress import RunCounts
 
 
 class FakeTime:

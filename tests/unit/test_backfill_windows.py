@@ -10,12 +10,12 @@ import pytest
 from pacs_bridge.backfill.windows import (
     WHOLE_DAY,
     TimeRange,
-    Window,
     days_covered,
     is_covered,
     plan_windows,
     split_window,
 )
+from pacs_bridge.backfill_runs import Window
 
 
 def w(first: str, last: str) -> Window:
