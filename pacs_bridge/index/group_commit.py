@@ -59,25 +59,25 @@ class GroupCommit:
             mine.wake.wait()  # set once my batch has committed, or when it is my turn to lead
             leads = mine.leads
         if leads:
-            self._lead()
+            self._commit_batch_and_pass_lead()
         outcome = mine.outcome
         if isinstance(outcome, Exception):
             raise outcome
         assert outcome is not None
         return outcome
 
-    def _lead(self) -> None:
+    def _commit_batch_and_pass_lead(self) -> None:
         """Commit what is waiting (the leader's own instance first among it), then pass the lead on.
 
         The batch is taken once the index's writer turn is ours (``Index.writer_turn``): while another listener
         process commits to the same SQLite file, what arrives here joins this commit instead of the next one.
-        What arrives while the batch's statements run joins it too, where the index allows it (``joining``).
+        What arrives while the batch's statements run joins it too, where the index allows it (``take_late_arrivals``).
         """
         batch: list[_Waiting] = []
         outcomes: Sequence[RecordOutcome | Exception] | None = None
         failure: Exception = RuntimeError("the group commit was interrupted")
 
-        def joining(may_join: Callable[[InstanceRecord], bool]) -> list[tuple[InstanceRecord, datetime]]:
+        def take_late_arrivals(may_join: Callable[[InstanceRecord], bool]) -> list[tuple[InstanceRecord, datetime]]:
             with self._lock:
                 joined = [waiting for waiting in self._waiting if may_join(waiting.record)][: MAX_BATCH - len(batch)]
                 if joined:
@@ -88,7 +88,9 @@ class GroupCommit:
         try:
             with self._index.writer_turn():
                 batch = self._take_batch()
-                outcomes = self._index.record_instances([(w.record, w.received_at) for w in batch], joining=joining)
+                outcomes = self._index.record_instances(
+                    [(w.record, w.received_at) for w in batch], take_late_arrivals=take_late_arrivals
+                )
         except Exception as exc:  # record_instances reports per instance; this is only a last resort
             failure = exc
         finally:

@@ -40,9 +40,10 @@ from pacs_bridge.records import InstanceRecord, RecordOutcome
 
 log = structlog.get_logger("pacs_bridge.index")
 _Result = TypeVar("_Result")
-_Received = tuple[InstanceRecord, datetime]  # an instance and when it was received
-# Asked by a batch's transaction for waiting instances that may join it (see InstanceIngest.record_instances).
-Joining = Callable[[Callable[[InstanceRecord], bool]], Sequence[_Received]]
+ReceivedInstance = tuple[InstanceRecord, datetime]  # an instance and when it was received
+# Given to a batch's transaction: takes the waiting instances it accepts (those of studies the transaction has
+# locked) out of the queue, to join it before its commit (see InstanceIngest.record_instances).
+TakeLateArrivals = Callable[[Callable[[InstanceRecord], bool]], Sequence[ReceivedInstance]]
 
 
 class _RejectedInstanceError(Exception):
@@ -178,7 +179,7 @@ class InstanceIngest:
             return RecordOutcome.REJECTED
 
     def record_instances(
-        self, batch: Sequence[_Received], *, joining: Joining | None = None
+        self, batch: Sequence[ReceivedInstance], *, take_late_arrivals: TakeLateArrivals | None = None
     ) -> list[RecordOutcome | Exception]:
         """Index several instances in one transaction: one commit (one fsync) for all, for group commit across
         associations (``index/group_commit.py``). Each gets its outcome, or the exception ``record_instance``
@@ -186,8 +187,8 @@ class InstanceIngest:
         on its own, so one bad instance never fails the others; when the database itself fails, all get its
         ``IndexUnavailableError`` at once. Rejection notes are always applied alone.
 
-        ``joining`` (PostgreSQL): once the batch is recorded, and until it returns nothing, it is asked for
-        instances that arrived meanwhile and join this transaction before its commit; it takes only those its
+        ``take_late_arrivals`` (PostgreSQL): once the batch is recorded, and until it returns nothing, it is asked
+        for instances that arrived meanwhile and join this transaction before its commit; it takes only those its
         argument accepts: instances of a study the transaction has locked already (locking another now, out of
         UID order, could deadlock with another bridge). While a bridge waits for a study another holds, what
         arrives for it then shares its commit. The outcomes are those of ``batch``, then those of the instances
@@ -196,9 +197,10 @@ class InstanceIngest:
         turn longer (4 % fewer instances a second with two listener processes).
         """
         if self._db.dialect != "postgresql":
-            joining = None
+            take_late_arrivals = None
         received = list(batch)  # grows with the instances that join
-        if any(record.rejection_note is not None for record, _ in batch) or (len(batch) < 2 and joining is None):
+        alone = len(batch) < 2 and take_late_arrivals is None
+        if alone or any(record.rejection_note is not None for record, _ in batch):
             return self._record_each_alone(received)
 
         def record_all(connection: Connection) -> list[RecordOutcome | Exception]:
@@ -214,9 +216,9 @@ class InstanceIngest:
                     record, received_at = received[position]
                     recorded[position] = self._record(connection, record, received_at)
                     locked.add(record.study.study_uid)
-                if joining is None:
+                if take_late_arrivals is None:
                     break
-                joined = joining(self._may_join(locked))
+                joined = take_late_arrivals(self._may_join(locked))
                 todo = list(range(len(received), len(received) + len(joined)))
                 received.extend(joined)
             return [recorded[position] for position in range(len(received))]
@@ -235,7 +237,7 @@ class InstanceIngest:
         """Which waiting instances may join a transaction that has locked the studies ``locked``."""
         return lambda record: record.rejection_note is None and record.study.study_uid in locked
 
-    def _record_each_alone(self, received: Sequence[_Received]) -> list[RecordOutcome | Exception]:
+    def _record_each_alone(self, received: Sequence[ReceivedInstance]) -> list[RecordOutcome | Exception]:
         outcomes: list[RecordOutcome | Exception] = []
         for record, received_at in received:
             try:

@@ -30,7 +30,7 @@ from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.errors import IndexUnavailableError, UnknownStudyError
 from pacs_bridge.index.changes import preview_outcomes
 from pacs_bridge.index.database import IndexDatabase
-from pacs_bridge.index.ingest import InstanceIngest, Joining, _Received
+from pacs_bridge.index.ingest import InstanceIngest, ReceivedInstance, TakeLateArrivals
 from pacs_bridge.index.links import LinkIndex
 from pacs_bridge.index.models import PublishState
 from pacs_bridge.index.publish_state import PublishStates, StudyStatus
@@ -78,10 +78,10 @@ class Index:
         return self._ingest.record_instance(record, received_at=received_at)
 
     def record_instances(
-        self, batch: Sequence[_Received], *, joining: Joining | None = None
+        self, batch: Sequence[ReceivedInstance], *, take_late_arrivals: TakeLateArrivals | None = None
     ) -> list[RecordOutcome | Exception]:
         """Index several instances in one transaction: ``InstanceIngest.record_instances``."""
-        return self._ingest.record_instances(batch, joining=joining)
+        return self._ingest.record_instances(batch, take_late_arrivals=take_late_arrivals)
 
     def preview_study(self, records: Sequence[InstanceRecord]) -> list[RecordOutcome] | None:
         """What ``record_instances`` would answer for ``records``, instances of one study, read only (for

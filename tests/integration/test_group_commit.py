@@ -16,7 +16,8 @@ from pacs_bridge.debounce import DebounceSettings
 from pacs_bridge.errors import ConflictingInstanceError, IndexUnavailableError
 from pacs_bridge.index.engine import make_engine, writer_queue
 from pacs_bridge.index.group_commit import GroupCommit
-from pacs_bridge.index.repository import Index, Joining
+from pacs_bridge.index.ingest import TakeLateArrivals
+from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
@@ -40,13 +41,15 @@ class HeldIndex:
     def writer_turn(self) -> AbstractContextManager[Any]:
         return self._index.writer_turn()
 
-    def record_instances(self, batch: Sequence[tuple[InstanceRecord, datetime]], *, joining: Joining) -> list[Outcome]:
+    def record_instances(
+        self, batch: Sequence[tuple[InstanceRecord, datetime]], *, take_late_arrivals: TakeLateArrivals
+    ) -> list[Outcome]:
         self.batches.append(len(batch))
         if len(self.batches) == 1:
             self.entered.set()
             self.release.wait(30)
             return self._index.record_instances(batch)
-        return self._index.record_instances(batch, joining=joining)
+        return self._index.record_instances(batch, take_late_arrivals=take_late_arrivals)
 
 
 def run_concurrently(
@@ -198,15 +201,17 @@ class JoinWatchingIndex:
     def writer_turn(self) -> AbstractContextManager[Any]:
         return self._index.writer_turn()
 
-    def record_instances(self, batch: Sequence[tuple[InstanceRecord, datetime]], *, joining: Joining) -> list[Outcome]:
-        def joining_after_arrivals(
+    def record_instances(
+        self, batch: Sequence[tuple[InstanceRecord, datetime]], *, take_late_arrivals: TakeLateArrivals
+    ) -> list[Outcome]:
+        def taking_after_arrivals(
             may_join: Callable[[InstanceRecord], bool],
         ) -> Sequence[tuple[InstanceRecord, datetime]]:
             arrive, self._arrive = self._arrive, lambda: None
             arrive()
-            return joining(may_join)
+            return take_late_arrivals(may_join)
 
-        return self._index.record_instances(batch, joining=joining_after_arrivals)
+        return self._index.record_instances(batch, take_late_arrivals=taking_after_arrivals)
 
 
 @pytest.mark.postgresql

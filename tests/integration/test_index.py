@@ -181,7 +181,7 @@ def test_instances_of_one_study_in_one_batch_each_see_what_the_one_before_wrote(
         (record(instance="1.1.4", number=4, study_description="CT"), clock() + timedelta(seconds=3)),
     ]
 
-    outcomes = index.record_instances(batch, joining=lambda _may_join: [])
+    outcomes = index.record_instances(batch, take_late_arrivals=lambda _may_join: [])
 
     assert outcomes == [RecordOutcome.NEW, RecordOutcome.NEW, RecordOutcome.UPDATED, RecordOutcome.NEW]
     row = study_row(engine)
@@ -519,14 +519,14 @@ def test_waiting_instances_of_a_study_the_batch_locked_join_its_transaction_on_p
     ]
     asked: list[list[bool]] = []
 
-    def joining(may_join: Callable[[InstanceRecord], bool]) -> list[tuple[InstanceRecord, datetime]]:
+    def take_late_arrivals(may_join: Callable[[InstanceRecord], bool]) -> list[tuple[InstanceRecord, datetime]]:
         waiting = offered.pop(0)
         asked.append([may_join(item) for item, _ in waiting])
         return [(item, at) for item, at in waiting if may_join(item)]
 
     commits: list[object] = []
     event.listen(engine, "commit", lambda *_: commits.append(None))
-    outcomes = index.record_instances([(record(instance="1.1.1"), clock())], joining=joining)
+    outcomes = index.record_instances([(record(instance="1.1.1"), clock())], take_late_arrivals=take_late_arrivals)
     if engine.dialect.name == "postgresql":
         assert asked == [[True, False], [True], []]
         assert outcomes == [RecordOutcome.NEW] * 3
@@ -548,7 +548,7 @@ def test_instances_that_joined_are_recorded_again_when_the_kept_connection_is_re
     checked_out = CheckedOutConnections(engine)
     offered = [[(record(instance="1.1.3", number=3), clock())]]
 
-    def joining_as_the_server_closes_the_connection(_: object) -> list[tuple[InstanceRecord, datetime]]:
+    def taking_as_the_server_closes_the_connection(_: object) -> list[tuple[InstanceRecord, datetime]]:
         if not offered:
             return []
         close_kept_connection_from_the_server(checked_out, engine)
@@ -557,7 +557,8 @@ def test_instances_that_joined_are_recorded_again_when_the_kept_connection_is_re
     try:
         assert index.record_instance(record(instance="1.1.1"), received_at=clock()) is RecordOutcome.NEW
         outcomes = index.record_instances(
-            [(record(instance="1.1.2", number=2), clock())], joining=joining_as_the_server_closes_the_connection
+            [(record(instance="1.1.2", number=2), clock())],
+            take_late_arrivals=taking_as_the_server_closes_the_connection,
         )
         assert outcomes == [RecordOutcome.NEW, RecordOutcome.NEW]
         assert index.load_snapshot(uid("1")).number_of_instances == 3
