@@ -15,6 +15,8 @@ from collections import namedtuple
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy
+
 _COMPILER_ATTRIBUTES = ("positiontup", "binds", "insert_prefetch")
 
 
@@ -38,11 +40,18 @@ class DriverStatement:
     __slots__ = ("_decoded", "_parameters", "_positional", "_processed", "_row", "sql")
 
     def __init__(self, statement: Any, dialect: Any, column_keys: Sequence[str] | None = None) -> None:
-        compiled = statement.compile(dialect=dialect, column_keys=list(column_keys) if column_keys else None)
+        compiled = statement.compile(dialect=dialect, **({"column_keys": list(column_keys)} if column_keys else {}))
+        missing = [name for name in _COMPILER_ATTRIBUTES if not hasattr(compiled, name)]
+        if missing:
+            raise TypeError(
+                f"SQLAlchemy {sqlalchemy.__version__} compiles {type(statement).__name__} without "
+                f"{', '.join(missing)}, which the index's driver statements read; install the SQLAlchemy version "
+                "pyproject.toml names, or report this version as unsupported"
+            )
         self.sql: str = compiled.string
         self._positional: bool = compiled.positional
         names = list(compiled.positiontup or ()) if compiled.positional else list(compiled.binds)
-        defaults = {column.key: column.default for column in getattr(compiled, "insert_prefetch", ())}
+        defaults = {column.key: column.default for column in compiled.insert_prefetch}
         self._parameters: list[tuple[str, Any, Any]] = []  # (name, value when not given, type processor)
         for name in names:
             bind = compiled.binds[name]
