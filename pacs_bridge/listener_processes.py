@@ -52,7 +52,7 @@ from typing import Any
 import structlog
 
 from pacs_bridge.config import Config
-from pacs_bridge.dicom.front_door import Acceptor
+from pacs_bridge.dicom.acceptor import Acceptor
 from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.group_commit import GroupCommit

@@ -13,7 +13,7 @@ answered only after the sink has committed; every failure becomes a status from 
 association goes on.
 
 While any listener of the process runs, pynetdicom's and pydicom's process-wide switches it depends on are set
-(``LISTENER_SWITCHES``): pynetdicom writes a C-STORE it receives itself to a temporary file
+(``LISTENER_SWITCHES``, dicom/listener_switches.py): pynetdicom writes a C-STORE it receives itself to a temporary file
 (``STORE_RECV_CHUNKED_DATASET``: memory stays flat for any instance size), its standard per-message log
 handlers are off (they would read every received data set whole), and pydicom does not check the values it
 decodes against their VR (extraction checks what the index needs, dicom/extract.py; those checks only ever
@@ -43,10 +43,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
-from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom import fastpath
@@ -58,6 +56,7 @@ from pacs_bridge.dicom.connection import ConnectionLimits, Guarded
 from pacs_bridge.dicom.extract import extract_instance
 from pacs_bridge.dicom.front_door import FrontDoor, FrontDoorSettings
 from pacs_bridge.dicom.header import DEFAULT_MAX_INFLATED_BYTES, read_header
+from pacs_bridge.dicom.listener_switches import LISTENER_SWITCHES
 from pacs_bridge.dicom.received import OrphanedReceiveFiles, received_data_set
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
 from pacs_bridge.errors import InstanceTooLargeError
@@ -74,42 +73,6 @@ _STOP_GIVE_UP_SECONDS = 10.0  # past the drain and the cut, stop returns whateve
 # A connection still open this long after its association thread stopped is closed (its normal end closes it
 # before the thread stops); its DUL thread is stopped first and given this long again to let go of the socket.
 _ORPHAN_GRACE_SECONDS = 1.0
-
-
-class _ListenerSwitches:
-    """pynetdicom's and pydicom's process-wide settings a running listener needs (see the module docstring): set
-    when the first listener of the process starts, restored when the last one stops."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._holders = 0
-        self._before: tuple[bool, str, Any] | None = None
-
-    def hold(self) -> None:
-        with self._lock:
-            if self._holders == 0:
-                self._before = (
-                    _pynetdicom_config.STORE_RECV_CHUNKED_DATASET,
-                    _pynetdicom_config.LOG_HANDLER_LEVEL,
-                    pydicom_config.settings.reading_validation_mode,
-                )
-                _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-                _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
-                pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-            self._holders += 1
-
-    def let_go(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if self._holders == 0 and self._before is not None:
-                chunked, log_level, validation = self._before
-                _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = chunked
-                _pynetdicom_config.LOG_HANDLER_LEVEL = log_level
-                pydicom_config.settings.reading_validation_mode = validation
-                self._before = None
-
-
-LISTENER_SWITCHES = _ListenerSwitches()
 
 
 class InstanceSink(Protocol):

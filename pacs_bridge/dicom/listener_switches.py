@@ -1,0 +1,47 @@
+"""pynetdicom's and pydicom's process-wide settings a running listener needs (dicom/scp.py says which and why):
+set when the first listener of the process starts, put back when the last one stops. ``STORE_RECV_CHUNKED_DATASET``
+and ``LOG_HANDLER_LEVEL`` live in pynetdicom's ``_config`` module, for pynetdicom 3.x (pyproject.toml pins it)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pynetdicom import _config as _pynetdicom_config
+
+
+class _ListenerSwitches:
+    """pynetdicom's and pydicom's process-wide settings a running listener needs (see the module docstring): set
+    when the first listener of the process starts, restored when the last one stops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._before: tuple[bool, str, Any] | None = None
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._before = (
+                    _pynetdicom_config.STORE_RECV_CHUNKED_DATASET,
+                    _pynetdicom_config.LOG_HANDLER_LEVEL,
+                    pydicom_config.settings.reading_validation_mode,
+                )
+                _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+                _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+                pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+            self._holders += 1
+
+    def let_go(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._before is not None:
+                chunked, log_level, validation = self._before
+                _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = chunked
+                _pynetdicom_config.LOG_HANDLER_LEVEL = log_level
+                pydicom_config.settings.reading_validation_mode = validation
+                self._before = None
+
+
+LISTENER_SWITCHES = _ListenerSwitches()
