@@ -28,7 +28,7 @@ from pacs_bridge.study_queue import LinkStore
 log = structlog.get_logger("pacs_bridge.publish")
 
 # publish.relink_seconds' default: how long after a publish a study still waiting for its Patient or
-# ServiceRequest is looked up again (config.py documents it).
+# ServiceRequest is looked up again (config/publishing.py documents it).
 DEFAULT_RELINK_INTERVAL = timedelta(seconds=900)
 
 # Told of each lookup that found no reference, in place of its log line: ("patient" or "order", the lookup).
