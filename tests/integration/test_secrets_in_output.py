@@ -1,7 +1,8 @@
-"""No password given in a URL is printed: check-config --online and status, against real servers.
+"""No password given in a URL is printed: check-config (offline and --online) and status, against real servers.
 
 A database URL and a FHIR base URL may carry credentials (``postgresql://user:password@host/db``,
-``http://user:password@host/fhir``); whatever the commands print shows them as ``***@host``.
+``http://user:password@host/fhir``, ``postgresql://user@host/db?password=…``); whatever the commands print shows
+them as ``***@host`` and ``password=***``, whether the URL is valid or not.
 """
 
 from __future__ import annotations
@@ -110,3 +111,86 @@ def test_status_quotes_a_failure_reason_without_the_password_of_its_url(
     assert "cannot reach http://***@fhir.example.org/fhir" in text
     assert json.loads(document)["failed"][0]["last_error"] == "cannot reach http://***@fhir.example.org/fhir"
     assert FHIR_SECRET not in text + text_err + document + json_err
+
+
+# Two words, so that a password shown in part (up to its space) is caught as well as one shown whole.
+SPACED_SECRET = ("dbHalfOne", "dbHalfTwo")
+
+
+def assert_no_secret(text: str, *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in text, f"{secret!r} printed in:\n{text}"
+
+
+@pytest.mark.parametrize(
+    ("key", "url", "secrets"),
+    [
+        ("database", "postgresql+psycopg:bridge:dbS3cret@db/pacs", (DATABASE_SECRET,)),  # '//' forgotten
+        ("database", "bridge:dbS3cret@db/pacs", (DATABASE_SECRET,)),  # no scheme at all
+        ("database", "postgresql+nosuchdriver://bridge:dbS3cret@db/pacs", (DATABASE_SECRET,)),  # driver unknown
+        ("database", f"postgresql+psycopg:bridge:{' '.join(SPACED_SECRET)}@db/pacs", SPACED_SECRET),
+        ("fhir", "https:bridge:fhirS3cret@fhir.example.org/r4", (FHIR_SECRET,)),  # not an http(s) URL
+        ("fhir", "bridge:fhirS3cret@fhir.example.org/r4", (FHIR_SECRET,)),
+    ],
+    ids=["database no slashes", "database no scheme", "database unknown driver", "database spaced password",
+         "fhir no slashes", "fhir no scheme"],
+)
+def test_check_config_names_an_invalid_url_without_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, url: str, secrets: tuple[str, ...]
+) -> None:
+    """An invalid database.url or fhir.base_url is reported at its key, with the host it names and no password."""
+    sections: dict[str, object] = {
+        "database": {"url": f"sqlite:///{tmp_path / 'index.db'}"},
+        "fhir": {"base_url": "http://127.0.0.1:9/fhir"},
+    }
+    sections[key] = {"base_url" if key == "fhir" else "url": url}
+
+    code, out, err = run(tmp_path, capsys, "check-config", **sections)
+
+    assert code == 2, out + err
+    assert f"at '{key}." in err
+    assert "***@" in err
+    assert_no_secret(out + err, *secrets)
+
+
+@pytest.mark.postgresql
+@pytest.mark.fhir_server
+def test_check_config_online_hides_passwords_with_spaces_and_in_query_parameters(
+    postgres_schema_url: str, fhir_server: FhirTestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The database password as a ?password= parameter (with a space in it), the FHIR password with a space in
+    the userinfo: both checks pass (trust authentication ignores the one, the test server the other), and no
+    part of either password is printed."""
+    spaced = " ".join(SPACED_SECRET)
+    separator = "&" if "?" in postgres_schema_url else "?"
+    database_url = f"{postgres_schema_url}{separator}password={spaced}"
+    fhir_url = fhir_server.base_url.replace("://", f"://bridge:fhir {FHIR_SECRET}@", 1)
+
+    code, out, err = run(
+        tmp_path, capsys, "check-config", "--online", database={"url": database_url}, fhir={"base_url": fhir_url}
+    )
+
+    assert code == 0, out + err
+    assert "ok   database: postgresql+psycopg://***@127.0.0.1:5432/test" in out
+    assert "password=***" in out
+    assert f"ok   fhir: GET http://***@127.0.0.1:{fhir_server.port}/fhir/metadata" in out
+    assert_no_secret(out + err, *SPACED_SECRET, FHIR_SECRET)
+
+
+@pytest.mark.postgresql
+def test_check_config_online_failure_hides_a_query_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database nobody listens on, its password a query parameter: FAIL, naming the host, not the password."""
+    code, out, err = run(
+        tmp_path,
+        capsys,
+        "check-config",
+        "--online",
+        database={"url": f"postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2&password={DATABASE_SECRET}"},
+        fhir={"base_url": "http://127.0.0.1:9/fhir"},
+    )
+
+    assert code == 1
+    assert "FAIL database: postgresql+psycopg://***@127.0.0.1:1/test" in out
+    assert_no_secret(out + err, DATABASE_SECRET)

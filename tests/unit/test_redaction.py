@@ -1,4 +1,4 @@
-"""Unit tests for ``pacs_bridge.redaction``: no URL is printed with its userinfo."""
+"""Unit tests for ``pacs_bridge.redaction``: no URL is printed with its userinfo or a secret query parameter."""
 
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ URL_ROWS = [
     ("http://127.0.0.1:8080/fhir", "http://127.0.0.1:8080/fhir"),  # no userinfo: unchanged
     ("https://host/fhir/Patient/a@b", "https://host/fhir/Patient/a@b"),  # '@' in the path only: unchanged
     ("sqlite:///var/lib/pacs-bridge/index.db", "sqlite:///var/lib/pacs-bridge/index.db"),  # a file: unchanged
+    ("postgresql+psycopg://bridge:pa ss@db/pacs", "postgresql+psycopg://***@db/pacs"),  # white space in the password
+    ("postgresql+psycopg://my user:s3cret@db/pacs", "postgresql+psycopg://***@db/pacs"),  # and in the user
+    ("postgresql+psycopg://bridge@db/pacs?password=s3cret", "postgresql+psycopg://***@db/pacs?password=***"),
+    ("postgresql://db/pacs?sslmode=require&PASSWORD=s3 cret", "postgresql://db/pacs?sslmode=require&PASSWORD=***"),
+    ("https://fhir/r4?access_token=abc&_format=json", "https://fhir/r4?access_token=***&_format=json"),
+    ("https://fhir/r4?api_key=abc#top", "https://fhir/r4?api_key=***#top"),
+    ("https://fhir/r4?pass=a&pwd=b&secret=c&token=d&key=e", "https://fhir/r4?pass=***&pwd=***&secret=***&token=***&key=***"),
+    ("https://fhir/r4?_count=10&page=2", "https://fhir/r4?_count=10&page=2"),  # nothing secret: unchanged
+    # not a URL (no "://"): everything before the last '@' is hidden
+    ("postgresql+psycopg:bridge:s3cret@db/pacs", "***@db/pacs"),
+    ("bridge:pa ss@db/pacs", "***@db/pacs"),
+    ("https:user:s3cret@fhir.example.org/r4", "***@fhir.example.org/r4"),
 ]
 
 
@@ -30,9 +42,34 @@ def test_redact_url_hides_the_whole_userinfo_and_keeps_host_and_path(url: str, p
 
 
 def test_redact_urls_hides_every_url_in_a_message_and_leaves_the_rest() -> None:
-    """An error message quoting two URLs and an e-mail address: both URLs lose their userinfo, the rest stays."""
-    message = "cannot reach 'http://u:pw1@a/fhir' nor postgresql://v:pw2@b/db; ask admin@example.org"
-    assert redact_urls(message) == "cannot reach 'http://***@a/fhir' nor postgresql://***@b/db; ask admin@example.org"
+    """An error message quoting two URLs, each on its own line, and an e-mail address: both URLs lose their
+    userinfo, the rest stays."""
+    message = "cannot reach 'http://u:pw1@a/fhir'\nnor postgresql://v:pw2@b/db\nask admin@example.org"
+    assert redact_urls(message) == "cannot reach 'http://***@a/fhir'\nnor postgresql://***@b/db\nask admin@example.org"
+
+
+def test_a_password_with_white_space_is_hidden_whole_even_when_more_follows_on_its_line() -> None:
+    """The userinfo runs to the last '@' of its line: an '@' after the URL (an e-mail address) is taken for part
+    of a password with spaces in it, and hidden with it, rather than a part of the password being shown."""
+    message = "cannot reach postgresql://v:pw 2@b/db (took 3 s)"
+    assert redact_urls(message) == "cannot reach postgresql://***@b/db (took 3 s)"
+    assert redact_urls("postgresql://v:pw2@b/db; ask admin@example.org") == "postgresql://***@example.org"
+
+
+def test_secret_parameters_are_hidden_in_connection_strings_and_messages() -> None:
+    """key=value settings (libpq's form) and query parameters alike; the value runs to '&', '#' or the end of
+    its line, spaces included."""
+    assert redact_urls("host=db password=s3 cret") == "host=db password=***"
+    assert redact_urls("GET https://fhir/r4/metadata?token=abc: 401\nnext line") == (
+        "GET https://fhir/r4/metadata?token=***\nnext line"
+    )
+    assert redact_urls("max_associations=16 port=104") == "max_associations=16 port=104"
+
+
+def test_a_url_like_string_without_slashes_in_a_message_loses_its_userinfo() -> None:
+    """A value quoted as written (``scheme:user:password@host``, ``user:password@host``)."""
+    assert redact_urls("got 'postgresql+psycopg:bridge:s3cret@db/pacs'") == "got '***@db/pacs'"
+    assert redact_urls("Error: contact admin@example.org") == "Error: contact admin@example.org"
 
 
 def test_every_error_of_ours_quotes_urls_without_their_userinfo() -> None:
