@@ -23,8 +23,13 @@ log = structlog.get_logger("pacs_bridge.dicom")
 
 @dataclass(slots=True)
 class _Open:
+    """An open association's end-line fields, and its C-STOREs by answer: ``stored`` (Success), ``try_later``
+    (0xA7xx, out of resources: the sender's retry can succeed) and ``refused`` (any other failure: the bridge
+    said no for good)."""
+
     peer: dict[str, Any]
     stored: int = 0
+    try_later: int = 0
     refused: int = 0
 
 
@@ -47,14 +52,16 @@ class AssociationLedger:
         except Exception:  # metrics must never change what a peer gets
             log.exception("metrics_failed")
 
-    def count(self, assoc: Any, *, stored: bool) -> None:
-        """One instance of ``assoc`` stored, or refused."""
+    def count(self, assoc: Any, status: int) -> None:
+        """One C-STORE of ``assoc`` answered ``status``."""
         with self._lock:
             record = self._open.get(id(assoc))
             if record is None:
                 return
-            if stored:
+            if status == 0x0000:
                 record.stored += 1
+            elif status & 0xFF00 == 0xA700:
+                record.try_later += 1
             else:
                 record.refused += 1
 
@@ -74,5 +81,7 @@ class AssociationLedger:
         except Exception:
             log.exception("metrics_failed")
         name = "association_released" if released else "association_aborted"
-        log.info(name, **record.peer, stored=record.stored, refused=record.refused, **fields)
+        log.info(
+            name, **record.peer, stored=record.stored, try_later=record.try_later, refused=record.refused, **fields
+        )
         return True

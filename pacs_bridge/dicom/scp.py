@@ -456,7 +456,7 @@ class DicomListener:
             outcome = self._sink.record_instance(record, received_at=self._clock())
         except Exception as exc:
             status = status_for_error(exc)
-            self._ledger.count(event.assoc, stored=False)
+            self._ledger.count(event.assoc, status)
             self._observe_instance(event, status, calling_ae)
             fields = {**_peer(event), "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}"}
             if status is StoreStatus.PROCESSING_FAILURE:
@@ -464,7 +464,7 @@ class DicomListener:
             else:
                 log.warning("instance_rejected", **fields, error=str(exc))
             return status_dataset(status, str(exc))
-        self._ledger.count(event.assoc, stored=True)
+        self._ledger.count(event.assoc, _SUCCESS)
         self._observe_instance(event, StoreStatus.SUCCESS, calling_ae)
         if _stdlib_log.isEnabledFor(logging.DEBUG):  # structlog would build the event only to drop it
             log.debug(

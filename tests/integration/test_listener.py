@@ -122,8 +122,11 @@ def test_compressed_transfer_syntax_is_accepted_without_decoding_pixels(listener
     assert index.load_snapshot(uid("1")).number_of_instances == 1
 
 
-def test_database_down_answers_out_of_resources(tmp_path: Path, receive_path: str):
-    """When the index cannot be written the sender gets 0xA700 (retry later), never success."""
+def test_database_down_answers_out_of_resources(
+    tmp_path: Path, receive_path: str, logging_at_debug: pytest.LogCaptureFixture
+):
+    """When the index cannot be written the sender gets 0xA700 (retry later), never success; the association's
+    closing event counts it as try_later, apart from an instance refused for good (0xC000)."""
     broken = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
     running = DicomListener(
         listener_settings(receive_path),
@@ -134,11 +137,15 @@ def test_database_down_answers_out_of_resources(tmp_path: Path, receive_path: st
     try:
         assoc = associate(running.port, ImplicitVRLittleEndian)
         status = assoc.send_c_store(encoded_as(make_dataset(), ImplicitVRLittleEndian))
+        refused = assoc.send_c_store(encoded_as(make_dataset(StudyInstanceUID=None), ImplicitVRLittleEndian))
         assoc.release()
     finally:
-        running.stop(drain_timeout_seconds=5)
+        running.stop(drain_timeout_seconds=5)  # waits for the association to end, and its closing event
         broken.dispose()
-    assert status.Status == 0xA700
+    assert (status.Status, refused.Status) == (0xA700, 0xC000)
+    events = [record.msg for record in logging_at_debug.records if isinstance(record.msg, dict)]
+    (released,) = [event for event in events if event["event"] == "association_released"]
+    assert (released["stored"], released["try_later"], released["refused"]) == (0, 1, 1)
 
 
 def test_bytes_that_are_not_dicom_do_not_stop_the_listener(listener: DicomListener):
