@@ -50,18 +50,9 @@ def store(listener: DicomListener, *, context: str, request_class: str, request_
     inline = inline_store.inline_store_of(acceptor)
     served_inline = inline.served if inline is not None else None
     context_id = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == context)
-    request = C_STORE()
-    request.MessageID = 1
-    request.Priority = 2
-    request.AffectedSOPClassUID = request_class
-    request.AffectedSOPInstanceUID = request_instance
-    request.DataSet = BytesIO(encoded(dataset))
-    assoc._reactor_checkpoint.clear()  # as send_c_store does: its reactor must not take the response
-    while not assoc._is_paused:
-        time.sleep(0.0001)
-    assoc.dimse.send_msg(request, context_id)
-    _, response = assoc.dimse.get_msg(block=True)
-    assoc._reactor_checkpoint.set()
+    response = send(
+        assoc, context_id, request_class=request_class, request_instance=request_instance, data_set=dataset
+    )
     assoc.release()
     wait_for_associations_to_end(listener)
     if inline is not None:  # served inline: this path answered
@@ -121,4 +112,48 @@ def test_a_dataset_of_another_instance_than_its_request_is_refused_and_neither_u
     assert index.study_status(uid("1")) is None
     sent = storescu(listener.port, write_file(dataset(CT, "1.1.3"), tmp_path / "good.dcm"))
     assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert index.load_snapshot(uid("1")).number_of_instances == 1
+
+
+def send(assoc: Any, context_id: int, *, request_class: str, request_instance: str, data_set: Any) -> Any:
+    """One C-STORE request on ``assoc``, sent below send_c_store (which takes the SOP class from the dataset);
+    the response primitive, or None when the association ended instead."""
+    request = C_STORE()
+    request.MessageID = 1
+    request.Priority = 2
+    request.AffectedSOPClassUID = request_class
+    request.AffectedSOPInstanceUID = request_instance
+    request.DataSet = BytesIO(encoded(data_set))
+    assoc._reactor_checkpoint.clear()  # as send_c_store does: its reactor must not take the response
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    assoc.dimse.send_msg(request, context_id)
+    _, response = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    return response
+
+
+@pytest.mark.parametrize("request_class", ["31", "1.2.3.4.5", "1.2.840.10008.1.1"], ids=["31", "unknown", "echo"])
+def test_a_request_naming_no_storage_sop_class_is_refused_with_a900_and_the_association_goes_on(
+    fast_path_listener: DicomListener, index: Index, request_class: str
+) -> None:
+    """On the CT context, a C-STORE whose Affected SOP Class UID is no storage SOP class (a bare "31", an unknown
+    UID, Verification's): 0xA900 naming SOPClassUID, nothing indexed, and the next C-STORE on the same
+    association is stored. (Stock pynetdicom, with dicom.fast_path off, picks the service by that UID alone and
+    aborts the association: it has no service for it.)"""
+    ae = AE(ae_title="MODALITY")
+    ae.requested_contexts = [build_context(CT, [ExplicitVRLittleEndian])]
+    assoc = ae.associate("127.0.0.1", fast_path_listener.port, ae_title="PACS_BRIDGE")
+    assert assoc.is_established
+    (context_id,) = (cx.context_id for cx in assoc.accepted_contexts)
+
+    odd = send(assoc, context_id, request_class=request_class, request_instance=uid("1.1.1"), data_set=dataset(CT))
+    assert assoc.is_established
+    good = send(assoc, context_id, request_class=CT, request_instance=uid("1.1.2"), data_set=dataset(CT, "1.1.2"))
+    assoc.release()
+    wait_for_associations_to_end(fast_path_listener)
+
+    assert odd is not None and odd.Status == 0xA900
+    assert odd.ErrorComment.startswith("SOPClassUID (0008,0016)")
+    assert good is not None and good.Status == 0x0000
     assert index.load_snapshot(uid("1")).number_of_instances == 1

@@ -26,8 +26,10 @@ pynetdicom's Storage SCP triggers it. A plain response (a bare status) is encode
 the command set, validated element by element and encoded twice, is ~0.25 ms per response) and written to the
 socket at once; a status dataset goes through pynetdicom's ``send_msg``.
 
-Anything else goes pynetdicom's way unchanged, fragment by fragment: C-ECHO and every other message, a
-C-STORE under a context or SOP class pynetdicom would not serve as storage, one whose command set lacks a
+A C-STORE whose Affected SOP Class UID names no storage SOP class (e.g. "31") on a context negotiated for one is
+served here too: pynetdicom would abort the association, the handler answers 0xA900 and it goes on. Anything
+else goes pynetdicom's way unchanged, fragment by fragment: C-ECHO and every other message, a C-STORE under a
+context and SOP class pynetdicom would not serve as storage, one whose command set lacks a
 required field or carries one that does not decode, anything during release, and every association with a
 handler bound to the DIMSE or PDU events this path does not raise. The sender waits for each response before
 its next request (no asynchronous operations are negotiated), so answers cannot overtake each other.
@@ -265,7 +267,7 @@ class InlineStore:
                 request = store_request(command_elements(command))
             except ValueError:
                 request = None
-        if request is None or not _is_storage(assoc, request):
+        if request is None or not _is_storage(assoc, request, context):
             self._forward(dul, context_id, _LAST_COMMAND_FRAGMENT + command)
             return
         request._context_id = context_id
@@ -328,14 +330,22 @@ class InlineStore:
         self._forwarding = dimse.message is not None  # pynetdicom resets it once the message is complete
 
 
-def _is_storage(assoc: Any, request: C_STORE) -> bool:
-    """Whether pynetdicom would serve ``request`` with the stock Storage SCP."""
+def _is_storage(assoc: Any, request: C_STORE, context: Any) -> bool:
+    """Whether ``request`` is a C-STORE for the Storage SCP: pynetdicom would serve it with the stock Storage SCP,
+    or it came on a context negotiated for a storage SOP class. pynetdicom picks the service by the request's
+    Affected SOP Class UID alone and aborts the association when that names no service it knows (e.g. "31");
+    served here, the handler answers such a request 0xA900 (it is not the context's SOP class) and the association
+    goes on."""
     if pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE:
         return False
     sop_class = request.AffectedSOPClassUID
     if sop_class in assoc.acceptor.accepted_common_extended:
         return False
-    service_class = uid_to_service_class(sop_class)  # type: ignore[arg-type]
+    return _is_storage_class(sop_class) or _is_storage_class(context.abstract_syntax)
+
+
+def _is_storage_class(sop_class: Any) -> bool:
+    service_class = uid_to_service_class(sop_class)
     return isinstance(service_class, type) and service_class.SCP is StorageServiceClass.SCP
 
 
