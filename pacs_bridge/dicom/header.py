@@ -10,17 +10,34 @@ over bytes with one ``struct`` call each, for the encoding that nearly every sen
 explicit or implicit as the transfer syntax says, every element before the last header tag of defined length.
 It gives the same raw elements pydicom's reader gives, or ``None`` for anything else (an undefined length, a VR
 it does not know, an encoding that contradicts the transfer syntax, a header longer than what it looks at), and
-then pydicom reads the stream, with all its leniency and checks, as before.
+then pydicom reads the header elements, with all its leniency and checks, as before.
+
+What pydicom may cost is bounded first. Its reader builds a ``Dataset`` for every item of every sequence of
+undefined length it passes, wanted or not, and reads a value of undefined length whole: a dataset of many tiny
+sequence items before the last header tag (17.6 MB on the wire) would cost it over 1 GB. ``HeaderWalk`` walks
+the elements up to the last header tag first, reading only element and item headers and seeking over what is
+not wanted, and hands pydicom the wanted elements alone, as received. It refuses (``InvalidInstanceError``,
+0xC000, naming the element and the limit) a header past what any real modality sends:
+
+- a value of a header element, or of an element inside a wanted sequence, over ``MAX_HEADER_VALUE_BYTES``;
+- over ``MAX_HEADER_ENTRIES`` elements and sequence items (fragments included) up to the last header tag,
+  wanted or not (each is a Python object once pydicom reads it, and a step of the walk);
+- sequences nested over ``MAX_HEADER_DEPTH`` deep;
+- wanted elements of over ``MAX_HEADER_BYTES`` in all.
+
+Values after the last header tag (pixel data, and any other bulk data) are never looked at, whatever their size;
+values before it that are not wanted (an encapsulated document, a vendor's private blob) are skipped unread.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import struct
 from typing import Any, BinaryIO, cast
 
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -34,6 +51,13 @@ from pacs_bridge.errors import InvalidInstanceError
 
 LAST_HEADER_TAG = max(HEADER_TAGS)
 SCANNED_BYTES = 256 * 1024  # how much of a dataset scan_header looks at; a longer header is pydicom's to read
+# What a header may cost (see the module docstring). A real header element is at most a few kB (an LT of 10240
+# characters); a header holds a few hundred elements, and a rejection note withdrawing a 20000-instance study
+# ~70000 elements and items; an SR nests ~10 deep.
+MAX_HEADER_VALUE_BYTES = 1024 * 1024  # at least SCANNED_BYTES: scan_header never passes a value the walk refuses
+MAX_HEADER_ENTRIES = 200_000
+MAX_HEADER_DEPTH = 32
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 # The most a deflated dataset may inflate to (dicom.max_inflated_bytes): deflate is used for reports and other
 # small objects, whose ratio stays far below what a 1 MB bitstream inflating to 1 GiB shows.
 DEFAULT_MAX_INFLATED_BYTES = 256 * 1024 * 1024
@@ -45,6 +69,8 @@ _IMPLICIT = struct.Struct("<HHL")  # group, element, 32-bit length
 _LONG_LENGTH = struct.Struct("<L")
 _KNOWN_VRS = {vr.value.encode("ascii"): vr.value for vr in VR}
 _LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_WANTED_SEQUENCES = frozenset(tag for tag in _WANTED if dictionary_VR(tag) == "SQ")
 
 
 def read_header(
@@ -75,9 +101,13 @@ def _read_header(stream: BinaryIO, transfer_syntax: UID) -> Dataset:
             if scanned is not None:
                 return scanned  # whole values only: nothing for refuse_truncated to find
             stream.seek(0)
+        walk = HeaderWalk(
+            stream, implicit_vr=transfer_syntax.is_implicit_VR, little_endian=transfer_syntax.is_little_endian
+        )
+        wanted = io.BytesIO(walk.wanted_elements())
         dataset = read_dataset(
-            stream,
-            transfer_syntax.is_implicit_VR,
+            wanted,
+            walk.implicit_vr,
             transfer_syntax.is_little_endian,
             stop_when=lambda tag, _vr, _length: tag > LAST_HEADER_TAG,
             specific_tags=list(HEADER_TAGS),
@@ -129,6 +159,10 @@ def scan_header(data: bytes, *, implicit_vr: bool, complete: bool) -> Dataset | 
             # The value goes on past what was looked at, or the dataset ends inside it: pydicom reads it, and
             # refuse_truncated names the element. A scanned dataset holds whole values only.
             return None
+        if tag in _WANTED_SEQUENCES and (vr is None or vr == "SQ"):
+            # Its items are read when extract decodes it: the walk holds them to the same limits.
+            walk = HeaderWalk(io.BytesIO(data), implicit_vr=implicit_vr, little_endian=True)
+            walk.check_sequence(tag, value_at, length)
         value: Any = data[value_at : value_at + length] if length else empty_value_for_VR(vr, raw=True)
         elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, value_at, implicit_vr, True)
     dataset = Dataset(elements)
@@ -170,3 +204,165 @@ def refuse_truncated(dataset: Dataset) -> Dataset:
                 f"truncated: the dataset ends inside this value ({len(raw.value)} of {raw.length} bytes)",
             )
     return dataset
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _over_limit(tag: int, detail: str) -> InvalidInstanceError:
+    return InvalidInstanceError(keyword_for_tag(tag) or "", _tag_text(tag), detail)
+
+
+def _is_sequence_tag(tag: int) -> bool:
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:  # a private or unknown tag
+        return False
+
+
+class HeaderWalk:
+    """Walks a dataset's elements up to ``LAST_HEADER_TAG`` within the header limits (see the module docstring),
+    reading element and item headers only; ``wanted_elements`` gives the wanted ones as received."""
+
+    def __init__(self, stream: BinaryIO, *, implicit_vr: bool, little_endian: bool) -> None:
+        self._stream = stream
+        self.implicit_vr = implicit_vr
+        order = "<" if little_endian else ">"
+        self._explicit = struct.Struct(order + "HH2sH")
+        self._implicit = struct.Struct(order + "HHL")
+        self._long = struct.Struct(order + "L")
+        self.entries = 0  # elements and items walked
+
+    def wanted_elements(self) -> bytes:
+        """The header elements pydicom's reader would keep (``HEADER_TAGS`` and the character set), encoded as
+        received, from the stream's start up to the first element past ``LAST_HEADER_TAG``. An element the data
+        ends inside is given as far as it goes (``refuse_truncated`` names it). Raises ``InvalidInstanceError``
+        past a limit."""
+        stream = self._stream
+        first = stream.read(6)
+        stream.seek(0)
+        if len(first) == 6:  # pydicom's reader goes by the first element too, whatever the transfer syntax says
+            self.implicit_vr = not _looks_explicit(first)
+        parts: list[bytes] = []
+        kept = 0
+        while True:
+            start = stream.tell()
+            header = self._element_header()
+            if header is None:
+                break
+            tag, vr, length = header
+            if tag > LAST_HEADER_TAG or tag == _ITEM_END:
+                break
+            wanted = tag in _WANTED
+            whole = self._skip_value(tag, vr, length, depth=0, wanted=wanted)
+            if wanted:
+                end = stream.tell()
+                kept += end - start
+                if kept > MAX_HEADER_BYTES:
+                    raise _over_limit(tag, f"header elements over {MAX_HEADER_BYTES} bytes in all")
+                stream.seek(start)
+                parts.append(stream.read(end - start))
+            if not whole:
+                break
+        return b"".join(parts)
+
+    def check_sequence(self, tag: int, position: int, length: int) -> None:
+        """Hold the wanted sequence ``tag`` of defined ``length``, its value at ``position``, to the limits."""
+        self._stream.seek(position)
+        self._items(tag, length, depth=1, wanted=True, sequence=True)
+
+    def _element_header(self) -> tuple[int, str | None, int] | None:
+        """The next element's tag, VR (None: implicit) and length, read as pydicom's reader reads them; None
+        at the end of the data."""
+        data = self._stream.read(8)
+        if len(data) < 8:
+            return None
+        if self.implicit_vr:
+            group, element, length = self._implicit.unpack(data)
+            self._count(group << 16 | element)
+            return group << 16 | element, None, length
+        group, element, raw_vr, length = self._explicit.unpack(data)
+        tag = group << 16 | element
+        self._count(tag)
+        if group == 0xFFFE:  # item and delimitation headers have no VR
+            return tag, None, self._implicit.unpack(data)[2]
+        vr = _KNOWN_VRS.get(raw_vr)
+        if vr is None:
+            if not (b"AA" <= raw_vr <= b"ZZ"):  # pydicom takes such an element for implicit VR
+                return tag, None, self._implicit.unpack(data)[2]
+            return tag, raw_vr.decode("ascii"), length
+        if raw_vr in _LONG_VRS:
+            extra = self._stream.read(4)
+            if len(extra) < 4:
+                return None
+            (length,) = self._long.unpack(extra)
+        return tag, vr, length
+
+    def _count(self, tag: int) -> None:
+        self.entries += 1
+        if self.entries > MAX_HEADER_ENTRIES:
+            raise _over_limit(tag, f"over {MAX_HEADER_ENTRIES} header elements/items")
+
+    def _skip_value(self, tag: int, vr: str | None, length: int, *, depth: int, wanted: bool) -> bool:
+        """Past the value of the element just read, holding it to the limits; False when the data ends first."""
+        is_sequence = vr in ("SQ", "UN") if length == _UNDEFINED_LENGTH else vr == "SQ"
+        if vr is None:
+            is_sequence = _is_sequence_tag(tag) or (length == _UNDEFINED_LENGTH and self._next_is_item())
+        if length == _UNDEFINED_LENGTH or (is_sequence and wanted):
+            return self._items(tag, length, depth=depth + 1, wanted=wanted, sequence=is_sequence)
+        if wanted and length > MAX_HEADER_VALUE_BYTES:
+            raise _over_limit(tag, f"{length}-byte value, limit {MAX_HEADER_VALUE_BYTES}")
+        self._stream.seek(length, io.SEEK_CUR)
+        return True
+
+    def _next_is_item(self) -> bool:
+        data = self._stream.read(4)
+        self._stream.seek(-len(data), io.SEEK_CUR)
+        return len(data) == 4 and self._implicit.unpack(data + bytes(4))[:2] == (0xFFFE, 0xE000)
+
+    def _items(self, tag: int, length: int, *, depth: int, wanted: bool, sequence: bool) -> bool:
+        """Past the items of ``tag``'s value (a sequence's, or the fragments of an undefined length value) up to
+        its delimiter or ``length``; False when the data ends first."""
+        if depth > MAX_HEADER_DEPTH:
+            raise _over_limit(tag, f"sequences nested over {MAX_HEADER_DEPTH} deep")
+        stream = self._stream
+        end = None if length == _UNDEFINED_LENGTH else stream.tell() + length
+        fragment_bytes = 0
+        while end is None or stream.tell() < end:
+            data = stream.read(8)
+            if len(data) < 8:
+                return False
+            group, element, item_length = self._implicit.unpack(data)
+            item_tag = group << 16 | element
+            if item_tag == _SEQUENCE_END and end is None:
+                return True
+            if item_tag != _ITEM:
+                raise _over_limit(tag, f"holds {_tag_text(item_tag)} where an item belongs")
+            self._count(tag)
+            if not sequence:  # a fragment of a value of undefined length
+                fragment_bytes += item_length
+                if wanted and fragment_bytes > MAX_HEADER_VALUE_BYTES:
+                    raise _over_limit(tag, f"value over {MAX_HEADER_VALUE_BYTES} bytes, the limit")
+                stream.seek(item_length, io.SEEK_CUR)
+            elif item_length == _UNDEFINED_LENGTH or wanted:
+                if not self._item_elements(item_length, depth=depth, wanted=wanted):
+                    return False
+            else:
+                stream.seek(item_length, io.SEEK_CUR)
+        return True
+
+    def _item_elements(self, length: int, *, depth: int, wanted: bool) -> bool:
+        """Past the elements of one sequence item, up to its delimiter or ``length``."""
+        stream = self._stream
+        end = None if length == _UNDEFINED_LENGTH else stream.tell() + length
+        while end is None or stream.tell() < end:
+            header = self._element_header()
+            if header is None:
+                return False
+            tag, vr, element_length = header
+            if tag == _ITEM_END and end is None:
+                return True
+            if not self._skip_value(tag, vr, element_length, depth=depth, wanted=wanted):
+                return False
+        return True
