@@ -254,6 +254,7 @@ class HeaderWalk:
             tag, vr, length = header
             if tag > LAST_HEADER_TAG or tag == _ITEM_END:
                 break
+            self._count(tag)
             wanted = tag in _WANTED
             whole = self._skip_value(tag, vr, length, depth=0, wanted=wanted)
             if wanted:
@@ -280,11 +281,9 @@ class HeaderWalk:
             return None
         if self.implicit_vr:
             group, element, length = self._implicit.unpack(data)
-            self._count(group << 16 | element)
             return group << 16 | element, None, length
         group, element, raw_vr, length = self._explicit.unpack(data)
         tag = group << 16 | element
-        self._count(tag)
         if group == 0xFFFE:  # item and delimitation headers have no VR
             return tag, None, self._implicit.unpack(data)[2]
         vr = _KNOWN_VRS.get(raw_vr)
@@ -363,6 +362,7 @@ class HeaderWalk:
             tag, vr, element_length = header
             if tag == _ITEM_END and end is None:
                 return True
+            self._count(tag)
             if not self._skip_value(tag, vr, element_length, depth=depth, wanted=wanted):
                 return False
         return True

@@ -1,6 +1,6 @@
 """Hostile content, end to end: ``pacs-bridge run`` (a subprocess, SQLite) against datasets built to hurt:
-deflate bombs and corrupt deflate data, datasets that are not what their request says, values no database
-can hold.
+deflate bombs and corrupt deflate data, headers built to cost memory (a million sequence items, a value of
+megabytes), datasets that are not what their request says, values no database can hold.
 
 Senders: pynetdicom sending files exactly as written (tests/support/raw_files.py) and DCMTK's storescu. Each
 case asserts the DIMSE status and its ErrorComment, that nothing was indexed when refused, that storescu still
@@ -282,3 +282,81 @@ def test_a_dataset_that_is_not_what_it_claims_or_cannot_be_held_is_refused(
     assert bridge.study_row(study_uid) is None
     assert_back_to(bridge, baseline)
     assert_storescu_gets_in(bridge, tmp_path)
+
+
+# ---- headers built to cost memory (dicom/header.py: HeaderWalk) ----
+
+# Peak memory a header bomb may add to the bridge's baseline: what pydicom would have built is ~1.1 GB.
+HEADER_BOMB_HEADROOM = 200 * MiB
+
+
+def sequence_of_empty_items(group: int, element: int, count: int) -> bytes:
+    """An explicit VR sequence of undefined length holding ``count`` empty items of undefined length."""
+    header = group.to_bytes(2, "little") + element.to_bytes(2, "little") + b"SQ\x00\x00" + b"\xff\xff\xff\xff"
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+    return header + item * count + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def write_plain(directory: Path, study_uid: str, data: bytes) -> Path:
+    return write_raw_file(
+        directory / f"{study_uid}.dcm",
+        sop_class=CT_IMAGE_STORAGE,
+        sop_instance=f"{study_uid}.1.1",
+        transfer_syntax=ExplicitVRLittleEndian,
+        dataset=data,
+    )
+
+
+def ct_header(study_uid: str) -> bytes:
+    return encoded(
+        make_dataset(StudyInstanceUID=study_uid, SeriesInstanceUID=f"{study_uid}.1", SOPInstanceUID=f"{study_uid}.1.1")
+    )
+
+
+HEADER_BOMBS = [
+    # (what follows the CT header, the ErrorComment's start)
+    (lambda: sequence_of_empty_items(0x0040, 0xA730, 1_100_000), "ContentSequence (0040,A730): over 200000"),
+    # StudyDescription as UT (a 32-bit length) of 64 MiB
+    (lambda: b"\x08\x00\x30\x10UT\x00\x00" + (64 * MiB).to_bytes(4, "little") + b"A" * (64 * MiB),
+     "StudyDescription (0008,1030): 67108864-byte value"),
+]
+
+
+@pytest.mark.parametrize(("bomb", "comment"), HEADER_BOMBS, ids=["1.1 million sequence items", "64 MiB value"])
+def test_a_header_built_to_cost_memory_is_refused_naming_the_element_and_the_limit(
+    bridge: BridgeProcess, tmp_path: Path, bomb: Callable[[], bytes], comment: str
+) -> None:
+    """A ContentSequence of 1.1 million empty items (17.6 MB on the wire), or a 64 MiB StudyDescription: 0xC000
+    with an ErrorComment naming the element and the limit; the bridge's peak memory grows by far less than
+    what pydicom would have built, nothing is indexed, resources come back and storescu still gets in."""
+    study_uid = new_study_uid()
+    path = write_plain(tmp_path, study_uid, ct_header(study_uid) + bomb())
+    baseline = resources(bridge)
+    memory_before = reset_peak_memory(bridge)
+
+    answer = store_file(
+        bridge.port, path, abstract_syntax=CT_IMAGE_STORAGE, transfer_syntax=ExplicitVRLittleEndian
+    )
+
+    assert answer.Status == 0xC000
+    assert answer.ErrorComment.startswith(comment)
+    assert peak_memory(bridge) - memory_before < HEADER_BOMB_HEADROOM
+    assert bridge.instance_uids(study_uid) == set()
+    assert_back_to(bridge, baseline)
+    assert_storescu_gets_in(bridge, tmp_path)
+
+
+def test_an_unread_sequence_within_the_limits_costs_no_memory(bridge: BridgeProcess, tmp_path: Path) -> None:
+    """150000 empty items in a ContentSequence the bridge never reads (within the limits): Success, and the
+    bridge's peak memory stays within MEMORY_HEADROOM: the items are walked over, never built."""
+    study_uid = new_study_uid()
+    path = write_plain(tmp_path, study_uid, ct_header(study_uid) + sequence_of_empty_items(0x0040, 0xA730, 150_000))
+    memory_before = reset_peak_memory(bridge)
+
+    answer = store_file(
+        bridge.port, path, abstract_syntax=CT_IMAGE_STORAGE, transfer_syntax=ExplicitVRLittleEndian
+    )
+
+    assert answer.Status == 0x0000
+    assert peak_memory(bridge) - memory_before < MEMORY_HEADROOM
+    assert bridge.instance_uids(study_uid) == {f"{study_uid}.1.1"}
