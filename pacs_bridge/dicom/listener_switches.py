@@ -10,6 +10,8 @@ from typing import Any
 from pydicom import config as pydicom_config
 from pynetdicom import _config as _pynetdicom_config
 
+from pacs_bridge.dicom.received import claim_receive_directory, release_receive_directory
+
 
 class _ListenerSwitches:
     """pynetdicom's and pydicom's process-wide settings a running listener needs (see the module docstring): set
@@ -29,6 +31,7 @@ class _ListenerSwitches:
                     pydicom_config.settings.reading_validation_mode,
                 )
                 _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+                claim_receive_directory()
                 _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
                 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
             self._holders += 1
@@ -39,6 +42,7 @@ class _ListenerSwitches:
             if self._holders == 0 and self._before is not None:
                 chunked, log_level, validation = self._before
                 _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = chunked
+                release_receive_directory()
                 _pynetdicom_config.LOG_HANDLER_LEVEL = log_level
                 pydicom_config.settings.reading_validation_mode = validation
                 self._before = None

@@ -4,8 +4,15 @@ The listener sets pynetdicom's public ``STORE_RECV_CHUNKED_DATASET``, so that a 
 itself is written to a temporary file (``Event.dataset_path``: 128-byte preamble, ``DICM``, the file meta
 group, then the data set as received) rather than collected in memory. The fast path's inline store collects
 its C-STOREs in a ``SpillingBuffer`` instead (``C_STORE.DataSet``). Either way ``received_data_set`` gives the
-encoded data set from its first byte, and its length. ``OrphanedReceiveFiles`` deletes the files pynetdicom
-leaves behind when a transfer is cut off.
+encoded data set from its first byte, and its length.
+
+pynetdicom names those files in the process's temporary directory (``NamedTemporaryFile``), and leaves one behind
+for good when its transfer is cut off. While a listener runs, the process's temporary directory is a directory
+of its own (``claim_receive_directory``), and ``OrphanedReceiveFiles`` deletes every receive file in it that no
+file descriptor of the process refers to: pynetdicom holds a receive file open from its creation until its
+handler has run, so such a file is either an orphan or one pynetdicom is deleting itself; a live transfer's
+never is. A message cut off may keep its file open until its association's objects are garbage-collected: the
+sweep collects garbage a few times after such a cut.
 """
 
 from __future__ import annotations
@@ -110,58 +117,109 @@ def received_data_set(event: Any) -> ReceivedDataSet:
 
 _CHUNKED_FILE_NAME = re.compile(r"tmp[A-Za-z0-9_]+\.dcm")  # pynetdicom: NamedTemporaryFile(suffix=".dcm")
 
+_directory: str | None = None
+_tempdir_before: str | None = None
+
+
+def claim_receive_directory() -> str:
+    """Make a directory of this process's own the process's temporary directory (``tempfile.tempdir``, where
+    pynetdicom's ``NamedTemporaryFile`` puts the data sets it receives); its path. The listeners of a process
+    share it: the first to start claims it, the last to stop releases it."""
+    global _directory, _tempdir_before
+    if _directory is None:
+        _tempdir_before = tempfile.tempdir
+        _directory = tempfile.mkdtemp(prefix=f"pacs-bridge-{os.getpid()}-received-")
+        tempfile.tempdir = _directory
+    return _directory
+
+
+def receive_directory() -> str:
+    """The directory ``claim_receive_directory`` made; RuntimeError when none is claimed."""
+    if _directory is None:
+        raise RuntimeError("no receive directory is claimed: start the listener first")
+    return _directory
+
+
+def release_receive_directory() -> None:
+    """Give the process its temporary directory back; delete what is left of the receive directory, and it."""
+    global _directory
+    if _directory is None:
+        return
+    directory, _directory = _directory, None
+    tempfile.tempdir = _tempdir_before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # files pynetdicom dropped unclosed
+        gc.collect()
+    remove_orphaned_receive_files(directory)
+    with contextlib.suppress(OSError):  # not empty: a file someone still holds open, or not ours
+        os.rmdir(directory)
+
 
 class OrphanedReceiveFiles:
-    """Deletes the temporary files pynetdicom leaves when a C-STORE it receives is cut off mid-data-set.
+    """Deletes the receive files pynetdicom left in ``directory`` (see the module docstring). ``sweep`` may be
+    called as often as wanted and looks once a second; after ``note_interrupted`` (a connection closed
+    mid-message), it first collects garbage, which closes the files that dropped messages still hold open."""
 
-    With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each data set to a named temporary file and deletes it
-    after the handler. When the association ends before the data set's last fragment, the message is dropped
-    with its file still open (closed only when garbage-collected), and the file stays on disk for good. The
-    listener notes each connection that closes mid-data-set (``note_interrupted``); a little later
-    ``sweep_if_due`` collects garbage and deletes the files that this closed: pynetdicom's own deletes them after
-    the handler, so a file of that kind still there once its last reference is gone was dropped.
-    """
-
+    SWEEP_SECONDS = 1.0
     SETTLE_SECONDS = 2.0  # for the association's threads to end after its connection closed
-    _ATTEMPTS = 5  # sweeps after an interruption, while a dropped message may still be referenced
+    _COLLECTIONS = 5  # garbage collections after an interruption, while a dropped message may still be referenced
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
         self._due: float | None = None
-        self._attempts = 0
-        self._directory = tempfile.gettempdir()  # now: finding it opens a file, which may fail later (EMFILE)
+        self._collections = 0
+        self._next_sweep = 0.0
 
     def note_interrupted(self, now: float) -> None:
-        self._attempts = self._ATTEMPTS
+        self._collections = self._COLLECTIONS
         if self._due is None:
             self._due = now + self.SETTLE_SECONDS
 
-    def sweep_if_due(self, now: float) -> int:
-        """Once due, collect garbage and delete the receive files that closed; the number deleted."""
-        if self._due is None or now < self._due:
+    def sweep(self, now: float) -> int:
+        """Delete the receive files no descriptor refers to (collecting garbage first when due); the number."""
+        if now < self._next_sweep:
             return 0
-        self._attempts -= 1
-        self._due = now + self.SETTLE_SECONDS if self._attempts > 0 else None
-        open_before = open_receive_files(self._directory)
-        if not open_before:
-            return 0
-        with warnings.catch_warnings():
-            # pynetdicom dropped these file objects unclosed: collecting them closes them, with a warning each
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-        removed = 0
-        for path in open_before - open_receive_files(self._directory):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed += 1
+        self._next_sweep = now + self.SWEEP_SECONDS
+        if self._due is not None and now >= self._due:
+            self._collections -= 1
+            self._due = now + self.SETTLE_SECONDS if self._collections > 0 else None
+            with warnings.catch_warnings():
+                # pynetdicom dropped these file objects unclosed: collecting them closes them, with a warning each
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
+        removed = remove_orphaned_receive_files(self.directory)
         if removed:
             log.info("orphaned_receive_files_removed", count=removed)
         return removed
 
 
+def remove_orphaned_receive_files(directory: str) -> int:
+    """Delete the receive files in ``directory`` that no file descriptor of this process refers to; the number.
+
+    The directory is listed before the descriptors are: a file created in between is not listed, and a file
+    listed and open then is live (or being deleted by pynetdicom, after its handler)."""
+    try:
+        names = [entry.name for entry in os.scandir(directory) if _CHUNKED_FILE_NAME.fullmatch(entry.name)]
+    except OSError:  # gone, or out of descriptors: the next sweep
+        return 0
+    if not names:
+        return 0
+    open_now = open_receive_files(directory)
+    removed = 0
+    for name in names:
+        path = os.path.join(os.path.realpath(directory), name)
+        if path in open_now:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed += 1
+    return removed
+
+
 def open_receive_files(directory: str | None = None) -> set[str]:
-    """The temporary files this process has open where pynetdicom writes the C-STOREs it receives (Linux):
-    ``directory``, by default the temporary directory."""
-    directory = directory or tempfile.gettempdir()
+    """The receive files this process has open in ``directory`` (by default the temporary directory; Linux),
+    by their real paths."""
+    directory = os.path.realpath(directory or tempfile.gettempdir())
     paths: set[str] = set()
     with contextlib.suppress(OSError):
         for fd in os.listdir("/proc/self/fd"):

@@ -14,7 +14,8 @@ association goes on.
 
 While any listener of the process runs, pynetdicom's and pydicom's process-wide switches it depends on are set
 (``LISTENER_SWITCHES``, dicom/listener_switches.py): pynetdicom writes a C-STORE it receives itself to a temporary file
-(``STORE_RECV_CHUNKED_DATASET``: memory stays flat for any instance size), its standard per-message log
+(``STORE_RECV_CHUNKED_DATASET``: memory stays flat for any instance size) in a temporary directory of the
+process's own (dicom/received.py, whose files left behind the listener deletes), its standard per-message log
 handlers are off (they would read every received data set whole), and pydicom does not check the values it
 decodes against their VR (extraction checks what the index needs, dicom/extract.py; those checks only ever
 produced warnings). The first listener to start sets them; the last to stop puts back what was there before.
@@ -57,7 +58,11 @@ from pacs_bridge.dicom.extract import extract_instance
 from pacs_bridge.dicom.front_door import FrontDoor, FrontDoorSettings
 from pacs_bridge.dicom.header import DEFAULT_MAX_INFLATED_BYTES, read_header
 from pacs_bridge.dicom.listener_switches import LISTENER_SWITCHES
-from pacs_bridge.dicom.received import OrphanedReceiveFiles, received_data_set
+from pacs_bridge.dicom.received import (
+    OrphanedReceiveFiles,
+    receive_directory,
+    received_data_set,
+)
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
 from pacs_bridge.errors import InstanceTooLargeError
 from pacs_bridge.observe import BridgeObserver, NullObserver
@@ -174,7 +179,7 @@ class DicomListener:
         )
         self._lock = threading.Lock()
         self._connections: dict[int, _Connection] = {}  # by id of its socket
-        self._orphans = OrphanedReceiveFiles()
+        self._orphans: OrphanedReceiveFiles | None = None  # from start, in the process's receive directory
         self._holds_switches = False  # LISTENER_SWITCHES, from start to stop
         self._ae = self._make_ae()
 
@@ -272,6 +277,7 @@ class DicomListener:
         if listen:
             family = socket.AF_INET6 if ":" in settings.bind else socket.AF_INET
             listening = socket.create_server((settings.bind, settings.port), family=family, backlog=_LISTEN_BACKLOG)
+        self._orphans = OrphanedReceiveFiles(receive_directory())
         self._front_door = FrontDoor(
             FrontDoorSettings(
                 max_pending_connections=settings.max_pending_connections,
@@ -334,7 +340,7 @@ class DicomListener:
             ]
             forgotten = [self._connections.pop(key) for key in closed]
         for known in forgotten:
-            if known.guard.guard.monitor.message_unfinished:
+            if known.guard.guard.monitor.message_unfinished and self._orphans is not None:
                 self._orphans.note_interrupted(now)
             if known.assoc is not None:
                 # A DUL thread stopped by an exception raised no EVT_CONN_CLOSE: release what the fast path holds
@@ -347,7 +353,8 @@ class DicomListener:
         """On the front door's thread, at least once a second."""
         self._forget_closed(now)
         self._close_orphaned(now)
-        self._orphans.sweep_if_due(now)
+        if self._orphans is not None:
+            self._orphans.sweep(now)
 
     def _close_orphaned(self, now: float) -> None:
         """Close each connection whose association thread stopped without closing it: first stop its DUL thread
@@ -415,6 +422,7 @@ class DicomListener:
             time.sleep(_STOP_POLL_SECONDS)
         left = len(self._live_connections())
         self._server.server_close()
+        self._orphans = None
         self._let_go_of_switches()
         log.info(
             "listener_stopped",

@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import struct
+import tempfile
 import threading
 import time
 import warnings
@@ -162,8 +164,12 @@ def ended(assoc: Any, *, timeout: float = 30.0) -> bool:
     return not assoc.is_established
 
 
-def c_store_pdus(dataset_bytes: bytes, *, command_context: int, data_set_context: int) -> bytes:
-    """The P-DATA-TF PDUs of a C-STORE-RQ (command as pynetdicom encodes it), the data set in one fragment."""
+def c_store_pdus(
+    dataset_bytes: bytes, *, command_context: int, data_set_context: int, move_originator_ids: list[int] | None = None
+) -> bytes:
+    """The P-DATA-TF PDUs of a C-STORE-RQ (command as pynetdicom encodes it), the data set in one fragment;
+    with ``move_originator_ids``, a MoveOriginatorMessageID of those values (two: a command the fast path leaves
+    to pynetdicom)."""
     request = C_STORE()
     request.MessageID = 1
     request.AffectedSOPClassUID = CTImageStorage
@@ -172,6 +178,9 @@ def c_store_pdus(dataset_bytes: bytes, *, command_context: int, data_set_context
     message = C_STORE_RQ()
     message.primitive_to_message(request)
     message.command_set.CommandDataSetType = 0x0001
+    if move_originator_ids is not None:
+        message.command_set.MoveOriginatorApplicationEntityTitle = "MOVER"
+        message.command_set.MoveOriginatorMessageID = move_originator_ids
     command = b"".join(pdv for p in message.encode_msg(command_context, 0) for _, pdv in p.presentation_data_value_list)
 
     def p_data(context_id: int, pdv: bytes) -> bytes:
@@ -388,6 +397,45 @@ def test_a_data_set_on_another_presentation_context_than_its_command_aborts_and_
     study_uid = send_study(listener.port, tmp_path / "study", 2)
     assert index.load_snapshot(study_uid).number_of_instances == 2
     wait_for_associations_to_end(listener)
+    back_to(baseline)
+
+
+def receive_files_in(directory: str) -> list[str]:
+    """The files of pynetdicom's received data sets (``tmp….dcm``) in ``directory``."""
+    return [name for name in os.listdir(directory) if re.fullmatch(r"tmp\w+\.dcm", name)]
+
+
+def test_aborts_in_quick_succession_mid_data_set_leave_no_temporary_file_while_a_transfer_goes_on(
+    listener: DicomListener, index: Index, baseline: Resources, tmp_path: Path
+) -> None:
+    """20 associations, 0.05 s apart, each send a C-STORE command and half its data set, then abort. The command
+    carries a MoveOriginatorMessageID of two values, which the fast path leaves to pynetdicom, so that on both
+    receive paths pynetdicom writes the data set to a temporary file. Meanwhile storescu sends a study: stored
+    whole. Once the associations are gone, the listener's receive directory holds no file."""
+    directory = tempfile.gettempdir()  # where pynetdicom writes, while the listener runs
+    seen: set[str] = set()
+    sent: dict[str, str] = {}
+    sender = threading.Thread(target=lambda: sent.update(study=send_study(listener.port, tmp_path / "study", 10)))
+    sender.start()
+    for _ in range(20):
+        with hostile_association(listener.port) as (assoc, raw):
+            context_id = assoc.accepted_contexts[0].context_id
+            pdus = c_store_pdus(
+                b"\0" * 12000, command_context=context_id, data_set_context=context_id, move_originator_ids=[7, 8]
+            )
+            raw.sendall(pdus[: len(pdus) - 6000])  # the command, and half of the data set's PDU
+            time.sleep(0.05)
+            seen |= open_receive_files(directory)
+            assoc.abort()
+    sender.join(timeout=120)
+    assert index.load_snapshot(sent["study"]).number_of_instances == 10
+    assert seen, "pynetdicom wrote no data set to a temporary file: the test did not reach what it tests"
+    wait_for_associations_to_end(listener)
+    deadline = time.monotonic() + 60
+    while (receive_files_in(directory) or any(map(os.path.exists, seen))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert receive_files_in(directory) == []
+    assert not any(map(os.path.exists, seen)), seen
     back_to(baseline)
 
 
