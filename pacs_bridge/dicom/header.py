@@ -159,9 +159,10 @@ def scan_header(data: bytes, *, implicit_vr: bool, complete: bool) -> Dataset | 
             # The value goes on past what was looked at, or the dataset ends inside it: pydicom reads it, and
             # refuse_truncated names the element. A scanned dataset holds whole values only.
             return None
-        if tag in _WANTED_SEQUENCES and (vr is None or vr == "SQ"):
-            # Its items are read when extract decodes it: the walk holds them to the same limits.
-            walk = HeaderWalk(io.BytesIO(data), implicit_vr=implicit_vr, little_endian=True)
+        if tag in _WANTED_SEQUENCES and vr in (None, "SQ", "UN"):
+            # Its items are read when extract decodes it (a sequence sent as UN, in implicit VR): the walk holds
+            # them to the same limits.
+            walk = HeaderWalk(io.BytesIO(data), implicit_vr=implicit_vr or vr == "UN", little_endian=True)
             walk.check_sequence(tag, value_at, length)
         value: Any = data[value_at : value_at + length] if length else empty_value_for_VR(vr, raw=True)
         elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, value_at, implicit_vr, True)
@@ -310,6 +311,13 @@ class HeaderWalk:
             is_sequence = _is_sequence_tag(tag) or (length == _UNDEFINED_LENGTH and self._next_is_item())
         if length == _UNDEFINED_LENGTH or (is_sequence and wanted):
             return self._items(tag, length, depth=depth + 1, wanted=wanted, sequence=is_sequence)
+        if vr == "UN" and wanted and _is_sequence_tag(tag):
+            # pydicom decodes a known sequence sent as UN as the sequence it is, in implicit VR (PS3.5 6.2.2)
+            explicit, self.implicit_vr = not self.implicit_vr, True
+            try:
+                return self._items(tag, length, depth=depth + 1, wanted=wanted, sequence=True)
+            finally:
+                self.implicit_vr = not explicit
         if wanted and length > MAX_HEADER_VALUE_BYTES:
             raise _over_limit(tag, f"{length}-byte value, limit {MAX_HEADER_VALUE_BYTES}")
         self._stream.seek(length, io.SEEK_CUR)

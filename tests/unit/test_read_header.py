@@ -127,3 +127,17 @@ def test_a_large_value_nobody_reads_before_the_last_header_tag_is_skipped() -> N
     header = read_header(BytesIO(explicit() + blob + document), UID(ExplicitVRLittleEndian))
 
     assert header.SOPInstanceUID == make_dataset().SOPInstanceUID
+
+
+def test_a_wanted_sequence_sent_as_un_is_walked_in_implicit_vr_as_pydicom_decodes_it() -> None:
+    """RequestAttributesSequence as UN of defined length (PS3.5 6.2.2: its items in implicit VR), its item
+    nesting sequences MAX_HEADER_DEPTH + 5 deep: refused naming the nested sequence and the limit."""
+    implicit_item = struct.Struct("<HHL")
+    nested = b""
+    for _ in range(MAX_HEADER_DEPTH + 5):  # implicit VR: tag, 32-bit length; items of defined length
+        item = implicit_item.pack(0xFFFE, 0xE000, len(nested)) + nested
+        nested = implicit_item.pack(0x0040, 0xA730, len(item)) + item
+    value = implicit_item.pack(0xFFFE, 0xE000, len(nested)) + nested
+    data = explicit() + struct.pack("<HH2sHL", 0x0040, 0x0275, b"UN", 0, len(value)) + value
+
+    assert refusal(data) == f"ContentSequence (0040,A730): sequences nested over {MAX_HEADER_DEPTH} deep"
