@@ -197,14 +197,15 @@ def remove_orphaned_receive_files(directory: str) -> int:
     """Delete the receive files in ``directory`` that no file descriptor of this process refers to; the number.
 
     The directory is listed before the descriptors are: a file created in between is not listed, and a file
-    listed and open then is live (or being deleted by pynetdicom, after its handler)."""
+    listed and open then is live (or being deleted by pynetdicom, after its handler). When either cannot be
+    listed (out of file descriptors), nothing is deleted."""
     try:
         names = [entry.name for entry in os.scandir(directory) if _CHUNKED_FILE_NAME.fullmatch(entry.name)]
+        if not names:
+            return 0
+        open_now = _open_receive_files(directory)
     except OSError:  # gone, or out of descriptors: the next sweep
         return 0
-    if not names:
-        return 0
-    open_now = open_receive_files(directory)
     removed = 0
     for name in names:
         path = os.path.join(os.path.realpath(directory), name)
@@ -218,16 +219,23 @@ def remove_orphaned_receive_files(directory: str) -> int:
 
 def open_receive_files(directory: str | None = None) -> set[str]:
     """The receive files this process has open in ``directory`` (by default the temporary directory; Linux),
-    by their real paths."""
-    directory = os.path.realpath(directory or tempfile.gettempdir())
+    by their real paths; none when the descriptors cannot be listed."""
+    try:
+        return _open_receive_files(directory or tempfile.gettempdir())
+    except OSError:
+        return set()
+
+
+def _open_receive_files(directory: str) -> set[str]:
+    """``open_receive_files``, raising ``OSError`` when the descriptors cannot be listed."""
+    directory = os.path.realpath(directory)
     paths: set[str] = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue
-            head, name = os.path.split(target)
-            if head == directory and _CHUNKED_FILE_NAME.fullmatch(name):
-                paths.add(target)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed since the listing: not open
+            continue
+        head, name = os.path.split(target)
+        if head == directory and _CHUNKED_FILE_NAME.fullmatch(name):
+            paths.add(target)
     return paths
