@@ -8,7 +8,8 @@ encoded data set from its first byte, and its length.
 
 pynetdicom names those files in the process's temporary directory (``NamedTemporaryFile``), and leaves one behind
 for good when its transfer is cut off. While a listener runs, the process's temporary directory is a directory
-of its own (``claim_receive_directory``), and ``OrphanedReceiveFiles`` deletes every receive file in it that no
+of its own (``claim_receive_directory``; removed when the last listener stops or the process exits, or else, once
+empty, by the next process that claims one), and ``OrphanedReceiveFiles`` deletes every receive file in it that no
 file descriptor of the process refers to: pynetdicom holds a receive file open from its creation until its
 handler has run, so such a file is either an orphan or one pynetdicom is deleting itself; a live transfer's
 never is. A message cut off may keep its file open until its association's objects are garbage-collected: the
@@ -17,6 +18,7 @@ sweep collects garbage a few times after such a cut.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import io
@@ -121,16 +123,36 @@ _directory: str | None = None
 _tempdir_before: str | None = None
 
 
+_DIRECTORY_NAME = re.compile(r"pacs-bridge-(?P<pid>[0-9]+)-received-\w+")
+
+
 def claim_receive_directory() -> str:
     """Make a directory of this process's own the process's temporary directory (``tempfile.tempdir``, where
     pynetdicom's ``NamedTemporaryFile`` puts the data sets it receives); its path. The listeners of a process
-    share it: the first to start claims it, the last to stop releases it."""
+    share it: the first to start claims it, the last to stop releases it (or the process's exit). The empty
+    receive directories of processes that ended without releasing theirs (killed) are deleted first."""
     global _directory, _tempdir_before
     if _directory is None:
         _tempdir_before = tempfile.tempdir
-        _directory = tempfile.mkdtemp(prefix=f"pacs-bridge-{os.getpid()}-received-")
+        parent = tempfile.gettempdir()
+        _remove_dead_processes_directories(parent)
+        _directory = tempfile.mkdtemp(prefix=f"pacs-bridge-{os.getpid()}-received-", dir=parent)
         tempfile.tempdir = _directory
+        atexit.register(release_receive_directory)
     return _directory
+
+
+def _remove_dead_processes_directories(parent: str) -> None:
+    """Delete the empty receive directories in ``parent`` whose process is gone. One that still holds files is
+    left alone: its process may be alive in another PID namespace sharing this directory (systemd's
+    ``PrivateTmp`` clears them at the service's next start)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            match = _DIRECTORY_NAME.fullmatch(entry.name)
+            if match is None or os.path.exists(f"/proc/{match['pid']}") or not entry.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):  # not empty, or not ours to remove
+                os.rmdir(entry.path)
 
 
 def receive_directory() -> str:
@@ -147,6 +169,7 @@ def release_receive_directory() -> None:
         return
     directory, _directory = _directory, None
     tempfile.tempdir = _tempdir_before
+    atexit.unregister(release_receive_directory)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # files pynetdicom dropped unclosed
         gc.collect()

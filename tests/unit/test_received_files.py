@@ -7,7 +7,12 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from pacs_bridge.dicom.received import OrphanedReceiveFiles, remove_orphaned_receive_files
+from pacs_bridge.dicom.received import (
+    OrphanedReceiveFiles,
+    claim_receive_directory,
+    release_receive_directory,
+    remove_orphaned_receive_files,
+)
 
 
 def receive_file(directory: Path) -> IO[bytes]:
@@ -47,3 +52,24 @@ def test_the_sweep_looks_at_most_once_a_second(tmp_path: Path) -> None:
     receive_file(tmp_path).close()
     assert sweep.sweep(100.5) == 0
     assert sweep.sweep(101.0) == 1
+
+
+def test_the_receive_directory_is_the_temporary_directory_while_claimed_and_gone_after(tmp_path: Path) -> None:
+    """Claimed: new temporary files go to a directory of this process's own, and an empty one a killed process
+    left is removed; released: the temporary directory is what it was, the receive directory gone with the file
+    pynetdicom left in it."""
+    stale = tmp_path / "pacs-bridge-999999999-received-abc"  # no such process
+    stale.mkdir()
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path)
+    try:
+        directory = claim_receive_directory()
+        assert tempfile.gettempdir() == directory
+        assert Path(directory).parent == tmp_path
+        assert not stale.exists()
+        receive_file(Path(directory)).close()  # a file pynetdicom dropped
+        release_receive_directory()
+        assert tempfile.tempdir == str(tmp_path)
+        assert not Path(directory).exists()
+    finally:
+        tempfile.tempdir = before
