@@ -1,6 +1,17 @@
-"""pynetdicom's and pydicom's process-wide settings a running listener needs (dicom/scp.py says which and why):
-set when the first listener of the process starts, put back when the last one stops. ``STORE_RECV_CHUNKED_DATASET``
-and ``LOG_HANDLER_LEVEL`` live in pynetdicom's ``_config`` module, for pynetdicom 3.x (pyproject.toml pins it)."""
+"""pynetdicom's and pydicom's process-wide settings a running listener (dicom/scp.py) depends on: set when the
+first listener of the process starts, put back when the last one stops.
+
+- pynetdicom writes a C-STORE it receives itself to a temporary file (``STORE_RECV_CHUNKED_DATASET``: memory stays
+  flat for any instance size), in a temporary directory of the process's own (dicom/received.py; the listener
+  deletes the files left behind there);
+- its standard per-message log handlers are off (``LOG_HANDLER_LEVEL``: they would read every received data set
+  whole);
+- pydicom does not check the values it decodes against their VR (extraction checks what the index needs,
+  dicom/extract.py; those checks only ever produced warnings).
+
+``STORE_RECV_CHUNKED_DATASET`` and ``LOG_HANDLER_LEVEL`` live in pynetdicom's ``_config`` module, for pynetdicom 3.x
+(pyproject.toml pins it).
+"""
 
 from __future__ import annotations
 

@@ -12,13 +12,8 @@ never decoded), turned into an ``InstanceRecord`` and handed to the ``InstanceSi
 answered only after the sink has committed; every failure becomes a status from ``dicom/status.py`` and the
 association goes on.
 
-While any listener of the process runs, pynetdicom's and pydicom's process-wide switches it depends on are set
-(``LISTENER_SWITCHES``, dicom/listener_switches.py): pynetdicom writes a C-STORE it receives itself to a temporary file
-(``STORE_RECV_CHUNKED_DATASET``: memory stays flat for any instance size) in a temporary directory of the
-process's own (dicom/received.py, whose files left behind the listener deletes), its standard per-message log
-handlers are off (they would read every received data set whole), and pydicom does not check the values it
-decodes against their VR (extraction checks what the index needs, dicom/extract.py; those checks only ever
-produced warnings). The first listener to start sets them; the last to stop puts back what was there before.
+While any listener of the process runs, the process-wide pynetdicom and pydicom switches it depends on are set
+(dicom/listener_switches.py says which and why).
 
 Stopping closes the listening socket and every pending connection at once, aborts each association that is
 idle (no PDU or message partly received, no C-STORE awaiting its answer, nothing received for a second), and
@@ -58,11 +53,7 @@ from pacs_bridge.dicom.extract import extract_instance
 from pacs_bridge.dicom.front_door import FrontDoor, FrontDoorSettings
 from pacs_bridge.dicom.header import DEFAULT_MAX_INFLATED_BYTES, read_header
 from pacs_bridge.dicom.listener_switches import LISTENER_SWITCHES
-from pacs_bridge.dicom.received import (
-    OrphanedReceiveFiles,
-    receive_directory,
-    received_data_set,
-)
+from pacs_bridge.dicom.received import OrphanedReceiveFiles, receive_directory, received_data_set
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
 from pacs_bridge.errors import InstanceTooLargeError
 from pacs_bridge.observe import BridgeObserver, NullObserver
