@@ -192,10 +192,14 @@ def refuse_truncated(dataset: Dataset) -> Dataset:
 
     pydicom hands back whatever it could read of a value cut short, and a cut UID may still look valid (one
     cut after "1.2.3.4" of "1.2.3.4.5" is a UID): indexed, it would put the instance in a series or study
-    that does not exist. Raises ``InvalidInstanceError`` naming the element instead.
+    that does not exist. Raises ``InvalidInstanceError`` naming the element instead, as it does for an element
+    whose value representation DICOM does not define.
     """
     for tag in dataset.keys():  # noqa: SIM118 - iterating the Dataset itself would decode every element
-        raw = dataset.get_item(tag)
+        try:
+            raw = dataset.get_item(tag)
+        except NotImplementedError as exc:  # pydicom's answer to a VR that DICOM does not define
+            raise InvalidInstanceError(keyword_for_tag(tag) or "", _tag_text(tag), f"cannot be decoded: {exc}") from exc
         if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes) or raw.length == 0xFFFFFFFF:
             continue
         if len(raw.value) < raw.length:

@@ -41,6 +41,18 @@ def test_complete_dataset_is_read() -> None:
     assert header.SeriesInstanceUID == make_dataset().SeriesInstanceUID
 
 
+def test_an_element_whose_vr_dicom_does_not_define_is_refused_naming_it() -> None:
+    """Study Date sent with the VR bytes "D\\0" and length 0 (a fuzzer's find; its value's bytes follow as garbage):
+    refused naming the element, never pydicom's NotImplementedError (which the listener would answer 0x0110, a
+    failure of its own)."""
+    data = encoded_without_numbers()
+    study_date = data.index(b"\x08\x00\x20\x00DA")
+    garbled = data[: study_date + 4] + b"D\x00\x00\x00" + data[study_date + 8 :]
+    with pytest.raises(InvalidInstanceError) as refused:
+        read_header(BytesIO(garbled), UID(ExplicitVRLittleEndian))
+    assert str(refused.value).startswith("StudyDate (0008,0020): cannot be decoded")
+
+
 # ---- what a header may cost (header.HeaderWalk) ----
 
 SEQUENCE_UNDEFINED = struct.Struct("<HH2sHL")  # explicit VR: tag, "SQ", reserved, 32-bit length
