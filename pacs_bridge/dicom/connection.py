@@ -24,6 +24,12 @@ path (dicom/fastpath), gets these guarantees, because they hold in ``recv`` and 
 - **Activity**, for the stop: a connection is ``in_transfer`` while a PDU or message is partly received, while
   a received data set awaits its answer (nothing sent since its last fragment: a C-STORE being indexed), and
   for ``RECENTLY_ACTIVE_SECONDS`` after anything was received. **Closing** is reported once (``on_close``).
+- **Nothing before the answer.** A requestor waits for the answer to its A-ASSOCIATE-RQ (PS3.8 9.2, Sta5):
+  a byte that follows the request before anything was sent gets an A-ABORT at once, instead of pynetdicom
+  waiting, with the association's thread and slot, for the rest of a PDU that would be aborted anyway.
+- **The last word.** Once an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT is sent, every read ends at once as if
+  the peer had closed the connection (dicom/final_answer.py): a refused peer cannot hold a thread and an
+  association slot by sending more.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 
 import structlog
 
+from pacs_bridge.dicom.final_answer import SentPdus
 from pacs_bridge.dicom.pdu_stream import P_DATA_TF, PDU_HEADER, PduStreamMonitor, PeerProtocolError
 
 log = structlog.get_logger("pacs_bridge.dicom")
@@ -48,6 +55,7 @@ _TIMEOUT_SLACK = 1.0  # the socket timeout is adjusted only when it is off by mo
 # handled, or it received something this recently (a sender between two PDUs of one message).
 RECENTLY_ACTIVE_SECONDS = 1.0
 _A_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02"  # A-ABORT, source 2 (service provider); the reason follows
+_BEFORE_THE_ANSWER = "a PDU sent before the answer to the association request (PS3.8 9.2: the requestor waits)"
 _ABORT_REASONS = {"unknown_pdu_type": 0x01, "message_out_of_order": 0x02}  # else 0x06 invalid PDU parameter
 
 
@@ -71,6 +79,8 @@ class _Guard:
         "_on_close",
         "_pdu_deadline",
         "_quickack",
+        "_sent_pdus",
+        "_spoken",
         "_timeout",
         "monitor",
         "peer",
@@ -92,6 +102,8 @@ class _Guard:
         self._last_received_at = time.monotonic()
         self._quickack = bool(_TCP_QUICKACK)
         self._answered = 0  # data sets received before the last send
+        self._sent_pdus = SentPdus()
+        self._spoken = False  # whether anything was sent yet
         self.violation: PeerProtocolError | None = None
 
     # ---- what the listener asks ---------------------------------------------------------------------------
@@ -108,8 +120,18 @@ class _Guard:
         return self._closed
 
     def sent(self) -> None:
-        """Something went out: whatever data set was received is answered."""
+        """Something goes out: whatever data set was received is answered."""
         self._answered = self.monitor.data_sets_received
+        self._spoken = True
+
+    def went_out(self, data: Any) -> None:
+        """``data`` was sent (after what was sent before)."""
+        self._sent_pdus.sent(data)
+
+    @property
+    def said_last_word(self) -> bool:
+        """Whether an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT was sent: nothing more is read (final_answer.py)."""
+        return self._sent_pdus.last_word is not None
 
     def has_held(self) -> int:
         return len(self._held) - self._held_position
@@ -124,12 +146,16 @@ class _Guard:
     def recv(self, sock: socket.socket, raw_recv: Callable[[int, int], bytes], bufsize: int, flags: int) -> bytes:
         if self.violation is not None:
             raise ConnectionAbortedError(str(self.violation))
+        if self.said_last_word:
+            return b""
         if self._held or (self.monitor.discarding and self.monitor.at_pdu_boundary):
             return self._take_held(sock, raw_recv, bufsize, flags)
         self._arm_timeout(sock)
         data = raw_recv(bufsize, flags)
         if not flags & socket.MSG_PEEK:
             self._received(sock, data)
+            if self.said_last_word:  # the A-ABORT for what was just received: it is not handed on
+                return b""
         return data
 
     def recv_into(
@@ -143,6 +169,8 @@ class _Guard:
     ) -> int:
         if self.violation is not None:
             raise ConnectionAbortedError(str(self.violation))
+        if self.said_last_word:
+            return 0
         view = memoryview(buffer).cast("B")
         wanted = nbytes or len(view)
         if self._held or (self.monitor.discarding and self.monitor.at_pdu_boundary):
@@ -153,6 +181,8 @@ class _Guard:
         count = raw_recv_into(view, wanted, flags)
         if not flags & socket.MSG_PEEK:
             self._received(sock, view[:count])
+            if self.said_last_word:
+                return 0
         return count
 
     def hold(self, sock: socket.socket, data: bytes) -> None:
@@ -173,6 +203,17 @@ class _Guard:
             sock.settimeout(wanted)
             self._timeout = wanted
 
+    def _abort(self, sock: socket.socket, error: PeerProtocolError) -> None:
+        """Send the A-ABORT for ``error`` (not for a stalled PDU) and shut the connection down: from then on its
+        reads end as if the peer had closed it."""
+        log.warning("connection_cut", peer=self.peer, reason=error.reason, detail=str(error))
+        if error.reason != "pdu_timeout":  # a peer that stalls mid-PDU would not read it either
+            with contextlib.suppress(OSError, ValueError):
+                sock.settimeout(1.0)
+                sock.sendall(_A_ABORT + bytes([_ABORT_REASONS.get(error.reason, 0x06)]))
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
     def _deadline_text(self) -> str:
         return f"a PDU not complete within dicom.pdu_timeout_seconds ({self._limits.pdu_timeout_seconds:g} s)"
 
@@ -188,6 +229,8 @@ class _Guard:
             monitor.feed(data)
         except PeerProtocolError as error:
             self._fail(sock, error)
+        if not self._spoken and (monitor.pdus_received > 1 or (monitor.pdus_received and not monitor.at_pdu_boundary)):
+            self._abort(sock, PeerProtocolError("message_out_of_order", _BEFORE_THE_ANSWER))
         if not monitor.at_pdu_boundary and (started or monitor.pdus_received != before):
             self._pdu_deadline = now + self._limits.pdu_timeout_seconds
         if self._quickack:
@@ -241,13 +284,7 @@ class _Guard:
     def _fail(self, sock: socket.socket, error: PeerProtocolError) -> None:
         """Abort the association (A-ABORT, then close) for ``error``, and fail the read."""
         self.violation = error
-        log.warning("connection_cut", peer=self.peer, reason=error.reason, detail=str(error))
-        if error.reason != "pdu_timeout":  # a peer that stalls mid-PDU would not read it either
-            with contextlib.suppress(OSError, ValueError):
-                sock.settimeout(1.0)
-                sock.sendall(_A_ABORT + bytes([_ABORT_REASONS.get(error.reason, 0x06)]))
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+        self._abort(sock, error)
         if error.reason == "pdu_timeout":
             raise TimeoutError(str(error)) from error
         raise ConnectionAbortedError(str(error)) from error
@@ -291,11 +328,14 @@ class GuardedSocket(socket.socket):
 
     def send(self, data: Any, flags: int = 0, /) -> int:
         self._guard.sent()
-        return super().send(data, flags)
+        count = super().send(data, flags)
+        self._guard.went_out(memoryview(data)[:count])
+        return count
 
     def sendall(self, data: Any, flags: int = 0, /) -> None:
         self._guard.sent()
         super().sendall(data, flags)
+        self._guard.went_out(data)
 
     def cut(self) -> None:
         """End the connection now (both directions), whatever is being read or written."""
@@ -333,13 +373,18 @@ class GuardedSSLSocket(ssl.SSLSocket):
         guard = getattr(self, "_guard", None)
         if guard is not None:
             guard.sent()
-        return super().send(data, flags)
+        count = super().send(data, flags)
+        if guard is not None:
+            guard.went_out(memoryview(data)[:count])
+        return count
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         guard = getattr(self, "_guard", None)
         if guard is not None:
             guard.sent()
         super().sendall(data, flags)
+        if guard is not None:
+            guard.went_out(data)
 
     def pending(self) -> int:
         # pynetdicom reads a TLS socket when select() says so or when it holds decrypted bytes: held ones count.
