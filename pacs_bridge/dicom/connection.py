@@ -45,7 +45,7 @@ from typing import Any
 import structlog
 
 from pacs_bridge.dicom.final_answer import SentPdus
-from pacs_bridge.dicom.pdu_stream import P_DATA_TF, PDU_HEADER, PduStreamMonitor, PeerProtocolError
+from pacs_bridge.dicom.pdu_stream import A_ASSOCIATE_RQ, P_DATA_TF, PDU_HEADER, PduStreamMonitor, PeerProtocolError
 
 log = structlog.get_logger("pacs_bridge.dicom")
 
@@ -71,6 +71,7 @@ class _Guard:
 
     __slots__ = (
         "_answered",
+        "_awaits_answer",
         "_closed",
         "_held",
         "_held_position",
@@ -104,6 +105,7 @@ class _Guard:
         self._answered = 0  # data sets received before the last send
         self._sent_pdus = SentPdus()
         self._spoken = False  # whether anything was sent yet
+        self._awaits_answer: bool | None = None  # whether the first PDU received is an A-ASSOCIATE-RQ
         self.violation: PeerProtocolError | None = None
 
     # ---- what the listener asks ---------------------------------------------------------------------------
@@ -229,7 +231,13 @@ class _Guard:
             monitor.feed(data)
         except PeerProtocolError as error:
             self._fail(sock, error)
-        if not self._spoken and (monitor.pdus_received > 1 or (monitor.pdus_received and not monitor.at_pdu_boundary)):
+        if self._awaits_answer is None:
+            self._awaits_answer = data[0] == A_ASSOCIATE_RQ
+        if (
+            self._awaits_answer
+            and not self._spoken
+            and (monitor.pdus_received > 1 or (monitor.pdus_received and not monitor.at_pdu_boundary))
+        ):
             self._abort(sock, PeerProtocolError("message_out_of_order", _BEFORE_THE_ANSWER))
         if not monitor.at_pdu_boundary and (started or monitor.pdus_received != before):
             self._pdu_deadline = now + self._limits.pdu_timeout_seconds
