@@ -214,6 +214,8 @@ class ListenerPool:
             self._observer.association_opened()
         elif kind == "closed":
             self._observer.association_closed()
+        elif kind == "refused":
+            self._observer.association_refused(reason=str(report["reason"]))
         elif kind == "stored":
             for status, calling_ae, count, size_bytes in report["results"]:
                 self._observer.instance_received(
@@ -303,6 +305,9 @@ class ChannelObserver(NullObserver):
 
     def association_closed(self) -> None:
         self.send({"kind": "closed"})
+
+    def association_refused(self, *, reason: str) -> None:
+        self.send({"kind": "refused", "reason": reason})
 
     def instance_received(self, *, status: int, calling_ae: str, size_bytes: int, count: int = 1) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pacs_bridge.backfill_runs import BackfillTotals, RunState
+from pacs_bridge.observe import ASSOCIATION_REFUSAL_REASONS
 from pacs_bridge.study_queue import RelinkCounts, StateCounts
 
 # Seconds from a study's last indexed change to its successful publish: the quiet period plus the tick,
@@ -178,6 +179,15 @@ class BridgeMetrics:
         self._open_associations = Gauge(
             "pacs_bridge_open_associations", "DICOM associations open now", registry=self.registry
         )
+        refused = Counter(
+            "pacs_bridge_associations_refused",
+            "DICOM association requests refused (A-ASSOCIATE-RJ, or A-ABORT before or just after acceptance), by "
+            "reason: " + ", ".join(ASSOCIATION_REFUSAL_REASONS),
+            ["reason"],
+            registry=self.registry,
+        )
+        # Every reason is exported from the start (0), so that a rate over it is defined before the first refusal.
+        self._refusals = {reason: refused.labels(reason=reason) for reason in ASSOCIATION_REFUSAL_REASONS}
         self._publish_attempts = Counter(
             "pacs_bridge_publish_attempts",
             "ImagingStudy publish attempts, by HTTP status (none: no answer) and outcome",
@@ -261,6 +271,9 @@ class BridgeMetrics:
 
     def association_closed(self) -> None:
         self._open_associations.dec()
+
+    def association_refused(self, *, reason: str) -> None:
+        self._refusals.get(reason, self._refusals["other"]).inc()
 
     def instance_received(self, *, status: int, calling_ae: str, size_bytes: int, count: int = 1) -> None:
         # Once per C-STORE: the labelled child is looked up by a plain dict, not by labels() (which validates

@@ -8,11 +8,26 @@ from __future__ import annotations
 
 from typing import Protocol
 
+ASSOCIATION_REFUSAL_REASONS = (
+    "malformed_request",  # not an A-ASSOCIATE-RQ, too large, or malformed: A-ABORT at the front door
+    "request_not_served",  # well-formed but not servable (dicom/negotiation.py): A-ASSOCIATE-RJ at the front door
+    "called_ae_title",  # A-ASSOCIATE-RJ: not dicom.ae_title
+    "calling_ae_title",  # A-ASSOCIATE-RJ: not in dicom.allowed_calling_aets
+    "address_not_allowed",  # aborted once established: the calling AE title is not allowed from its address
+    "too_many_associations",  # A-ASSOCIATE-RJ: dicom.max_associations reached
+    "other",  # any other A-ASSOCIATE-RJ (protocol version, application context name)
+)
+"""Why the listener refused an association request: the bounded label set of the refusal counter."""
+
 
 class BridgeObserver(Protocol):
     def association_opened(self) -> None: ...
 
     def association_closed(self) -> None: ...
+
+    def association_refused(self, *, reason: str) -> None:
+        """An association request was refused; ``reason`` is one of ``ASSOCIATION_REFUSAL_REASONS``."""
+        ...
 
     def instance_received(self, *, status: int, calling_ae: str, size_bytes: int, count: int = 1) -> None:
         """``count`` instances with this status from this AE, ``size_bytes`` in all (a listener process reports
@@ -49,6 +64,9 @@ class NullObserver:
         pass
 
     def association_closed(self) -> None:
+        pass
+
+    def association_refused(self, *, reason: str) -> None:
         pass
 
     def instance_received(self, *, status: int, calling_ae: str, size_bytes: int, count: int = 1) -> None:

@@ -52,6 +52,14 @@ def refusal_reason(rules: Sequence[CallingAeRule], ae_title: str, address: str) 
     return f"calling AE title {title!r} is not allowed from {peer}"
 
 
+def rejection_label(*, result_source: int, diagnostic: int) -> str:
+    """The refusal counter's reason (observe.ASSOCIATION_REFUSAL_REASONS) for an A-ASSOCIATE-RJ pynetdicom sent."""
+    return _REJECTION_LABELS.get((result_source, diagnostic), "other")
+
+
+_REJECTION_LABELS = {(1, 7): "called_ae_title", (1, 3): "calling_ae_title", (3, 2): "too_many_associations"}
+
+
 def rejection_reason(
     *,
     result_source: int,

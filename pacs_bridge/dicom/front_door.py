@@ -126,8 +126,10 @@ class FrontDoor:
         tls: ssl.SSLContext | None = None,
         on_connection_closed: Callable[[], None] | None = None,
         on_tick: Callable[[float], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_refused = on_refused  # told the reason (observe.ASSOCIATION_REFUSAL_REASONS) of each refusal
         self._on_tick = on_tick
         self._deliver = deliver
         self._listening = listening
@@ -470,6 +472,7 @@ class FrontDoor:
                 pending.sock.recv(PDU_HEADER.size + (pending.request_length or 0))
             pending.sock.send(refusal.answer)
         self._close(pending, "association_request_refused")
+        self._refused("malformed_request" if refusal.answer[0] == A_ABORT else "request_not_served")
 
     def _hand_over(self, pending: _Pending) -> None:
         self._forget(pending)
@@ -498,7 +501,12 @@ class FrontDoor:
         if dropped.abort_reason is not None:
             with contextlib.suppress(OSError, ValueError):
                 pending.sock.send(_A_ABORT_PDU + bytes([dropped.abort_reason]))
+            self._refused("malformed_request")
         self._close(pending, dropped.reason)
+
+    def _refused(self, reason: str) -> None:
+        if self._on_refused is not None:
+            self._on_refused(reason)
 
     def _forget(self, pending: _Pending) -> None:
         self._unwatch(pending)

@@ -44,7 +44,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom import fastpath
-from pacs_bridge.dicom.access import CallingAeRule, refusal_reason, rejection_reason
+from pacs_bridge.dicom.access import CallingAeRule, refusal_reason, rejection_label, rejection_reason
 from pacs_bridge.dicom.association_ledger import AssociationLedger
 from pacs_bridge.dicom.association_server import AdoptingAssociationServer
 from pacs_bridge.dicom.conformance import check_request_matches_dataset
@@ -284,6 +284,7 @@ class DicomListener:
             tls=settings.tls,
             on_connection_closed=on_connection_closed,
             on_tick=self._look_after_connections,
+            on_refused=self._count_refusal,
         )
         self._front_door.start()
         fast = self._fast_path
@@ -548,6 +549,7 @@ class DicomListener:
                 log.warning("association_refused", **_peer(event), reason=reason)
             except Exception:
                 log.exception("association_log_failed")
+            self._count_refusal("address_not_allowed")
             return
         fast = self._fast_path
         if isinstance(fast, fastpath.FastPath):
@@ -595,5 +597,14 @@ class DicomListener:
                 max_associations=self._settings.max_associations,
             )
             log.warning("association_rejected", **_peer(event), called_ae=called_ae, reason=reason)
+            self._count_refusal(
+                rejection_label(result_source=int(rejection.result_source), diagnostic=int(rejection.diagnostic))
+            )
         except Exception:
             log.exception("association_log_failed")
+
+    def _count_refusal(self, reason: str) -> None:
+        try:
+            self._observer.association_refused(reason=reason)
+        except Exception:  # metrics must never change what a peer gets
+            log.exception("metrics_failed")

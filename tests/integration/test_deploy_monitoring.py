@@ -88,7 +88,7 @@ def test_promtool_accepts_the_rules():
     result = run_promtool("check", "rules", str(RULES))
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_of_the_rules_pass():

@@ -1,7 +1,7 @@
 """Refused associations free their thread and ``max_associations`` slot at once, however their peer goes on
-(dicom/final_answer.py, dicom/connection.py), against a real listener on both receive paths and both databases:
-a flood of refused requests whose peers hold their connections open and send one byte more never keeps storescu
-out, and threads and file descriptors come back."""
+(dicom/final_answer.py, dicom/connection.py), and are counted by reason, against a real listener on both receive
+paths and both databases: a flood of refused requests whose peers hold their connections open and send one byte
+more never keeps storescu out, and threads and file descriptors come back."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from pacs_bridge.dicom.access import CallingAeRule, parse_network
 from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index, StateCounts
 from pacs_bridge.metrics import BridgeMetrics
+from pacs_bridge.observe import ASSOCIATION_REFUSAL_REASONS
 from tests.integration.conftest import listener_settings
-from tests.support.association_requests import associate_rq, read_pdu
+from tests.support.association_requests import associate_rq, p_data_tf, read_pdu, user_information
 from tests.support.associations import wait_for_associations_to_end
 from tests.support.dcmtk import storescu
 from tests.support.resources import Resources, back_to
@@ -169,5 +170,57 @@ def test_refused_peers_holding_their_connections_never_keep_a_sender_out(
             assert answer in (A_ABORT, None), answers
     wait_for_associations_to_end(listener)
     assert listener.associations == []
-    assert metrics.registry.get_sample_value("pacs_bridge_open_associations") == 0
+    # An association ended without its event is counted closed by the listener's next look (at least 1/s).
+    deadline = time.monotonic() + ANSWER_SECONDS
+    while open_associations(metrics) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_associations(metrics) == 0
     back_to(baseline)
+
+
+def open_associations(metrics: BridgeMetrics) -> float | None:
+    return metrics.registry.get_sample_value("pacs_bridge_open_associations")
+
+
+def refused(metrics: BridgeMetrics) -> dict[str, float]:
+    return {
+        reason: metrics.registry.get_sample_value("pacs_bridge_associations_refused_total", {"reason": reason}) or 0.0
+        for reason in ASSOCIATION_REFUSAL_REASONS
+    }
+
+
+def test_each_refusal_is_counted_by_its_reason(listener: DicomListener, metrics: BridgeMetrics) -> None:
+    assert set(refused(metrics).values()) == {0.0}  # every reason exported from the start
+    requests = {
+        "malformed_request": p_data_tf(1, 0x03, b"\0" * 8),  # not an association request
+        "request_not_served": associate_rq(user_info=user_information(maximum_length=16)),
+        "called_ae_title": associate_rq(called="NOT_THE_BRIDGE"),
+        "calling_ae_title": associate_rq(calling="NOBODY"),
+        "address_not_allowed": associate_rq(calling="HOSTILE"),
+    }
+    for request in requests.values():
+        with connect(listener.port) as connection:
+            connection.sendall(request)
+            answer = answer_to(connection)
+            if answer == A_ASSOCIATE_AC:
+                answer = answer_to(connection)
+            assert answer in (A_ASSOCIATE_RJ, A_ABORT, None)
+    open_ones = []
+    try:
+        for _slot in range(MAX_ASSOCIATIONS):
+            connection = connect(listener.port)
+            open_ones.append(connection)
+            connection.sendall(associate_rq(calling="MODALITY"))
+            assert answer_to(connection) == A_ASSOCIATE_AC
+        with connect(listener.port) as connection:
+            connection.sendall(associate_rq(calling="MODALITY"))
+            assert answer_to(connection) == A_ASSOCIATE_RJ
+    finally:
+        for connection in open_ones:
+            connection.close()
+
+    deadline = time.monotonic() + ANSWER_SECONDS
+    expected = {reason: 1.0 for reason in [*requests, "too_many_associations"]} | {"other": 0.0}
+    while refused(metrics) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert refused(metrics) == expected
