@@ -317,8 +317,10 @@ HEADER_BOMBS = [
     # (what follows the CT header, the ErrorComment's start)
     (lambda: sequence_of_empty_items(0x0040, 0xA730, 1_100_000), "ContentSequence (0040,A730): over 200000"),
     # StudyDescription as UT (a 32-bit length) of 64 MiB
-    (lambda: b"\x08\x00\x30\x10UT\x00\x00" + (64 * MiB).to_bytes(4, "little") + b"A" * (64 * MiB),
-     "StudyDescription (0008,1030): 67108864-byte value"),
+    (
+        lambda: b"\x08\x00\x30\x10UT\x00\x00" + (64 * MiB).to_bytes(4, "little") + b"A" * (64 * MiB),
+        "StudyDescription (0008,1030): 67108864-byte value",
+    ),
 ]
 
 
@@ -334,9 +336,7 @@ def test_a_header_built_to_cost_memory_is_refused_naming_the_element_and_the_lim
     baseline = resources(bridge)
     memory_before = reset_peak_memory(bridge)
 
-    answer = store_file(
-        bridge.port, path, abstract_syntax=CT_IMAGE_STORAGE, transfer_syntax=ExplicitVRLittleEndian
-    )
+    answer = store_file(bridge.port, path, abstract_syntax=CT_IMAGE_STORAGE, transfer_syntax=ExplicitVRLittleEndian)
 
     assert answer.Status == 0xC000
     assert answer.ErrorComment.startswith(comment)
@@ -353,9 +353,7 @@ def test_an_unread_sequence_within_the_limits_costs_no_memory(bridge: BridgeProc
     path = write_plain(tmp_path, study_uid, ct_header(study_uid) + sequence_of_empty_items(0x0040, 0xA730, 150_000))
     memory_before = reset_peak_memory(bridge)
 
-    answer = store_file(
-        bridge.port, path, abstract_syntax=CT_IMAGE_STORAGE, transfer_syntax=ExplicitVRLittleEndian
-    )
+    answer = store_file(bridge.port, path, abstract_syntax=CT_IMAGE_STORAGE, transfer_syntax=ExplicitVRLittleEndian)
 
     assert answer.Status == 0x0000
     assert peak_memory(bridge) - memory_before < MEMORY_HEADROOM

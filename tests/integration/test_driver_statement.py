@@ -117,9 +117,12 @@ def test_the_hot_path_writes_the_rows_connection_execute_writes(engine: Engine) 
             {"series_id": series_ids[uid("2.1")], "sop_instance_uid": uid("2.1.1"), **instance_values},
         )
         assert inserted is not None and inserted.id > 0  # RETURNING through the driver
-        assert insert_instance.first(  # a conflict returns no row, as RETURNING does through SQLAlchemy
-            cursor, {"series_id": series_ids[uid("1.1")], "sop_instance_uid": uid("1.1.1"), **instance_values}
-        ) is None
+        assert (
+            insert_instance.first(  # a conflict returns no row, as RETURNING does through SQLAlchemy
+                cursor, {"series_id": series_ids[uid("1.1")], "sop_instance_uid": uid("1.1.1"), **instance_values}
+            )
+            is None
+        )
 
         assert row_without(connection, STUDIES, "study_uid", through_driver) == row_without(
             connection, STUDIES, "study_uid", through_sqlalchemy

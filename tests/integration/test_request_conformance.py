@@ -50,9 +50,7 @@ def store(listener: DicomListener, *, context: str, request_class: str, request_
     inline = inline_store.inline_store_of(acceptor)
     served_inline = inline.served if inline is not None else None
     context_id = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == context)
-    response = send(
-        assoc, context_id, request_class=request_class, request_instance=request_instance, data_set=dataset
-    )
+    response = send(assoc, context_id, request_class=request_class, request_instance=request_instance, data_set=dataset)
     assoc.release()
     wait_for_associations_to_end(listener)
     if inline is not None:  # served inline: this path answered

@@ -132,8 +132,14 @@ def assert_no_secret(text: str, *secrets: str) -> None:
         ("fhir", "https:bridge:fhirS3cret@fhir.example.org/r4", (FHIR_SECRET,)),  # not an http(s) URL
         ("fhir", "bridge:fhirS3cret@fhir.example.org/r4", (FHIR_SECRET,)),
     ],
-    ids=["database no slashes", "database no scheme", "database unknown driver", "database spaced password",
-         "fhir no slashes", "fhir no scheme"],
+    ids=[
+        "database no slashes",
+        "database no scheme",
+        "database unknown driver",
+        "database spaced password",
+        "fhir no slashes",
+        "fhir no scheme",
+    ],
 )
 def test_check_config_names_an_invalid_url_without_its_password(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, url: str, secrets: tuple[str, ...]
@@ -178,16 +184,16 @@ def test_check_config_online_hides_passwords_with_spaces_and_in_query_parameters
 
 
 @pytest.mark.postgresql
-def test_check_config_online_failure_hides_a_query_password(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_check_config_online_failure_hides_a_query_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A database nobody listens on, its password a query parameter: FAIL, naming the host, not the password."""
     code, out, err = run(
         tmp_path,
         capsys,
         "check-config",
         "--online",
-        database={"url": f"postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2&password={DATABASE_SECRET}"},
+        database={
+            "url": f"postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2&password={DATABASE_SECRET}"
+        },
         fhir={"base_url": "http://127.0.0.1:9/fhir"},
     )
 

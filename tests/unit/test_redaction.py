@@ -26,7 +26,10 @@ URL_ROWS = [
     ("postgresql://db/pacs?sslmode=require&PASSWORD=s3 cret", "postgresql://db/pacs?sslmode=require&PASSWORD=***"),
     ("https://fhir/r4?access_token=abc&_format=json", "https://fhir/r4?access_token=***&_format=json"),
     ("https://fhir/r4?api_key=abc#top", "https://fhir/r4?api_key=***#top"),
-    ("https://fhir/r4?pass=a&pwd=b&secret=c&token=d&key=e", "https://fhir/r4?pass=***&pwd=***&secret=***&token=***&key=***"),
+    (
+        "https://fhir/r4?pass=a&pwd=b&secret=c&token=d&key=e",
+        "https://fhir/r4?pass=***&pwd=***&secret=***&token=***&key=***",
+    ),
     ("https://fhir/r4?_count=10&page=2", "https://fhir/r4?_count=10&page=2"),  # nothing secret: unchanged
     # not a URL (no "://"): everything before the last '@' is hidden
     ("postgresql+psycopg:bridge:s3cret@db/pacs", "***@db/pacs"),
