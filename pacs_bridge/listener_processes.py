@@ -53,7 +53,8 @@ import structlog
 
 from pacs_bridge.config import Config
 from pacs_bridge.dicom.acceptor import Acceptor
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.dicom.listener_settings import ListenerSettings
+from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.engine import make_engine
 from pacs_bridge.index.group_commit import GroupCommit
 from pacs_bridge.logs import configure_logging

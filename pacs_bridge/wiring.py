@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from pacs_bridge import __version__
 from pacs_bridge.config import Config
 from pacs_bridge.debounce import DebounceSettings
-from pacs_bridge.dicom.scp import ListenerSettings, server_tls_context
+from pacs_bridge.dicom.listener_settings import ListenerSettings, server_tls_context
 from pacs_bridge.errors import IndexNotFoundError, IndexUnavailableError
 from pacs_bridge.fhir.auth import AuthSettings, SecretSource, TlsSettings, make_auth, make_ssl_context
 from pacs_bridge.fhir.endpoint import EndpointSettings

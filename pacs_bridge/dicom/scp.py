@@ -30,12 +30,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import ssl
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -45,14 +43,15 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom import fastpath
-from pacs_bridge.dicom.access import CallingAeRule, refusal_reason, rejection_label, rejection_reason
+from pacs_bridge.dicom.access import refusal_reason, rejection_label, rejection_reason
 from pacs_bridge.dicom.association_ledger import AssociationLedger
 from pacs_bridge.dicom.association_server import AdoptingAssociationServer
 from pacs_bridge.dicom.conformance import check_request_matches_dataset
 from pacs_bridge.dicom.connection import ConnectionLimits, Guarded
 from pacs_bridge.dicom.extract import extract_instance
 from pacs_bridge.dicom.front_door import FrontDoor, FrontDoorSettings
-from pacs_bridge.dicom.header import DEFAULT_MAX_INFLATED_BYTES, read_header
+from pacs_bridge.dicom.header import read_header
+from pacs_bridge.dicom.listener_settings import ListenerSettings
 from pacs_bridge.dicom.listener_switches import LISTENER_SWITCHES
 from pacs_bridge.dicom.received import OrphanedReceiveFiles, receive_directory, received_data_set
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
@@ -74,38 +73,6 @@ _ORPHAN_GRACE_SECONDS = 1.0
 
 class InstanceSink(Protocol):
     def record_instance(self, record: InstanceRecord, *, received_at: datetime) -> RecordOutcome: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ListenerSettings:
-    ae_title: str
-    bind: str
-    port: int
-    max_associations: int = 16
-    network_timeout_seconds: float = 60.0
-    acse_timeout_seconds: float = 30.0
-    dimse_timeout_seconds: float = 60.0
-    association_request_timeout_seconds: float = 30.0  # ARTIM: the whole A-ASSOCIATE-RQ (and TLS) within this
-    pdu_timeout_seconds: float = 30.0  # each PDU whole within this from its first byte
-    max_pending_connections: int = 256  # connections whose association request is not yet whole
-    max_pdu_bytes: int = 256 * 1024  # the maximum length announced; a longer P-DATA-TF aborts the association
-    max_instance_bytes: int = 4 * 1024**3  # a longer data set is read, dropped and refused
-    fast_path: bool = True  # the pieces of dicom/fastpath when pynetdicom is a supported release
-    allowed_calling_aets: tuple[CallingAeRule, ...] = ()  # empty: any
-    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES  # a deflated dataset inflating to more is refused
-    tls: ssl.SSLContext | None = None  # DICOM TLS when set (see server_tls_context)
-
-
-def server_tls_context(certificate: str, private_key: str, client_ca: str = "") -> ssl.SSLContext:
-    """The listener's TLS context: TLS 1.2 or later (BCP 195), our certificate, and when ``client_ca`` is given
-    only senders presenting a certificate issued by it."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certificate, private_key)
-    if client_ca:
-        context.load_verify_locations(cafile=client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def _received_size(event: Any) -> int:

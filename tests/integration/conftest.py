@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.dicom.listener_settings import ListenerSettings
+from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 
 

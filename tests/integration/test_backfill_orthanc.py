@@ -27,7 +27,8 @@ from pacs_bridge.backfill.runner import BackfillRequest, BackfillRunner, Backfil
 from pacs_bridge.backfill.source import StudySource
 from pacs_bridge.backfill_runs import RunState
 from pacs_bridge.debounce import DebounceSettings, RetrySettings
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.dicom.listener_settings import ListenerSettings
+from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings, build_imaging_study, imaging_study_id

@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, dul, evt, fsm
 
 from pacs_bridge.dicom.fastpath import inline_store
-from pacs_bridge.dicom.scp import DicomListener, ListenerSettings
+from pacs_bridge.dicom.listener_settings import ListenerSettings
+from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 from tests.support.associations import wait_for_associations_to_end
 from tests.support.dcmtk import storescu

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pacs_bridge.dicom.scp import DicomListener, server_tls_context
+from pacs_bridge.dicom.listener_settings import server_tls_context
+from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 from tests.integration.conftest import listener_settings
 from tests.support.association_requests import (
