@@ -210,7 +210,7 @@ class BridgeService:
     def start(self) -> None:
         # What exists now (modules, SQLAlchemy's mappers, the FHIR models) lives as long as the process. Frozen,
         # it is left out of the collector's full collections, which otherwise walk all of it every few studies
-        # published: one cost a 2000-instance study ~7 of its ~21 ms of CPU (docs/performance.md).
+        # published (docs/performance.md, "Publishing").
         load_models(self._config.fhir.version)
         gc.freeze()
         try:
