@@ -70,6 +70,12 @@ class InstanceTooLargeError(PacsBridgeError):
         super().__init__(f"instance over dicom.max_instance_bytes ({limit})")
 
 
+class AssociationRefusedError(PacsBridgeError):
+    """A C-STORE on an association the access check refused (``dicom.allowed_calling_aets``), received before the
+    refusal ended it: nothing of it is stored. If the sender is meant to store here, list its calling AE title
+    with the network it calls from."""
+
+
 class UnknownStudyError(PacsBridgeError):
     """No study with this Study Instance UID is in the index; check the UID (pacs-bridge status lists studies)."""
 

@@ -55,7 +55,7 @@ from pacs_bridge.dicom.listener_settings import ListenerSettings
 from pacs_bridge.dicom.listener_switches import LISTENER_SWITCHES
 from pacs_bridge.dicom.received import OrphanedReceiveFiles, receive_directory, received_data_set
 from pacs_bridge.dicom.status import StoreStatus, status_dataset, status_for_error
-from pacs_bridge.errors import InstanceTooLargeError
+from pacs_bridge.errors import AssociationRefusedError, InstanceTooLargeError
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.records import InstanceRecord, RecordOutcome
 
@@ -138,6 +138,7 @@ class DicomListener:
         )
         self._lock = threading.Lock()
         self._connections: dict[int, _Connection] = {}  # by id of its socket
+        self._let_in: weakref.WeakSet[Any] = weakref.WeakSet()  # associations the access check let in
         self._orphans: OrphanedReceiveFiles | None = None  # from start, in the process's receive directory
         # Associations refused once established: none of their C-STOREs is indexed, even one pynetdicom read
         # before its abort (or the cut that replaces a failed abort) took effect.
@@ -294,7 +295,7 @@ class DicomListener:
 
     def _forget_closed(self, now: float) -> None:
         """Drop the connections that have closed and whose association thread has stopped; note those that may
-        have been cut off in a message; end, in the ledger, an association that ended without its event."""
+        have left a message unserved; end, in the ledger, an association that ended without its event."""
         with self._lock:
             closed = [
                 key
@@ -303,7 +304,9 @@ class DicomListener:
             ]
             forgotten = [self._connections.pop(key) for key in closed]
         for known in forgotten:
-            if known.guard.guard.monitor.message_unfinished and self._orphans is not None:
+            # A refused association may also leave a C-STORE that came in before its abort unserved, file and all.
+            unserved = known.guard.guard.monitor.message_unfinished or known.assoc not in self._let_in
+            if unserved and self._orphans is not None:
                 self._orphans.note_interrupted(now)
             if known.assoc is not None:
                 # A DUL thread stopped by an exception raised no EVT_CONN_CLOSE: release what the fast path holds
@@ -419,6 +422,8 @@ class DicomListener:
             return status_dataset(StoreStatus.NOT_AUTHORIZED, "association refused (dicom.allowed_calling_aets)")
         try:
             sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
+            if event.assoc not in self._let_in:  # refused; this C-STORE came in before the abort
+                raise AssociationRefusedError("association refused by the access check (dicom.allowed_calling_aets)")
             dataset = self._received_header(event)
             record = extract_instance(dataset, sending_ae_title=calling_ae)
             check_request_matches_dataset(
@@ -504,14 +509,17 @@ class DicomListener:
     def _handle_established(self, event: Any) -> None:
         # The access check comes first, fails closed, and stands alone: metrics, logging and the fast path each
         # run in a try of their own after it, so none of them can skip a refusal. pynetdicom cannot reject on
-        # the source address, so a refused association is aborted before any DIMSE message of it is processed.
+        # the source address, so a refused association is aborted; C-STOREs it received before (the A-ASSOCIATE-AC
+        # precedes this handler) are refused by handle_store, which stores only for associations let in here.
         try:
             reason = refusal_reason(
                 self._settings.allowed_calling_aets, _calling_ae(event), str(event.assoc.requestor.address)
             )
         except Exception as exc:
             reason = f"the access check failed ({type(exc).__name__}: {exc})"
-        if reason is not None:
+        if reason is None:
+            self._let_in.add(event.assoc)
+        else:
             self._refuse(event.assoc)
         try:
             # Counted either way: the abort ends it in the ledger.

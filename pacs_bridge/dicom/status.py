@@ -12,6 +12,7 @@ import enum
 from pydicom.dataset import Dataset
 
 from pacs_bridge.errors import (
+    AssociationRefusedError,
     ConflictingInstanceError,
     IndexUnavailableError,
     InstanceTooLargeError,
@@ -32,6 +33,7 @@ class StoreStatus(enum.IntEnum):
     INSTANCE_TOO_LARGE = 0xC002  # over dicom.max_instance_bytes; read and dropped, a re-send cannot succeed
     NOT_AUTHORIZED = 0x0124  # an association refused by dicom.allowed_calling_aets whose abort did not stop it
     PROCESSING_FAILURE = 0x0110  # a failure of ours that no table entry covers; logged with traceback
+    NOT_AUTHORIZED = 0x0124  # PS3.7 C: "Refused: Not authorized"; the access check refused the association
 
 
 # Most specific first: the first entry the error is an instance of decides.
@@ -42,6 +44,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], StoreStatus], ...] = (
     (InvalidInstanceError, StoreStatus.CANNOT_UNDERSTAND),
     (UnstorableValueError, StoreStatus.CANNOT_UNDERSTAND),  # the database refused a value; a retry cannot help
     (IndexUnavailableError, StoreStatus.OUT_OF_RESOURCES),
+    (AssociationRefusedError, StoreStatus.NOT_AUTHORIZED),
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,15 +12,17 @@ from typing import Any
 
 import pytest
 import structlog
-from pynetdicom import AE, association
+from pynetdicom import AE, acse, association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.dicom.access import CallingAeRule, parse_network
+from pacs_bridge.dicom.received import open_receive_files
 from pacs_bridge.dicom.scp import DicomListener
 from pacs_bridge.index.repository import Index
 from pacs_bridge.logs import configure_logging
 from pacs_bridge.observe import NullObserver
 from tests.integration.conftest import listener_settings
+from tests.support.associations import wait_for_associations_to_end
 from tests.support.bridge_process import wait_for
 from tests.support.dcmtk import dcmtk_env, require_dcmtk, storescu
 from tests.support.studies import make_dataset, uid, write_file
@@ -75,6 +78,10 @@ def test_listed_ae_from_another_address_is_aborted_and_stores_nothing(
 
 
 Logged = Callable[[str], dict[str, Any]]
+
+
+def failing_abort(self: association.Association) -> None:
+    raise RuntimeError("abort is broken")
 
 
 @pytest.fixture
@@ -177,9 +184,6 @@ def test_a_refused_association_whose_abort_fails_is_cut_off(
     store fails and nothing is indexed. (Inside an event handler, pynetdicom 3.0 binds ``assoc.abort`` to
     ``_abort_nonblocking``: that is the abort the listener calls there.)"""
 
-    def failing_abort(self: association.Association) -> None:
-        raise RuntimeError("abort is broken")
-
     path = write_file(make_dataset(), tmp_path / "one.dcm")
     with monkeypatch.context() as patched:
         patched.setattr(association.Association, "_abort_nonblocking", failing_abort)
@@ -191,3 +195,46 @@ def test_a_refused_association_whose_abort_fails_is_cut_off(
     assert abort_failure["level"] == "error"
     assert refused["reason"] == "calling AE title 'MR_REMOTE' is not allowed from 127.0.0.1"
     assert index.study_status(uid("1")) is None
+
+
+@pytest.fixture
+def c_store_arrives_before_the_access_check(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """pynetdicom made to send each A-ASSOCIATE-AC, then wait (up to 30 s) until the peer's first DIMSE message
+    is whole in its queue before it goes on to EVT_ESTABLISHED, where the listener's access check runs: the order
+    a fast sender on a loaded machine can bring about. The list says, for each association, whether it did."""
+    arrived: list[bool] = []
+    send_accept = acse.ACSE.send_accept
+
+    def send_accept_then_wait_for_the_peer(self: acse.ACSE) -> None:
+        send_accept(self)
+        deadline = time.monotonic() + 30
+        while self.assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        arrived.append(not self.assoc.dimse.msg_queue.empty())
+
+    monkeypatch.setattr(acse.ACSE, "send_accept", send_accept_then_wait_for_the_peer)
+    return arrived
+
+
+@pytest.mark.parametrize("abort", ["works", "fails"])
+def test_a_refused_association_stores_nothing_it_sent_before_the_refusal(
+    listener: DicomListener,
+    index: Index,
+    tmp_path: Path,
+    abort: str,
+    c_store_arrives_before_the_access_check: list[bool],
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """MR_REMOTE calling from 127.0.0.1, its C-STORE already received when the access check refuses the
+    association: that C-STORE is not indexed either, whether pynetdicom's abort works or raises (the connection
+    is cut then), and the file pynetdicom received it into does not stay open."""
+    if abort == "fails":
+        monkeypatch.setattr(association.Association, "_abort_nonblocking", failing_abort)
+    path = write_file(make_dataset(), tmp_path / "one.dcm")
+    result = storescu(listener.port, [path], calling_ae="MR_REMOTE")
+    wait_for_associations_to_end(listener)
+
+    assert c_store_arrives_before_the_access_check == [True]
+    assert result.returncode != 0
+    assert index.study_status(uid("1")) is None
+    wait_for(lambda: not open_receive_files(), timeout=30, what="the refused C-STORE's file to be closed")
