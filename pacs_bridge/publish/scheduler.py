@@ -40,6 +40,10 @@ class PublishScheduler:
     ) -> None:
         self._interval = interval.total_seconds()
         self._stopped = threading.Event()
+        # Held while a pass schedules the next and while stop marks the stop: once stop has, no pass adds a job.
+        # APScheduler's shutdown holds its job store lock while it waits for the running pass, so a pass that
+        # called add_job then would wait for that lock, and shutdown for the pass, for ever.
+        self._scheduling = threading.Lock()
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._jobs: dict[str, Callable[[], float]] = {PUBLISH_JOB_ID: run_pass}
         if relink is not None:
@@ -57,22 +61,24 @@ class PublishScheduler:
 
     def stop(self) -> None:
         """Stop scheduling and wait for a running pass to finish."""
-        self._stopped.set()
+        with self._scheduling:
+            self._stopped.set()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
 
     def _schedule(self, job_id: str, delay: float) -> None:
-        if self._stopped.is_set():
-            return
-        self._scheduler.add_job(
-            self._run,
-            "date",
-            args=(job_id,),
-            run_date=datetime.now(UTC) + timedelta(seconds=delay),
-            id=job_id,
-            replace_existing=True,
-            misfire_grace_time=None,
-        )
+        with self._scheduling:
+            if self._stopped.is_set():
+                return
+            self._scheduler.add_job(
+                self._run,
+                "date",
+                args=(job_id,),
+                run_date=datetime.now(UTC) + timedelta(seconds=delay),
+                id=job_id,
+                replace_existing=True,
+                misfire_grace_time=None,
+            )
 
     def _run(self, job_id: str) -> None:
         delay = self._interval

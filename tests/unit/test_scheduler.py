@@ -117,3 +117,23 @@ def test_a_long_relink_pass_holds_up_neither_publishing_nor_itself() -> None:
         scheduler.stop()
 
     assert not relinking.overlapped and not publishing.overlapped
+
+
+def test_stop_returns_while_passes_follow_one_another_without_a_pause() -> None:
+    """stop() comes back whenever it lands, even as a pass ends and schedules the next: APScheduler's shutdown
+    holds its job store lock while it waits for the running pass, so a pass that added its successor then
+    waited for that lock while shutdown waited for it (SIGTERM to `pacs-bridge run` hung for good)."""
+    for _ in range(100):
+        assert stops_after_a_pass(), "stop() hung"
+
+
+def stops_after_a_pass() -> bool:
+    """Start a scheduler whose passes reschedule at once, stop it after its first; whether stop() returned."""
+    passes = Passes(seconds=0.0, next_in=0.0)
+    scheduler = PublishScheduler(passes, interval=timedelta(seconds=0.05))
+    scheduler.start()
+    wait_until(lambda: passes.count >= 1, timeout=30)
+    stopping = threading.Thread(target=scheduler.stop, daemon=True)
+    stopping.start()
+    stopping.join(timeout=30)  # a deadlock never ends; any machine stops within this
+    return not stopping.is_alive()
