@@ -41,6 +41,7 @@ from pacs_bridge.systemd import notify
 from pacs_bridge.wiring import listener_settings, mapping_settings, open_fhir_http, open_index, utc_now
 
 log = structlog.get_logger("pacs_bridge.service")
+_SIGNAL_CHECK_SECONDS = 0.2  # how soon the main thread runs a SIGTERM handler whichever thread took the signal
 
 
 class PassHeartbeat:
@@ -265,7 +266,10 @@ class BridgeService:
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
         try:
-            self._stop_requested.wait()
+            # Waits of a bounded length: the kernel may deliver the signal to any thread, while Python runs its
+            # handler in the main thread only, between two bytecodes; a wait without a timeout never gets there.
+            while not self._stop_requested.wait(_SIGNAL_CHECK_SECONDS):
+                pass
         finally:
             self.stop()
         if self._failure is not None:
