@@ -140,9 +140,6 @@ class DicomListener:
         self._connections: dict[int, _Connection] = {}  # by id of its socket
         self._let_in: weakref.WeakSet[Any] = weakref.WeakSet()  # associations the access check let in
         self._orphans: OrphanedReceiveFiles | None = None  # from start, in the process's receive directory
-        # Associations refused once established: none of their C-STOREs is indexed, even one pynetdicom read
-        # before its abort (or the cut that replaces a failed abort) took effect.
-        self._refused_associations: weakref.WeakSet[Any] = weakref.WeakSet()
         self._holds_switches = False  # LISTENER_SWITCHES, from start to stop
         self._ae = self._make_ae()
 
@@ -417,9 +414,6 @@ class DicomListener:
         """C-STORE: index the instance, then answer. Success only after the commit."""
         sop_instance_uid = ""
         calling_ae = _calling_ae(event)
-        if event.assoc in self._refused_associations:
-            log.warning("instance_refused", **_peer(event), reason="the association is refused")
-            return status_dataset(StoreStatus.NOT_AUTHORIZED, "association refused (dicom.allowed_calling_aets)")
         try:
             sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
             if event.assoc not in self._let_in:  # refused; this C-STORE came in before the abort
@@ -547,8 +541,6 @@ class DicomListener:
     def _refuse(self, assoc: Any) -> None:
         """Abort a refused association (inside an event handler pynetdicom's abort queues the A-ABORT); when the
         abort itself fails, cut its connection instead: a refusal never depends on pynetdicom's abort working."""
-        with self._lock:
-            self._refused_associations.add(assoc)
         try:
             assoc.abort()
             return

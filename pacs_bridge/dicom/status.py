@@ -31,7 +31,6 @@ class StoreStatus(enum.IntEnum):
     CANNOT_UNDERSTAND = 0xC000  # an attribute is missing, malformed, undecodable or a value the index cannot hold
     CONFLICTS_WITH_INDEX = 0xC001  # a UID reused under another study or series; first arrival kept
     INSTANCE_TOO_LARGE = 0xC002  # over dicom.max_instance_bytes; read and dropped, a re-send cannot succeed
-    NOT_AUTHORIZED = 0x0124  # an association refused by dicom.allowed_calling_aets whose abort did not stop it
     PROCESSING_FAILURE = 0x0110  # a failure of ours that no table entry covers; logged with traceback
     NOT_AUTHORIZED = 0x0124  # PS3.7 C: "Refused: Not authorized"; the access check refused the association
 
