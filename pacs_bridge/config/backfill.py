@@ -6,7 +6,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pacs_bridge.config.base import _AUTH_REQUIRED, _ENV_NAME, ConfigFilePath, _checked_ae_title, _http_url, _Section
+from pacs_bridge.config.base import (
+    _ENV_NAME,
+    ConfigFilePath,
+    _auth_key_problems,
+    _checked_ae_title,
+    _http_url,
+    _Section,
+)
 
 
 class PacsAuthConfig(_Section):
@@ -32,20 +39,7 @@ class PacsAuthConfig(_Section):
 
     @model_validator(mode="after")
     def _keys_fit_the_mode(self) -> PacsAuthConfig:
-        problems = []
-        for need in _AUTH_REQUIRED[self.mode]:
-            if isinstance(need, tuple):
-                if len([key for key in need if getattr(self, key)]) != 1:
-                    problems.append(f"mode {self.mode} needs exactly one of {' or '.join(need)}")
-            elif not getattr(self, need):
-                problems.append(f"mode {self.mode} needs {need}")
-        usable = {"mode"}
-        usable.update(
-            key for need in _AUTH_REQUIRED[self.mode] for key in (need if isinstance(need, tuple) else (need,))
-        )
-        for key in sorted(self.model_fields_set - usable):
-            if getattr(self, key) != type(self).model_fields[key].default:
-                problems.append(f"{key} is not used with mode {self.mode}; remove it or change the mode")
+        problems = _auth_key_problems(self, self.mode)
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -97,3 +97,22 @@ _AUTH_OPTIONAL: dict[str, tuple[str, ...]] = {
     "oauth2_client_credentials": ("scope", "client_auth_method"),
     "smart_backend_services": ("algorithm", "kid"),
 }
+
+
+def _auth_key_problems(section: BaseModel, mode: str) -> list[str]:
+    """What is wrong with an auth section's keys for its ``mode`` (``fhir.auth``, ``pacs.auth``): a key the mode
+    needs that is missing (of a pair, not exactly one given), or a key set to something the mode does not use."""
+    required = _AUTH_REQUIRED[mode]
+    problems = []
+    for need in required:
+        if isinstance(need, tuple):
+            if len([key for key in need if getattr(section, key)]) != 1:
+                problems.append(f"mode {mode} needs exactly one of {' or '.join(need)}")
+        elif not getattr(section, need):
+            problems.append(f"mode {mode} needs {need}")
+    usable = {"mode", *_AUTH_OPTIONAL.get(mode, ())}
+    usable.update(key for need in required for key in (need if isinstance(need, tuple) else (need,)))
+    for key in sorted(section.model_fields_set - usable):
+        if getattr(section, key) != type(section).model_fields[key].default:
+            problems.append(f"{key} is not used with mode {mode}; remove it or change the mode")
+    return problems

@@ -10,11 +10,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, field_validator, model_validator
 
 from pacs_bridge.config.base import (
-    _AUTH_OPTIONAL,
-    _AUTH_REQUIRED,
     _ENV_NAME,
     _FHIR_ID,
     ConfigFilePath,
+    _auth_key_problems,
     _checked_ae_title,
     _http_url,
     _Section,
@@ -77,20 +76,7 @@ class FhirAuthConfig(_Section):
 
     @model_validator(mode="after")
     def _keys_fit_the_mode(self) -> FhirAuthConfig:
-        required = _AUTH_REQUIRED[self.mode]
-        problems = []
-        for need in required:
-            if isinstance(need, tuple):
-                given = [key for key in need if getattr(self, key)]
-                if len(given) != 1:
-                    problems.append(f"mode {self.mode} needs exactly one of {' or '.join(need)}")
-            elif not getattr(self, need):
-                problems.append(f"mode {self.mode} needs {need}")
-        usable = {"mode", *_AUTH_OPTIONAL.get(self.mode, ())}
-        usable.update(key for need in required for key in (need if isinstance(need, tuple) else (need,)))
-        for key in sorted(self.model_fields_set - usable):
-            if getattr(self, key) != type(self).model_fields[key].default:
-                problems.append(f"{key} is not used with mode {self.mode}; remove it or change the mode")
+        problems = _auth_key_problems(self, self.mode)
         if problems:
             raise ValueError("; ".join(problems))
         return self
