@@ -39,7 +39,10 @@ MEMORY_HEADROOM = 48 * MiB
 @dataclass(frozen=True)
 class Resources:
     threads: int
-    sockets: int  # the listening socket, associations, the FHIR client's kept connection
+    # The listening socket, associations, wake-up pairs: every socket but the FHIR client's. Those are the
+    # publisher's pool (one per concurrent PUT, kept until the server closes them and the pool next looks), so
+    # their number depends on when the previous case's study was published, not on this case.
+    sockets: int
     deleted_files: int  # open anonymous temporary files (spilled datasets, kept inflated headers)
 
     def within(self, baseline: Resources) -> bool:
@@ -81,11 +84,24 @@ def resources(bridge: BridgeProcess) -> Resources:
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(FileNotFoundError):  # closed meanwhile
             targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    assert bridge.fhir_port is not None
+    fhir_client = fhir_client_sockets(pid, bridge.fhir_port)
     return Resources(
         threads=threads,
-        sockets=sum(target.startswith("socket:") for target in targets),
+        sockets=sum(target.startswith("socket:") and target not in fhir_client for target in targets),
         deleted_files=sum(target.endswith("(deleted)") for target in targets),
     )
+
+
+def fhir_client_sockets(pid: int, fhir_port: int) -> set[str]:
+    """The descriptor targets (``socket:[inode]``) of the process's TCP connections to ``fhir_port``."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()  # sl local_address rem_address st ... inode (the 10th)
+            if int(fields[2].rsplit(":", 1)[1], 16) == fhir_port:
+                found.add(f"socket:[{fields[9]}]")
+    return found
 
 
 def reset_peak_memory(bridge: BridgeProcess) -> int:

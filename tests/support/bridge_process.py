@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,6 +89,7 @@ class BridgeProcess:
         self.directory = directory
         self.port = free_port()
         self.database_url = database_url
+        self.fhir_port = urllib.parse.urlsplit(fhir_base_url).port  # where its FHIR client connects
         config: dict[str, Any] = {
             "dicom": {"ae_title": "PACS_BRIDGE", "bind": "127.0.0.1", "port": self.port, "fast_path": FAST_PATH},
             "database": {"url": database_url},
