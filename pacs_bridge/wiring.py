@@ -182,6 +182,7 @@ def listener_settings(config: Config) -> ListenerSettings:
         max_pdu_bytes=dicom.max_pdu_bytes,
         max_instance_bytes=dicom.max_instance_bytes,
         fast_path=dicom.fast_path == "auto",
+        message_screen=dicom.message_screen == "auto",
         allowed_calling_aets=dicom.calling_ae_rules(),
         max_inflated_bytes=dicom.max_inflated_bytes,
         tls=server_tls_context(dicom.tls.certificate, dicom.tls.private_key, dicom.tls.client_ca)

@@ -89,6 +89,9 @@ class DicomConfig(_Section):
     max_instance_bytes: int = Field(default=4 * 1024**3, ge=1024, le=2**40)
     # auto: the fast path (dicom/fastpath) with the pynetdicom release it supports; off: stock pynetdicom.
     fast_path: Literal["auto", "off"] = "auto"
+    # auto: DIMSE messages other than C-STORE and C-ECHO answered 0x0211 or ignored (dicom/message_screen) with
+    # the pynetdicom release it supports; off: pynetdicom dispatches every message itself.
+    message_screen: Literal["auto", "off"] = "auto"
     # On SIGTERM: how long open associations may go on before they are aborted (the sender re-sends).
     shutdown_drain_seconds: float = Field(default=30.0, ge=0, le=3600)
     # A deflated dataset inflating to more is refused (0xC000); it is inflated as a stream, never held whole.

@@ -24,6 +24,7 @@ class ListenerSettings:
     max_pdu_bytes: int = 256 * 1024  # the maximum length announced; a longer P-DATA-TF aborts the association
     max_instance_bytes: int = 4 * 1024**3  # a longer data set is read, dropped and refused
     fast_path: bool = True  # the pieces of dicom/fastpath when pynetdicom is a supported release
+    message_screen: bool = True  # dicom/message_screen when pynetdicom is a supported release
     allowed_calling_aets: tuple[CallingAeRule, ...] = ()  # empty: any
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES  # a deflated dataset inflating to more is refused
     tls: ssl.SSLContext | None = None  # DICOM TLS when set (see server_tls_context)

@@ -5,7 +5,8 @@ its A-ASSOCIATE-RQ is whole, within ``association_request_timeout_seconds``; pyn
 (``AdoptingAssociationServer``) on a ``GuardedSocket`` (dicom/connection.py) that enforces a deadline per PDU,
 the announced maximum PDU length and ``max_instance_bytes`` whatever reads it. With ``fast_path`` on and a
 pynetdicom the fast path supports, the pieces of dicom/fastpath serve C-STOREs; otherwise stock pynetdicom
-does, and the C-STORE handler below is the same either way.
+does, and the C-STORE handler below is the same either way. Any other DIMSE message is answered (0x0211) or
+ignored by dicom/message_screen.py, on either path.
 
 Each C-STORE is read header-only (the elements ``extract`` needs, stopping before the pixel data, which is
 never decoded), turned into an ``InstanceRecord`` and handed to the ``InstanceSink`` (the index). Success is
@@ -42,7 +43,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacs_bridge.dicom import fastpath
+from pacs_bridge.dicom import fastpath, message_screen
 from pacs_bridge.dicom.access import refusal_reason, rejection_label, rejection_reason
 from pacs_bridge.dicom.association_ledger import AssociationLedger
 from pacs_bridge.dicom.association_server import AdoptingAssociationServer
@@ -136,6 +137,7 @@ class DicomListener:
         self._fast_path: fastpath.FastPath | fastpath.FastPathUnavailable = fastpath.FastPathUnavailable(
             "the listener is not started"
         )
+        self._screen: message_screen.Screen = message_screen.MessageScreenUnavailable("the listener is not started")
         self._lock = threading.Lock()
         self._connections: dict[int, _Connection] = {}  # by id of its socket
         self._let_in: weakref.WeakSet[Any] = weakref.WeakSet()  # associations the access check let in
@@ -180,6 +182,11 @@ class DicomListener:
         return self._fast_path
 
     @property
+    def message_screen(self) -> message_screen.Screen:
+        """What answers the DIMSE messages the bridge does not serve: the screen, or pynetdicom and why."""
+        return self._screen
+
+    @property
     def associations(self) -> list[Any]:
         """The pynetdicom associations being served (acceptors, established or not yet)."""
         return list(self._server.active_associations) if self._server is not None else []
@@ -217,6 +224,7 @@ class DicomListener:
         self._fast_path = (
             fastpath.enable() if settings.fast_path else fastpath.FastPathUnavailable("dicom.fast_path is off")
         )
+        self._screen = message_screen.enable(wanted=settings.message_screen)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_connection_opened),
             (evt.EVT_CONN_CLOSE, self._handle_connection_closed),
@@ -261,7 +269,7 @@ class DicomListener:
             {"fast_path": "on", "fast_path_pieces": sorted(fast.pieces)}
             if isinstance(fast, fastpath.FastPath)
             else {"fast_path": "off", "fast_path_reason": fast.reason}
-        )
+        ) | self._screen.log_fields()
         if listen:
             log.info(
                 "listener_started",
@@ -478,6 +486,10 @@ class DicomListener:
             connection = self._connections.get(id(assoc.dul.socket.socket))
         if connection is not None:
             connection.assoc = assoc
+        try:
+            self._screen.install(assoc)
+        except Exception:  # pynetdicom dispatches its messages itself then
+            log.exception("message_screen_install_failed")
         fast = self._fast_path
         if isinstance(fast, fastpath.FastPath):
             try:
@@ -554,6 +566,7 @@ class DicomListener:
     def _handle_closed(self, event: Any) -> None:
         try:
             self._ledger.ended(event.assoc, released=event.event is evt.EVT_RELEASED)
+            self._screen.association_ended(event.assoc)
         except Exception:
             log.exception("association_log_failed")
 

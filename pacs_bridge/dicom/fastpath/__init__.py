@@ -1,4 +1,5 @@
-"""The fast path: every change the bridge makes inside pynetdicom, in one package, behind one switch.
+"""The fast path: every change the bridge makes inside pynetdicom to receive faster, in one package, behind one
+switch (the other reach into pynetdicom, dicom/message_screen.py, answers the messages the bridge does not serve).
 
 Stock pynetdicom serves each C-STORE through its DIMSE message machinery, on two threads that poll every
 millisecond, and copies the listener's presentation contexts for every association. The pieces below change

@@ -28,12 +28,12 @@ socket at once; a status dataset goes through pynetdicom's ``send_msg``.
 
 A C-STORE whose Affected SOP Class UID names no storage SOP class (e.g. "31") on a context negotiated for one is
 served here too: pynetdicom would abort the association, the handler answers 0xA900 and it goes on. Anything
-else goes pynetdicom's way unchanged, fragment by fragment: C-ECHO and every other message, a C-STORE under a
-context and SOP class pynetdicom would not serve as storage, one whose command set lacks a
-required field or carries one that does not decode, anything during release, and every association with a
-handler bound to the DIMSE or PDU events this path does not raise. The sender waits for each response before
-its next request (no asynchronous operations are negotiated), so answers cannot overtake each other.
-``patch`` and ``unpatch`` swap the DT-2 action; associations not prepared get pynetdicom's own.
+else goes pynetdicom's way unchanged, fragment by fragment (and on through dicom/message_screen.py): C-ECHO and
+every other message, a C-STORE under a context and SOP class pynetdicom would not serve as storage, one whose
+command set lacks a required field or carries one that does not decode, anything during release, and every
+association with a handler bound to the DIMSE or PDU events this path does not raise. The sender waits for each
+response before its next request (no asynchronous operations are negotiated), so answers cannot overtake each
+other. ``patch`` and ``unpatch`` swap the DT-2 action; associations not prepared get pynetdicom's own.
 ``tests/integration/test_fastpath_inline_store.py`` fails if this stops applying.
 """
 
