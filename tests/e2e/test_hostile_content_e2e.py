@@ -54,7 +54,9 @@ class Resources:
 
 
 @pytest.fixture(scope="module")
-def bridge(tmp_path_factory: pytest.TempPathFactory, fhir_server: FhirTestServer) -> Iterator[BridgeProcess]:
+def bridge(
+    tmp_path_factory: pytest.TempPathFactory, fhir_server: FhirTestServer, bridges_receive_both_ways: str
+) -> Iterator[BridgeProcess]:
     """One bridge for the module (SQLite, the default dicom.max_inflated_bytes of 256 MiB), warmed up with one
     study from storescu, published: its baseline includes a served association and the FHIR client's
     connection."""

@@ -34,7 +34,9 @@ MAX_ASSOCIATIONS = 3
 
 
 @pytest.fixture(scope="module")
-def bridge(tmp_path_factory: pytest.TempPathFactory, fhir_server: FhirTestServer) -> Iterator[BridgeProcess]:
+def bridge(
+    tmp_path_factory: pytest.TempPathFactory, fhir_server: FhirTestServer, bridges_receive_both_ways: str
+) -> Iterator[BridgeProcess]:
     """One bridge for the whole matrix (each case checks that it still serves): SQLite, 2 s network timeout,
     at most 3 associations."""
     directory = tmp_path_factory.mktemp("bad-input")
