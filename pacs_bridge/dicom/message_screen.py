@@ -14,7 +14,11 @@ pynetdicom logs the traceback and aborts. pynetdicom's public API cannot change 
 ``_serve_request`` on each association (an instance attribute shadowing the method: every received message passes
 through it, on the association's thread, or on the thread pynetdicom starts for an N-EVENT-REPORT request):
 
-- a C-STORE request, and a C-ECHO request naming Verification: pynetdicom's, as before;
+- a C-STORE request, and a C-ECHO request naming Verification: pynetdicom's, as before; but a C-STORE request
+  on a storage context naming a SOP class pynetdicom has no Storage SCP for (a bare "31", an unknown UID,
+  Verification's), which pynetdicom would abort the association for, goes to the Storage SCP all the same: the
+  C-STORE handler answers it 0xA900 (not the context's SOP class) and the association goes on, as on the fast
+  path;
 - any other request (C-ECHO naming another SOP class, C-FIND, C-GET, C-MOVE and every DIMSE-N request): its
   response, status 0x0211 "Unrecognized operation" (PS3.7 annex C: the operation is not one the bridge agreed to
   on that presentation context), naming the request's SOP class (and instance, for DIMSE-N); the association
@@ -45,7 +49,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_STORE, N_ACTION
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 log = structlog.get_logger("pacs_bridge.dicom")
 
@@ -69,6 +76,12 @@ class Ignore:
     """Send nothing: a response, or a C-CANCEL."""
 
 
+@dataclass(frozen=True, slots=True)
+class ServeAsStorage:
+    """A C-STORE request on a storage context whose SOP class pynetdicom serves with no Storage SCP: serve it with
+    the Storage SCP (the handler answers 0xA900) instead of pynetdicom's abort."""
+
+
 def message_name(message: Any) -> str:
     """The message as PS3.7 names it, e.g. ``N-ACTION-RQ`` or ``C-STORE-RSP``."""
     service = type(message).__name__.replace("_", "-")
@@ -87,16 +100,24 @@ def _sop_instance(message: Any) -> str:
     return str(value or "")
 
 
-def verdict(message: Any) -> Refuse | Ignore | None:
-    """What the bridge does with a received DIMSE message: None to let pynetdicom serve it (a C-STORE request, a
-    C-ECHO request naming Verification), ``Refuse`` with the response to send, or ``Ignore``."""
+def verdict(message: Any, *, context_sop_class: str = "") -> Refuse | Ignore | ServeAsStorage | None:
+    """What the bridge does with a DIMSE message received on a context negotiated for ``context_sop_class``: None
+    to let pynetdicom serve it (a C-STORE request, a C-ECHO request naming Verification), ``ServeAsStorage`` for
+    a C-STORE request pynetdicom would abort for, ``Refuse`` with the response to send, or ``Ignore``."""
     if isinstance(message, C_CANCEL) or getattr(message, "MessageID", None) is None:
         return Ignore()
     if isinstance(message, C_STORE):
-        return None
+        names_storage = is_storage_sop_class(_sop_class(message))
+        return ServeAsStorage() if not names_storage and is_storage_sop_class(context_sop_class) else None
     if isinstance(message, C_ECHO) and str(message.AffectedSOPClassUID or "") == VERIFICATION:
         return None
     return Refuse(refusal(message))
+
+
+def is_storage_sop_class(uid: str) -> bool:
+    """Whether pynetdicom serves C-STOREs naming ``uid`` with its Storage SCP (as it picks the service: by UID)."""
+    service_class = uid_to_service_class(uid)
+    return isinstance(service_class, type) and service_class.SCP is StorageServiceClass.SCP
 
 
 def refusal(request: Any) -> Any:
@@ -144,8 +165,18 @@ def screen(assoc: Any, stock: Callable[[Any, int], None], message: Any, context_
     try:
         _log_cancels(assoc, warn)
         context = assoc._accepted_cx.get(context_id)
-        # Not accepted: pynetdicom aborts; during release: it ignores the message.
-        answer = None if context is None or assoc._sent_release else verdict(message)
+        # Not accepted: pynetdicom aborts; during release: it ignores the message. A SOP class negotiated by
+        # extended negotiation, or pynetdicom's unrestricted storage, picks a service of its own: left to it.
+        left_to_pynetdicom = (
+            context is None
+            or assoc._sent_release
+            or pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE
+            or _sop_class(message) in assoc.acceptor.accepted_common_extended
+        )
+        answer = None if left_to_pynetdicom else verdict(message, context_sop_class=str(context.abstract_syntax))
+        if isinstance(answer, ServeAsStorage):
+            _serve_as_storage(assoc, message, context)
+            return
         if answer is not None:
             _answer(assoc, message, context_id, context, answer, warn)
             return
@@ -154,6 +185,16 @@ def screen(assoc: Any, stock: Callable[[Any, int], None], message: Any, context_
         assoc.abort()
         return
     stock(message, context_id)
+
+
+def _serve_as_storage(assoc: Any, request: Any, context: Any) -> None:
+    """Serve ``request`` with pynetdicom's Storage SCP as ``_serve_request`` serves a request it picked a service
+    for: C-CANCELs kept aside are dropped before and after, and the association is paused meanwhile."""
+    assoc.dimse.cancel_req = {}
+    assoc._is_paused = True
+    StorageServiceClass(assoc).SCP(request, context)
+    assoc._is_paused = False
+    assoc.dimse.cancel_req = {}
 
 
 def _answer(assoc: Any, message: Any, context_id: int, context: Any, answer: Refuse | Ignore, warn: Warn) -> None:
@@ -246,11 +287,15 @@ def self_check() -> str | None:
     from pynetdicom.presentation import PresentationContext
 
     assoc: Any = Association(AE(), "acceptor")
-    for name in ("_serve_request", "_accepted_cx", "_sent_release"):
+    for name in ("_serve_request", "_accepted_cx", "_sent_release", "_is_paused"):
         if not hasattr(assoc, name):
             return f"pynetdicom's Association has no {name}"
     if not isinstance(assoc.dimse.cancel_req, dict):
         return "pynetdicom's DIMSE provider keeps no cancel_req dict"
+    if not isinstance(assoc.acceptor.accepted_common_extended, dict):
+        return "pynetdicom's acceptor keeps no accepted_common_extended dict"
+    if not is_storage_sop_class("1.2.840.10008.5.1.4.1.1.2") or is_storage_sop_class("31"):
+        return "pynetdicom no longer picks its Storage SCP by SOP class as the screen expects"
     context = PresentationContext()
     context.context_id = 1
     context.abstract_syntax = "1.2.840.10008.5.1.4.1.1.2"

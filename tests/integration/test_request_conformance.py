@@ -133,15 +133,15 @@ def send(assoc: Any, context_id: int, *, request_class: str, request_instance: s
 
 @pytest.mark.parametrize("request_class", ["31", "1.2.3.4.5", "1.2.840.10008.1.1"], ids=["31", "unknown", "echo"])
 def test_a_request_naming_no_storage_sop_class_is_refused_with_a900_and_the_association_goes_on(
-    fast_path_listener: DicomListener, index: Index, request_class: str
+    listener: DicomListener, index: Index, request_class: str
 ) -> None:
     """On the CT context, a C-STORE whose Affected SOP Class UID is no storage SOP class (a bare "31", an unknown
     UID, Verification's): 0xA900 naming SOPClassUID, nothing indexed, and the next C-STORE on the same
-    association is stored. (Stock pynetdicom, with dicom.fast_path off, picks the service by that UID alone and
-    aborts the association: it has no service for it.)"""
+    association is stored; on both receive paths (stock pynetdicom, which picks the service by that UID alone,
+    would abort the association: dicom/message_screen.py hands it to the Storage SCP)."""
     ae = AE(ae_title="MODALITY")
     ae.requested_contexts = [build_context(CT, [ExplicitVRLittleEndian])]
-    assoc = ae.associate("127.0.0.1", fast_path_listener.port, ae_title="PACS_BRIDGE")
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_BRIDGE")
     assert assoc.is_established
     (context_id,) = (cx.context_id for cx in assoc.accepted_contexts)
 
@@ -149,7 +149,7 @@ def test_a_request_naming_no_storage_sop_class_is_refused_with_a900_and_the_asso
     assert assoc.is_established
     good = send(assoc, context_id, request_class=CT, request_instance=uid("1.1.2"), data_set=dataset(CT, "1.1.2"))
     assoc.release()
-    wait_for_associations_to_end(fast_path_listener)
+    wait_for_associations_to_end(listener)
 
     assert odd is not None and odd.Status == 0xA900
     assert odd.ErrorComment.startswith("SOPClassUID (0008,0016)")

@@ -80,8 +80,28 @@ def cancel() -> C_CANCEL:
     ],
 )
 def test_each_message_is_served_refused_or_ignored(message: Any, name: str, expected: type | None) -> None:
-    answer = message_screen.verdict(message)
+    answer = message_screen.verdict(message, context_sop_class=CT)
     assert message_screen.message_name(message) == name
+    assert (type(answer) if answer is not None else None) is expected
+
+
+@pytest.mark.parametrize(
+    ("request_class", "context_class", "expected"),
+    [
+        (CT, CT, None),  # pynetdicom's Storage SCP serves it
+        ("1.2.840.10008.5.1.4.1.1.4", CT, None),  # MR on a CT context: the Storage SCP too (the handler: 0xA900)
+        ("31", CT, message_screen.ServeAsStorage),  # pynetdicom has no service for "31": it would abort
+        ("1.2.3.4.5", CT, message_screen.ServeAsStorage),  # nor for an unknown UID
+        (VERIFICATION, CT, message_screen.ServeAsStorage),  # its Verification SCP cannot serve a C-STORE
+        ("31", VERIFICATION, None),  # not a storage context: pynetdicom's own answer
+    ],
+)
+def test_a_c_store_naming_no_storage_sop_class_on_a_storage_context_goes_to_the_storage_scp(
+    request_class: str, context_class: str, expected: type | None
+) -> None:
+    request = store_request()
+    request.AffectedSOPClassUID = request_class
+    answer = message_screen.verdict(request, context_sop_class=context_class)
     assert (type(answer) if answer is not None else None) is expected
 
 
