@@ -15,19 +15,19 @@ end of its exponential backoff (a ``Retry-After`` is a floor, not a schedule). A
 publishing request answered before any probe; the same release follows.
 
 One study's failure never stops the pass, and ``run_once`` itself never raises. The index, the FHIR client and
-the mapping settings come in through the constructor; this module owns only the sequence.
+the mapping settings come in through the constructor; this module owns only the sequence (what one study
+came to, and its log line: ``publish/results.py``).
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import random
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import structlog
@@ -43,9 +43,10 @@ from pacs_bridge.fhir.validation import validate_resource
 from pacs_bridge.observe import BridgeObserver, NullObserver
 from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.outage import OutageEnded, OutageStarted, OutageTracker, is_outage
-from pacs_bridge.publish.references import DEFAULT_RELINK_INTERVAL, ReferenceResolver, StudyReferences
+from pacs_bridge.publish.references import DEFAULT_RELINK_INTERVAL, ReferenceResolver
+from pacs_bridge.publish.results import PublishOutcome, StudyResult, report_result
 from pacs_bridge.records import StudyAttributes
-from pacs_bridge.study_queue import ClaimedStudy, Published, PublishQueue, PublishResult, Refused, Released, RetryLater
+from pacs_bridge.study_queue import ClaimedStudy, Published, PublishQueue, Refused, Released, RetryLater
 
 Clock = Callable[[], datetime]
 
@@ -55,37 +56,6 @@ log = structlog.get_logger("pacs_bridge.publish")
 MAX_MERGE_ROUNDS = 3
 # Batches claimed ahead: while the workers publish one, the next waits in their queue.
 BATCHES_IN_FLIGHT = 2
-
-
-class PublishOutcome(enum.Enum):
-    PUBLISHED = "published"  # PUT done
-    UNCHANGED = "unchanged"  # the resource equals the one last published: nothing sent
-    RETRY_SCHEDULED = "retry_scheduled"  # a failure that may pass; pending with backoff
-    FAILED = "failed"  # refused by the server; needs a change or the operator
-    ERROR = "error"  # our own failure (e.g. the database); released, and tried again by a later pass
-    DEFERRED = "deferred"  # claimed but not tried (an outage began, the bridge stops, the lease ran short)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StudyResult:
-    """What publishing one claimed study came to: the outcome, what the index records, and what is logged."""
-
-    claimed: ClaimedStudy
-    outcome: PublishOutcome
-    record: PublishResult
-    error: PublishError | None = None
-    retry_in: timedelta | None = None
-    put: PutResult | None = None
-    series: int = 0
-    instances: int = 0
-    references: StudyReferences | None = None  # what subject and basedOn referenced, recorded after the batch
-
-    @property
-    def server_answered(self) -> bool:
-        """Whether the FHIR server answered this study's last request (a success, or a refusal of it)."""
-        if self.error is None:
-            return self.put is not None
-        return self.error.http_status is not None and not is_outage(self.error)
 
 
 class Publisher:
@@ -261,7 +231,7 @@ class Publisher:
         for result in results:
             outcomes[result.claimed.study_uid] = result.outcome
             self._record_references(result)
-            self._report(result)
+            report_result(result, self._observer, self._clock)
         self._on_progress()
         return True
 
@@ -433,48 +403,6 @@ class Publisher:
         return StudyResult(
             claimed=claimed, outcome=PublishOutcome.DEFERRED, record=Released(study_uid=claimed.study_uid)
         )
-
-    def _report(self, result: StudyResult) -> None:
-        """Log one recorded result and count it (the outage's own failures only at debug level: the outage
-        is logged as a whole)."""
-        claimed, outcome, error = result.claimed, result.outcome, result.error
-        attempt = claimed.attempts + 1
-        if outcome is PublishOutcome.PUBLISHED and result.put is not None:
-            self._observer.publish_attempted(http_status=result.put.http_status, outcome=outcome.value)
-            if claimed.last_change_at is not None:
-                waited = (self._clock() - claimed.last_change_at).total_seconds()
-                self._observer.study_published(seconds_since_last_change=waited)
-            log.info(
-                "study_published",
-                study_uid=claimed.study_uid,
-                http_status=result.put.http_status,
-                version_id=result.put.version_id,
-                series=result.series,
-                instances=result.instances,
-                attempt=attempt,
-            )
-        elif outcome is PublishOutcome.UNCHANGED:
-            log.info("study_unchanged", study_uid=claimed.study_uid, change_seq=getattr(result.record, "change_seq", 0))
-        elif outcome is PublishOutcome.RETRY_SCHEDULED and error is not None and result.retry_in is not None:
-            self._observer.publish_attempted(http_status=error.http_status, outcome=outcome.value)
-            emit = log.debug if is_outage(error) else log.warning
-            emit(
-                "publish_retry_scheduled",
-                study_uid=claimed.study_uid,
-                attempt=attempt,
-                http_status=error.http_status,
-                retry_in_seconds=round(result.retry_in.total_seconds(), 1),
-                error=error.detail,
-            )
-        elif outcome is PublishOutcome.FAILED and error is not None and isinstance(result.record, Refused):
-            self._observer.publish_attempted(http_status=error.http_status, outcome=outcome.value)
-            log.error(
-                "publish_failed",
-                study_uid=claimed.study_uid,
-                attempt=attempt,
-                http_status=error.http_status,
-                error=result.record.error,
-            )
 
     # ---- the FHIR server's availability ---------------------------------------------------------------------
 
