@@ -5,7 +5,7 @@ transaction. It hands each to the module that owns its concern:
 
 - ``index/ingest.py``: received instances indexed (the per-C-STORE hot path), with ``index/rejection_notes.py``
   for IHE IOCM rejection notes and ``index/changes.py`` for what an instance changes on its study;
-- ``index/snapshot.py``: a study's snapshot for the publisher;
+- ``index/snapshot.py``: studies' snapshots for the publisher, one study or a claimed batch at a time;
 - ``index/publish_state.py``: claiming due studies, publish results, backoff, Endpoints sent, counts and the
   operator's requests;
 - ``index/links.py``: the links published studies carry and the relink queue (``Index.links``).
@@ -108,6 +108,11 @@ class Index:
     def load_snapshot(self, study_uid: str) -> StudySnapshot:
         """Everything indexed for one study: ``SnapshotReader.load_snapshot``."""
         return self._snapshots.load_snapshot(study_uid)
+
+    def load_snapshots(self, study_uids: Sequence[str]) -> dict[str, StudySnapshot]:
+        """A claimed batch's snapshots in one transaction, up to an instance budget:
+        ``SnapshotReader.load_snapshots``."""
+        return self._snapshots.load_snapshots(study_uids)
 
     def claim_due_studies(self, now: datetime, *, limit: int, lease: timedelta, claimer: str) -> list[ClaimedStudy]:
         return self._publish_states.claim_due_studies(now, limit=limit, lease=lease, claimer=claimer)

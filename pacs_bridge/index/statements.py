@@ -1,12 +1,12 @@
 """The index's Core statements, built once: those of the ingest hot path (some of which the rejection notes
-run too) and those of ``load_snapshot``, with the tables and the record fields they write."""
+run too) and those of ``load_snapshot`` and ``load_snapshots``, with the tables and the record fields they write."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, exists, select, update
+from sqlalchemy import Table, bindparam, exists, func, select, update
 from sqlalchemy import cast as sql_cast
 
 from pacs_bridge.index.driver_statement import DriverStatement
@@ -138,6 +138,38 @@ class SnapshotStatements:
             .join(SERIES, SERIES.c.id == INSTANCES.c.series_id)
             .where(SERIES.c.study_id == bindparam("study_id"))
         )
+
+
+class BatchSnapshotStatements:
+    """The queries of ``SnapshotReader.load_snapshots`` (a batch's studies at once), built once."""
+
+    def __init__(self) -> None:
+        self.studies = select(
+            STUDIES.c.id,
+            STUDIES.c.study_uid,
+            STUDIES.c.change_seq,
+            STUDIES.c.published_hash,
+            *(STUDIES.c[name] for name in STUDY_FIELDS),
+        ).where(STUDIES.c.study_uid.in_(bindparam("uids", expanding=True)))
+        # Each series with its instance count, which decides whether its study fits in the batch's read.
+        instances = (
+            select(func.count())
+            .select_from(INSTANCES)
+            .where(INSTANCES.c.series_id == SERIES.c.id)
+            .scalar_subquery()
+            .label("instances")
+        )
+        self.series = select(
+            SERIES.c.id, SERIES.c.study_id, SERIES.c.series_uid, *(SERIES.c[name] for name in SERIES_FIELDS), instances
+        ).where(SERIES.c.study_id.in_(bindparam("study_ids", expanding=True)))
+        self.instances = select(
+            INSTANCES.c.series_id,
+            INSTANCES.c.sop_instance_uid,
+            INSTANCES.c.sop_class_uid,
+            INSTANCES.c.instance_number,
+            INSTANCES.c.image_laterality,
+            INSTANCES.c.title,
+        ).where(INSTANCES.c.series_id.in_(bindparam("series_ids", expanding=True)))
 
 
 class DriverIngest:

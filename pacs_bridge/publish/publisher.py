@@ -45,7 +45,7 @@ from pacs_bridge.publish.index_outage import IndexOutageLog
 from pacs_bridge.publish.outage import OutageEnded, OutageStarted, OutageTracker, is_outage
 from pacs_bridge.publish.references import DEFAULT_RELINK_INTERVAL, ReferenceResolver
 from pacs_bridge.publish.results import PublishOutcome, StudyResult, report_result
-from pacs_bridge.records import StudyAttributes
+from pacs_bridge.records import StudyAttributes, StudySnapshot
 from pacs_bridge.study_queue import ClaimedStudy, Published, PublishQueue, Refused, Released, RetryLater
 
 Clock = Callable[[], datetime]
@@ -193,8 +193,15 @@ class Publisher:
                     seen.update(study.study_uid for study in fresh)
                     if len(fresh) < len(claimed):  # released earlier in this pass and claimed again: not now
                         self._release([study.study_uid for study in claimed if study not in fresh])
+                    snapshots = self._load_snapshots(fresh)
+                    if snapshots is None:  # the index failed since the claim: give the batch back, claim no more
+                        self._release([study.study_uid for study in fresh])
+                        claiming = False
+                        break
                     if fresh:
-                        in_flight.append([pool.submit(self._attempt, study) for study in fresh])
+                        in_flight.append(
+                            [pool.submit(self._attempt, study, snapshots.get(study.study_uid)) for study in fresh]
+                        )
                     # A short batch means nothing more is due now.
                     claiming = len(claimed) == limit and len(fresh) == len(claimed)
                 if not in_flight:
@@ -212,6 +219,20 @@ class Publisher:
             return []
         self._index_outage.succeeded()
         return claimed
+
+    def _load_snapshots(self, claimed: Sequence[ClaimedStudy]) -> dict[str, StudySnapshot] | None:
+        """The batch's snapshots, read in one transaction (a study left out, e.g. a large one, is read by its
+        worker); None when the index cannot be read."""
+        if not claimed:
+            return {}
+        try:
+            return self._index.load_snapshots([study.study_uid for study in claimed])
+        except IndexUnavailableError as exc:
+            self._index_outage.failed("load_snapshots", exc)
+            return None
+        except Exception:  # one study's bad row must not stop the pass: each worker reads its own study instead
+            log.exception("batch_snapshots_failed", studies=len(claimed))
+            return {}
 
     def _release(self, study_uids: Sequence[str]) -> None:
         try:
@@ -247,12 +268,12 @@ class Publisher:
 
     # ---- one study ------------------------------------------------------------------------------------------
 
-    def _attempt(self, claimed: ClaimedStudy) -> StudyResult:
+    def _attempt(self, claimed: ClaimedStudy, snapshot: StudySnapshot | None) -> StudyResult:
         """On a worker: publish one claimed study, unless it must not start now."""
         if self._stopping.is_set() or self._pass_stops.is_set() or not self._lease_allows_start(claimed):
             return self._deferred(claimed)
         try:
-            result = self.publish(claimed)
+            result = self.publish(claimed, snapshot)
         except Exception:  # the pass goes on with the next study; this one is released and tried again
             log.exception("publish_crashed", study_uid=claimed.study_uid)
             return StudyResult(
@@ -266,13 +287,14 @@ class Publisher:
         claim it (a study waits in the queue behind its batch and the one before)."""
         return claimed.claimed_until is None or self._clock() < claimed.claimed_until - self._lease / 2
 
-    def publish(self, claimed: ClaimedStudy) -> StudyResult:
-        """Publish one claimed study: load its snapshot, resolve the subject's Patient and basedOn's
-        ServiceRequest, build and hash the ImagingStudy; the same hash as last published sends nothing; else
-        validate it and PUT it (the Endpoints first, once). Returns what the pass records for it
+    def publish(self, claimed: ClaimedStudy, snapshot: StudySnapshot | None = None) -> StudyResult:
+        """Publish one claimed study: its snapshot (read with its batch, else now), resolve the subject's Patient
+        and basedOn's ServiceRequest, build and hash the ImagingStudy; the same hash as last published sends
+        nothing; else validate it and PUT it (the Endpoints first, once). Returns what the pass records for it
         (``Index.record_publish_results``, then the references sent) and logs."""
         study_uid = claimed.study_uid
-        snapshot = self._index.load_snapshot(study_uid)
+        if snapshot is None:
+            snapshot = self._index.load_snapshot(study_uid)
         try:  # no request in identifier modes
             references = self._references.resolve(snapshot.attributes)
         except PublishError as exc:

@@ -21,6 +21,7 @@ from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
 from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
+from tests.integration.test_snapshot_batch import counted
 from tests.support.fhir_server import FhirTestServer
 from tests.support.studies import uid
 
@@ -200,6 +201,23 @@ def test_a_pass_publishes_every_due_study_with_one_claim_and_one_record_per_batc
     assert len(study_writes) <= 2 * batches + 1, (
         f"{len(study_writes)} writes of the studies table for {batches} batches"
     )
+
+
+def test_a_pass_reads_each_batch_s_snapshots_in_one_transaction_not_one_per_study(
+    index: Index, engine: Engine, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """40 due studies, batches of 8: the pass checks out a connection and opens a transaction a few times per
+    batch (claim, snapshots, results), not once per study; every study is published."""
+    publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock, batch_size=8, concurrency=3)
+    study_uids = due_studies(index, clock, 40)
+    with counted(engine) as counts:
+        outcomes = publisher.run_once()
+
+    assert outcomes == {study_uid: PublishOutcome.PUBLISHED for study_uid in study_uids}
+    batches = 40 // 8
+    # per batch: the claim, the snapshots, the results; once: the last (empty) claim, the Endpoint's hashes and mark
+    assert counts["transactions"] <= 3 * batches + 3, counts
+    assert counts["checkouts"] <= 3 * batches + 3, counts
 
 
 @pytest.mark.postgresql
