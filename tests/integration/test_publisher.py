@@ -7,20 +7,22 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session
+from structlog.testing import capture_logs
 
 from pacs_bridge.debounce import DebounceSettings, RetrySettings
 from pacs_bridge.fhir.client import FhirClient
 from pacs_bridge.fhir.endpoint import EndpointSettings
 from pacs_bridge.fhir.imaging_study import MappingSettings
 from pacs_bridge.index.engine import make_engine
-from pacs_bridge.index.models import Study
+from pacs_bridge.index.models import RejectedInstance, Study
 from pacs_bridge.index.repository import Index
 from pacs_bridge.index.schema import prepare_schema
 from pacs_bridge.publish.publisher import Publisher, PublishOutcome
-from pacs_bridge.records import InstanceRecord, SeriesAttributes, StudyAttributes
+from pacs_bridge.records import InstanceRecord, RejectionReason, SeriesAttributes, StudyAttributes
 from tests.conftest import MAX_DELAY, QUIET, FakeClock
+from tests.integration.test_index_rejection import note
 from tests.integration.test_snapshot_batch import counted
 from tests.support.fhir_server import FhirTestServer
 from tests.support.studies import uid
@@ -218,6 +220,26 @@ def test_a_pass_reads_each_batch_s_snapshots_in_one_transaction_not_one_per_stud
     # per batch: the claim, the snapshots, the results; once: the last (empty) claim, the Endpoint's hashes and mark
     assert counts["transactions"] <= 3 * batches + 3, counts
     assert counts["checkouts"] <= 3 * batches + 3, counts
+
+
+def test_a_row_the_batch_read_cannot_assemble_stops_only_its_own_study(
+    index: Index, engine: Engine, http: httpx.Client, fresh_fhir_server: FhirTestServer, clock: FakeClock
+):
+    """A withdrawn study whose rejection reason no longer parses fails the batch's read: the pass logs it once,
+    each worker reads its own study, the bad one ends in ERROR (released) and the others are published."""
+    index.record_instance(record(study="1"), received_at=clock())
+    index.record_instance(note("1.1.1", reason=RejectionReason.QUALITY, study="1"), received_at=clock())
+    with engine.begin() as connection:
+        connection.execute(update(RejectedInstance).values(reason_code="not-a-code"))
+    others = due_studies(index, clock, 3, first=2)
+    publisher = make_publisher(index, http, fresh_fhir_server.base_url, clock)
+
+    with capture_logs() as logs:
+        outcomes = publisher.run_once()
+
+    assert outcomes == {uid("1"): PublishOutcome.ERROR, **{study_uid: PublishOutcome.PUBLISHED for study_uid in others}}
+    events = [entry["event"] for entry in logs if entry["log_level"] == "error"]
+    assert events == ["batch_snapshots_failed", "publish_crashed"]
 
 
 @pytest.mark.postgresql
