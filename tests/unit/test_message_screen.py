@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
 import structlog.testing
 from pynetdicom.dimse_primitives import (
     C_CANCEL,
@@ -166,22 +168,35 @@ def unconnected_association(sent: list[Any], served: list[Any]) -> Any:
     return assoc
 
 
-def test_c_cancels_kept_aside_are_logged_once_at_the_next_message_and_forgotten() -> None:
+@pytest.fixture
+def screen_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """What the screen logs. Its module logger is swapped for a fresh one: a logger first used under an earlier
+    test's ``configure_logging`` (``cache_logger_on_first_use``) keeps that configuration's processors, which
+    ``capture_logs`` no longer sees once another configuration replaced them."""
+    monkeypatch.setattr(message_screen, "log", structlog.get_logger("pacs_bridge.dicom"))
+    with structlog.testing.capture_logs() as entries:
+        yield entries
+
+
+def test_c_cancels_kept_aside_are_logged_once_at_the_next_message_and_forgotten(
+    screen_logs: list[dict[str, Any]],
+) -> None:
     sent: list[Any] = []
     served: list[Any] = []
     assoc = unconnected_association(sent, served)
     assoc.dimse.cancel_req = {1: cancel(), 2: cancel()}
     request = store_request()
-    with structlog.testing.capture_logs() as logs:
-        assoc._serve_request(request, 1)
-        message_screen.MessageScreen().association_ended(assoc)
+    assoc._serve_request(request, 1)
+    message_screen.MessageScreen().association_ended(assoc)
     assert (sent, served, assoc.dimse.cancel_req) == ([], [request], {})
-    assert [(entry["event"], entry["message"], entry["count"]) for entry in logs] == [
+    assert [(entry["event"], entry["message"], entry["count"]) for entry in screen_logs] == [
         ("dimse_message_ignored", "C-CANCEL-RQ", 2)
     ]
 
 
-def test_a_fault_of_the_screen_aborts_the_association_and_never_raises_into_pynetdicom() -> None:
+def test_a_fault_of_the_screen_aborts_the_association_and_never_raises_into_pynetdicom(
+    screen_logs: list[dict[str, Any]],
+) -> None:
     """pynetdicom's association thread would stop on an exception: the screen logs it and aborts instead."""
     served: list[Any] = []
     assoc = unconnected_association([], served)
@@ -192,7 +207,6 @@ def test_a_fault_of_the_screen_aborts_the_association_and_never_raises_into_pyne
         raise OSError("the connection went away")
 
     assoc.dimse.send_msg = broken
-    with structlog.testing.capture_logs() as logs:
-        assoc._serve_request(action(), 1)
+    assoc._serve_request(action(), 1)
     assert (aborted, served) == ([True], [])
-    assert [entry["event"] for entry in logs] == ["dimse_message_refused", "message_screen_failed"]
+    assert [entry["event"] for entry in screen_logs] == ["dimse_message_refused", "message_screen_failed"]
