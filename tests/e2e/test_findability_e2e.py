@@ -17,8 +17,8 @@ import pytest
 from tests.support.bridge_process import BridgeProcess, free_port, wait_for
 from tests.support.dcmtk import storescu
 from tests.support.fhir_server import FhirTestServer
-from tests.support.orders import ACCESSION_SYSTEM, seed_service_request
-from tests.support.patients import SYSTEM, seed_patient
+from tests.support.orders import ACCESSION_SYSTEM, seed_service_request, service_request_resource
+from tests.support.patients import SYSTEM, patient_resource, seed_patient
 from tests.support.studies import SeriesSpec, new_study_uid, study_datasets, write_file
 
 pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
@@ -193,8 +193,11 @@ def test_a_patient_and_an_order_created_after_publishing_are_linked_by_the_relin
     assert (waiting["enabled"], waiting["patient_waiting"], waiting["order_waiting"]) == (True, 1, 1)
     assert metric(http_port, 'pacs_bridge_relink_waiting_studies{link="patient"}') == 1.0
 
-    patient_id = seed_patient(fresh_fhir_server, "PAT-R-1")
-    order_id = seed_service_request(fresh_fhir_server, "ACC-R-1")
+    # Both appear at once: a relink pass between two separate creates would find the Patient alone, and the
+    # ServiceRequest would then be linked by the republish's own lookup, or by a second republish.
+    patient_id, order_id = fresh_fhir_server.create_together(
+        patient_resource("PAT-R-1"), service_request_resource("ACC-R-1")
+    )
 
     def linked() -> dict[str, Any] | None:
         study = fresh_fhir_server.read("ImagingStudy", study_uid)

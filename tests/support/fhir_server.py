@@ -272,6 +272,21 @@ class FhirTestServer:
         counts: dict[str, int] = response.json()
         return counts
 
+    def create_together(self, *resources: dict[str, Any]) -> list[str]:
+        """POST ``resources`` in one transaction Bundle (all written, or none, in one request: no reader sees some
+        without the others); their ids, in order."""
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {"resource": resource, "request": {"method": "POST", "url": resource["resourceType"]}}
+                for resource in resources
+            ],
+        }
+        response = self.client.post(self.base_url, json=bundle)
+        response.raise_for_status()
+        return [entry["response"]["location"].split("/")[1] for entry in response.json()["entry"]]
+
     def reset(self) -> None:
         """Empty the store (resources, history, version numbers) and the request counts."""
         self.client.post(f"{self.root_url}/__test__/reset").raise_for_status()

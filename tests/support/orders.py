@@ -12,11 +12,11 @@ ACCESSION_SYSTEM = "http://hospital.example.org/accession"  # the accession syst
 ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
 
 
-def seed_service_request(
-    server: FhirTestServer, accession_number: str, *, system: str = ACCESSION_SYSTEM, **elements: Any
-) -> str:
-    """POST an active imaging order whose identifier is the accession number ``system|value``; returns its id."""
-    order = {
+def service_request_resource(
+    accession_number: str, *, system: str = ACCESSION_SYSTEM, **elements: Any
+) -> dict[str, Any]:
+    """An active imaging order whose identifier is the accession number ``system|value``, as a RIS would create it."""
+    return {
         "resourceType": "ServiceRequest",
         "status": "active",
         "intent": "order",
@@ -24,6 +24,13 @@ def seed_service_request(
         "identifier": [{"type": ACSN, "system": system, "value": accession_number}],
         **elements,
     }
+
+
+def seed_service_request(
+    server: FhirTestServer, accession_number: str, *, system: str = ACCESSION_SYSTEM, **elements: Any
+) -> str:
+    """POST an active imaging order whose identifier is the accession number ``system|value``; returns its id."""
+    order = service_request_resource(accession_number, system=system, **elements)
     with httpx.Client(timeout=10, trust_env=False) as http:
         response = http.post(f"{server.base_url}/ServiceRequest", json=order)
     response.raise_for_status()
