@@ -193,8 +193,8 @@ def test_a_patient_and_an_order_created_after_publishing_are_linked_by_the_relin
     assert (waiting["enabled"], waiting["patient_waiting"], waiting["order_waiting"]) == (True, 1, 1)
     assert metric(http_port, 'pacs_bridge_relink_waiting_studies{link="patient"}') == 1.0
 
-    # Both appear at once: a relink pass between two separate creates would find the Patient alone, and the
-    # ServiceRequest would then be linked by the republish's own lookup, or by a second republish.
+    # Both appear at once, so the one republish links both: a republish between two separate creates would link
+    # the first alone, and a second republish the other.
     patient_id, order_id = fresh_fhir_server.create_together(
         patient_resource("PAT-R-1"), service_request_resource("ACC-R-1")
     )
@@ -214,8 +214,14 @@ def test_a_patient_and_an_order_created_after_publishing_are_linked_by_the_relin
     ]
     settled = status(bridge)["relink"]
     assert (settled["patient_waiting"], settled["order_waiting"], settled["next_at"]) == (0, 0, None)
-    assert metric(http_port, 'pacs_bridge_relink_lookups_total{link="patient",outcome="linked"}') == 1.0
-    assert metric(http_port, 'pacs_bridge_relink_lookups_total{link="order",outcome="linked"}') == 1.0
+    # A relink pass found at least one of them and made the study due; the republish looks both up itself, so a
+    # pass whose Patient search ran just before the creation and its ServiceRequest search just after (or the
+    # reverse) counts one link, and the republish links the other.
+    linked_by_relink = [
+        metric(http_port, f'pacs_bridge_relink_lookups_total{{link="{link}",outcome="linked"}}')
+        for link in ("patient", "order")
+    ]
+    assert sum(linked_by_relink) >= 1.0 and max(linked_by_relink) == 1.0, linked_by_relink
     assert fresh_fhir_server.request_counts()["PUT ImagingStudy"] == 2
     log = bridge.log()
     assert '"event": "study_relinked"' in log
