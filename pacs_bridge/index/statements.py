@@ -112,29 +112,39 @@ class IngestStatements:
         )
 
 
+def _snapshot_study_columns() -> tuple[Any, ...]:
+    """A study's columns as both snapshot reads select them."""
+    return (
+        STUDIES.c.id,
+        STUDIES.c.study_uid,
+        STUDIES.c.change_seq,
+        STUDIES.c.published_hash,
+        *(STUDIES.c[name] for name in STUDY_FIELDS),
+    )
+
+
+def _snapshot_instance_columns() -> tuple[Any, ...]:
+    """An instance's columns as both snapshot reads select them (``snapshot._instances_by_series`` unpacks them)."""
+    return (
+        INSTANCES.c.series_id,
+        INSTANCES.c.sop_instance_uid,
+        INSTANCES.c.sop_class_uid,
+        INSTANCES.c.instance_number,
+        INSTANCES.c.image_laterality,
+        INSTANCES.c.title,
+    )
+
+
 class SnapshotStatements:
     """The queries of ``Index.load_snapshot``, built once."""
 
     def __init__(self) -> None:
-        self.study = select(
-            STUDIES.c.id,
-            STUDIES.c.study_uid,
-            STUDIES.c.change_seq,
-            STUDIES.c.published_hash,
-            *(STUDIES.c[name] for name in STUDY_FIELDS),
-        ).where(STUDIES.c.study_uid == bindparam("uid"))
+        self.study = select(*_snapshot_study_columns()).where(STUDIES.c.study_uid == bindparam("uid"))
         self.series = select(SERIES.c.id, SERIES.c.series_uid, *(SERIES.c[name] for name in SERIES_FIELDS)).where(
             SERIES.c.study_id == bindparam("study_id")
         )
         self.instances = (
-            select(
-                INSTANCES.c.series_id,
-                INSTANCES.c.sop_instance_uid,
-                INSTANCES.c.sop_class_uid,
-                INSTANCES.c.instance_number,
-                INSTANCES.c.image_laterality,
-                INSTANCES.c.title,
-            )
+            select(*_snapshot_instance_columns())
             .join(SERIES, SERIES.c.id == INSTANCES.c.series_id)
             .where(SERIES.c.study_id == bindparam("study_id"))
         )
@@ -144,13 +154,9 @@ class BatchSnapshotStatements:
     """The queries of ``SnapshotReader.load_snapshots`` (a batch's studies at once), built once."""
 
     def __init__(self) -> None:
-        self.studies = select(
-            STUDIES.c.id,
-            STUDIES.c.study_uid,
-            STUDIES.c.change_seq,
-            STUDIES.c.published_hash,
-            *(STUDIES.c[name] for name in STUDY_FIELDS),
-        ).where(STUDIES.c.study_uid.in_(bindparam("uids", expanding=True)))
+        self.studies = select(*_snapshot_study_columns()).where(
+            STUDIES.c.study_uid.in_(bindparam("uids", expanding=True))
+        )
         # Each series with its instance count, which decides whether its study fits in the batch's read.
         instances = (
             select(func.count())
@@ -162,14 +168,9 @@ class BatchSnapshotStatements:
         self.series = select(
             SERIES.c.id, SERIES.c.study_id, SERIES.c.series_uid, *(SERIES.c[name] for name in SERIES_FIELDS), instances
         ).where(SERIES.c.study_id.in_(bindparam("study_ids", expanding=True)))
-        self.instances = select(
-            INSTANCES.c.series_id,
-            INSTANCES.c.sop_instance_uid,
-            INSTANCES.c.sop_class_uid,
-            INSTANCES.c.instance_number,
-            INSTANCES.c.image_laterality,
-            INSTANCES.c.title,
-        ).where(INSTANCES.c.series_id.in_(bindparam("series_ids", expanding=True)))
+        self.instances = select(*_snapshot_instance_columns()).where(
+            INSTANCES.c.series_id.in_(bindparam("series_ids", expanding=True))
+        )
 
 
 class DriverIngest:
