@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -67,6 +68,39 @@ def no_dicom_settings_leak() -> Iterator[None]:
         setattr(owner, name, value)
     if changed:
         pytest.fail(f"the test left process-wide DICOM settings changed, (before, after): {changed}")
+
+
+class _TracebackAsText(logging.Filter):
+    """Turns a record's exception, and a message or arguments that are objects, into their text: the record lets go
+    of the exception, its traceback and their frames."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[2] is not None:
+            record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        if isinstance(record.msg, BaseException) or record.args:  # pynetdicom logs ``LOGGER.exception(exc)``
+            record.msg, record.args = record.getMessage(), None
+        return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def captured_pynetdicom_records_hold_no_frames() -> Iterator[None]:
+    """pytest keeps every log record of a test until it ends; one that pynetdicom logs with its exception (the
+    DUL's "Connection closed before the entire PDU was received" when an abort closes the socket under its
+    read) would keep the traceback's frames, and with them the association, its unserved C-STORE and the file
+    that C-STORE was received into, alive past every garbage collection. The bridge's own logging formats a
+    record and drops it; in tests, pynetdicom's records keep the traceback as text only, as printed."""
+    loggers = [
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if (name == "pynetdicom" or name.startswith("pynetdicom.")) and isinstance(logger, logging.Logger)
+    ]
+    as_text = _TracebackAsText()
+    for logger in loggers:
+        logger.addFilter(as_text)
+    yield
+    for logger in loggers:
+        logger.removeFilter(as_text)
 
 
 @pytest.fixture
