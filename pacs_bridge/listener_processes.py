@@ -25,10 +25,10 @@ the main process:
   A listener process that exits on its own is a failure: the main process stops the bridge and exits non-zero
   so that systemd restarts it whole (``Restart=on-failure``), rather than run on with part of its capacity.
 
-``max_associations`` and ``max_pending_connections`` are shared out: each listener process admits
-ceil(max / N), and the main process always hands a connection to the least busy one (a listener process
-reports each connection that ends, pending or associated), so the bridge as a whole admits at least
-``max_associations`` before pynetdicom rejects one.
+``max_associations`` and ``max_pending_connections`` are shared out: the listener processes' parts differ by at
+most one and add up to the limit, and the main process hands each connection to the one with the most room left
+in its part (a listener process reports each connection that ends, pending or associated), so the bridge as a
+whole admits ``max_associations`` associations and rejects the next.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import selectors
 import signal
@@ -69,18 +68,21 @@ _READY_TIMEOUT_SECONDS = 60.0
 _ACCEPT_POLL_SECONDS = 0.2
 
 
-def per_process_associations(max_associations: int, processes: int) -> int:
-    """The association limit of each of ``processes`` listener processes sharing ``max_associations``."""
-    return max(1, math.ceil(max_associations / processes))
+def process_share(total: int, processes: int, slot: int) -> int:
+    """Listener process ``slot``'s part of a limit of ``total`` shared out among ``processes``: the parts differ by
+    at most one and add up to ``total`` (each is at least 1: ``dicom.listener_processes`` never exceeds
+    ``max_associations``, so only a ``max_pending_connections`` below the number of processes rounds up)."""
+    return max(1, total // processes + (1 if slot < total % processes else 0))
 
 
 class _Worker:
     """The main process's view of one listener process."""
 
-    def __init__(self, slot: int, process: subprocess.Popen[bytes], channel: socket.socket) -> None:
+    def __init__(self, slot: int, process: subprocess.Popen[bytes], channel: socket.socket, capacity: int) -> None:
         self.slot = slot
         self.process = process
         self.channel = channel
+        self.capacity = capacity  # its share of max_associations
         self.serving = 0  # connections handed over and not yet ended
         self.ready = threading.Event()
         self.reader: threading.Thread | None = None
@@ -178,7 +180,7 @@ class ListenerPool:
         assert process.stdin is not None
         with process.stdin:
             process.stdin.write(self._worker_config.encode("utf-8"))
-        worker = _Worker(slot, process, ours)
+        worker = _Worker(slot, process, ours, process_share(self._settings.max_associations, self._processes, slot))
         worker.reader = threading.Thread(
             target=self._read_worker, args=(worker,), name=f"pacs-bridge-listener-{slot}", daemon=True
         )
@@ -243,9 +245,10 @@ class ListenerPool:
     def _hand_over(self, connection: socket.socket, address: Any) -> None:
         with connection:
             with self._lock:
-                # The least busy listener process; ties go round the pool.
+                # The listener process with the most room left in its share of max_associations; ties go round
+                # the pool. When every share is taken, the one it goes to rejects it (Local Limit Exceeded).
                 order = self._workers[self._next :] + self._workers[: self._next]
-                worker = min(order, key=lambda w: w.serving)
+                worker = min(order, key=lambda w: w.serving - w.capacity)
                 self._next = (self._next + 1) % len(self._workers)
                 worker.serving += 1
             try:
@@ -350,11 +353,11 @@ def run_worker(slot: int, channel: socket.socket, config_json: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     settings = listener_settings(config)
-    processes = config.dicom.listener_processes
+    processes = config.dicom.listener_process_count
     settings = dataclasses.replace(
         settings,
-        max_associations=per_process_associations(settings.max_associations, processes),
-        max_pending_connections=per_process_associations(settings.max_pending_connections, processes),
+        max_associations=process_share(settings.max_associations, processes, slot),
+        max_pending_connections=process_share(settings.max_pending_connections, processes, slot),
     )
     engine = make_engine(config.database.url)  # the main process has prepared the schema
     observer = ChannelObserver(channel)
