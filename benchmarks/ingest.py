@@ -28,6 +28,7 @@ Run from the repository root::
     python benchmarks/ingest.py --pixel-bytes 525312         # 526 kB instances (760 per run by default)
     python benchmarks/ingest.py --nagle                      # sender leaves Nagle on (200 instances)
     python benchmarks/ingest.py --associations 4 --listener-processes 1,2    # bridge with 1, then 2 processes
+                                                             # (by default: the default configuration, auto)
     python benchmarks/ingest.py --peers orthanc,sqlite --variants default,stock,without-wakeups   # fast path pieces
     python benchmarks/ingest.py --pixel-bytes 525312 --variants pdu-16384,pdu-262144,pdu-1048576  # max PDU sizes
     python benchmarks/ingest.py --commit HEAD                # the bridge as committed, not the working tree
@@ -481,11 +482,16 @@ def serve_bridge_without(pieces: Sequence[str], config_path: str) -> int:
 
 
 def bridge_config(
-    *, port: int, database_url: str, listener_processes: int = 1, dicom_settings: dict[str, Any] | None = None
+    *,
+    port: int,
+    database_url: str,
+    listener_processes: int | None = None,
+    dicom_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A bridge on 127.0.0.1:``port`` whose publisher never runs during a benchmark run."""
+    """A bridge on 127.0.0.1:``port`` whose publisher never runs during a benchmark run; ``listener_processes``
+    None leaves ``dicom.listener_processes`` at its default (auto)."""
     dicom: dict[str, Any] = {"ae_title": CALLED_AE, "bind": "127.0.0.1", "port": port, **(dicom_settings or {})}
-    if listener_processes > 1:
+    if listener_processes is not None:
         dicom["listener_processes"] = listener_processes
     return {
         "dicom": dicom,
@@ -504,7 +510,7 @@ def run_bridge(
     label: str,
     database: Callable[[int], contextlib.AbstractContextManager[str]],
     count_instances: Callable[[str], int],
-    listener_processes: int = 1,
+    listener_processes: int | None = None,
     variant: str = "default",
 ) -> float:
     import yaml
@@ -765,11 +771,12 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def _process_counts(text: str) -> tuple[int, ...]:
-    counts = tuple(_at_least_one(part.strip()) for part in text.split(",") if part.strip())
-    if not counts:
-        raise argparse.ArgumentTypeError(f"expected N or N,N,..., got {text!r}")
-    return counts
+def _process_counts(text: str) -> tuple[int | None, ...]:
+    """``default`` (the configuration's default, auto) or N, comma-separated; ``default`` is None."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected default, N or several of them comma-separated, got {text!r}")
+    return tuple(None if part == "default" else _at_least_one(part) for part in parts)
 
 
 def _peers(text: str) -> tuple[str, ...]:
@@ -816,10 +823,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listener-processes",
         type=_process_counts,
-        default=(1,),
+        default=(None,),
         metavar="N[,N...]",
-        help="the bridge's dicom.listener_processes; several values measure the bridge once for each, e.g. 1,2 "
-        "(default 1)",
+        help="the bridge's dicom.listener_processes; several values measure the bridge once for each, e.g. "
+        "default,1,2; default: the configuration's default (auto: one per usable core, at most 2)",
     )
     parser.add_argument(
         "--nagle",
@@ -878,8 +885,9 @@ def make_targets(args: argparse.Namespace, workload: Workload) -> list[Target]:
             for processes in args.listener_processes:
                 for variant in args.variants:
                     variant_settings(variant)  # an unknown one fails now, not after minutes of other runs
-                    # "sqlite" is one listener process; "sqlite x2" two, and so on; then the variant, if any.
-                    suffix = f" x{processes}" if processes > 1 else ""
+                    # "sqlite" is the default configuration; "sqlite x1" one listener process, "sqlite x2" two,
+                    # and so on; then the variant, if any.
+                    suffix = f" x{processes}" if processes is not None else ""
                     suffix += f" {variant}" if variant != "default" else ""
                     run = functools.partial(
                         run_bridge,

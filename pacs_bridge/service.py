@@ -145,10 +145,10 @@ class BridgeService:
         self._server_checked = False
         self._failure: str | None = None
         self.listener: DicomListener | ListenerPool
-        if config.dicom.listener_processes > 1:
+        if config.dicom.listener_process_count > 1:
             self.listener = ListenerPool(
                 listener_settings(config),
-                processes=config.dicom.listener_processes,
+                processes=config.dicom.listener_process_count,
                 worker_config=config.model_dump_json(),
                 observer=self.metrics,
                 on_failure=self._fail,

@@ -277,6 +277,7 @@ class DicomListener:
                 bind=settings.bind,
                 port=self.port,
                 tls=settings.tls is not None,
+                listener_processes=1,  # this process serves the associations (else ListenerPool logs this line)
                 **fields,
             )
         else:

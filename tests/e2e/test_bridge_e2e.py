@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.support import bridge_process
-from tests.support.bridge_process import free_port, wait_for
+from tests.support.bridge_process import free_port, log_events, wait_for
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.fhir_server import FhirTestServer
 from tests.support.studies import SeriesSpec, make_dataset, new_study_uid, write_file, write_study
@@ -156,6 +156,20 @@ def test_a_study_sent_by_storescu_lands_as_one_imaging_study_and_is_not_rewritte
     log = bridge.log()
     assert '"event": "bridge_stopped"' in log
     assert "Doe^Jane" not in log and "PAT-0001" not in log, "patient data leaked into the logs"
+
+
+def test_the_default_configuration_serves_associations_in_a_listener_process_per_core_up_to_two(
+    bridge: RunningBridge,
+):
+    """dicom.listener_processes is left at its default, auto: the start line names one process per usable core,
+    at most two, and the pids of those that run beside the main process."""
+    (started,) = log_events(bridge.log(), "listener_started")
+    expected = min(len(os.sched_getaffinity(0)), 2)
+
+    assert started["listener_processes"] == expected
+    if expected > 1:
+        assert len(started["listener_pids"]) == expected
+        assert all(os.path.exists(f"/proc/{pid}") for pid in started["listener_pids"])
 
 
 def test_dataset_without_study_uid_is_refused_and_the_listener_still_answers_echo(

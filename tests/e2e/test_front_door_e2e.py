@@ -16,7 +16,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.support.bridge_process import BridgeProcess, log_events, wait_for
+from tests.support.bridge_process import BridgeProcess, listener_totals, log_events, wait_for
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.fhir_server import FhirTestServer
 from tests.support.resources import Resources, cpu_seconds
@@ -28,16 +28,31 @@ DRAIN_SECONDS = 60.0  # far longer than any stop below may take
 HALF_OPEN = 20
 
 
-@pytest.fixture
-def bridge(tmp_path: Path, fhir_server: FhirTestServer) -> Iterator[BridgeProcess]:
-    running = BridgeProcess(
+def start_bridge(tmp_path: Path, fhir_server: FhirTestServer, **dicom: Any) -> BridgeProcess:
+    return BridgeProcess(
         tmp_path,
         database_url=f"sqlite:///{tmp_path / 'bridge.db'}",
         fhir_base_url=fhir_server.base_url,
-        extra={"dicom": {"shutdown_drain_seconds": DRAIN_SECONDS, "max_associations": 64}},
-    )
+        extra={"dicom": {"shutdown_drain_seconds": DRAIN_SECONDS, "max_associations": 64, **dicom}},
+    ).start()
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, fhir_server: FhirTestServer) -> Iterator[BridgeProcess]:
+    running = start_bridge(tmp_path, fhir_server)
     try:
-        yield running.start()
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture
+def one_process_bridge(tmp_path: Path, fhir_server: FhirTestServer) -> Iterator[BridgeProcess]:
+    """A bridge whose one process accepts and holds the associations (with listener processes, the main process
+    accepts and hands each connection on at once: the associations hold descriptors elsewhere)."""
+    running = start_bridge(tmp_path, fhir_server, listener_processes=1)
+    try:
+        yield running
     finally:
         running.close()
 
@@ -69,7 +84,7 @@ def test_sigterm_with_half_open_and_idle_connections_stops_at_once(bridge: Bridg
     finally:
         for connection in held:
             connection.close()
-    (stopped,) = log_events(bridge.log(), "listener_stopped")
+    stopped = listener_totals(bridge.log(), "listener_stopped")
     held_what = f"{HALF_OPEN} half-open connections, 1 idle association"
     print(f"SIGTERM with {held_what}: exit {exit_code} after {stopped_after:.2f} s")
     assert exit_code == 0, bridge.log()
@@ -78,12 +93,13 @@ def test_sigterm_with_half_open_and_idle_connections_stops_at_once(bridge: Bridg
 
 
 def test_out_of_file_descriptors_the_accept_loop_pauses_logs_once_and_recovers(
-    bridge: BridgeProcess, tmp_path: Path
+    one_process_bridge: BridgeProcess, tmp_path: Path
 ) -> None:
     """Idle associations use up the descriptors the bridge may open (its limit lowered to a few more than it
     holds); then senders knock: accepting fails with EMFILE and, rather than spin on a listening socket that
     stays readable, the loop pauses, logged once. The bridge uses no more CPU than with the associations alone;
     once they end, a study is stored."""
+    bridge = one_process_bridge
     assert bridge.process is not None
     pid = bridge.process.pid
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
@@ -146,11 +162,10 @@ def test_a_large_instance_costs_the_bridge_a_bounded_amount_of_memory(bridge: Br
     ds.PixelData = bytes(side * side * 2)
     path = write_file(ds, tmp_path / "large.dcm")
     del ds
-    assert bridge.process is not None
-    before = peak_rss_bytes(bridge.process.pid)
+    before = sum(map(peak_rss_bytes, bridge.pids()))
     result = storescu(bridge.port, [path])
     assert result.returncode == 0, result.stdout + result.stderr
-    grown = peak_rss_bytes(bridge.process.pid) - before
+    grown = sum(map(peak_rss_bytes, bridge.pids())) - before
     print(f"{path.stat().st_size / 2**20:.0f} MiB instance: the bridge's peak RSS grew {grown / 2**20:.1f} MiB")
     assert grown < 48 * 2**20
     assert bridge.instance_count() == 1

@@ -78,21 +78,20 @@ def bridge(
 
 
 def resources(bridge: BridgeProcess) -> Resources:
-    assert bridge.process is not None
-    pid = bridge.process.pid
-    status = Path(f"/proc/{pid}/status").read_text()
-    threads = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
-    targets = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
-            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    """What the bridge's processes hold, summed (the main process and its listener processes, if any)."""
     assert bridge.fhir_port is not None
-    fhir_client = fhir_client_sockets(pid, bridge.fhir_port)
-    return Resources(
-        threads=threads,
-        sockets=sum(target.startswith("socket:") and target not in fhir_client for target in targets),
-        deleted_files=sum(target.endswith("(deleted)") for target in targets),
-    )
+    threads = sockets = deleted_files = 0
+    for pid in bridge.pids():
+        status = Path(f"/proc/{pid}/status").read_text()
+        threads += int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+        targets = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        fhir_client = fhir_client_sockets(pid, bridge.fhir_port)
+        sockets += sum(target.startswith("socket:") and target not in fhir_client for target in targets)
+        deleted_files += sum(target.endswith("(deleted)") for target in targets)
+    return Resources(threads=threads, sockets=sockets, deleted_files=deleted_files)
 
 
 def fhir_client_sockets(pid: int, fhir_port: int) -> set[str]:
@@ -107,17 +106,20 @@ def fhir_client_sockets(pid: int, fhir_port: int) -> set[str]:
 
 
 def reset_peak_memory(bridge: BridgeProcess) -> int:
-    """Reset the bridge's peak resident size (VmHWM) to its current one; that size in bytes."""
-    assert bridge.process is not None
-    Path(f"/proc/{bridge.process.pid}/clear_refs").write_text("5")
+    """Reset the peak resident size (VmHWM) of each of the bridge's processes to its current one; their sum in
+    bytes."""
+    for pid in bridge.pids():
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
     return peak_memory(bridge)
 
 
 def peak_memory(bridge: BridgeProcess) -> int:
-    assert bridge.process is not None
-    status = Path(f"/proc/{bridge.process.pid}/status").read_text()
-    kilobytes = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
-    return kilobytes * 1024
+    """The sum of the bridge's processes' peak resident sizes, in bytes: each one's growth counts in full."""
+    total = 0
+    for pid in bridge.pids():
+        status = Path(f"/proc/{pid}/status").read_text()
+        total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    return total
 
 
 def assert_storescu_gets_in(bridge: BridgeProcess, directory: Path) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.bridge_process import BridgeProcess, log_events, wait_for
+from tests.support.bridge_process import BridgeProcess, listener_events, wait_for
 from tests.support.dcmtk import dcmtk_env, require_dcmtk, storescu
 from tests.support.fhir_server import FhirTestServer
 from tests.support.relay import PacedRelay
@@ -211,14 +211,14 @@ def test_sigterm_when_the_send_outlasts_the_drain_aborts_it_and_loses_no_acknowl
                 output = finish(send, tmp_path / "storescu.log")
         acked = acknowledged(output)
         indexed = bridge.instance_uids(study_uid)
-        stopped = log_events(bridge.log(), "listener_stopped")
+        stopped = listener_events(bridge.log(), "listener_stopped")
         print(
             f"SIGTERM past a {DRAIN_SECONDS:g} s drain: exit {exit_code} after {stopped_after:.2f} s, "
             f"{len(acked)} acknowledged, {len(indexed)} indexed; storescu exit {send.returncode}"
         )
         assert exit_code == 0, bridge.log()
         assert len(acked) < INSTANCES, "the send finished within the drain: the test proves nothing"
-        assert [event.get("aborted_associations") for event in stopped] == [1], bridge.log()
+        assert sum(event["aborted_associations"] for event in stopped) == 1, bridge.log()
         # storescu reads the A-ABORT ("Peer Aborted Association") or, caught writing, a broken pipe: either way
         # it reports the send failed.
         assert send.returncode != 0, f"storescu did not report the abort:\n{output[-2000:]}"

@@ -12,7 +12,9 @@ Waiting is done by polling a condition with a timeout (``wait_for``), never by s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -51,6 +53,34 @@ def log_events(log: str, *events: str) -> list[dict[str, Any]]:
     return [entry for line in log.splitlines() if (entry := _json(line)) and entry.get("event") in events]
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def listener_events(log: str, event: str) -> list[dict[str, Any]]:
+    """The ``event`` lines of the processes that serve associations: the bridge's own with one listener
+    process, else each listener process's (which name their ``listener_slot``; the main process's line of the
+    same name, about the pool, is left out)."""
+    found = log_events(log, event)
+    by_listeners = [entry for entry in found if "listener_slot" in entry]
+    return by_listeners or found
+
+
+def listener_totals(log: str, event: str) -> dict[str, int]:
+    """The numbers of the ``listener_events`` lines ``event`` (say ``listener_stopped``), summed field by field."""
+    totals: dict[str, int] = {}
+    for entry in listener_events(log, event):
+        for key, value in entry.items():
+            if isinstance(value, int) and not isinstance(value, bool) and key not in ("listener_slot", "pid"):
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
 def _json(line: str) -> dict[str, Any] | None:
     try:
         value = json.loads(line)
@@ -59,9 +89,11 @@ def _json(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-# dicom.fast_path of the bridges tests start; tests/e2e/conftest.py runs every end-to-end test with "auto" and
-# with "off".
+# dicom.fast_path and dicom.listener_processes of the bridges tests start: tests/e2e/conftest.py runs every
+# end-to-end test twice, on the default configuration (the fast path, and as many listener processes as auto
+# gives: two on a 2-core box) and on the plain one (stock pynetdicom in one process).
 FAST_PATH = "auto"
+LISTENER_PROCESSES: int | str = "auto"
 
 
 def free_port() -> int:
@@ -91,7 +123,13 @@ class BridgeProcess:
         self.database_url = database_url
         self.fhir_port = urllib.parse.urlsplit(fhir_base_url).port  # where its FHIR client connects
         config: dict[str, Any] = {
-            "dicom": {"ae_title": "PACS_BRIDGE", "bind": "127.0.0.1", "port": self.port, "fast_path": FAST_PATH},
+            "dicom": {
+                "ae_title": "PACS_BRIDGE",
+                "bind": "127.0.0.1",
+                "port": self.port,
+                "fast_path": FAST_PATH,
+                "listener_processes": LISTENER_PROCESSES,
+            },
             "database": {"url": database_url},
             "fhir": {"base_url": fhir_base_url, "timeout_seconds": fhir_timeout_seconds},
             "debounce": {"quiet_seconds": quiet_seconds, "max_delay_seconds": max_delay_seconds, "tick_seconds": 0.2},
@@ -146,11 +184,24 @@ class BridgeProcess:
         process.send_signal(signal.SIGTERM)
         return process.wait(timeout=timeout)
 
-    def kill(self) -> None:
-        """SIGKILL: nothing after this point runs in the bridge."""
+    def pids(self) -> list[int]:
+        """The bridge's processes: its own, then the listener processes its start line names (with
+        ``dicom.listener_processes`` above 1)."""
         process = self._running()
-        process.kill()
+        started = log_events(self.log(), "listener_started")
+        return [process.pid, *(started[-1].get("listener_pids") or [] if started else [])]
+
+    def kill(self) -> None:
+        """SIGKILL to each of the bridge's processes: nothing after this point runs in the bridge. (Under
+        systemd, with KillMode=mixed, whatever is left of the unit when its main process dies is killed too.)"""
+        process = self._running()
+        pids = self.pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait(timeout=30)
+        for pid in pids[1:]:  # reaped by init once their parent is gone
+            wait_for(lambda pid=pid: not _alive(pid), timeout=30, what=f"listener process {pid} to be gone")
 
     def close(self) -> None:
         """For a finally: stop the bridge if it still runs, and drop the test's own database connections."""

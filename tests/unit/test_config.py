@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pacs_bridge.config import (
     load_config,
     parse_config,
 )
+from pacs_bridge.config import listener as listener_config
 from pacs_bridge.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -237,6 +239,11 @@ def test_every_problem_is_listed_at_once_with_its_key_path() -> None:
         ("database", {"url": "postgresql+nodriver://db/pacs"}, "database.url", "Can't load plugin"),
         # a FHIR version we do not produce
         ("fhir", {"base_url": "https://f.example.org", "version": "R6"}, "fhir.version", "'R4' or 'R5'"),
+        # listener processes: none, too many, a word that is not auto, a number written as text
+        ("dicom", {"listener_processes": 0}, "dicom.listener_processes", "expected auto or a whole number"),
+        ("dicom", {"listener_processes": 65}, "dicom.listener_processes", "from 1 to 64, got 65"),
+        ("dicom", {"listener_processes": "cores"}, "dicom.listener_processes", "got 'cores'"),
+        ("dicom", {"listener_processes": "2"}, "dicom.listener_processes", "got '2'"),
     ],
 )
 def test_each_bad_value_is_reported_at_its_key_path(section: str, values: Any, key_path: str, fragment: str) -> None:
@@ -412,3 +419,39 @@ def test_a_bad_url_is_quoted_without_its_password(section: str, values: Any, key
     (problem,) = caught.value.problems
     assert problem.startswith(f"at '{key_path}': ") and "://***@" in problem
     assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("cores", "processes"), [(1, 1), (2, 2), (16, 2)])
+def test_listener_processes_auto_is_one_per_usable_core_up_to_two(
+    cores: int, processes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default, auto: one listener process on a 1-core box (or a service pinned to one core), two on more."""
+    monkeypatch.setattr(listener_config, "usable_cpu_cores", lambda: cores)
+    config = parse_config(MINIMAL, path="bridge.yaml")
+
+    assert config.dicom.listener_processes == "auto"
+    assert config.dicom.listener_process_count == processes
+
+
+def test_listener_processes_set_to_a_number_is_that_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener_config, "usable_cpu_cores", lambda: 16)
+    config = parse_config(with_section("dicom", {"listener_processes": 3}), path="bridge.yaml")
+
+    assert config.dicom.listener_process_count == 3
+
+
+def test_usable_cores_follow_the_affinity_mask() -> None:
+    """A service confined to some cores (systemd's CPUAffinity=, a container's cpuset) counts only those."""
+    assert listener_config.usable_cpu_cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("listener_processes", "max_associations", "processes"), [("auto", 1, 1), (4, 3, 3)])
+def test_there_are_never_more_listener_processes_than_associations(
+    listener_processes: int | str, max_associations: int, processes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each listener process serves a share of max_associations: one with no share would serve nothing."""
+    monkeypatch.setattr(listener_config, "usable_cpu_cores", lambda: 16)
+    dicom = {"listener_processes": listener_processes, "max_associations": max_associations}
+    config = parse_config(with_section("dicom", dicom), path="bridge.yaml")
+
+    assert config.dicom.listener_process_count == processes
