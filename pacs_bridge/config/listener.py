@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -44,6 +45,11 @@ class AllowedCallingAeConfig(_Section):
         return value
 
 
+def _no_key_password() -> bytes:
+    """The passphrase OpenSSL asks for an encrypted key: none (it would otherwise ask on the terminal)."""
+    return b""
+
+
 class DicomTlsConfig(_Section):
     """DICOM TLS (PS3.15 B.1): on when a certificate and key are given."""
 
@@ -62,6 +68,25 @@ class DicomTlsConfig(_Section):
             raise ValueError("certificate and private_key go together: set both to turn DICOM TLS on, or neither")
         if self.client_ca and not self.certificate:
             raise ValueError("client_ca needs DICOM TLS on: set certificate and private_key too")
+        # The files exist (field validators); are they what they should be? Checked here, the check-config and
+        # the start name the keys, rather than the start failing on OpenSSL's words alone.
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        if self.certificate:
+            try:
+                context.load_cert_chain(self.certificate, self.private_key, password=_no_key_password)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"certificate '{self.certificate}' and private_key '{self.private_key}' cannot be loaded as a "
+                    f"PEM certificate (chain) and its unencrypted private key ({exc}); check that the key matches "
+                    "the certificate and is not protected by a passphrase"
+                ) from None
+        if self.client_ca:
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"client_ca '{self.client_ca}' cannot be loaded as PEM CA certificates ({exc})"
+                ) from None
         return self
 
     @property

@@ -3,12 +3,15 @@ against its own directory, whatever directory the command runs in."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from pacs_bridge.config import load_config, sqlite_url_against
 from pacs_bridge.errors import ConfigError
+from tests.support.certificates import make_pki
 
 MINIMAL_YAML = "fhir:\n  base_url: http://127.0.0.1:8080/fhir\n"
 
@@ -164,8 +167,11 @@ def test_relative_tls_and_secret_files_are_relative_to_the_config_files_director
     """Certificate, key and secret files named relatively are found beside the configuration, and passed on as
     absolute paths (the readability check of the DICOM TLS files passes from another working directory)."""
     directory = tmp_path / "etc"
+    pki = make_pki(tmp_path / "pki")
     directory.mkdir()
-    for name in ("dicom.crt", "dicom.key", "fhir-ca.pem", "fhir-password"):
+    shutil.copy(pki.server_cert_pem, directory / "dicom.crt")
+    shutil.copy(pki.server_key_pem, directory / "dicom.key")
+    for name in ("fhir-ca.pem", "fhir-password"):
         (directory / name).write_text("x", encoding="utf-8")
     config_file = directory / "pacs-bridge.yaml"
     config_file.write_text(
@@ -194,6 +200,59 @@ def test_a_missing_relative_tls_file_is_reported_with_the_path_looked_for(tmp_pa
         load_config(config_file)
 
     assert f"at 'dicom.tls.certificate': no readable file at '{tmp_path / 'dicom.crt'}'" in caught.value.problems
+
+
+def encrypted_copy(key_pem: Path, path: Path) -> Path:
+    key = serialization.load_pem_private_key(key_pem.read_bytes(), password=None)
+    encryption = serialization.BestAvailableEncryption(b"passphrase")
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    return path
+
+
+@pytest.mark.parametrize("problem", ["not PEM", "another certificate's key", "key with a passphrase", "CA not PEM"])
+def test_dicom_tls_files_that_cannot_be_loaded_are_named_by_check_config(tmp_path: Path, problem: str) -> None:
+    """Files that exist but are not a certificate with its unencrypted key (or CA certificates) are a problem of
+    the configuration, naming the keys and files, not a start that fails on OpenSSL's words alone (nor one that
+    asks for a passphrase on a terminal no one watches)."""
+    pki = make_pki(tmp_path / "pki")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n", encoding="utf-8")
+    certificate, key, ca = pki.server_cert_pem, pki.server_key_pem, pki.ca_pem
+    if problem == "not PEM":
+        certificate = junk
+    elif problem == "another certificate's key":
+        key = pki.client_key_pem
+    elif problem == "key with a passphrase":
+        key = encrypted_copy(pki.server_key_pem, tmp_path / "encrypted.key")
+    else:
+        ca = junk
+    config_file = tmp_path / "pacs-bridge.yaml"
+    config_file.write_text(
+        MINIMAL_YAML + f"dicom:\n  tls: {{certificate: '{certificate}', private_key: '{key}', client_ca: '{ca}'}}\n",
+        encoding="utf-8",
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file)
+
+    (message,) = caught.value.problems
+    assert message.startswith("at 'dicom.tls': ")
+    if problem == "CA not PEM":
+        assert f"client_ca '{junk}' cannot be loaded as PEM CA certificates" in message
+    else:
+        assert f"certificate '{certificate}' and private_key '{key}' cannot be loaded" in message
+
+
+def test_dicom_tls_files_that_load_are_accepted(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    config_file = tmp_path / "pacs-bridge.yaml"
+    config_file.write_text(
+        MINIMAL_YAML + f"dicom:\n  tls: {{certificate: '{pki.server_cert_pem}', private_key: '{pki.server_key_pem}', "
+        f"client_ca: '{pki.ca_pem}'}}\n",
+        encoding="utf-8",
+    )
+
+    assert load_config(config_file).dicom.tls.enabled
 
 
 def test_empty_file_keys_stay_empty(tmp_path: Path) -> None:
