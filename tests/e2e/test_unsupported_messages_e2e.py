@@ -122,9 +122,14 @@ def cancel() -> C_CANCEL:
 
 class Probe:
     """One association on the CT Image Storage context; the command sets it receives, seen as they arrive
-    (EVT_DIMSE_RECV: the requestor's own reactor takes messages off its queue)."""
+    (EVT_DIMSE_RECV: the requestor's own reactor takes messages off its queue). Its log lines are those naming
+    its peer address after it connected: the bridge serves the whole module, and a later probe may get the
+    same local port as an earlier one."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, bridge: BridgeProcess) -> None:
+        self.bridge = bridge
+        self.log_start = len(bridge.log())  # the log only grows
+        port = bridge.port
         self.received: list[Dataset] = []
         ae = AE(ae_title="PROBE")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
@@ -164,13 +169,14 @@ class Probe:
     def release(self) -> None:
         self.assoc.release()
 
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        """This association's ``event`` lines."""
+        since = self.bridge.log()[self.log_start :]
+        return [entry for entry in log_events(since, event) if entry.get("peer") == self.peer]
 
-def assert_logged_once(bridge: BridgeProcess, event: str, peer: str, message: str) -> dict[str, Any]:
-    entries = wait_for(
-        lambda: [entry for entry in log_events(bridge.log(), event) if entry.get("peer") == peer],
-        timeout=WAIT_SECONDS,
-        what=f"{event} for {peer}",
-    )
+
+def assert_logged_once(bridge: BridgeProcess, event: str, probe: Probe, message: str) -> dict[str, Any]:
+    entries = wait_for(lambda: probe.logged(event), timeout=WAIT_SECONDS, what=f"{event} for {probe.peer}")
     (entry,) = entries
     assert (entry["level"], entry["message"], entry["calling_ae"]) == ("warning", message, "PROBE")
     assert "Traceback" not in bridge.log()
@@ -204,7 +210,7 @@ def test_a_request_the_bridge_does_not_serve_gets_its_response_with_0x0211_and_t
     0x0211 naming the request's SOP class, one warning line, no traceback; then a C-STORE on the same association
     is stored, and nothing else is."""
     before = bridge.instance_count()
-    probe = Probe(bridge.port)
+    probe = Probe(bridge)
     try:
         probe.send(request(kind, sop_class))
         answer = probe.answer()
@@ -218,7 +224,7 @@ def test_a_request_the_bridge_does_not_serve_gets_its_response_with_0x0211_and_t
         MESSAGE_ID,
     )
     assert answer.AffectedSOPClassUID == sop_class
-    entry = assert_logged_once(bridge, "dimse_message_refused", probe.peer, f"{kind}-RQ")
+    entry = assert_logged_once(bridge, "dimse_message_refused", probe, f"{kind}-RQ")
     assert (entry["status"], entry["sop_class_uid"], entry["context_sop_class_uid"]) == ("0x0211", sop_class, CT)
     assert bridge.instance_uids(study_uid) == {f"{study_uid}.1.1"}
     assert bridge.instance_count() == before + 1
@@ -232,7 +238,7 @@ def test_a_response_or_a_cancel_gets_no_answer_and_the_association_goes_on(
     response; C-CANCEL has no response), one warning line, no traceback; the next C-STORE is answered (the only
     answer the requestor receives) and stored."""
     before = bridge.instance_count()
-    probe = Probe(bridge.port)
+    probe = Probe(bridge)
     try:
         probe.send(message())
         study_uid = probe.store()
@@ -240,21 +246,21 @@ def test_a_response_or_a_cancel_gets_no_answer_and_the_association_goes_on(
         probe.release()
 
     assert [answer.CommandField for answer in probe.received] == [0x8001]  # the C-STORE's response only
-    assert_logged_once(bridge, "dimse_message_ignored", probe.peer, name)
+    assert_logged_once(bridge, "dimse_message_ignored", probe, name)
     assert bridge.instance_uids(study_uid) == {f"{study_uid}.1.1"}
     assert bridge.instance_count() == before + 1
 
 
 def test_c_echo_naming_verification_on_the_storage_context_is_still_answered_success(bridge: BridgeProcess) -> None:
     """The one request besides C-STORE the bridge serves: Success, nothing logged as refused."""
-    probe = Probe(bridge.port)
+    probe = Probe(bridge)
     try:
         probe.send(request("C-ECHO", VERIFICATION))
         answer = probe.answer()
     finally:
         probe.release()
     assert (answer.CommandField, answer.Status) == (0x8030, 0x0000)
-    assert not [e for e in log_events(bridge.log(), "dimse_message_refused") if e.get("peer") == probe.peer]
+    assert not probe.logged("dimse_message_refused")
 
 
 def test_storescu_gets_in_after_every_unsupported_message(
