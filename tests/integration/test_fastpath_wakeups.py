@@ -15,6 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pacs_bridge.dicom.fastpath import wakeups
 from pacs_bridge.dicom.scp import DicomListener
 from tests.support.associations import wait_for_associations_to_end
+from tests.support.bridge_process import wait_for
 
 REQUESTS = 5
 
@@ -66,7 +67,9 @@ def test_each_request_pynetdicom_serves_wakes_the_thread_of_its_association(list
     assert woken >= REQUESTS
 
 
-def test_an_idle_association_thread_waits_and_a_release_wakes_it(listener: DicomListener) -> None:
+def test_an_idle_association_thread_waits_and_a_release_wakes_it(
+    listener: DicomListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Half a second of silence costs the acceptor's association thread about ten waits (stock pynetdicom: ~500 polls);
     the peer's A-RELEASE, passed up by its DUL, ends the wait it is in."""
     association_time = wakeups.patch()
@@ -76,6 +79,12 @@ def test_an_idle_association_thread_waits_and_a_release_wakes_it(listener: Dicom
     waits_before = association_time.waits
     threading.Event().wait(0.5)
     assert association_time.waits - waits_before <= 30  # 0.5 / ASSOCIATION_LONGEST_WAIT, and room for a slow machine
+    # The release must find the thread in a wait: with 50 ms waits it may arrive while the thread, its wait just
+    # run out, is looking at its queues, and it then finds the release there without being woken. So the thread
+    # is let into one wait that only a wake-up ends before the release is sent.
+    monkeypatch.setattr(wakeups, "ASSOCIATION_LONGEST_WAIT", 60.0)
+    waits_now = association_time.waits
+    wait_for(lambda: association_time.waits > waits_now, timeout=5, what="the association thread's next wait")
     woken_before = association_time.woken
     assoc.release()
     wait_for_associations_to_end(listener)
