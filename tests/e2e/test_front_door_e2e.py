@@ -19,7 +19,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tests.support.bridge_process import BridgeProcess, listener_totals, log_events, wait_for
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.fhir_server import FhirTestServer
-from tests.support.resources import Resources, cpu_seconds
+from tests.support.resources import Resources, cpu_seconds, peak_rss_bytes
 from tests.support.studies import SeriesSpec, new_study_uid, write_study
 
 pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
@@ -139,13 +139,6 @@ def test_out_of_file_descriptors_the_accept_loop_pauses_logs_once_and_recovers(
     assert log_events(bridge.log(), "accept_resumed")
     assert not log_events(bridge.log(), "front_door_failed")
     assert len(bridge.instance_uids(study_uid)) == 3
-
-
-def peak_rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"/proc/{pid}/status has no VmHWM")
 
 
 def test_a_large_instance_costs_the_bridge_a_bounded_amount_of_memory(bridge: BridgeProcess, tmp_path: Path) -> None:

@@ -10,8 +10,6 @@ case) come back to, or stay near, their baseline.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import warnings
 import zlib
@@ -27,6 +25,8 @@ from tests.support.bridge_process import BridgeProcess, log_events, wait_for
 from tests.support.dcmtk import storescu
 from tests.support.fhir_server import FhirTestServer
 from tests.support.raw_files import MiB, deflated, encoded, pixel_data_header, store_file, write_raw_file, zeros
+from tests.support.resources import Resources as ProcessResources
+from tests.support.resources import open_files, peak_rss_bytes
 from tests.support.studies import SeriesSpec, make_dataset, new_study_uid, write_file, write_study
 
 pytestmark = [pytest.mark.fhir_server, pytest.mark.dcmtk]
@@ -82,12 +82,8 @@ def resources(bridge: BridgeProcess) -> Resources:
     assert bridge.fhir_port is not None
     threads = sockets = deleted_files = 0
     for pid in bridge.pids():
-        status = Path(f"/proc/{pid}/status").read_text()
-        threads += int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
-        targets = []
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
-                targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        threads += ProcessResources.of(pid).threads
+        targets = open_files(pid)
         fhir_client = fhir_client_sockets(pid, bridge.fhir_port)
         sockets += sum(target.startswith("socket:") and target not in fhir_client for target in targets)
         deleted_files += sum(target.endswith("(deleted)") for target in targets)
@@ -115,11 +111,7 @@ def reset_peak_memory(bridge: BridgeProcess) -> int:
 
 def peak_memory(bridge: BridgeProcess) -> int:
     """The sum of the bridge's processes' peak resident sizes, in bytes: each one's growth counts in full."""
-    total = 0
-    for pid in bridge.pids():
-        status = Path(f"/proc/{pid}/status").read_text()
-        total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
-    return total
+    return sum(map(peak_rss_bytes, bridge.pids()))
 
 
 def assert_storescu_gets_in(bridge: BridgeProcess, directory: Path) -> str:

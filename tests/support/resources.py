@@ -36,7 +36,8 @@ class Resources:
         return f"{self.threads} threads, {self.fds} fds, {self.rss_bytes / 2**20:.1f} MiB RSS"
 
 
-def _open_files(pid: int | None) -> list[str]:
+def open_files(pid: int | None) -> list[str]:
+    """What the process's file descriptors refer to (``socket:[inode]``, paths, ``… (deleted)``)."""
     directory = Path("/proc") / (str(pid) if pid is not None else "self") / "fd"
     targets = []
     for fd in os.listdir(directory):
@@ -45,6 +46,14 @@ def _open_files(pid: int | None) -> list[str]:
         except OSError:
             continue
     return targets
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident size (VmHWM; ``/proc/PID/clear_refs`` 5 resets it to the current one)."""
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"/proc/{pid}/status has no VmHWM")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -68,6 +77,6 @@ def back_to(baseline: Resources, *, pid: int | None = None, timeout: float = 30.
         if time.monotonic() > deadline:
             pytest.fail(
                 f"resources did not come back: {now.describe()}, baseline {baseline.describe()}; "
-                f"open: {sorted(_open_files(pid))}"
+                f"open: {sorted(open_files(pid))}"
             )
         time.sleep(0.05)
