@@ -68,8 +68,8 @@ class DicomTlsConfig(_Section):
             raise ValueError("certificate and private_key go together: set both to turn DICOM TLS on, or neither")
         if self.client_ca and not self.certificate:
             raise ValueError("client_ca needs DICOM TLS on: set certificate and private_key too")
-        # The files exist (field validators); are they what they should be? Checked here, the check-config and
-        # the start name the keys, rather than the start failing on OpenSSL's words alone.
+        # The files exist (field validators); loading them here lets check-config and the start name the keys
+        # when they are not a certificate with its key, rather than the start failing on OpenSSL's words alone.
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         if self.certificate:
             try:
@@ -94,9 +94,8 @@ class DicomTlsConfig(_Section):
         return bool(self.certificate)
 
 
-# ``dicom.listener_processes: auto`` runs one listener process per usable core up to this many. Two is what was
-# measured (docs/performance.md: four associations on a 2-core box, 1.3-1.5x the rate of one process on SQLite
-# and PostgreSQL); one association is served by one process whatever the number.
+# ``dicom.listener_processes: auto`` runs one listener process per usable core up to this many: the number
+# docs/performance.md measures. One association is served by one process whatever the number.
 AUTO_LISTENER_PROCESSES = 2
 
 
